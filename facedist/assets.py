@@ -1,0 +1,148 @@
+"""Model files: resolved from a model directory, else a download cache (pinned URL + sha256),
+else a clear error that says how to provide them.
+
+Layout under a model directory (what ../shared/models holds):
+    tddfa/mb05_120x120.pth, tddfa/param_mean_std_62d_120x120.pkl, tddfa/bfm/*.npy,
+    deep3d/similarity_Lm3D_all.mat, deep3d/epoch_20.pth (user-supplied), deep3d/BFM_model_front.mat
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import tempfile
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+MODEL_DIR_ENV = "FACEDIST_MODEL_DIR"
+CACHE_DIR_ENV = "FACEDIST_CACHE_DIR"
+
+_TDDFA_V2 = "https://github.com/cleardusk/3DDFA_V2/raw/master"
+_TDDFA_V1 = "https://github.com/cleardusk/3DDFA/raw/master/train.configs"
+_DEEP3D = "https://github.com/sicxu/Deep3DFaceRecon_pytorch/raw/master/BFM"
+
+
+@dataclass(frozen=True)
+class ModelFile:
+    """One model file: where it lives under the model directory and how to fetch it."""
+
+    relpath: str
+    url: str | None          # None: user-supplied, never downloaded
+    sha256: str | None
+    licence: str
+    description: str
+
+
+MODEL_FILES: dict[str, ModelFile] = {
+    f.relpath: f
+    for f in (
+        ModelFile("tddfa/mb05_120x120.pth", f"{_TDDFA_V2}/weights/mb05_120x120.pth",
+                  "f93ed7f1c4c0382b16d7c18480a5f67473c1917a47475a9823924f38aeb27280",
+                  "MIT (3DDFA_V2)", "3DDFA_V2 MobileNetV1 x0.5 regressor"),
+        ModelFile("tddfa/mb1_120x120.pth", None, None, "MIT (3DDFA_V2)",
+                  "3DDFA_V2 MobileNetV1 x1.0 regressor (optional; place it in the model directory)"),
+        ModelFile("tddfa/param_mean_std_62d_120x120.pkl",
+                  f"{_TDDFA_V2}/configs/param_mean_std_62d_120x120.pkl",
+                  "090d7150f77cb66c29ddae21e4508fbde59123dcd1dea7facc24a7ed06d1c795",
+                  "MIT (3DDFA_V2)", "normalisation of the 62 regressor outputs"),
+        ModelFile("tddfa/bfm/u_shp.npy", f"{_TDDFA_V1}/u_shp.npy",
+                  "8a3b8b5ba3b0526ce3ddd3e287b26e0192c150e477767f374a6e333a365ff7dd",
+                  "BFM-derived: non-commercial", "mean shape"),
+        ModelFile("tddfa/bfm/u_exp.npy", f"{_TDDFA_V1}/u_exp.npy",
+                  "69049fb360bfff61090f7705ba510ed9bd817da871edbaa69e2fed7df624cf19",
+                  "BFM-derived: non-commercial", "mean expression"),
+        ModelFile("tddfa/bfm/w_shp_sim.npy", f"{_TDDFA_V1}/w_shp_sim.npy",
+                  "fbcfafe2de0824cb901becc6eb675461711cf4c002d61f40745c634061a7303a",
+                  "BFM-derived: non-commercial", "40 shape basis vectors"),
+        ModelFile("tddfa/bfm/w_exp_sim.npy", f"{_TDDFA_V1}/w_exp_sim.npy",
+                  "f0919eab9093b6a4179b05020e1ce434db7c11175cdd55671a323b6df029f432",
+                  "BFM-derived: non-commercial", "10 expression basis vectors"),
+        ModelFile("tddfa/bfm/keypoints_sim.npy", f"{_TDDFA_V1}/keypoints_sim.npy",
+                  "065053f041b03ed32e36641d26fcd9aefef36f6c518899091cdc6038a6246c13",
+                  "BFM-derived: non-commercial", "indices of the 68 landmarks"),
+        ModelFile("deep3d/similarity_Lm3D_all.mat", f"{_DEEP3D}/similarity_Lm3D_all.mat",
+                  "53b83ce6e35c50ddc3e97603650cef4970320c157e75c241c844f29c1dcba65a",
+                  "MIT (Deep3DFaceRecon_pytorch)", "standard 3D landmarks for 5-point alignment"),
+        ModelFile("deep3d/epoch_20.pth", None, None, "user-supplied (Deep3DFaceRecon terms)",
+                  "Deep3DFaceRecon R-Net checkpoint, key 'net_recon'"),
+        ModelFile("deep3d/BFM_model_front.mat", None, None, "user-supplied (BFM licence)",
+                  "Deep3DFaceRecon's BFM (80 id / 64 exp / 80 tex)"),
+    )
+}
+
+
+class ModelNotFoundError(FileNotFoundError):
+    pass
+
+
+def model_dir() -> Path | None:
+    value = os.environ.get(MODEL_DIR_ENV)
+    return Path(value).expanduser() if value else None
+
+
+def cache_dir() -> Path:
+    value = os.environ.get(CACHE_DIR_ENV)
+    return Path(value).expanduser() if value else Path.home() / ".cache" / "facedist" / "models"
+
+
+def sha256_of(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _how_to_provide(relpath: str) -> str:
+    return (f"Model file '{relpath}' not found. Set {MODEL_DIR_ENV} to a directory that holds "
+            f"'{relpath}' (e.g. {MODEL_DIR_ENV}=../shared/models), or run `facedist models download` "
+            f"on a machine with network access and copy {cache_dir()} over.")
+
+
+def download(relpath: str, *, timeout: float = 60.0) -> Path:
+    """Fetch a pinned file into the cache, verify its sha256, and return its path."""
+    spec = MODEL_FILES.get(relpath)
+    if spec is None or spec.url is None:
+        raise ModelNotFoundError(_how_to_provide(relpath) + " It is user-supplied: it is never downloaded.")
+    target = cache_dir() / relpath
+    target.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        with urllib.request.urlopen(spec.url, timeout=timeout) as response, \
+                tempfile.NamedTemporaryFile(dir=target.parent, delete=False) as tmp:
+            shutil.copyfileobj(response, tmp)
+    except OSError as exc:
+        raise ModelNotFoundError(f"{_how_to_provide(relpath)} Download from {spec.url} failed: {exc}") from exc
+    got = sha256_of(Path(tmp.name))
+    if spec.sha256 and got != spec.sha256:
+        os.unlink(tmp.name)
+        raise ModelNotFoundError(f"Downloaded {spec.url} has sha256 {got}, expected {spec.sha256}; not used.")
+    os.replace(tmp.name, target)
+    return target
+
+
+def resolve(relpath: str, *, allow_download: bool = True) -> Path:
+    """Path of a model file: model directory, then cache, then a pinned download."""
+    root = model_dir()
+    if root is not None and (root / relpath).is_file():
+        return root / relpath
+    cached = cache_dir() / relpath
+    if cached.is_file():
+        return cached
+    if allow_download and relpath in MODEL_FILES and MODEL_FILES[relpath].url:
+        return download(relpath)
+    raise ModelNotFoundError(_how_to_provide(relpath))
+
+
+def status() -> list[dict]:
+    """Where each known file resolves now (no downloads): for `facedist models`."""
+    rows = []
+    for relpath, spec in MODEL_FILES.items():
+        try:
+            where = str(resolve(relpath, allow_download=False))
+        except ModelNotFoundError:
+            where = None
+        rows.append({"file": relpath, "path": where, "downloadable": spec.url is not None,
+                     "sha256": spec.sha256, "licence": spec.licence, "description": spec.description})
+    return rows

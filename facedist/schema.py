@@ -1,0 +1,120 @@
+"""The coefficients table: one source of truth for its columns, statuses, layouts and labels.
+
+Every stage that reads or writes coefficients (single-process extraction, the Ray Data job, the
+trainer, the server) goes through this module, so a column is named in exactly one place.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+
+import pyarrow as pa
+
+SCHEMA_VERSION = "1"
+
+# Result statuses: every input row gets exactly one.
+STATUS_OK = "ok"
+STATUS_NO_FACE = "no_face"
+STATUS_ERROR = "error"
+STATUSES = (STATUS_OK, STATUS_NO_FACE, STATUS_ERROR)
+
+NUM_LANDMARKS = 68
+
+# Label sets. KDEF and the paper use seven basic expressions; Yale has its own conditions.
+EXPRESSIONS_7 = ("angry", "disgust", "fear", "happy", "neutral", "sad", "surprise")
+YALE_CONDITIONS = (
+    "centerlight", "glasses", "happy", "leftlight", "noglasses", "normal",
+    "rightlight", "sad", "sleepy", "surprised", "wink",
+)
+# Yale conditions that are facial expressions (the rest are lighting / accessories).
+YALE_EXPRESSIONS = ("happy", "normal", "sad", "sleepy", "surprised", "wink")
+GENDERS = ("female", "male")
+
+
+@dataclass(frozen=True)
+class CoefficientLayout:
+    """How a backend's coefficient vectors are laid out; recorded in every Parquet file."""
+
+    backend: str
+    n_id: int
+    n_exp: int
+    n_tex: int = 0
+    n_light: int = 0
+    n_feature: int = 0
+    model_name: str = ""
+    model_version: str = ""
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str | bytes) -> "CoefficientLayout":
+        return cls(**json.loads(text))
+
+
+# Deep3DFaceRecon's 257 outputs, in order.
+DEEP3D_SPLITS = (("id", 80), ("exp", 64), ("tex", 80), ("angle", 3), ("gamma", 27), ("trans", 3))
+# 3DDFA_V2's 62 outputs, in order.
+TDDFA_SPLITS = (("pose", 12), ("shape", 40), ("exp", 10))
+
+_f32_list = pa.list_(pa.float32())
+
+# Columns of the coefficients table. Labels are optional (null when unknown).
+COEFFICIENTS_SCHEMA = pa.schema(
+    [
+        pa.field("path", pa.string(), nullable=False),
+        pa.field("content_hash", pa.string()),          # sha1 of the raw bytes; resume key with path
+        pa.field("status", pa.string(), nullable=False),  # one of STATUSES
+        pa.field("message", pa.string()),               # why a row is not ok ("" when ok)
+        pa.field("subject", pa.string()),
+        pa.field("expression", pa.string()),            # expression *label*
+        pa.field("gender", pa.string()),
+        pa.field("view", pa.string()),
+        pa.field("width", pa.int32()),
+        pa.field("height", pa.int32()),
+        pa.field("num_faces", pa.int32()),
+        pa.field("box", _f32_list),                     # x0, y0, x1, y1 of the chosen face
+        pa.field("det_score", pa.float32()),
+        pa.field("landmarks", _f32_list),               # 68 detected points, x0, y0, x1, y1, ...
+        pa.field("landmarks_fit", _f32_list),           # 68 points reprojected from the coefficients
+        pa.field("landmark_error", pa.float32()),       # mean |fit - detected| / inter-ocular distance
+        pa.field("id_coeffs", _f32_list),               # identity alpha
+        pa.field("exp_coeffs", _f32_list),              # expression beta
+        pa.field("tex_coeffs", _f32_list),
+        pa.field("light_coeffs", _f32_list),
+        pa.field("yaw", pa.float32()),                  # degrees
+        pa.field("pitch", pa.float32()),
+        pa.field("roll", pa.float32()),
+        pa.field("scale", pa.float32()),
+        pa.field("translation", _f32_list),             # 3 values
+        pa.field("feature", _f32_list),                 # the regressor's pooled feature (C-Net input)
+        pa.field("backend", pa.string()),
+    ]
+)
+
+COLUMNS = tuple(COEFFICIENTS_SCHEMA.names)
+LABEL_COLUMNS = ("subject", "expression", "gender", "view")
+
+METADATA_LAYOUT_KEY = b"facedist.layout"
+METADATA_SCHEMA_KEY = b"facedist.schema_version"
+
+
+def schema_with_layout(layout: CoefficientLayout) -> pa.Schema:
+    """The table schema with the backend's layout stored in the file metadata."""
+    return COEFFICIENTS_SCHEMA.with_metadata(
+        {METADATA_LAYOUT_KEY: layout.to_json().encode(), METADATA_SCHEMA_KEY: SCHEMA_VERSION.encode()}
+    )
+
+
+def layout_from_schema(schema: pa.Schema) -> CoefficientLayout | None:
+    meta = schema.metadata or {}
+    raw = meta.get(METADATA_LAYOUT_KEY)
+    return CoefficientLayout.from_json(raw) if raw else None
+
+
+def rows_to_table(rows: list[dict], layout: CoefficientLayout | None = None) -> pa.Table:
+    """Build a table in the canonical schema; missing columns become null."""
+    schema = schema_with_layout(layout) if layout else COEFFICIENTS_SCHEMA
+    columns = {name: [row.get(name) for row in rows] for name in COLUMNS}
+    return pa.Table.from_pydict(columns, schema=schema)
