@@ -1,0 +1,44 @@
+import pyarrow as pa
+import pytest
+
+from facedist import storage
+from facedist.schema import CoefficientLayout, layout_from_schema, rows_to_table
+
+
+def _roundtrip(root: str):
+    storage.write_bytes(storage.join(root, "a", "x.bin"), b"hello")
+    storage.write_bytes(storage.join(root, "a", "b", "y.bin"), b"world")
+    storage.write_bytes(storage.join(root, ".hidden"), b"skip me")
+    files = storage.list_files(root)
+    # Sorted by full path: a/b/y.bin before a/x.bin; the hidden file is skipped.
+    assert files == [storage.join(root, "a", "b", "y.bin"), storage.join(root, "a", "x.bin")]
+    assert storage.read_bytes(storage.join(root, "a", "x.bin")) == b"hello"
+    assert storage.exists(storage.join(root, "a", "b", "y.bin"))
+    assert not storage.exists(storage.join(root, "nope"))
+    assert storage.list_files(storage.join(root, "a", "x.bin")) == [storage.join(root, "a", "x.bin")]
+
+    layout = CoefficientLayout(backend="tddfa", n_id=40, n_exp=10, model_version="abc")
+    table = rows_to_table([{"path": "p1", "status": "ok", "id_coeffs": [1.0, 2.0]},
+                           {"path": "p2", "status": "error", "message": "bad"}], layout)
+    storage.write_table(table, storage.join(root, "t", "part-0.parquet"))
+    storage.write_table(table, storage.join(root, "t", "part-1.parquet"))
+    back = storage.read_table(storage.join(root, "t"))
+    assert back.num_rows == 4
+    assert back.column("status").to_pylist() == ["ok", "error", "ok", "error"]
+    one = storage.read_table(storage.join(root, "t", "part-0.parquet"))
+    assert layout_from_schema(one.schema) == layout
+    with pytest.raises(FileNotFoundError):
+        storage.list_files(storage.join(root, "missing"))
+
+
+def test_local_storage(tmp_path):
+    _roundtrip(str(tmp_path))
+
+
+def test_s3_storage_on_a_real_server(s3_bucket):
+    _roundtrip(s3_bucket + "/prefix")
+
+
+def test_schema_rejects_unknown_types():
+    with pytest.raises((pa.ArrowInvalid, pa.ArrowTypeError, TypeError)):
+        rows_to_table([{"path": "p", "status": "ok", "yaw": "not a number"}])
