@@ -1,0 +1,220 @@
+"""Extraction as row functions: read -> decode -> extract -> coefficient rows.
+
+The single-process CLI and the Ray Data job run exactly these functions; they differ only in who
+calls them. A row is a plain dict; every input row yields exactly one output row whose columns are
+facedist.schema.COLUMNS, with status/message saying what happened to it.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from dataclasses import asdict, dataclass
+from typing import Callable, Iterable, Iterator, Sequence
+
+import numpy as np
+
+from facedist import storage
+from facedist.datasets import ImageRecord
+from facedist.extractors.base import ExtractionResult, Extractor
+from facedist.images import ImageDecodeError, content_hash, decode_image
+from facedist.schema import COLUMNS, LABEL_COLUMNS, STATUS_ERROR, STATUS_OK, STATUSES, rows_to_table
+
+SUMMARY_NAME = "_summary.json"
+PART_PREFIX = "part-"
+
+
+@dataclass
+class ExtractConfig:
+    backend: str = "tddfa"
+    landmarks: str = "dlib"
+    device: str = "cpu"
+    batch_size: int = 32
+    max_side: int = 2048         # longer images are downscaled on decode
+    preview: int = 0             # write this many landmark/mesh overlays
+    resume: bool = True
+
+
+def record_row(record: ImageRecord) -> dict:
+    return {"path": record.path, **{k: getattr(record, k) for k in LABEL_COLUMNS}}
+
+
+def read_row(row: dict, options: storage.S3Options | None = None) -> dict:
+    """Attach the raw bytes (or an error) to a row. Never raises."""
+    out = dict(row)
+    try:
+        data = storage.read_bytes(row["path"], options)
+        out["bytes"] = data
+        out["content_hash"] = content_hash(data)
+    except Exception as exc:  # a vanished object or a permission error is this row's problem only
+        out.update(bytes=None, status=STATUS_ERROR, message=f"could not read {row['path']}: {exc}")
+    return out
+
+
+def decode_row(row: dict, max_side: int = 2048) -> dict:
+    """Replace the bytes by a decoded RGB image, or mark the row as an error. Never raises."""
+    out = dict(row)
+    data = out.pop("bytes", None)
+    out["image"] = None
+    if out.get("status") == STATUS_ERROR or data is None:
+        return out
+    try:
+        image = decode_image(data, max_side=max_side)
+    except ImageDecodeError as exc:
+        out.update(status=STATUS_ERROR, message=str(exc))
+        return out
+    except Exception as exc:  # a decoder bug must still not take the batch down
+        out.update(status=STATUS_ERROR, message=f"decode failed: {type(exc).__name__}: {exc}")
+        return out
+    out["image"] = image
+    return out
+
+
+def extract_rows(rows: Sequence[dict], extractor: Extractor) -> tuple[list[dict], list[ExtractionResult | None]]:
+    """Run the extractor on the decoded rows of a batch; rows in = rows out, in order.
+
+    Returns the finished rows (schema columns only) and, aligned with them, the results (None for
+    rows that never reached the extractor) for previews."""
+    todo = [i for i, r in enumerate(rows) if r.get("image") is not None and r.get("status") != STATUS_ERROR]
+    results: list[ExtractionResult | None] = [None] * len(rows)
+    if todo:
+        try:
+            got = extractor.extract([rows[i]["image"] for i in todo])
+            if len(got) != len(todo):
+                raise RuntimeError(f"extractor returned {len(got)} results for {len(todo)} images")
+        except Exception as exc:
+            # One failing batch call: retry image by image so one bad image cannot fail the others.
+            got = [_extract_one(extractor, rows[i]["image"]) for i in todo]
+        for i, result in zip(todo, got):
+            results[i] = result
+    finished = []
+    for row, result in zip(rows, results):
+        out = {name: row.get(name) for name in COLUMNS}
+        if result is not None:
+            out.update(result.to_row())
+        if out.get("status") not in STATUSES:
+            out["status"] = STATUS_ERROR
+            out["message"] = out.get("message") or "not processed"
+        out["message"] = out.get("message") or ""
+        out["backend"] = getattr(extractor, "name", None)
+        image = row.get("image")
+        if image is not None and out.get("width") is None:
+            out["height"], out["width"] = int(image.shape[0]), int(image.shape[1])
+        finished.append(out)
+    return finished, results
+
+
+def _extract_one(extractor: Extractor, image: np.ndarray) -> ExtractionResult:
+    try:
+        return extractor.extract([image])[0]
+    except Exception as exc:
+        return ExtractionResult.error(f"extractor failed: {type(exc).__name__}: {exc}")
+
+
+# ---- output folder: parts, resume keys, summary ---------------------------------------------
+
+def list_parts(out_uri: str, options: storage.S3Options | None = None) -> list[str]:
+    if not storage.exists(out_uri, options):
+        return []
+    return [f for f in storage.list_files(out_uri, options, recursive=False)
+            if f.rsplit("/", 1)[-1].startswith(PART_PREFIX) and f.endswith(".parquet")]
+
+
+def finished_keys(out_uri: str, options: storage.S3Options | None = None) -> set[tuple[str, str]]:
+    """(path, content_hash) of every row already written: a resumed run skips these."""
+    import pyarrow.parquet as pq
+
+    keys: set[tuple[str, str]] = set()
+    for part in list_parts(out_uri, options):
+        fs, path = storage.filesystem_for(part, options)
+        table = pq.read_table(path, filesystem=fs, columns=["path", "content_hash"])
+        keys.update(zip(table.column("path").to_pylist(), table.column("content_hash").to_pylist()))
+    return keys
+
+
+def new_part_name(batch_index: int, run_id: str) -> str:
+    return f"{PART_PREFIX}{run_id}-{batch_index:05d}.parquet"
+
+
+def summarize(out_uri: str, options: storage.S3Options | None = None, **extra) -> dict:
+    """Counts over every part in the output (all runs), plus what the caller adds; written as JSON."""
+    import pyarrow.parquet as pq
+
+    counts = {s: 0 for s in STATUSES}
+    layout = None
+    for part in list_parts(out_uri, options):
+        fs, path = storage.filesystem_for(part, options)
+        table = pq.read_table(path, filesystem=fs, columns=["status"])
+        layout = layout or pq.read_schema(path, filesystem=fs).metadata.get(b"facedist.layout")
+        for status in table.column("status").to_pylist():
+            counts[status] = counts.get(status, 0) + 1
+    summary = {"rows": sum(counts.values()), "counts": counts,
+               "layout": json.loads(layout) if layout else None, **extra}
+    storage.write_bytes(storage.join(out_uri, SUMMARY_NAME), json.dumps(summary, indent=2).encode(), options)
+    return summary
+
+
+def batched(items: Iterable, size: int) -> Iterator[list]:
+    batch = []
+    for item in items:
+        batch.append(item)
+        if len(batch) == size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
+def run_extraction(
+    records: Sequence[ImageRecord],
+    out_uri: str,
+    config: ExtractConfig,
+    extractor: Extractor | None = None,
+    options: storage.S3Options | None = None,
+    progress: Callable[[int, int], None] | None = None,
+) -> dict:
+    """Single-process extraction of `records` into Parquet parts under `out_uri`; returns the summary."""
+    from facedist.extractors import make_extractor
+
+    started = time.perf_counter()
+    extractor = extractor or make_extractor(config.backend, landmarks=config.landmarks, device=config.device)
+    done = finished_keys(out_uri, options) if config.resume else set()
+    run_id = uuid.uuid4().hex[:8]
+    written = skipped = previews = 0
+    for index, batch in enumerate(batched(records, config.batch_size)):
+        rows = [read_row(record_row(r), options) for r in batch]
+        pending = [r for r in rows if (r["path"], r.get("content_hash")) not in done]
+        skipped += len(rows) - len(pending)
+        if pending:
+            decoded = [decode_row(r, config.max_side) for r in pending]
+            finished, results = extract_rows(decoded, extractor)
+            storage.write_table(rows_to_table(finished, extractor.layout),
+                                storage.join(out_uri, new_part_name(index, run_id)), options)
+            written += len(finished)
+            previews += _write_previews(decoded, results, out_uri, config.preview - previews, options)
+        if progress:
+            progress(written + skipped, len(records))
+    seconds = time.perf_counter() - started
+    return summarize(out_uri, options, run={"inputs": len(records), "written": written, "skipped": skipped,
+                                           "seconds": round(seconds, 3),
+                                           "images_per_s": round(written / seconds, 3) if seconds else None,
+                                           "config": asdict(config), "mode": "single-process"})
+
+
+def _write_previews(rows, results, out_uri, budget, options) -> int:
+    if budget <= 0:
+        return 0
+    from facedist.preview import render_preview_png
+
+    count = 0
+    for row, result in zip(rows, results):
+        if count >= budget:
+            break
+        if result is None or result.status != STATUS_OK:
+            continue
+        name = row["path"].replace("\\", "/").rsplit("/", 1)[-1]
+        storage.write_bytes(storage.join(out_uri, "previews", f"{name}.png"),
+                            render_preview_png(row["image"], result), options)
+        count += 1
+    return count
