@@ -1,0 +1,88 @@
+"""Model resolution: model dir, then cache, then a pinned download checked by sha256."""
+
+import functools
+import hashlib
+import http.server
+import threading
+
+import pytest
+
+from facedist import assets
+from facedist.cli import main
+
+
+@pytest.fixture
+def http_root(tmp_path):
+    """A real HTTP server on 127.0.0.1 serving tmp_path/www."""
+    root = tmp_path / "www"
+    root.mkdir()
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(root))
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield root, f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+
+
+def _pin(monkeypatch, relpath, url, data):
+    spec = assets.ModelFile(relpath, url, hashlib.sha256(data).hexdigest(), "test", "test file")
+    monkeypatch.setitem(assets.MODEL_FILES, relpath, spec)
+
+
+def test_model_dir_wins(monkeypatch, tmp_path):
+    (tmp_path / "m" / "tddfa").mkdir(parents=True)
+    (tmp_path / "m" / "tddfa" / "mb05_120x120.pth").write_bytes(b"x")
+    monkeypatch.setenv(assets.MODEL_DIR_ENV, str(tmp_path / "m"))
+    monkeypatch.setenv(assets.CACHE_DIR_ENV, str(tmp_path / "cache"))
+    assert assets.resolve("tddfa/mb05_120x120.pth") == tmp_path / "m" / "tddfa" / "mb05_120x120.pth"
+
+
+def test_pinned_download_into_cache(monkeypatch, tmp_path, http_root):
+    root, url = http_root
+    data = b"pretend weights" * 100
+    (root / "w.pth").write_bytes(data)
+    _pin(monkeypatch, "tddfa/test_w.pth", f"{url}/w.pth", data)
+    monkeypatch.delenv(assets.MODEL_DIR_ENV, raising=False)
+    monkeypatch.setenv(assets.CACHE_DIR_ENV, str(tmp_path / "cache"))
+    path = assets.resolve("tddfa/test_w.pth")
+    assert path == tmp_path / "cache" / "tddfa" / "test_w.pth"
+    assert path.read_bytes() == data
+    (root / "w.pth").unlink()  # second resolve comes from the cache, not the server
+    assert assets.resolve("tddfa/test_w.pth") == path
+
+
+def test_download_with_wrong_hash_is_refused(monkeypatch, tmp_path, http_root):
+    root, url = http_root
+    (root / "w.pth").write_bytes(b"tampered")
+    _pin(monkeypatch, "tddfa/test_w.pth", f"{url}/w.pth", b"original")
+    monkeypatch.delenv(assets.MODEL_DIR_ENV, raising=False)
+    monkeypatch.setenv(assets.CACHE_DIR_ENV, str(tmp_path / "cache"))
+    with pytest.raises(assets.ModelNotFoundError, match="sha256"):
+        assets.resolve("tddfa/test_w.pth")
+    assert not (tmp_path / "cache" / "tddfa" / "test_w.pth").exists()
+
+
+def test_unreachable_download_says_how_to_provide(monkeypatch, tmp_path, http_root):
+    _, url = http_root
+    _pin(monkeypatch, "tddfa/test_w.pth", f"{url}/missing.pth", b"x")
+    monkeypatch.delenv(assets.MODEL_DIR_ENV, raising=False)
+    monkeypatch.setenv(assets.CACHE_DIR_ENV, str(tmp_path / "cache"))
+    with pytest.raises(assets.ModelNotFoundError, match=assets.MODEL_DIR_ENV):
+        assets.resolve("tddfa/test_w.pth")
+
+
+def test_user_supplied_file_is_never_downloaded(monkeypatch, tmp_path, capsys):
+    monkeypatch.setenv(assets.MODEL_DIR_ENV, str(tmp_path))
+    monkeypatch.setenv(assets.CACHE_DIR_ENV, str(tmp_path / "cache"))
+    with pytest.raises(assets.ModelNotFoundError, match="user-supplied"):
+        assets.download("deep3d/epoch_20.pth")
+    assert main(["models", "resolve", "deep3d/epoch_20.pth"]) == 1
+    assert "not found" in capsys.readouterr().err
+
+
+def test_shared_models_are_pinned_correctly():
+    """The sha256 pins match the development copies in ../shared/models."""
+    root = assets.model_dir()
+    for relpath, spec in assets.MODEL_FILES.items():
+        if spec.sha256 and (root / relpath).is_file():
+            assert assets.sha256_of(root / relpath) == spec.sha256, relpath
