@@ -1,0 +1,185 @@
+"""Deep3DFaceRecon backend: 68 landmarks -> 5-point alignment to 224 -> R-Net (ResNet-50) -> 257
+coefficients (80 id, 64 exp, 80 tex, 3 angles, 27 SH lighting, 3 translation) + pooled 2048 feature.
+
+The R-Net weights (epoch_20.pth) are user-supplied; a missing file is a ModelNotFoundError at
+construction, never a per-image failure.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol, Sequence
+
+import numpy as np
+import torch
+
+from facedist import assets
+from facedist.align import AlignedFace, align_face, load_lm3d
+from facedist.extractors.base import ExtractionResult
+from facedist.models.resnet import load_recon_net, split_coefficients
+from facedist.schema import STATUS_ERROR, CoefficientLayout
+
+DEFAULT_CHECKPOINT = "deep3d/epoch_20.pth"
+MODEL_NAME = "deep3dfacerecon_rnet_resnet50"
+
+
+class LandmarkDetector(Protocol):
+    def detect(self, rgb: np.ndarray) -> list: ...
+
+
+@dataclass
+class FaceDetection:
+    box: np.ndarray        # (4,) x0, y0, x1, y1
+    score: float
+    landmarks: np.ndarray  # (68, 2) x, y in pixels
+
+
+class DlibLandmarkDetector:
+    """dlib HOG face detector + 68-point shape predictor. Stand-in until facedist.landmarks
+    provides make_landmark_detector; same detect() contract (largest face first, [] if none)."""
+
+    def __init__(self, upsample: int = 1):
+        import dlib
+
+        spec = importlib.util.find_spec("face_recognition_models")  # located, not imported
+        if spec is None or not spec.submodule_search_locations:
+            raise assets.ModelNotFoundError("dlib's 68-point predictor not found: pip install face-recognition-models")
+        predictor = Path(list(spec.submodule_search_locations)[0]) / "models" / "shape_predictor_68_face_landmarks.dat"
+        self._detector = dlib.get_frontal_face_detector()
+        self._predictor = dlib.shape_predictor(str(predictor))
+        self._upsample = upsample
+
+    def detect(self, rgb: np.ndarray) -> list[FaceDetection]:
+        rects, scores, _ = self._detector.run(rgb, self._upsample, 0.0)
+        faces = []
+        for rect, score in zip(rects, scores):
+            shape = self._predictor(rgb, rect)
+            points = np.array([[p.x, p.y] for p in shape.parts()], dtype=np.float32)
+            box = np.array([rect.left(), rect.top(), rect.right(), rect.bottom()], dtype=np.float32)
+            faces.append(FaceDetection(box=box, score=float(score), landmarks=points))
+        faces.sort(key=lambda f: -float((f.box[2] - f.box[0]) * (f.box[3] - f.box[1])))
+        return faces
+
+
+def make_detector(landmarks: str | LandmarkDetector, device: str) -> LandmarkDetector:
+    if not isinstance(landmarks, str):
+        return landmarks
+    try:
+        from facedist.landmarks import make_landmark_detector
+    except ImportError:  # the shared landmarks module is not there yet: dlib only
+        if landmarks != "dlib":
+            raise ValueError(f"landmark detector {landmarks!r} needs facedist.landmarks") from None
+        return DlibLandmarkDetector()
+    return make_landmark_detector(landmarks, device)
+
+
+def _resolve_checkpoint(checkpoint: str | Path) -> Path:
+    path = Path(checkpoint).expanduser()
+    if path.is_file():
+        return path
+    return assets.resolve(str(checkpoint))  # raises ModelNotFoundError with how to provide it
+
+
+def _as_rgb(image: np.ndarray) -> np.ndarray:
+    image = np.asarray(image)
+    if image.dtype != np.uint8:
+        raise ValueError(f"expected a uint8 image, got {image.dtype}")
+    if image.ndim == 2:
+        return np.repeat(image[:, :, None], 3, axis=2)
+    if image.ndim == 3 and image.shape[2] in (3, 4):
+        return np.ascontiguousarray(image[:, :, :3])
+    raise ValueError(f"expected an RGB image (H, W, 3), got shape {image.shape}")
+
+
+def deep3d_angles_to_degrees(angle: np.ndarray) -> tuple[float, float, float]:
+    """Deep3DFaceRecon's (x, y, z) radians, R = Rz(z) Ry(y) Rx(x), to (yaw, pitch, roll) degrees in
+    facedist's shared convention R = Rz(roll) Ry(-yaw) Rx(pitch) (facedist.morphable): both use a
+    model frame with x right, y up, z towards the camera, so yaw = -y."""
+    x, y, z = np.rad2deg(np.asarray(angle, dtype=np.float64))
+    return float(-y), float(x), float(z)
+
+
+class Deep3DExtractor:
+    """Deep3DFaceRecon R-Net extractor; detector and network load once, here."""
+
+    name = "deep3d"
+
+    def __init__(self, landmarks: str | LandmarkDetector = "dlib", device: str = "cpu",
+                 checkpoint: str | Path = DEFAULT_CHECKPOINT, batch_size: int = 16,
+                 keep_crops: bool = False):
+        self.checkpoint_path = _resolve_checkpoint(checkpoint)
+        self.device = torch.device(device)
+        self.model = load_recon_net(self.checkpoint_path).to(self.device)
+        self.lm3d = load_lm3d()
+        self.detector = make_detector(landmarks, device)
+        self.batch_size = max(1, int(batch_size))
+        self.keep_crops = keep_crops  # aligned crops in result.extras (previews, raw-image baselines)
+        self.layout = CoefficientLayout(
+            backend=self.name, n_id=80, n_exp=64, n_tex=80, n_light=27, n_feature=2048,
+            model_name=f"{MODEL_NAME}:{self.checkpoint_path.name}",
+            model_version=assets.sha256_of(self.checkpoint_path)[:16])
+
+    def _prepare(self, image: np.ndarray) -> tuple[ExtractionResult, AlignedFace | None]:
+        """Detect and align one image; a result without an aligned face is already final."""
+        try:
+            rgb = _as_rgb(image)
+        except Exception as exc:
+            return ExtractionResult.error(f"bad image: {exc}"), None
+        h, w = rgb.shape[:2]
+        try:
+            faces = self.detector.detect(rgb)
+        except Exception as exc:
+            return ExtractionResult.error(f"landmark detection failed: {type(exc).__name__}: {exc}",
+                                          width=w, height=h), None
+        if not faces:
+            return ExtractionResult.no_face(width=w, height=h), None
+        face = faces[0]
+        result = ExtractionResult(width=w, height=h, num_faces=len(faces),
+                                  box=np.asarray(face.box, np.float32), det_score=float(face.score),
+                                  landmarks=np.asarray(face.landmarks, np.float32)[:, :2])
+        try:
+            aligned = align_face(rgb, result.landmarks, self.lm3d)
+        except Exception as exc:
+            result.status, result.message = STATUS_ERROR, f"alignment failed: {exc}"
+            return result, None
+        return result, aligned
+
+    @torch.inference_mode()
+    def _forward(self, crops: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+        batch = torch.from_numpy(np.stack(crops)).permute(0, 3, 1, 2).contiguous().to(self.device)
+        coeffs, feature = self.model.forward_with_features(batch)
+        return coeffs.float().cpu().numpy(), feature.float().cpu().numpy()
+
+    def extract(self, images: Sequence[np.ndarray]) -> list[ExtractionResult]:
+        prepared = [self._prepare(image) for image in images]
+        results = [result for result, _ in prepared]
+        todo = [i for i, (_, aligned) in enumerate(prepared) if aligned is not None]
+        for start in range(0, len(todo), self.batch_size):
+            chunk = todo[start:start + self.batch_size]
+            try:
+                coeffs, features = self._forward([prepared[i][1].crop for i in chunk])
+            except Exception as exc:  # e.g. out of memory: these rows fail, the job goes on
+                for i in chunk:
+                    results[i].status, results[i].message = STATUS_ERROR, f"R-Net failed: {type(exc).__name__}: {exc}"
+                continue
+            for row, i in enumerate(chunk):
+                self._fill(results[i], prepared[i][1], coeffs[row], features[row])
+        return results
+
+    def _fill(self, result: ExtractionResult, aligned: AlignedFace, coeffs: np.ndarray,
+              feature: np.ndarray) -> None:
+        if not (np.isfinite(coeffs).all() and np.isfinite(feature).all()):
+            result.status, result.message = STATUS_ERROR, "R-Net output is not finite"
+            return
+        parts = {k: v.numpy().astype(np.float32) for k, v in split_coefficients(torch.from_numpy(coeffs)).items()}
+        result.id_coeffs, result.exp_coeffs = parts["id"], parts["exp"]
+        result.tex_coeffs, result.light_coeffs = parts["tex"], parts["gamma"]
+        result.yaw, result.pitch, result.roll = deep3d_angles_to_degrees(parts["angle"])
+        result.translation = parts["trans"]
+        result.feature = feature.astype(np.float32)
+        result.extras["angle_rad"] = parts["angle"]
+        result.extras["align_transform"] = aligned.transform
+        if self.keep_crops:
+            result.extras["aligned_crop"] = aligned.crop
