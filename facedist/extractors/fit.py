@@ -1,0 +1,193 @@
+"""Landmark-fit extractor: no network, a regularised least-squares 3DMM fit to the 68 detected points.
+
+Alternates (1) a scaled-orthographic pose from the current 3D landmarks (affine least squares,
+projected to scale x rotation) and (2) a linear ridge solve of shape and expression coefficients
+given that pose. The Tikhonov term is a Gaussian prior on the coefficients (for 3DDFA's basis:
+the 300W-LP mean/std the regressor was trained with) weighted by `reg` against an assumed
+landmark noise, so coefficients stay near typical faces where 2-D points do not constrain them.
+
+feature: the fit has no learned feature; it stores the normalised landmark residual
+(68 x 2 = 136 values: (fit - detected) / inter-ocular distance), which says how well the model
+explains this face and is cheap to aggregate.
+"""
+
+from __future__ import annotations
+
+import pickle
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import numpy as np
+
+from facedist import assets
+from facedist.extractors.base import ExtractionResult, interocular_distance, landmark_error
+from facedist.morphable import MorphableModel, Pose, affine_to_scaled_rotation
+from facedist.schema import NUM_LANDMARKS, CoefficientLayout
+
+
+def landmark_detector(landmarks: Any, device: str = "cpu"):
+    """A ready detector object passes through; a name goes to facedist.landmarks."""
+    if not isinstance(landmarks, str):
+        return landmarks
+    from facedist.landmarks import make_landmark_detector
+
+    return make_landmark_detector(landmarks, device=device)
+
+
+def as_rgb(image: Any) -> np.ndarray:
+    """Check an input image; greyscale (H, W) or (H, W, 1) is replicated to 3 channels."""
+    if not isinstance(image, np.ndarray):
+        raise ValueError(f"expected a numpy RGB image, got {type(image).__name__}")
+    if image.dtype != np.uint8:
+        raise ValueError(f"expected uint8 pixels, got {image.dtype}")
+    if image.ndim == 2:
+        image = image[:, :, None]
+    if image.ndim != 3 or image.shape[2] not in (1, 3, 4) or min(image.shape[:2]) < 1:
+        raise ValueError(f"expected an (H, W, 3) image, got shape {image.shape}")
+    if image.shape[2] == 1:
+        image = np.repeat(image, 3, axis=2)
+    return np.ascontiguousarray(image[:, :, :3])
+
+
+@dataclass
+class FitConfig:
+    iterations: int = 6
+    reg: float = 1.0         # weight of the Gaussian coefficient prior (Tikhonov); 0 = plain least squares
+    noise: float = 0.03      # assumed landmark noise, as a fraction of the inter-ocular distance
+
+
+@dataclass
+class FitResult:
+    shape: np.ndarray        # (n_shape,)
+    exp: np.ndarray          # (n_exp,)
+    pose: Pose               # model frame -> pixels
+    points: np.ndarray       # (68, 3) projected fitted landmarks (pixels, depth)
+
+
+@dataclass
+class CoefficientPrior:
+    """Per-coefficient Gaussian prior (shape then expression)."""
+
+    mean: np.ndarray
+    std: np.ndarray
+
+    @classmethod
+    def tddfa(cls) -> "CoefficientPrior":
+        """The 300W-LP statistics of 3DDFA's 40 shape + 10 expression parameters (the same file
+        the regressor de-normalises with), so fit and regressor share one notion of "typical"."""
+        with open(assets.resolve("tddfa/param_mean_std_62d_120x120.pkl"), "rb") as fh:
+            stats = pickle.load(fh)
+        return cls(np.asarray(stats["mean"][12:], np.float64), np.asarray(stats["std"][12:], np.float64))
+
+    @classmethod
+    def isotropic(cls, model: MorphableModel, rel_std: float = 0.15) -> "CoefficientPrior":
+        """For a basis without statistics: one standard deviation of any coefficient moves the
+        landmarks by rel_std of the model's inter-ocular distance (RMS)."""
+        basis = np.concatenate([model.lm_shape_basis, model.lm_exp_basis], axis=1).astype(np.float64)
+        rms = np.sqrt((basis ** 2).sum(0) / NUM_LANDMARKS)
+        iod = interocular_distance(model.lm_mean.reshape(-1, 3))
+        return cls(np.zeros(basis.shape[1]), rel_std * iod / np.maximum(rms, 1e-12))
+
+
+def _fit_affine(X: np.ndarray, uv: np.ndarray) -> np.ndarray:
+    """Least-squares 2x4 affine camera with uv ~ A @ [X; 1]."""
+    Xh = np.hstack([X, np.ones((X.shape[0], 1))])
+    A, *_ = np.linalg.lstsq(Xh, uv, rcond=None)
+    return A.T
+
+
+def _pose_for(X: np.ndarray, uv: np.ndarray) -> tuple[float, np.ndarray, np.ndarray]:
+    """Scaled-orthographic pose (scale, R, 2-D t) for 3-D points X and y-up image points uv:
+    affine least squares, then its nearest scaled rotation, then the best translation for it."""
+    A = _fit_affine(X, uv)
+    scale, R = affine_to_scaled_rotation(A[:, :3])
+    t = (uv - X @ (scale * R[:2]).T).mean(0)
+    return scale, R, t
+
+
+def fit_landmarks(model: MorphableModel, landmarks2d: np.ndarray, config: FitConfig = FitConfig(),
+                  prior: CoefficientPrior | None = None) -> FitResult:
+    """Fit shape, expression and pose of `model` to (68, 2) pixel landmarks."""
+    target = np.asarray(landmarks2d, np.float64)[:, :2]
+    if target.shape != (NUM_LANDMARKS, 2) or not np.all(np.isfinite(target)):
+        raise ValueError(f"need {NUM_LANDMARKS} finite 2-D landmarks, got shape {target.shape}")
+    prior = prior or CoefficientPrior.isotropic(model)
+    # Work in a y-up frame (the model's camera frame); the pixel pose flips back at the end.
+    uv = np.stack([target[:, 0], -target[:, 1]], axis=1)
+    mean = model.lm_mean.astype(np.float64).reshape(-1, 3)
+    basis = np.concatenate([model.lm_shape_basis, model.lm_exp_basis], axis=1).astype(np.float64)
+    n_shape, n_coef = model.n_shape, basis.shape[1]
+    basis3 = basis.reshape(NUM_LANDMARKS, 3, n_coef)
+    sigma2 = (config.noise * max(interocular_distance(target), 1e-6)) ** 2
+    precision = config.reg / prior.std ** 2
+    coef = prior.mean.copy() if config.reg > 0 else np.zeros(n_coef)
+    for _ in range(config.iterations):
+        X = mean + basis3 @ coef
+        scale, R, t = _pose_for(X, uv)
+        # Given the pose the projection is linear in the coefficients: uv - t - sR2 mean = M coef.
+        sR2 = scale * R[:2]
+        M = np.einsum("ij,ljk->lik", sR2, basis3).reshape(-1, n_coef)
+        rhs = (uv - t - mean @ sR2.T).reshape(-1)
+        lhs = M.T @ M / sigma2 + np.diag(precision)
+        coef = np.linalg.solve(lhs, M.T @ rhs / sigma2 + precision * prior.mean)
+    X = mean + basis3 @ coef
+    scale, R, t = _pose_for(X, uv)
+    pose = Pose(R, scale, np.array([t[0], -t[1], 0.0]))
+    return FitResult(coef[:n_shape].astype(np.float32), coef[n_shape:].astype(np.float32), pose,
+                     model.project(X, pose))
+
+
+class LandmarkFitExtractor:
+    """3DMM coefficients by fitting the 68 detected landmarks (see the module docstring)."""
+
+    name = "fit"
+
+    def __init__(self, landmarks: Any = "dlib", device: str = "cpu", *, model: MorphableModel | None = None,
+                 prior: CoefficientPrior | None = None, reg: float = FitConfig.reg,
+                 iterations: int = FitConfig.iterations, with_vertices: bool = False):
+        self.detector = landmark_detector(landmarks, device)
+        self.model = model or MorphableModel.from_tddfa()
+        # 3DDFA's basis comes with coefficient statistics; another basis gets an isotropic prior.
+        self.prior = prior or (CoefficientPrior.tddfa() if model is None else CoefficientPrior.isotropic(self.model))
+        self.config = FitConfig(iterations=iterations, reg=reg)
+        self.with_vertices = with_vertices
+        self.layout = CoefficientLayout(
+            backend="fit", n_id=self.model.n_shape, n_exp=self.model.n_exp, n_feature=2 * NUM_LANDMARKS,
+            model_name=f"landmark_fit_{self.model.name}", model_version=f"reg{reg:g}_it{iterations}")
+
+    def extract(self, images: Sequence[np.ndarray]) -> list[ExtractionResult]:
+        return [self._extract_one(image) for image in images]
+
+    def _extract_one(self, image) -> ExtractionResult:
+        try:
+            rgb = as_rgb(image)
+        except ValueError as exc:
+            return ExtractionResult.error(f"bad image: {exc}")
+        h, w = rgb.shape[:2]
+        try:
+            faces = self.detector.detect(rgb)
+        except Exception as exc:  # a detector failure is this image's error, not the batch's
+            return ExtractionResult.error(f"landmark detection failed: {type(exc).__name__}: {exc}", width=w, height=h)
+        if not faces:
+            return ExtractionResult.no_face(width=w, height=h)
+        face = faces[0]
+        try:
+            fit = fit_landmarks(self.model, face.landmarks, self.config, self.prior)
+        except (np.linalg.LinAlgError, ValueError, FloatingPointError) as exc:
+            return ExtractionResult.error(f"landmark fit failed: {exc}", width=w, height=h, num_faces=len(faces))
+        detected = np.asarray(face.landmarks, np.float32)
+        fitted = fit.points[:, :2]
+        yaw, pitch, roll = fit.pose.angles
+        residual = (fitted - detected) / max(interocular_distance(detected), 1e-6)
+        extras = {"pose": fit.pose, "landmarks3d": fit.points}
+        if self.with_vertices:
+            extras["vertices"] = self.model.project(self.model.vertices(fit.shape, fit.exp), fit.pose)
+        return ExtractionResult(
+            width=w, height=h, num_faces=len(faces),
+            box=np.asarray(face.box, np.float32), det_score=float(face.score),
+            landmarks=detected, landmarks_fit=fitted.astype(np.float32),
+            landmark_error=landmark_error(fitted, detected),
+            id_coeffs=fit.shape, exp_coeffs=fit.exp,
+            yaw=yaw, pitch=pitch, roll=roll, scale=float(fit.pose.scale),
+            translation=fit.pose.translation3.astype(np.float32),
+            feature=residual.astype(np.float32).ravel(), extras=extras)
