@@ -1,0 +1,66 @@
+"""Distributed coefficient extraction: images under a prefix (or a manifest) -> Parquet parts.
+
+    ray job submit --working-dir . -- python jobs/extract.py \\
+        --input s3://bucket/raw/ --output s3://bucket/coeffs/ --backend tddfa --actors 8
+
+Without --address (and outside `ray job submit`, which sets RAY_ADDRESS) it starts a local Ray.
+S3 credentials come from the standard chain; --endpoint (or AWS_ENDPOINT_URL) points at MinIO/Ceph.
+Rerunning with the same --output skips images already extracted (path + content hash).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+# `python jobs/extract.py` puts jobs/ on sys.path, not the repository root that holds facedist/.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from facedist import storage  # noqa: E402
+from facedist.pipeline import ExtractConfig  # noqa: E402
+from facedist.ray_extract import RayExtractConfig, run_ray_extraction  # noqa: E402
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--input", required=True, help="folder, s3:// prefix, or CSV/Parquet manifest with labels")
+    p.add_argument("--output", required=True, help="output folder or s3:// prefix for Parquet parts")
+    p.add_argument("--backend", default="tddfa", choices=("tddfa", "deep3d", "fit"))
+    p.add_argument("--landmarks", default="dlib", choices=("dlib", "face-alignment"))
+    p.add_argument("--dataset", default="auto", help="how to read labels from file names (auto, yale, kdef, ...)")
+    p.add_argument("--device", default="cpu", help="cpu; actors switch to cuda when they get a GPU")
+    p.add_argument("--actors", type=int, default=2, help="extraction actors (each loads the models once)")
+    p.add_argument("--batch-size", type=int, default=32, help="images per actor call and per Parquet part")
+    p.add_argument("--actor-cpus", type=float, default=None, help="CPUs per actor (default: share the cluster)")
+    p.add_argument("--actor-gpus", type=float, default=None, help="GPUs per actor (default: 1 when present)")
+    p.add_argument("--decode-cpus", type=float, default=0.25, help="CPUs per read/decode task")
+    p.add_argument("--max-side", type=int, default=2048, help="downscale larger images on decode")
+    p.add_argument("--preview", type=int, default=0, metavar="N", help="write N overlays under OUTPUT/previews")
+    p.add_argument("--no-resume", action="store_true", help="redo images already in OUTPUT")
+    p.add_argument("--no-progress", action="store_true", help="no Ray Data progress bars")
+    p.add_argument("--address", default=None, help="Ray cluster address (default: RAY_ADDRESS or a local Ray)")
+    p.add_argument("--endpoint", default=None, help="S3 endpoint URL (default: AWS_ENDPOINT_URL)")
+    p.add_argument("--json", action="store_true", help="print the whole summary as JSON")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    env = storage.S3Options.from_env()
+    options = storage.S3Options(endpoint_url=args.endpoint or env.endpoint_url, region=env.region)
+    extract = ExtractConfig(backend=args.backend, landmarks=args.landmarks, device=args.device,
+                            batch_size=args.batch_size, max_side=args.max_side, preview=args.preview,
+                            resume=not args.no_resume)
+    config = RayExtractConfig(extract=extract, actors=args.actors, actor_num_cpus=args.actor_cpus,
+                              actor_num_gpus=args.actor_gpus, decode_num_cpus=args.decode_cpus,
+                              dataset=args.dataset, progress=not args.no_progress)
+    summary = run_ray_extraction(args.input, args.output, config, address=args.address, options=options)
+    if args.json:
+        print(json.dumps(summary, indent=2))
+    return 0 if summary["run"]["unaccounted"] == 0 else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
