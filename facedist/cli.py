@@ -128,7 +128,11 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    return args.func(args)
+    try:
+        return args.func(args)
+    except assets.ModelNotFoundError as exc:
+        print(f"facedist: {exc}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -178,7 +178,6 @@ def run_extraction(
     from facedist.extractors import make_extractor
 
     started = time.perf_counter()
-    extractor = extractor or make_extractor(config.backend, landmarks=config.landmarks, device=config.device)
     done = finished_keys(out_uri, options) if config.resume else set()
     run_id = uuid.uuid4().hex[:8]
     written = skipped = previews = 0
@@ -187,6 +186,9 @@ def run_extraction(
         pending = [r for r in rows if (r["path"], r.get("content_hash")) not in done]
         skipped += len(rows) - len(pending)
         if pending:
+            # Built on first need: a fully resumed run loads no model.
+            extractor = extractor or make_extractor(config.backend, landmarks=config.landmarks,
+                                                    device=config.device)
             decoded = [decode_row(r, config.max_side) for r in pending]
             finished, results = extract_rows(decoded, extractor)
             storage.write_table(rows_to_table(finished, extractor.layout),

@@ -1,0 +1,68 @@
+"""`facedist extract` on one machine: real tddfa on real faces plus bad inputs, rows in = rows out,
+resume without redoing finished work, previews."""
+
+import io
+import shutil
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from facedist import storage
+from facedist.cli import main
+
+FACES = ["subject01.happy", "subject02.sad", "subject03.normal", "subject04.surprised"]
+
+
+@pytest.fixture
+def mixed_folder(tmp_path, yale_dir):
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for name in FACES:
+        shutil.copy(yale_dir / name, folder / name)
+    jpeg = io.BytesIO()
+    Image.open(yale_dir / FACES[0]).convert("RGB").save(jpeg, "JPEG")
+    (folder / "truncated.jpg").write_bytes(jpeg.getvalue()[: len(jpeg.getvalue()) // 3])
+    (folder / "corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\n" + bytes(range(256)) * 4)
+    (folder / "empty.jpg").write_bytes(b"")
+    (folder / "notes.txt").write_text("this is not an image\n")
+    noise = (np.random.default_rng(0).random((240, 320)) * 60 + 100).astype(np.uint8)
+    Image.fromarray(noise).save(folder / "wall.png")
+    return folder
+
+
+def _table(out):
+    return storage.read_table(str(out)).to_pandas().set_index("path")
+
+
+def test_extract_mixed_folder_then_resume(mixed_folder, tmp_path, capsys):
+    out = tmp_path / "coeffs"
+    assert main(["extract", str(mixed_folder), "--out", str(out), "--backend", "tddfa",
+                 "--batch-size", "4", "--preview", "2"]) == 0
+    table = _table(out)
+    assert len(table) == 9  # rows in = rows out
+    status = {p.rsplit("/", 1)[-1]: s for p, s in table["status"].items()}
+    message = {p.rsplit("/", 1)[-1]: m for p, m in table["message"].items()}
+    assert all(status[n] == "ok" for n in FACES)
+    assert status["wall.png"] == "no_face"
+    for bad in ("truncated.jpg", "corrupt.png", "empty.jpg", "notes.txt"):
+        assert status[bad] == "error", bad
+        assert message[bad], bad
+    assert "empty" in message["empty.jpg"].lower() or "0 bytes" in message["empty.jpg"]
+    assert "text" in message["notes.txt"].lower()
+    ok = table[table.status == "ok"]
+    assert ok["id_coeffs"].map(len).eq(40).all() and ok["exp_coeffs"].map(len).eq(10).all()
+    assert ok["feature"].map(len).eq(512).all() and ok["landmarks"].map(len).eq(136).all()
+    assert (ok["landmark_error"] < 0.15).all()
+    assert set(ok["subject"]) == {"subject01", "subject02", "subject03", "subject04"}
+    assert len(storage.list_files(str(out / "previews"))) == 2
+    assert "ok 4, no_face 1, error 4" in capsys.readouterr().out
+
+    # A new image appears and one finished image changes: only those two are processed again.
+    shutil.copy(mixed_folder / FACES[0], mixed_folder / "subject01.copy")
+    img = Image.open(mixed_folder / FACES[1]).convert("L")
+    img.transpose(Image.FLIP_LEFT_RIGHT).save(mixed_folder / FACES[1], "GIF")
+    assert main(["extract", str(mixed_folder), "--out", str(out), "--backend", "tddfa"]) == 0
+    assert "wrote 2 and skipped 8" in capsys.readouterr().out
+    summary = storage.read_bytes(str(out / "_summary.json"))
+    assert b'"rows": 11' in summary
