@@ -1,0 +1,151 @@
+"""The deep3d extractor on real Yale photos with a checkpoint saved from our own R-Net (we have no
+published weights): real dlib landmarks, real alignment, real ResNet-50 forward passes."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from facedist import assets
+from facedist.align import align_face
+from facedist.extractors.deep3d import Deep3DExtractor, deep3d_angles_to_degrees
+from facedist.models.resnet import ReconNet, split_coefficients
+from facedist.schema import STATUS_ERROR, STATUS_NO_FACE, STATUS_OK, layout_from_schema, rows_to_table
+
+YALE_SAMPLES = ("subject01.normal", "subject02.happy", "subject05.surprised", "subject13.leftlight")
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    """{'net_recon': state_dict} of an R-Net whose heads are random (upstream starts them at zero,
+    which would make every output 0 and hide ordering mistakes)."""
+    torch.manual_seed(3)
+    net = ReconNet()
+    with torch.no_grad():
+        for layer in net.final_layers:
+            layer.weight.normal_(0, 0.01)
+            layer.bias.normal_(0, 0.1)
+    path = tmp_path_factory.mktemp("deep3d") / "epoch_20.pth"
+    torch.save({"net_recon": net.state_dict(), "epoch": 20}, path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def extractor(checkpoint):
+    return Deep3DExtractor(checkpoint=str(checkpoint), batch_size=4)
+
+
+@pytest.fixture(scope="module")
+def yale_images(yale_dir):
+    return [np.asarray(Image.open(yale_dir / name).convert("RGB")) for name in YALE_SAMPLES]
+
+
+@pytest.fixture(scope="module")
+def yale_results(extractor, yale_images):
+    return extractor.extract(yale_images)
+
+
+def test_missing_checkpoint_is_a_clear_error_at_construction(tmp_path, monkeypatch):
+    monkeypatch.setenv(assets.MODEL_DIR_ENV, str(tmp_path / "models"))
+    monkeypatch.setenv(assets.CACHE_DIR_ENV, str(tmp_path / "cache"))
+    with pytest.raises(assets.ModelNotFoundError, match="deep3d/epoch_20.pth"):
+        Deep3DExtractor()
+
+
+def test_layout(extractor, checkpoint):
+    layout = extractor.layout
+    assert (layout.backend, layout.n_id, layout.n_exp, layout.n_tex, layout.n_light, layout.n_feature) == \
+        ("deep3d", 80, 64, 80, 27, 2048)
+    assert layout.model_version == assets.sha256_of(checkpoint)[:16]
+
+
+def test_real_faces_give_ok_results_with_deep3d_sizes(yale_results, yale_images):
+    assert len(yale_results) == len(yale_images)
+    for result, image in zip(yale_results, yale_images):
+        assert result.status == STATUS_OK, result.message
+        assert (result.width, result.height) == (image.shape[1], image.shape[0])
+        assert result.num_faces >= 1 and result.landmarks.shape == (68, 2)
+        sizes = [a.shape for a in (result.id_coeffs, result.exp_coeffs, result.tex_coeffs,
+                                   result.light_coeffs, result.translation, result.feature)]
+        assert sizes == [(80,), (64,), (80,), (27,), (3,), (2048,)]
+        assert all(np.isfinite(v) for v in (result.yaw, result.pitch, result.roll))
+        # the face is inside the photo and the landmarks inside the box's neighbourhood
+        x0, y0, x1, y1 = result.box
+        assert 0 <= result.landmarks[:, 0].mean() - x0 <= x1 - x0
+        assert 0 <= result.landmarks[:, 1].mean() - y0 <= (y1 - y0) * 1.3
+    # different people and expressions give different identity coefficients
+    ids = np.stack([r.id_coeffs for r in yale_results])
+    assert np.linalg.matrix_rank(ids - ids.mean(0), tol=1e-4) == len(ids) - 1
+
+
+def test_outputs_match_a_direct_forward_pass(yale_results, yale_images, checkpoint):
+    net = ReconNet()
+    net.load_state_dict(torch.load(checkpoint, weights_only=True)["net_recon"], strict=True)
+    net.eval()
+    pooled = []  # the backbone's output, caught by a hook rather than by the code under test
+    net.backbone.register_forward_hook(lambda module, args, output: pooled.append(output))
+    crops = [align_face(image, result.landmarks).crop for result, image in zip(yale_results, yale_images)]
+    with torch.no_grad():
+        out = net(torch.from_numpy(np.stack(crops)).permute(0, 3, 1, 2))
+    features = pooled[0].flatten(1).numpy()
+    for row, result in enumerate(yale_results):
+        parts = {k: v[row].numpy() for k, v in split_coefficients(out).items()}
+        np.testing.assert_allclose(result.id_coeffs, parts["id"], atol=1e-4)
+        np.testing.assert_allclose(result.exp_coeffs, parts["exp"], atol=1e-4)
+        np.testing.assert_allclose(result.tex_coeffs, parts["tex"], atol=1e-4)
+        np.testing.assert_allclose(result.light_coeffs, parts["gamma"], atol=1e-4)
+        np.testing.assert_allclose(result.translation, parts["trans"], atol=1e-4)
+        np.testing.assert_allclose(result.feature, features[row], atol=1e-4)
+        pitch, yaw, roll = np.rad2deg(parts["angle"])
+        assert (result.yaw, result.pitch, result.roll) == (pytest.approx(-yaw, abs=1e-3),
+                                                          pytest.approx(pitch, abs=1e-3),
+                                                          pytest.approx(roll, abs=1e-3))
+
+
+def test_batch_size_does_not_change_results(extractor, yale_images, yale_results, monkeypatch):
+    monkeypatch.setattr(extractor, "batch_size", 1)
+    one_by_one = extractor.extract(yale_images[:2])
+    for a, b in zip(one_by_one, yale_results[:2]):
+        np.testing.assert_allclose(a.id_coeffs, b.id_coeffs, atol=1e-4)
+        np.testing.assert_allclose(a.feature, b.feature, atol=1e-4)
+
+
+def test_bad_inputs_get_their_own_rows(extractor, yale_images, yale_results):
+    gray = yale_images[0][:, :, 0]  # 2-D grayscale is accepted
+    batch = [np.zeros((120, 160, 3), np.uint8), yale_images[1], np.zeros((4,), np.uint8),
+             yale_images[1].astype(np.float32), gray]
+    results = extractor.extract(batch)
+    assert [r.status for r in results] == [STATUS_NO_FACE, STATUS_OK, STATUS_ERROR, STATUS_ERROR, STATUS_OK]
+    assert results[0].width == 160 and results[0].id_coeffs is None
+    assert "uint8" in results[3].message
+    np.testing.assert_allclose(results[1].id_coeffs, yale_results[1].id_coeffs, atol=1e-4)
+    np.testing.assert_allclose(results[4].id_coeffs, yale_results[0].id_coeffs, atol=1e-4)
+    assert extractor.extract([]) == []
+
+
+def test_rows_fit_the_coefficients_table(extractor, yale_results):
+    rows = [dict(r.to_row(), path=f"img{i}", backend="deep3d") for i, r in enumerate(yale_results)]
+    table = rows_to_table(rows, extractor.layout)
+    assert table.num_rows == len(yale_results)
+    assert layout_from_schema(table.schema) == extractor.layout
+    assert len(table.column("light_coeffs")[0].as_py()) == 27
+
+
+def _rot(axis: int, a: float) -> np.ndarray:
+    c, s = np.cos(a), np.sin(a)
+    i, j = [k for k in range(3) if k != axis]
+    r = np.eye(3)
+    r[i, i], r[i, j], r[j, i], r[j, j] = c, -s, s, c
+    if axis == 1:  # right-handed rotation about y
+        r[i, j], r[j, i] = s, -s
+    return r
+
+
+def test_angles_follow_the_shared_convention():
+    # Deep3DFaceRecon: R = Rz(z) Ry(y) Rx(x); facedist: R = Rz(roll) Ry(-yaw) Rx(pitch)
+    angle = np.array([0.1, -0.3, 0.2])
+    r_deep3d = _rot(2, angle[2]) @ _rot(1, angle[1]) @ _rot(0, angle[0])
+    yaw, pitch, roll = np.deg2rad(deep3d_angles_to_degrees(angle))
+    np.testing.assert_allclose(_rot(2, roll) @ _rot(1, -yaw) @ _rot(0, pitch), r_deep3d, atol=1e-12)
