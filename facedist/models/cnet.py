@@ -1,0 +1,67 @@
+"""C-Net: per-image, per-dimension confidences for aggregating identity coefficients.
+
+Each image of a person gets a positive confidence c_i (one per identity dimension) from what the
+extractor knows about how trustworthy that image is: the regressor's pooled feature, the head pose,
+the detection score and the landmark residual. The person's identity is the confidence-weighted
+mean  alpha = sum_i c_i * alpha_i / sum_i c_i  (``aggregate_identity``).
+
+Trained weakly supervised (facedist.training.cnet): no identity labels, only sets of images of the
+same person.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+
+@dataclass(frozen=True)
+class CNetConfig:
+    input_dim: int        # length of the per-image quality vector (see training.data.cnet_inputs)
+    n_id: int             # number of identity coefficients to weight
+    hidden: int = 128
+    dropout: float = 0.1
+    min_confidence: float = 1e-3  # floor, so no image's weight is exactly zero
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+class CNet(nn.Module):
+    def __init__(self, config: CNetConfig):
+        super().__init__()
+        self.config = config
+        self.mlp = nn.Sequential(
+            nn.Linear(config.input_dim, config.hidden), nn.LayerNorm(config.hidden), nn.GELU(),
+            nn.Dropout(config.dropout),
+            nn.Linear(config.hidden, config.hidden), nn.GELU(),
+            nn.Linear(config.hidden, config.n_id),
+        )
+        # Start at equal confidences (softplus(0.5413) = 1): an untrained C-Net is the plain mean.
+        nn.init.zeros_(self.mlp[-1].weight)
+        nn.init.constant_(self.mlp[-1].bias, 0.5413)
+
+    def forward(self, quality: torch.Tensor) -> torch.Tensor:
+        """(..., input_dim) -> (..., n_id) positive confidences."""
+        return F.softplus(self.mlp(quality)) + self.config.min_confidence
+
+
+def aggregate_identity(alpha: torch.Tensor, confidence: torch.Tensor | None = None,
+                       mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Confidence-weighted mean over the image axis.
+
+    alpha: (..., N, D) identity coefficients of N images; confidence: (..., N, D) or None (plain
+    mean); mask: (..., N) bool/0-1, which images take part (None: all). Returns (..., D)."""
+    weight = torch.ones_like(alpha) if confidence is None else confidence
+    if mask is not None:
+        weight = weight * mask.unsqueeze(-1).to(weight.dtype)
+    return (weight * alpha).sum(-2) / weight.sum(-2).clamp_min(1e-8)
+
+
+def build_cnet(config: dict | CNetConfig) -> CNet:
+    if isinstance(config, dict):
+        config = CNetConfig(**config)
+    return CNet(config)

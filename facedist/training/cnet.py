@@ -1,0 +1,152 @@
+"""C-Net's weak supervision: leave-one-out landmark reprojection over sets of one person's images.
+
+For a set S of images of one person and each j in S, the identity aggregated by C-Net from the
+*other* images, with image j's own expression and camera, must reproduce j's detected landmarks:
+    L = mean_j |P_j( X(agg_{S \\ j}(alpha, c), beta_j) ) - y_j|^2 / iod_j^2
+plus regularisers: (mean log c)^2 pins the confidences' overall scale (the aggregate is invariant
+to it) and a small variance penalty on log c keeps weights from collapsing onto one image.
+No identity labels are used; only "these images show the same person".
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from facedist.models.cnet import aggregate_identity
+from facedist.training.data import CoefficientData
+from facedist.training.geometry import KeypointBasis, fit_affine_cameras, interocular, project
+
+
+@dataclass
+class CNetSets:
+    """Per-image tensors for C-Net training; group holds a person id per image (int)."""
+
+    alpha: torch.Tensor      # (N, D)
+    beta: torch.Tensor       # (N, E)
+    quality: torch.Tensor    # (N, Q) standardised
+    cameras: torch.Tensor    # (N, 4, 2)
+    detected: torch.Tensor   # (N, 68, 2)
+    iod: torch.Tensor        # (N,)
+    group: np.ndarray        # (N,) int
+    alpha_true: torch.Tensor | None = None
+
+    def __len__(self) -> int:
+        return len(self.group)
+
+    def groups(self) -> np.ndarray:
+        return np.unique(self.group)
+
+
+def prepare_sets(data: CoefficientData, basis: KeypointBasis, quality_norm, *,
+                 alpha_true: np.ndarray | None = None) -> CNetSets:
+    """Cameras come from each image's own coefficients fitted to its reprojected landmarks
+    (``landmarks_fit``; detected ones where the fit is missing). Images without detected
+    landmarks cannot supervise and are dropped."""
+    keep = np.isfinite(data.landmarks).all(axis=(1, 2))
+    own = basis.points(data.alpha[keep], data.beta[keep])
+    target = np.where(np.isfinite(data.landmarks_fit[keep]).all(axis=(1, 2))[:, None, None],
+                      data.landmarks_fit[keep], data.landmarks[keep])
+    cameras, _ = fit_affine_cameras(own, target)
+    detected = data.landmarks[keep]
+    _, group = np.unique(data.subject[keep].astype(str), return_inverse=True)
+    return CNetSets(
+        alpha=torch.as_tensor(data.alpha[keep]), beta=torch.as_tensor(data.beta[keep]),
+        quality=torch.as_tensor(quality_norm(data.quality[keep])), cameras=torch.as_tensor(cameras),
+        detected=torch.as_tensor(detected), iod=torch.as_tensor(np.maximum(interocular(detected), 1.0)),
+        group=group, alpha_true=None if alpha_true is None else torch.as_tensor(alpha_true[keep]))
+
+
+def sample_sets(sets: CNetSets, groups: np.ndarray, set_size: int, rng: np.random.Generator
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+    """One random set per group: (index (B, S), mask (B, S)); small groups are padded+masked."""
+    index = np.zeros((len(groups), set_size), np.int64)
+    mask = np.zeros((len(groups), set_size), bool)
+    for row, g in enumerate(groups):
+        members = np.flatnonzero(sets.group == g)
+        chosen = rng.choice(members, min(set_size, len(members)), replace=False)
+        index[row, : len(chosen)] = chosen
+        index[row, len(chosen):] = chosen[0]
+        mask[row, : len(chosen)] = True
+    return torch.as_tensor(index), torch.as_tensor(mask)
+
+
+def leave_one_out(alpha: torch.Tensor, weight: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """agg_{S \\ j} for every j: (B, S, D) from alpha, weight (B, S, D), mask (B, S)."""
+    weight = weight * mask.unsqueeze(-1)
+    total = (weight * alpha).sum(1, keepdim=True)
+    norm = weight.sum(1, keepdim=True)
+    return (total - weight * alpha) / (norm - weight).clamp_min(1e-8)
+
+
+def loo_landmark_error(sets: CNetSets, basis_t, index: torch.Tensor, mask: torch.Tensor,
+                       confidence: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-image leave-one-out mean squared landmark error / iod^2, (B, S), and which count."""
+    alpha = sets.alpha[index]
+    weight = torch.ones_like(alpha) if confidence is None else confidence
+    loo = leave_one_out(alpha, weight, mask)
+    points = basis_t(loo, sets.beta[index])
+    predicted = project(points, sets.cameras[index])
+    # Squared error: detector noise then adds a constant instead of drowning the gradient.
+    error = (predicted - sets.detected[index]).pow(2).sum(-1).mean(-1) / sets.iod[index] ** 2
+    valid = mask & (mask.sum(1, keepdim=True) > 1)
+    return error, valid
+
+
+@dataclass(frozen=True)
+class CNetLossConfig:
+    scale_weight: float = 0.1
+    spread_weight: float = 0.001
+
+
+def cnet_loss(cnet, sets: CNetSets, basis_t, index, mask, config: CNetLossConfig = CNetLossConfig()):
+    """(loss, LOO error relative to the plain mean's on the same sets) for one batch.
+
+    The data term is divided by the plain mean's error on the same batch (no gradient), so it is
+    ~1 whatever the units and the regularisers keep a fixed relative strength; < 1 beats the mean."""
+    confidence = cnet(sets.quality[index])
+    error, valid = loo_landmark_error(sets, basis_t, index, mask, confidence)
+    with torch.no_grad():
+        baseline, _ = loo_landmark_error(sets, basis_t, index, mask, None)
+        baseline = (baseline * valid).sum().clamp_min(1e-12)
+    data_term = (error * valid).sum() / baseline
+    log_c = torch.log(confidence)[mask]
+    loss = data_term + config.scale_weight * log_c.mean() ** 2 + config.spread_weight * log_c.var()
+    return loss, data_term.detach()
+
+
+@torch.no_grad()
+def evaluate_sets(cnet, sets: CNetSets, basis_t, *, set_size: int = 3, repeats: int = 4,
+                  groups: np.ndarray | None = None, seed: int = 0) -> dict:
+    """Sums (for all-reduce) of LOO landmark error and, with truth, identity error to truth
+    (in prior-std units when given), for C-Net weighting vs the plain mean on the same sets."""
+    cnet.eval()
+    rng = np.random.default_rng(seed)
+    groups = sets.groups() if groups is None else groups
+    sums = {"loo_cnet": 0.0, "loo_mean": 0.0, "loo_count": 0.0,
+            "truth_cnet": 0.0, "truth_mean": 0.0, "truth_count": 0.0}
+    for _ in range(repeats):
+        index, mask = sample_sets(sets, groups, set_size, rng)
+        confidence = cnet(sets.quality[index])
+        for name, conf in (("cnet", confidence), ("mean", None)):
+            error, valid = loo_landmark_error(sets, basis_t, index, mask, conf)
+            sums[f"loo_{name}"] += float((error * valid).sum())
+            if sets.alpha_true is not None:
+                agg = aggregate_identity(sets.alpha[index], conf, mask)
+                truth = sets.alpha_true[index[:, 0]]
+                sums[f"truth_{name}"] += float((agg - truth).norm(dim=-1).sum())
+        sums["loo_count"] += float(valid.sum())
+        sums["truth_count"] += float(len(groups)) if sets.alpha_true is not None else 0.0
+    return sums
+
+
+def summarize_sets_eval(sums: dict) -> dict:
+    # RMS landmark error / iod.
+    out = {"loo_error_cnet": (sums["loo_cnet"] / max(sums["loo_count"], 1)) ** 0.5,
+           "loo_error_mean": (sums["loo_mean"] / max(sums["loo_count"], 1)) ** 0.5}
+    if sums.get("truth_count"):
+        out["truth_error_cnet"] = sums["truth_cnet"] / sums["truth_count"]
+        out["truth_error_mean"] = sums["truth_mean"] / sums["truth_count"]
+    return out

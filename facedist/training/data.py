@@ -1,0 +1,174 @@
+"""From a coefficients table to training arrays: quality vectors, per-image cameras, splits by
+image, C(n, r) combinations per subject, and input standardisation."""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass, field
+
+import numpy as np
+import pyarrow as pa
+
+from facedist.schema import STATUS_OK, CoefficientLayout, layout_from_schema
+
+QUALITY_SCALARS = ("yaw", "pitch", "roll", "abs_yaw", "det_score", "landmark_error", "log_landmark_error")
+
+
+def _floats(value, default: float = 0.0) -> float:
+    return default if value is None or (isinstance(value, float) and np.isnan(value)) else float(value)
+
+
+def quality_vector(row: dict, n_feature: int) -> np.ndarray:
+    """C-Net's per-image input: pose (degrees/90), |yaw|, detection score, landmark residual
+    (and its log), then the regressor's pooled feature (zeros when the backend stores none).
+    ``row`` is a table row or ExtractionResult.to_row()."""
+    yaw, pitch, roll = (_floats(row.get(k)) for k in ("yaw", "pitch", "roll"))
+    residual = _floats(row.get("landmark_error"), 0.05)
+    scalars = [yaw / 90, pitch / 90, roll / 90, abs(yaw) / 90, _floats(row.get("det_score"), 1.0),
+               residual, np.log(max(residual, 1e-4))]
+    feature = np.zeros(n_feature, np.float32)
+    raw = row.get("feature")
+    if raw is not None and n_feature:
+        raw = np.asarray(raw, np.float32).ravel()[:n_feature]
+        feature[: raw.size] = raw
+    return np.concatenate([np.asarray(scalars, np.float32), feature])
+
+
+@dataclass
+class Standardizer:
+    """x -> (x - mean) / std, fitted on training inputs and stored in every bundle."""
+
+    mean: np.ndarray
+    std: np.ndarray
+
+    @classmethod
+    def fit(cls, x: np.ndarray) -> "Standardizer":
+        x = np.asarray(x, np.float64)
+        return cls(x.mean(0).astype(np.float32), np.maximum(x.std(0), 1e-6).astype(np.float32))
+
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        return ((np.asarray(x, np.float32) - self.mean) / self.std).astype(np.float32)
+
+    def to_dict(self) -> dict:
+        return {"mean": self.mean.tolist(), "std": self.std.tolist()}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Standardizer":
+        return cls(np.asarray(d["mean"], np.float32), np.asarray(d["std"], np.float32))
+
+
+@dataclass
+class CoefficientData:
+    """The usable (status ok, coefficients present) rows of a coefficients table, as arrays."""
+
+    path: np.ndarray
+    subject: np.ndarray            # object arrays of str or None
+    expression: np.ndarray
+    gender: np.ndarray
+    alpha: np.ndarray              # (N, n_id)
+    beta: np.ndarray               # (N, n_exp)
+    quality: np.ndarray            # (N, Q), see quality_vector
+    landmarks: np.ndarray          # (N, 68, 2) detected; NaN where missing
+    landmarks_fit: np.ndarray      # (N, 68, 2); NaN where missing
+    box: np.ndarray                # (N, 4); NaN where missing
+    layout: CoefficientLayout
+    n_feature: int = 0
+    skipped: int = 0               # rows not usable (error / no face / missing coefficients)
+    extra: dict = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return len(self.path)
+
+    def subset(self, index: np.ndarray) -> "CoefficientData":
+        index = np.asarray(index)
+        take = lambda a: a[index]  # noqa: E731
+        return CoefficientData(take(self.path), take(self.subject), take(self.expression), take(self.gender),
+                               take(self.alpha), take(self.beta), take(self.quality), take(self.landmarks),
+                               take(self.landmarks_fit), take(self.box), self.layout, self.n_feature)
+
+    def labels(self, column: str) -> np.ndarray:
+        return getattr(self, column)
+
+
+def _points(values, n: int) -> np.ndarray:
+    if values is None or len(values) != n:
+        return np.full((n // 2 if n else 0, 2), np.nan, np.float32) if n else np.zeros((0, 2), np.float32)
+    return np.asarray(values, np.float32).reshape(-1, 2)
+
+
+def table_to_data(table: pa.Table, n_feature: int | None = None) -> CoefficientData:
+    """Keep ok rows with both coefficient vectors; rows in = usable rows + skipped."""
+    layout = layout_from_schema(table.schema)
+    rows = table.to_pylist()
+    usable = [r for r in rows if r.get("status") == STATUS_OK and r.get("id_coeffs") and r.get("exp_coeffs")]
+    if not usable:
+        raise ValueError(f"no usable rows (status ok with coefficients) among {len(rows)}")
+    n_id, n_exp = len(usable[0]["id_coeffs"]), len(usable[0]["exp_coeffs"])
+    usable = [r for r in usable if len(r["id_coeffs"]) == n_id and len(r["exp_coeffs"]) == n_exp]
+    if layout is None:
+        layout = CoefficientLayout(backend=str(usable[0].get("backend") or "unknown"), n_id=n_id, n_exp=n_exp)
+    if n_feature is None:
+        lengths = [len(r["feature"]) for r in usable if r.get("feature")]
+        n_feature = max(lengths) if lengths else 0
+    col = lambda k: np.array([r.get(k) for r in usable], dtype=object)  # noqa: E731
+    lm = lambda k: np.stack([_points(r.get(k), 136) for r in usable])  # noqa: E731
+    boxes = np.array([r["box"] if r.get("box") and len(r["box"]) == 4 else [np.nan] * 4 for r in usable],
+                     np.float32)
+    return CoefficientData(
+        path=col("path"), subject=col("subject"), expression=col("expression"), gender=col("gender"),
+        alpha=np.array([r["id_coeffs"] for r in usable], np.float32),
+        beta=np.array([r["exp_coeffs"] for r in usable], np.float32),
+        quality=np.stack([quality_vector(r, n_feature) for r in usable]),
+        landmarks=lm("landmarks"), landmarks_fit=lm("landmarks_fit"), box=boxes, layout=layout,
+        n_feature=n_feature, skipped=len(rows) - len(usable))
+
+
+def load_data(uri: str, n_feature: int | None = None) -> CoefficientData:
+    """Read a coefficients table (local or s3://, file or directory of parts) via facedist.storage."""
+    from facedist import storage
+
+    return table_to_data(storage.read_table(uri), n_feature)
+
+
+def image_folds(groups: np.ndarray, k: int, seed: int = 0) -> np.ndarray:
+    """Fold index per image, stratified by group (subject or label): every group's images are
+    spread over the k folds, so a fold's images never appear in the other folds' combinations."""
+    rng = np.random.default_rng(seed)
+    folds = np.zeros(len(groups), np.int64)
+    for g in sorted(set(groups.tolist()), key=str):
+        members = np.flatnonzero(groups == g)
+        rng.shuffle(members)
+        offset = rng.integers(0, k)
+        folds[members] = (np.arange(len(members)) + offset) % k
+    return folds
+
+
+def group_combinations(groups: np.ndarray, index: np.ndarray, r: int = 3, max_per_group: int | None = None,
+                       seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """All C(n, r) combinations of the images in ``index`` within each group (capped at
+    ``max_per_group``, sampled). Returns (combos (M, r) of image indices, group of each combo).
+    A group with fewer than r images contributes one combination of all its images, padded by
+    repeating the last one (so small groups are not silently dropped)."""
+    rng = np.random.default_rng(seed)
+    combos, owners = [], []
+    for g in sorted(set(groups[index].tolist()), key=str):
+        members = np.sort(index[groups[index] == g])
+        if len(members) < r:
+            chosen = [tuple(members) + (members[-1],) * (r - len(members))]
+        else:
+            chosen = list(itertools.combinations(members.tolist(), r))
+            if max_per_group and len(chosen) > max_per_group:
+                pick = rng.choice(len(chosen), max_per_group, replace=False)
+                chosen = [chosen[i] for i in sorted(pick)]
+        combos.extend(chosen)
+        owners.extend([g] * len(chosen))
+    return np.asarray(combos, np.int64).reshape(-1, r), np.asarray(owners, dtype=object)
+
+
+def encode_labels(values: np.ndarray, labels: list[str] | None = None) -> tuple[np.ndarray, list[str]]:
+    """Label strings -> int codes (-1 for unknown/None), with the sorted label list."""
+    if labels is None:
+        labels = sorted({str(v) for v in values if v is not None})
+    lookup = {name: i for i, name in enumerate(labels)}
+    codes = np.array([lookup.get(str(v), -1) if v is not None else -1 for v in values], np.int64)
+    return codes, list(labels)
