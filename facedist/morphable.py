@@ -72,14 +72,13 @@ def rotation_to_angles(R: np.ndarray) -> tuple[float, float, float]:
 def affine_to_scaled_rotation(M: np.ndarray) -> tuple[float, np.ndarray]:
     """Split the 2x3 (or 3x3) linear part of an affine camera into scale and a rotation
     (3DDFA_V2's P2sRt: mean row norm, rows normalised, third row their cross product).
-    The first two rows are re-orthogonalised symmetrically so R is a true rotation."""
+    The two unit rows are then replaced by their nearest orthonormal pair (polar decomposition),
+    so R is a true rotation even when the regressor's rows are slightly skewed."""
     r1, r2 = np.asarray(M[0], np.float64), np.asarray(M[1], np.float64)
     scale = (np.linalg.norm(r1) + np.linalg.norm(r2)) / 2.0
-    r1, r2 = r1 / np.linalg.norm(r1), r2 / np.linalg.norm(r2)
-    # symmetric Gram-Schmidt: split the overlap equally between both rows
-    d = float(r1 @ r2)
-    a, b = r1 - 0.5 * d * r2, r2 - 0.5 * d * r1
-    a, b = a / np.linalg.norm(a), b / np.linalg.norm(b)
+    rows = np.stack([r1 / np.linalg.norm(r1), r2 / np.linalg.norm(r2)])
+    U, _, Vt = np.linalg.svd(rows, full_matrices=False)
+    a, b = U @ Vt
     return float(scale), np.stack([a, b, np.cross(a, b)])
 
 
@@ -101,6 +100,13 @@ class Pose:
         """(yaw, pitch, roll) in degrees."""
         return rotation_to_angles(self.rotation)
 
+    def affine(self) -> np.ndarray:
+        """The same camera as a 3x4 matrix: pixels (u, v, depth) = A @ [X; 1]."""
+        A = np.empty((3, 4))
+        A[:, :3] = _IMAGE_FLIP @ (self.scale * self.rotation)
+        A[:, 3] = self.translation3
+        return A
+
     @property
     def translation3(self) -> np.ndarray:
         t = np.zeros(3)
@@ -111,6 +117,11 @@ class Pose:
 
 # Pixel frame flips y (rows grow downwards); z stays towards the viewer.
 _IMAGE_FLIP = np.diag([1.0, -1.0, 1.0])
+
+
+def apply_affine(points3d: np.ndarray, A: np.ndarray) -> np.ndarray:
+    """Points (N, 3) through a 3x4 camera: (N, 3) pixels u, v, depth."""
+    return (np.asarray(points3d, np.float64) @ A[:, :3].T + A[:, 3]).astype(np.float32)
 
 
 def project(points3d: np.ndarray, pose: Pose) -> np.ndarray:

@@ -51,7 +51,8 @@ def as_rgb(image: Any) -> np.ndarray:
 
 @dataclass
 class FitConfig:
-    iterations: int = 6
+    alternations: int = 3   # closed-form pose / linear coefficient rounds (the initialisation)
+    iterations: int = 10    # joint Gauss-Newton refinements (stops early when converged)
     reg: float = 1.0         # weight of the Gaussian coefficient prior (Tikhonov); 0 = plain least squares
     noise: float = 0.03      # assumed landmark noise, as a fraction of the inter-ocular distance
 
@@ -105,9 +106,29 @@ def _pose_for(X: np.ndarray, uv: np.ndarray) -> tuple[float, np.ndarray, np.ndar
     return scale, R, t
 
 
+def _skew(v: np.ndarray) -> np.ndarray:
+    """(N, 3) vectors -> (N, 3, 3) cross-product matrices."""
+    z = np.zeros(len(v))
+    return np.stack([np.stack([z, -v[:, 2], v[:, 1]], -1), np.stack([v[:, 2], z, -v[:, 0]], -1),
+                     np.stack([-v[:, 1], v[:, 0], z], -1)], 1)
+
+
+def _rotation_step(omega: np.ndarray) -> np.ndarray:
+    """exp([omega]x) by Rodrigues' formula."""
+    theta = float(np.linalg.norm(omega))
+    if theta < 1e-12:
+        return np.eye(3)
+    k = _skew((omega / theta)[None])[0]
+    return np.eye(3) + np.sin(theta) * k + (1 - np.cos(theta)) * k @ k
+
+
 def fit_landmarks(model: MorphableModel, landmarks2d: np.ndarray, config: FitConfig = FitConfig(),
                   prior: CoefficientPrior | None = None) -> FitResult:
-    """Fit shape, expression and pose of `model` to (68, 2) pixel landmarks."""
+    """Fit shape, expression and pose of `model` to (68, 2) pixel landmarks.
+
+    Starts with a few alternations (closed-form pose, then a linear ridge solve of coefficients),
+    then refines pose and coefficients jointly by Gauss-Newton: alternation alone creeps along the
+    directions where pose and shape trade off (overall size vs scale, asymmetry vs yaw)."""
     target = np.asarray(landmarks2d, np.float64)[:, :2]
     if target.shape != (NUM_LANDMARKS, 2) or not np.all(np.isfinite(target)):
         raise ValueError(f"need {NUM_LANDMARKS} finite 2-D landmarks, got shape {target.shape}")
@@ -118,20 +139,49 @@ def fit_landmarks(model: MorphableModel, landmarks2d: np.ndarray, config: FitCon
     basis = np.concatenate([model.lm_shape_basis, model.lm_exp_basis], axis=1).astype(np.float64)
     n_shape, n_coef = model.n_shape, basis.shape[1]
     basis3 = basis.reshape(NUM_LANDMARKS, 3, n_coef)
-    sigma2 = (config.noise * max(interocular_distance(target), 1e-6)) ** 2
-    precision = config.reg / prior.std ** 2
+    sigma = config.noise * max(interocular_distance(target), 1e-6)
+    precision = np.full(n_coef, config.reg) / prior.std ** 2
     coef = prior.mean.copy() if config.reg > 0 else np.zeros(n_coef)
-    for _ in range(config.iterations):
+
+    for _ in range(config.alternations):
         X = mean + basis3 @ coef
         scale, R, t = _pose_for(X, uv)
         # Given the pose the projection is linear in the coefficients: uv - t - sR2 mean = M coef.
-        sR2 = scale * R[:2]
-        M = np.einsum("ij,ljk->lik", sR2, basis3).reshape(-1, n_coef)
-        rhs = (uv - t - mean @ sR2.T).reshape(-1)
-        lhs = M.T @ M / sigma2 + np.diag(precision)
-        coef = np.linalg.solve(lhs, M.T @ rhs / sigma2 + precision * prior.mean)
+        M = np.einsum("ij,ljk->lik", scale * R[:2], basis3).reshape(-1, n_coef)
+        rhs = (uv - t - mean @ (scale * R[:2]).T).reshape(-1)
+        lhs = M.T @ M / sigma ** 2 + np.diag(precision)
+        coef = np.linalg.solve(lhs, M.T @ rhs / sigma ** 2 + precision * prior.mean)
     X = mean + basis3 @ coef
     scale, R, t = _pose_for(X, uv)
+
+    # Gauss-Newton on (coef, rotation increment, log scale, t); prior rows keep it well posed.
+    # Coefficient steps are taken in units of the prior std so the normal equations are well
+    # scaled (raw 3DDFA shape coefficients are ~1e5, a pixel translation ~1).
+    unit = prior.std
+    sqrt_prec = np.sqrt(precision) * unit
+    for _ in range(config.iterations):
+        X = mean + basis3 @ coef
+        sR2 = scale * R[:2]
+        r_data = ((X @ sR2.T + t - uv) / sigma).reshape(-1)
+        J_coef = np.einsum("ij,ljk->lik", sR2, basis3).reshape(-1, n_coef) * unit
+        J_rot = np.einsum("ij,ljk->lik", -sR2, _skew(X)).reshape(-1, 3)
+        J_scale = (X @ sR2.T).reshape(-1, 1)
+        J_t = np.tile(np.eye(2), (NUM_LANDMARKS, 1))
+        J = np.hstack([J_coef, J_rot, J_scale, J_t]) / sigma
+        r_prior = sqrt_prec * (coef - prior.mean) / unit
+        A = J.T @ J
+        A[:n_coef, :n_coef] += np.diag(sqrt_prec ** 2)
+        g = J.T @ r_data
+        g[:n_coef] += sqrt_prec * r_prior
+        step = np.linalg.solve(A + 1e-9 * np.trace(A) / len(A) * np.eye(len(A)), -g)
+        coef = coef + step[:n_coef] * unit
+        R = R @ _rotation_step(step[n_coef:n_coef + 3])
+        scale *= float(np.exp(step[n_coef + 3]))
+        t = t + step[n_coef + 4:]
+        if np.abs(step[:n_coef + 4]).max() < 1e-6:
+            break
+
+    X = mean + basis3 @ coef
     pose = Pose(R, scale, np.array([t[0], -t[1], 0.0]))
     return FitResult(coef[:n_shape].astype(np.float32), coef[n_shape:].astype(np.float32), pose,
                      model.project(X, pose))
@@ -179,7 +229,8 @@ class LandmarkFitExtractor:
         fitted = fit.points[:, :2]
         yaw, pitch, roll = fit.pose.angles
         residual = (fitted - detected) / max(interocular_distance(detected), 1e-6)
-        extras = {"pose": fit.pose, "landmarks3d": fit.points}
+        extras = {"basis": self.model.name, "pose": fit.pose, "camera": fit.pose.affine(),
+                  "landmarks3d": fit.points}
         if self.with_vertices:
             extras["vertices"] = self.model.project(self.model.vertices(fit.shape, fit.exp), fit.pose)
         return ExtractionResult(

@@ -20,8 +20,8 @@ import torch
 from facedist import assets
 from facedist.extractors.base import ExtractionResult, landmark_error
 from facedist.extractors.fit import as_rgb, landmark_detector
-from facedist.models.mobilenet import load_mobilenet
-from facedist.morphable import MorphableModel, Pose, affine_to_scaled_rotation
+from facedist.models.mobilenet import fuse_for_inference, load_mobilenet
+from facedist.morphable import MorphableModel, Pose, affine_to_scaled_rotation, apply_affine
 from facedist.schema import CoefficientLayout
 
 CROP_SIZE = 120
@@ -82,10 +82,6 @@ def pixel_affine(camera: np.ndarray, roi_box, size: int = CROP_SIZE) -> np.ndarr
     return A
 
 
-def apply_affine(points3d: np.ndarray, A: np.ndarray) -> np.ndarray:
-    return (np.asarray(points3d, np.float64) @ A[:, :3].T + A[:, 3]).astype(np.float32)
-
-
 def pose_from_affine(A: np.ndarray) -> Pose:
     """Nearest scaled rotation of a pixel-space affine camera (3DDFA_V2's P2sRt, in pixels)."""
     # Undo the image y flip so the rotation is in the model's y-up convention.
@@ -102,14 +98,15 @@ class TDDFAExtractor:
     name = "tddfa"
 
     def __init__(self, landmarks: Any = "dlib", device: str = "cpu", *,
-                 checkpoint: str = "tddfa/mb05_120x120.pth", batch_size: int = 64,
+                 checkpoint: str = "tddfa/mb05_120x120.pth", batch_size: int = 32,
                  passes: int = 2, num_threads: int | None = None, with_vertices: bool = False):
         self.detector = landmark_detector(landmarks, device)
         self.device = torch.device(device)
         if num_threads:
             torch.set_num_threads(num_threads)
         path = assets.resolve(checkpoint)
-        self.net = load_mobilenet(path, device=self.device)
+        self.net = load_mobilenet(path, device=self.device)  # the checkpoint, loaded strictly
+        self.infer_net = fuse_for_inference(self.net)          # BN folded, channels-last: what runs
         with open(assets.resolve("tddfa/param_mean_std_62d_120x120.pkl"), "rb") as fh:
             stats = pickle.load(fh)
         self.param_mean = np.asarray(stats["mean"], np.float32)
@@ -132,8 +129,9 @@ class TDDFAExtractor:
         params, feats = [], []
         for i in range(0, len(crops), self.batch_size):
             x = torch.from_numpy(np.ascontiguousarray(crops[i:i + self.batch_size])).to(self.device)
+            # NHWC bytes viewed as NCHW in channels-last memory: no copy before the first conv
             x = (x.permute(0, 3, 1, 2).float() - 127.5) / 128.0
-            p, f = self.net.forward_with_features(x)
+            p, f = self.infer_net.forward_with_features(x.contiguous(memory_format=torch.channels_last))
             params.append(p.cpu().numpy())
             feats.append(f.cpu().numpy())
         params = np.concatenate(params) * self.param_std + self.param_mean
@@ -221,7 +219,9 @@ class TDDFAExtractor:
         yaw, pitch, roll = pose.angles
         detected = np.asarray(face.landmarks, np.float32)
         fitted = points[:, :2]
-        extras = {"pose": pose, "camera": A, "roi_box": np.asarray(roi_box, np.float32), "landmarks3d": points}
+        # camera: the exact 3x4 pixel camera (previews rebuild the mesh from it and the coefficients)
+        extras = {"basis": self.model.name, "pose": pose, "camera": A, "roi_box": np.asarray(roi_box, np.float32),
+                  "landmarks3d": points}
         if self.with_vertices:
             extras["vertices"] = apply_affine(self.model.vertices(shape, exp), A)
         return ExtractionResult(

@@ -1,0 +1,193 @@
+"""3DDFA_V2 MobileNetV1 and the tddfa extractor: strict checkpoints, crop geometry, pose, real faces."""
+
+from __future__ import annotations
+
+import time
+
+import cv2
+import numpy as np
+import pytest
+import torch
+
+from facedist import assets
+from facedist.extractors import make_extractor
+from facedist.extractors.tddfa import (CROP_SIZE, crop_resize, pixel_affine, pose_from_affine,
+                                       roi_box_from_bbox, roi_box_from_landmarks)
+from facedist.images import decode_image
+from facedist.models.mobilenet import MobileNetV1, fuse_for_inference, load_mobilenet, widen_factor_of
+from facedist.morphable import angles_to_rotation
+from facedist.schema import STATUS_ERROR, STATUS_NO_FACE, STATUS_OK, rows_to_table
+
+
+@pytest.fixture(scope="module")
+def mb05_path():
+    return assets.resolve("tddfa/mb05_120x120.pth")
+
+
+@pytest.fixture(scope="module")
+def extractor():
+    return make_extractor("tddfa", landmarks="dlib")
+
+
+# ------------------------------------------------------------------------------- the network
+
+
+def test_mb05_checkpoint_loads_strictly(mb05_path):
+    raw = torch.load(mb05_path, map_location="cpu", weights_only=True)["state_dict"]
+    assert all(k.startswith("module.") for k in raw)
+    model = load_mobilenet(mb05_path)
+    assert model.num_features == 512 and widen_factor_of(raw) == 0.5
+    # every checkpoint tensor landed, bit for bit
+    for key, value in model.state_dict().items():
+        torch.testing.assert_close(value, raw["module." + key], rtol=0, atol=0)
+    # strictness: a missing key is an error, not a silently random layer
+    partial = {k[len("module."):]: v for k, v in raw.items() if "dw6.bn_sep" not in k}
+    with pytest.raises(RuntimeError, match="Missing key"):
+        MobileNetV1(0.5).load_state_dict(partial, strict=True)
+    out = model(torch.zeros(2, 3, CROP_SIZE, CROP_SIZE))
+    assert out.shape == (2, 62) and torch.isfinite(out).all()
+
+
+def test_mb1_state_dict_round_trips_strictly(tmp_path):
+    torch.manual_seed(0)
+    mb1 = MobileNetV1(widen_factor=1.0).eval()
+    for module in mb1.modules():  # non-trivial BN statistics so eval outputs depend on them
+        if isinstance(module, torch.nn.BatchNorm2d):
+            module.running_mean.uniform_(-0.1, 0.1)
+            module.running_var.uniform_(0.5, 1.5)
+    path = tmp_path / "mb1_120x120.pth"
+    # saved the way 3DDFA_V2 ships it: DataParallel prefix under 'state_dict'
+    torch.save({"epoch": 1, "state_dict": {f"module.{k}": v for k, v in mb1.state_dict().items()}}, path)
+    loaded = load_mobilenet(path)
+    assert loaded.num_features == 1024 and loaded.conv1.out_channels == 32
+    x = torch.randn(3, 3, CROP_SIZE, CROP_SIZE)
+    with torch.inference_mode():
+        params, feat = loaded.forward_with_features(x)
+        torch.testing.assert_close(params, mb1(x))
+    assert feat.shape == (3, 1024)
+
+
+def test_fused_inference_copy_matches_checkpoint_model(mb05_path):
+    model = load_mobilenet(mb05_path)
+    fused = fuse_for_inference(model)
+    x = torch.randn(4, 3, CROP_SIZE, CROP_SIZE)
+    with torch.inference_mode():
+        p0, f0 = model.forward_with_features(x)
+        p1, f1 = fused.forward_with_features(x.contiguous(memory_format=torch.channels_last))
+    torch.testing.assert_close(p1, p0, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(f1, f0, rtol=1e-4, atol=1e-4)
+    assert set(model.state_dict()) != set(fused.state_dict())  # the original keeps checkpoint keys
+
+
+# ------------------------------------------------------------------------------ crop geometry
+
+
+def test_roi_box_from_bbox_matches_3ddfa_v2():
+    # old_size = (100 + 120) / 2 = 110; centre (60, 80 + 15.4); size int(173.8) = 173
+    np.testing.assert_allclose(roi_box_from_bbox([10, 20, 110, 140]),
+                               [60 - 86.5, 95.4 - 86.5, 60 + 86.5, 95.4 + 86.5])
+
+
+def test_roi_box_from_landmarks_matches_3ddfa_v2():
+    pts = np.array([[10, 30], [50, 30], [30, 110]], float)  # box 40 x 80 -> square 80, centre (30, 70)
+    side = np.sqrt(2) * 80
+    np.testing.assert_allclose(roi_box_from_landmarks(pts), [30 - side / 2, 70 - side / 2, 30 + side / 2, 70 + side / 2])
+
+
+def _reference_crop(img, roi_box, size=CROP_SIZE):
+    """3DDFA_V2's crop_img (zero padding) + cv2.resize, as upstream does it."""
+    h, w = img.shape[:2]
+    sx, sy, ex, ey = [int(round(v)) for v in roi_box]
+    res = np.zeros((ey - sy, ex - sx, 3), np.uint8)
+    dsx, dsy = max(0, -sx), max(0, -sy)
+    cx0, cy0, cx1, cy1 = max(sx, 0), max(sy, 0), min(ex, w), min(ey, h)
+    res[dsy:dsy + cy1 - cy0, dsx:dsx + cx1 - cx0] = img[cy0:cy1, cx0:cx1]
+    return cv2.resize(res, (size, size), interpolation=cv2.INTER_LINEAR)
+
+
+@pytest.mark.parametrize("roi_box", [(20.3, 30.7, 260.3, 270.7), (-50, -20, 190, 220), (100, 60, 400, 360)])
+def test_crop_resize_equals_crop_pad_and_resize(roi_box):
+    rng = np.random.default_rng(0)
+    # a smooth image, so a half-pixel difference in sampling would show
+    base = cv2.resize(rng.integers(0, 255, (30, 40, 3), dtype=np.uint8), (320, 240), interpolation=cv2.INTER_CUBIC)
+    ours = crop_resize(base, roi_box).astype(int)
+    ref = _reference_crop(base, roi_box).astype(int)
+    assert ours.shape == (CROP_SIZE, CROP_SIZE, 3)
+    # identical away from the image border (where resize replicates the padded crop's edge)
+    assert np.median(np.abs(ours - ref)) <= 1 and np.mean(np.abs(ours - ref) <= 2) > 0.97
+    if roi_box[0] < 0:  # outside the image is black
+        k = int(-roi_box[0] / (roi_box[2] - roi_box[0]) * CROP_SIZE) - 1
+        assert ours[:, :k].max() == 0
+
+
+def _similar_transform(pts3d, roi_box, size):
+    """3DDFA_V2's utils/tddfa_util.similar_transform (reference for pixel_affine)."""
+    pts3d = pts3d.copy()
+    pts3d[0, :] -= 1
+    pts3d[2, :] -= 1
+    pts3d[1, :] = size - pts3d[1, :]
+    sx, sy, ex, ey = roi_box
+    scale_x, scale_y = (ex - sx) / size, (ey - sy) / size
+    pts3d[0, :] = pts3d[0, :] * scale_x + sx
+    pts3d[1, :] = pts3d[1, :] * scale_y + sy
+    pts3d[2, :] *= (scale_x + scale_y) / 2
+    return pts3d
+
+
+def test_pixel_affine_equals_3ddfa_similar_transform():
+    rng = np.random.default_rng(0)
+    P = np.hstack([4e-4 * angles_to_rotation(10, 5, -3), [[60], [70], [-60]]])
+    X = rng.normal(0, 5e4, (20, 3))
+    roi = (33.0, 41.5, 213.0, 221.5)
+    ref = _similar_transform(P[:, :3] @ X.T + P[:, 3:], roi, CROP_SIZE).T
+    ours = X @ pixel_affine(P, roi)[:, :3].T + pixel_affine(P, roi)[:, 3]
+    np.testing.assert_allclose(ours, ref, rtol=1e-9, atol=1e-6)
+
+
+def test_pose_angles_of_a_known_rotation():
+    yaw, pitch, roll = 30.0, -12.0, 7.0
+    P = np.hstack([5e-4 * angles_to_rotation(yaw, pitch, roll), [[60], [62], [-50]]])
+    pose = pose_from_affine(pixel_affine(P, (10, 20, 250, 260)))
+    np.testing.assert_allclose(pose.angles, (yaw, pitch, roll), atol=1e-6)
+    assert pose.scale == pytest.approx(5e-4 * 2.0)  # roi 240 px for the 120 px crop
+
+
+# ------------------------------------------------------------------------------ the extractor
+
+
+def test_extractor_bad_input_gets_its_own_row(extractor):
+    blank = np.full((200, 200, 3), 128, np.uint8)
+    results = extractor.extract([blank, np.zeros((10, 10, 3), np.float32), np.zeros((5, 5, 7), np.uint8)])
+    assert [r.status for r in results] == [STATUS_NO_FACE, STATUS_ERROR, STATUS_ERROR]
+    assert "uint8" in results[1].message and "shape" in results[2].message
+    assert extractor.extract([]) == []
+    layout = extractor.layout
+    assert (layout.n_id, layout.n_exp, layout.n_feature) == (40, 10, 512)
+    assert layout.model_version == assets.sha256_of(assets.resolve("tddfa/mb05_120x120.pth"))[:12]
+
+
+def test_yale_faces_ok_rate_and_landmark_error(extractor, yale_dir):
+    """Real data: >= 95% ok and mean reprojected-vs-detected landmark error <= 0.08 inter-ocular."""
+    paths = sorted(p for p in yale_dir.iterdir() if p.name.startswith("subject"))
+    images = [decode_image(p.read_bytes()) for p in paths]
+    t0 = time.perf_counter()
+    results = extractor.extract(images)
+    seconds = time.perf_counter() - t0
+    assert len(results) == len(images)
+    ok = [r for r in results if r.status == STATUS_OK]
+    errors = np.array([r.landmark_error for r in ok])
+    print(f"\ntddfa on Yale: {len(ok)}/{len(results)} ok, mean landmark error {errors.mean():.4f} "
+          f"(median {np.median(errors):.4f}, max {errors.max():.4f}), {seconds:.1f} s")
+    assert len(ok) / len(results) >= 0.95
+    assert errors.mean() <= 0.08
+    r = ok[0]
+    assert r.landmarks.shape == r.landmarks_fit.shape == (68, 2)
+    assert r.id_coeffs.shape == (40,) and r.exp_coeffs.shape == (10,) and r.feature.shape == (512,)
+    assert r.box.shape == (4,) and r.translation.shape == (3,) and r.width == 320 and r.height == 243
+    # Yale is near-frontal: small angles
+    yaws = np.array([abs(x.yaw) for x in ok])
+    assert np.median(yaws) < 15 and all(abs(x.roll) < 30 for x in ok)
+    # rows fit the shared schema
+    table = rows_to_table([{"path": str(p), **res.to_row(), "backend": "tddfa"} for p, res in zip(paths, results)],
+                          extractor.layout)
+    assert table.num_rows == len(paths)
