@@ -1,0 +1,592 @@
+"""The online inference endpoint: FastAPI ingress -> batched extraction -> batched recognition.
+
+Three Ray Serve deployments:
+  * FaceExtractor: one coefficient extractor per replica (models load once, in __init__), fed
+    through @serve.batch so concurrent requests share one forward pass; GPU when present.
+  * FaceRecognizer: C-Net aggregation + the identity/gender/expression classifiers written by the
+    training job (local directory or s3://), batched over concurrent /v1/predict requests.
+  * FacedistAPI: the FastAPI ingress. It checks auth and limits, parses the multipart upload and
+    decodes images (so a bad upload is answered with its own 4xx and never reaches a model), then
+    fans single images out to the extractor - images of concurrent requests land in one batch.
+
+Run:
+    serve run serve.app:build_app models_uri=s3://bucket/models       # or: facedist serve
+    serve deploy serve/config.yaml
+API (also on /docs):
+    POST /v1/extract   multipart field "image"           -> coefficients, landmarks, pose
+    POST /v1/predict   multipart field "images" (1..K)   -> identity top-k, gender, expressions
+    GET  /v1/health, GET /v1/models
+With FACEDIST_API_TOKEN set (read when a replica starts), every endpoint but /v1/health and the
+docs needs "Authorization: Bearer <token>".
+"""
+
+import asyncio
+import dataclasses
+import hmac
+import logging
+import os
+import time
+import typing
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, Field
+from ray import serve
+from starlette.datastructures import UploadFile
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+logger = logging.getLogger("ray.serve")
+
+API_TOKEN_ENV = "FACEDIST_API_TOKEN"
+MODELS_URI_ENV = "FACEDIST_MODELS_URI"
+API_VERSION = "1"
+
+
+# ---- configuration --------------------------------------------------------------------------
+
+@dataclass
+class ServeSettings:
+    """Everything the app builder takes (serve/config.yaml `args`, `serve run ... key=value`)."""
+
+    models_uri: str | None = None     # training output with the recognizer bundles; None: /v1/predict is 503
+    backend: str = "tddfa"            # facedist.extractors.make_extractor backend
+    landmarks: str = "dlib"
+    device: str = "auto"              # auto: cuda when the replica got a GPU, else cpu
+    max_image_bytes: int = 10 * 1024 * 1024
+    max_images: int = 16              # per /v1/predict request
+    max_side: int = 1024              # uploads are downscaled on decode to at most this side
+    top_k: int = 5
+    # Batching: max_batch_size=1 turns batching off (the benchmark's baseline).
+    max_batch_size: int = 16
+    batch_wait_timeout_s: float = 0.01
+    predict_max_batch_size: int = 8
+    predict_batch_wait_timeout_s: float = 0.005
+    # Resources and autoscaling of the extractor (the expensive part).
+    extractor_num_cpus: float = 0.5
+    num_gpus: float | None = None     # None: 0.5 per extractor replica when the cluster has GPUs
+    min_replicas: int = 1
+    max_replicas: int = 2
+    target_ongoing_requests: float = 8.0
+    upscale_delay_s: float = 3.0
+    downscale_delay_s: float = 30.0
+    num_replicas: int | None = None   # fixed replica count instead of autoscaling (benchmarks)
+    ingress_num_cpus: float = 0.25
+    recognizer_num_cpus: float = 0.25
+
+    @classmethod
+    def from_args(cls, args: dict[str, Any] | None) -> "ServeSettings":
+        """Build from builder args, coercing the strings `serve run key=value` passes."""
+        args = dict(args or {})
+        unknown = set(args) - {f.name for f in dataclasses.fields(cls)}
+        if unknown:
+            raise ValueError(f"unknown serve settings: {', '.join(sorted(unknown))}")
+        if "models_uri" not in args and os.environ.get(MODELS_URI_ENV):
+            args["models_uri"] = os.environ[MODELS_URI_ENV]
+        values = {}
+        for f in dataclasses.fields(cls):
+            if f.name not in args:
+                continue
+            values[f.name] = _coerce(args[f.name], f.type, f.name)
+        return cls(**values)
+
+
+def _coerce(value: Any, annotation: Any, name: str) -> Any:
+    if not isinstance(value, str):
+        return value
+    options = typing.get_args(annotation) or (annotation,)
+    if type(None) in options and value.strip().lower() in ("", "none", "null"):
+        return None
+    for kind in (int, float):
+        if kind in options:
+            try:
+                return kind(value)
+            except ValueError:
+                raise ValueError(f"serve setting {name}={value!r} is not a {kind.__name__}") from None
+    return value
+
+
+def _resolve_device(device: str) -> str:
+    if device != "auto":
+        return device
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+# ---- errors ---------------------------------------------------------------------------------
+
+class ApiError(Exception):
+    """A request problem answered as {"error": {"code", "message", ...}} with an HTTP status."""
+
+    def __init__(self, status: int, code: str, message: str, **details: Any):
+        super().__init__(message)
+        self.status, self.code, self.message, self.details = status, code, message, details
+
+    def response(self) -> JSONResponse:
+        headers = {"WWW-Authenticate": "Bearer"} if self.status == 401 else None
+        body = {"error": {"code": self.code, "message": self.message, **self.details}}
+        return JSONResponse(body, status_code=self.status, headers=headers)
+
+
+def decode_error_to_api(message: str, **details: Any) -> ApiError:
+    """facedist.images.ImageDecodeError messages -> status + code."""
+    if message.startswith("image too large"):
+        return ApiError(413, "too_large", message, **details)
+    if message.startswith(("not an image", "empty file")):
+        return ApiError(415, "not_an_image", message, **details)
+    return ApiError(422, "invalid_image", message, **details)
+
+
+# ---- response models (OpenAPI documentation) -------------------------------------------------
+
+class ErrorBody(BaseModel):
+    code: str = Field(description="not_an_image, invalid_image, too_large, too_many_images, no_face, "
+                                  "missing_field, unauthorized, not_multipart, not_configured, internal")
+    message: str
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorBody
+
+
+class Pose(BaseModel):
+    yaw: float | None = Field(None, description="degrees")
+    pitch: float | None = None
+    roll: float | None = None
+    scale: float | None = None
+    translation: list[float] | None = None
+
+
+class Face(BaseModel):
+    box: list[float] | None = Field(None, description="x0, y0, x1, y1 of the chosen face (pixels)")
+    det_score: float | None = None
+    num_faces: int = 0
+    landmarks: list[list[float]] | None = Field(None, description="68 detected (x, y) points")
+    landmarks_fit: list[list[float]] | None = Field(None, description="68 points reprojected from the coefficients")
+    landmark_error: float | None = Field(None, description="mean |fit - detected| / inter-ocular distance")
+
+
+class Coefficients(BaseModel):
+    id: list[float] | None = Field(None, description="identity alpha")
+    exp: list[float] | None = Field(None, description="expression beta")
+    tex: list[float] | None = None
+    light: list[float] | None = None
+
+
+class ExtractResponse(BaseModel):
+    status: str
+    backend: str | None
+    filename: str | None = None
+    width: int | None = None
+    height: int | None = None
+    face: Face
+    pose: Pose
+    coefficients: Coefficients
+
+
+class LabelScore(BaseModel):
+    label: str
+    score: float
+
+
+class ImagePrediction(BaseModel):
+    index: int
+    filename: str | None = None
+    status: str = Field(description="ok, or no_face/error: such images are left out of the aggregate")
+    message: str = ""
+    expression: dict | None = Field(None, description="{label, probabilities: {label: p}}")
+    confidence: list[float] | None = Field(None, description="C-Net per-dimension confidences c_i")
+    confidence_mean: float | None = None
+    pose: Pose | None = None
+
+
+class PredictResponse(BaseModel):
+    identity: dict = Field(description="{top_k: [{label, score}], coefficients: aggregated alpha}")
+    gender: dict | None = Field(None, description="{label, probabilities}")
+    images: list[ImagePrediction]
+    num_images: int
+    num_used: int
+
+
+# ---- row -> JSON helpers --------------------------------------------------------------------
+
+def _points(flat: list[float] | None) -> list[list[float]] | None:
+    if flat is None:
+        return None
+    return [[float(flat[i]), float(flat[i + 1])] for i in range(0, len(flat), 2)]
+
+
+def pose_of(row: dict) -> dict:
+    return {k: row.get(k) for k in ("yaw", "pitch", "roll", "scale", "translation")}
+
+
+def extraction_response(row: dict, filename: str | None = None) -> dict:
+    return {
+        "status": row.get("status"),
+        "backend": row.get("backend"),
+        "filename": filename,
+        "width": row.get("width"),
+        "height": row.get("height"),
+        "face": {
+            "box": row.get("box"),
+            "det_score": row.get("det_score"),
+            "num_faces": row.get("num_faces") or 0,
+            "landmarks": _points(row.get("landmarks")),
+            "landmarks_fit": _points(row.get("landmarks_fit")),
+            "landmark_error": row.get("landmark_error"),
+        },
+        "pose": pose_of(row),
+        "coefficients": {
+            "id": row.get("id_coeffs"),
+            "exp": row.get("exp_coeffs"),
+            "tex": row.get("tex_coeffs"),
+            "light": row.get("light_coeffs"),
+        },
+    }
+
+
+# ---- model deployments ----------------------------------------------------------------------
+
+@serve.deployment(name="FaceExtractor", max_ongoing_requests=64,
+                  ray_actor_options={"num_cpus": 0.5})
+class FaceExtractor:
+    """One extractor per replica; concurrent single-image calls are grouped into batches."""
+
+    def __init__(self, backend: str, landmarks: str, device: str,
+                 max_batch_size: int, batch_wait_timeout_s: float):
+        from facedist.extractors import make_extractor
+
+        self.device = _resolve_device(device)
+        self.extractor = make_extractor(backend, landmarks=landmarks, device=self.device)
+        self.extract.set_max_batch_size(max_batch_size)
+        self.extract.set_batch_wait_timeout_s(batch_wait_timeout_s)
+        self.batch_sizes: Counter[int] = Counter()
+        self.started = time.time()
+
+    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.01)
+    async def extract(self, images: list[np.ndarray]) -> list[dict]:
+        self.batch_sizes[len(images)] += 1
+        # The model runs in a worker thread so the replica keeps accepting (and batching) requests.
+        return await asyncio.to_thread(self._extract_rows, images)
+
+    def _extract_rows(self, images: list[np.ndarray]) -> list[dict]:
+        from facedist.pipeline import extract_rows
+
+        rows = [{"path": f"upload-{i}", "image": image} for i, image in enumerate(images)]
+        finished, _ = extract_rows(rows, self.extractor)  # one row per image, errors on their row
+        return finished
+
+    def info(self) -> dict:
+        layout = getattr(self.extractor, "layout", None)
+        return {
+            "name": getattr(self.extractor, "name", None),
+            "device": self.device,
+            "layout": dataclasses.asdict(layout) if layout is not None else None,
+            "max_batch_size": self.extract._get_max_batch_size(),
+        }
+
+    def stats(self) -> dict:
+        return {"batch_sizes": dict(self.batch_sizes), "uptime_s": time.time() - self.started}
+
+
+@serve.deployment(name="FaceRecognizer", max_ongoing_requests=64,
+                  ray_actor_options={"num_cpus": 0.25})
+class FaceRecognizer:
+    """C-Net aggregation + classifiers from the training job's bundles, loaded once per replica."""
+
+    def __init__(self, models_uri: str, device: str, top_k: int,
+                 max_batch_size: int, batch_wait_timeout_s: float):
+        from facedist.recognition import Recognizer
+
+        self.device = _resolve_device(device)
+        self.models_uri = models_uri
+        self.top_k = top_k
+        self.recognizer = Recognizer.load(models_uri, device=self.device)
+        self.predict.set_max_batch_size(max_batch_size)
+        self.predict.set_batch_wait_timeout_s(batch_wait_timeout_s)
+
+    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.005)
+    async def predict(self, people: list[list[dict]]) -> list[dict]:
+        """people: for each request, the ok extraction rows of one person's images."""
+        return await asyncio.to_thread(self.recognizer.predict_many, people, top_k=self.top_k)
+
+    def info(self) -> dict:
+        return {"models_uri": self.models_uri, "device": self.device, **self.recognizer.describe()}
+
+
+# ---- HTTP ingress ---------------------------------------------------------------------------
+
+api = FastAPI(
+    title="facedist",
+    version=API_VERSION,
+    description="3DMM face analysis: coefficients from one photo, identity/gender/expressions "
+                "from one or several photos of a person. Images are multipart uploads. Errors are "
+                '{"error": {"code", "message"}} with a 4xx status.',
+)
+
+
+@api.exception_handler(ApiError)
+async def _api_error(_: Request, exc: ApiError) -> JSONResponse:
+    return exc.response()
+
+
+@api.exception_handler(RequestValidationError)
+async def _validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
+    problems = exc.errors()
+    where = ".".join(str(p) for p in problems[0].get("loc", ())) if problems else "request"
+    return ApiError(422, "invalid_request", f"{where}: {problems[0].get('msg') if problems else exc}").response()
+
+
+@api.exception_handler(StarletteHTTPException)
+async def _http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+    code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
+    return ApiError(exc.status_code, code, str(exc.detail)).response()
+
+
+@api.exception_handler(Exception)
+async def _internal_error(_: Request, exc: Exception) -> JSONResponse:
+    logger.exception("request failed")
+    return ApiError(500, "internal", f"{type(exc).__name__}: {exc}").response()
+
+
+_ERRORS = {
+    401: {"model": ErrorResponse, "description": "missing or wrong bearer token"},
+    413: {"model": ErrorResponse, "description": "too large / too many images"},
+    415: {"model": ErrorResponse, "description": "not an image, or not a multipart upload"},
+    422: {"model": ErrorResponse, "description": "no face, corrupt image, missing field"},
+}
+
+
+def _multipart_doc(field_name: str, many: bool) -> dict:
+    item = {"type": "string", "format": "binary"}
+    prop = {"type": "array", "items": item} if many else item
+    return {"requestBody": {"required": True, "content": {"multipart/form-data": {
+        "schema": {"type": "object", "required": [field_name], "properties": {field_name: prop}}}}}}
+
+
+@dataclass
+class Upload:
+    index: int
+    filename: str | None
+    data: bytes
+
+
+@serve.deployment(name="FacedistAPI", max_ongoing_requests=256,
+                  ray_actor_options={"num_cpus": 0.25})
+@serve.ingress(api)
+class FacedistAPI:
+    def __init__(self, extractor, recognizer, settings: dict):
+        self.settings = ServeSettings(**settings)
+        self.extractor = extractor
+        self.recognizer = recognizer
+        # Read once, at replica start: rotating the token means restarting the replicas.
+        self.token = os.environ.get(API_TOKEN_ENV) or None
+
+    # -- checks shared by the endpoints --
+
+    def _authorize(self, request: Request) -> None:
+        if self.token is None:
+            return
+        header = request.headers.get("authorization", "")
+        scheme, _, value = header.partition(" ")
+        if scheme.lower() != "bearer" or not value:
+            raise ApiError(401, "unauthorized", "missing bearer token (Authorization: Bearer <token>)")
+        if not hmac.compare_digest(value.strip().encode(), self.token.encode()):
+            raise ApiError(401, "unauthorized", "wrong bearer token")
+
+    async def _read_uploads(self, request: Request, field_name: str, max_count: int) -> list[Upload]:
+        """The files under one multipart field, with every limit checked before any decoding."""
+        s = self.settings
+        content_type = request.headers.get("content-type", "")
+        if not content_type.startswith("multipart/form-data"):
+            raise ApiError(415, "not_multipart",
+                           f"expected a multipart/form-data upload with field '{field_name}', "
+                           f"got content-type {content_type or 'none'!r}")
+        # Reject an oversized body from its declared length before reading it.
+        max_body = s.max_image_bytes * max_count + 64 * 1024
+        length = request.headers.get("content-length")
+        if length and length.isdigit() and int(length) > max_body:
+            raise ApiError(413, "too_large",
+                           f"request body is {int(length)} bytes; the limit is {max_body} "
+                           f"({max_count} image(s) of at most {s.max_image_bytes} bytes)")
+        try:
+            form = await request.form(max_files=max_count + 8, max_fields=32)
+        except StarletteHTTPException as exc:
+            if "Too many files" in str(exc.detail):
+                raise ApiError(413, "too_many_images",
+                               f"too many files; at most {max_count} image(s) per request") from None
+            raise ApiError(400, "bad_multipart", f"could not parse the upload: {exc.detail}") from None
+        items = form.getlist(field_name)
+        if not items:
+            present = sorted(set(form.keys()))
+            raise ApiError(422, "missing_field",
+                           f"missing field '{field_name}' (multipart file upload)"
+                           + (f"; got fields {present}" if present else ""), field=field_name)
+        if len(items) > max_count:
+            raise ApiError(413, "too_many_images",
+                           f"{len(items)} images; at most {max_count} per request", field=field_name)
+        uploads = []
+        for index, item in enumerate(items):
+            if not isinstance(item, UploadFile):
+                raise ApiError(422, "not_a_file",
+                               f"field '{field_name}' #{index} is a text value, not a file upload",
+                               field=field_name, index=index)
+            data = await item.read(s.max_image_bytes + 1)
+            if len(data) > s.max_image_bytes:
+                raise ApiError(413, "too_large",
+                               f"image #{index} ({item.filename}) is larger than {s.max_image_bytes} bytes",
+                               field=field_name, index=index)
+            uploads.append(Upload(index, item.filename, data))
+        await form.close()
+        return uploads
+
+    def _decode(self, upload: Upload) -> np.ndarray:
+        from facedist.images import ImageDecodeError, decode_image
+
+        try:
+            return decode_image(upload.data, max_side=self.settings.max_side)
+        except ImageDecodeError as exc:
+            raise decode_error_to_api(f"{exc}", index=upload.index, filename=upload.filename) from None
+
+    async def _extract(self, uploads: list[Upload]) -> list[dict]:
+        # Decode everything first: one bad file rejects the request before any model work.
+        images = [self._decode(u) for u in uploads]
+        # One call per image, all in flight at once: the extractor batches them with other requests.
+        return list(await asyncio.gather(*(self.extractor.extract.remote(im) for im in images)))
+
+    # -- endpoints --
+
+    @api.get("/v1/health", summary="Liveness and readiness (no token needed)")
+    async def health(self) -> dict:
+        extractor = await self.extractor.info.remote()
+        return {"status": "ok", "extractor": extractor["name"],
+                "recognizer": "ready" if self.recognizer is not None else "not_configured"}
+
+    @api.get("/v1/models", summary="Loaded models: names, versions, labels")
+    async def models(self, request: Request) -> dict:
+        self._authorize(request)
+        extractor = await self.extractor.info.remote()
+        recognizer = await self.recognizer.info.remote() if self.recognizer is not None else None
+        return {"api_version": API_VERSION, "extractor": extractor, "recognizer": recognizer,
+                "limits": {"max_image_bytes": self.settings.max_image_bytes,
+                           "max_images": self.settings.max_images, "max_side": self.settings.max_side}}
+
+    @api.post("/v1/extract", response_model=ExtractResponse, responses=_ERRORS,
+              openapi_extra=_multipart_doc("image", many=False),
+              summary="3DMM coefficients, landmarks and pose of the main face in one image")
+    async def extract(self, request: Request) -> dict:
+        self._authorize(request)
+        uploads = await self._read_uploads(request, "image", max_count=1)
+        (row,) = await self._extract(uploads)
+        if row["status"] != "ok":
+            code = "no_face" if row["status"] == "no_face" else "extraction_failed"
+            raise ApiError(422, code, row.get("message") or code, filename=uploads[0].filename)
+        return extraction_response(row, uploads[0].filename)
+
+    @api.post("/v1/predict", response_model=PredictResponse, responses=_ERRORS,
+              openapi_extra=_multipart_doc("images", many=True),
+              summary="Identity (top-k), gender and per-image expressions of one person from 1..K images")
+    async def predict(self, request: Request) -> dict:
+        self._authorize(request)
+        uploads = await self._read_uploads(request, "images", max_count=self.settings.max_images)
+        if self.recognizer is None:
+            raise ApiError(503, "not_configured", "no recognition models: start the server with models_uri")
+        rows = await self._extract(uploads)
+        used = [i for i, row in enumerate(rows) if row["status"] == "ok"]
+        if not used:
+            raise ApiError(422, "no_face", "no face found in any of the images: "
+                           + "; ".join(f"#{i}: {row.get('message')}" for i, row in enumerate(rows)))
+        prediction = await self.recognizer.predict.remote([rows[i] for i in used])
+        images = []
+        for i, row in enumerate(rows):
+            entry = {"index": i, "filename": uploads[i].filename, "status": row["status"],
+                     "message": row.get("message") or "", "pose": pose_of(row)}
+            if i in used:
+                per_image = prediction["images"][used.index(i)]
+                confidence = per_image.get("confidence")
+                entry.update(expression=per_image.get("expression"), confidence=confidence,
+                             confidence_mean=float(np.mean(confidence)) if confidence else None)
+            images.append(entry)
+        return {"identity": prediction["identity"], "gender": prediction.get("gender"),
+                "images": images, "num_images": len(rows), "num_used": len(used)}
+
+
+# ---- builders and the `facedist serve` entry point -------------------------------------------
+
+def _gpus_per_replica(settings: ServeSettings) -> float:
+    if settings.num_gpus is not None:
+        return settings.num_gpus
+    import ray
+
+    if ray.is_initialized() and ray.cluster_resources().get("GPU", 0) > 0:
+        return 0.5
+    return 0.0
+
+
+def build_app(args: dict[str, Any] | None = None) -> serve.Application:
+    """The application for `serve run serve.app:build_app key=value ...` and serve/config.yaml."""
+    s = ServeSettings.from_args(args)
+    if s.num_replicas is not None:
+        scaling: dict[str, Any] = {"num_replicas": s.num_replicas}
+    else:
+        scaling = {"autoscaling_config": {
+            "min_replicas": s.min_replicas, "max_replicas": s.max_replicas,
+            "target_ongoing_requests": s.target_ongoing_requests,
+            "upscale_delay_s": s.upscale_delay_s, "downscale_delay_s": s.downscale_delay_s}}
+    actor = {"num_cpus": s.extractor_num_cpus}
+    gpus = _gpus_per_replica(s)
+    if gpus:
+        actor["num_gpus"] = gpus
+    extractor = FaceExtractor.options(
+        ray_actor_options=actor,
+        # Room for a full batch plus the next one queuing, or batches could never fill.
+        max_ongoing_requests=max(4 * s.max_batch_size, 32),
+        **scaling,
+    ).bind(s.backend, s.landmarks, s.device, s.max_batch_size, s.batch_wait_timeout_s)
+    recognizer = None
+    if s.models_uri:
+        recognizer = FaceRecognizer.options(
+            ray_actor_options={"num_cpus": s.recognizer_num_cpus},
+            max_ongoing_requests=max(4 * s.predict_max_batch_size, 32),
+        ).bind(s.models_uri, s.device, s.top_k, s.predict_max_batch_size, s.predict_batch_wait_timeout_s)
+    return FacedistAPI.options(ray_actor_options={"num_cpus": s.ingress_num_cpus}).bind(
+        extractor, recognizer, dataclasses.asdict(s))
+
+
+def run_server(models_uri: str | None = None, *, address: str | None = None,
+               host: str = "127.0.0.1", port: int = 8000, route_prefix: str = "/",
+               name: str = "facedist", blocking: bool = True, **settings: Any):
+    """`facedist serve`: start the app on a Ray cluster (address) or an embedded local one.
+
+    settings: any ServeSettings field (backend, max_batch_size, max_replicas, ...)."""
+    import ray
+
+    if not ray.is_initialized():
+        # Replicas import this module: the repository root must be on their path.
+        repo_root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        runtime_env = {"env_vars": {"PYTHONPATH": _with_path(repo_root)}}
+        for key in (API_TOKEN_ENV, "FACEDIST_MODEL_DIR", "FACEDIST_CACHE_DIR"):
+            if os.environ.get(key):
+                runtime_env["env_vars"][key] = os.environ[key]
+        ray.init(address=address, runtime_env=runtime_env, include_dashboard=False)
+    serve.start(http_options={"host": host, "port": port})
+    handle = serve.run(build_app({"models_uri": models_uri, **settings}), name=name,
+                       route_prefix=route_prefix, blocking=False)
+    logger.info("facedist serving on http://%s:%d%s (docs at /docs)", host, port, route_prefix)
+    if blocking:
+        try:
+            while True:
+                time.sleep(3600)
+        except KeyboardInterrupt:
+            serve.shutdown()
+    return handle
+
+
+def _with_path(root: str) -> str:
+    current = os.environ.get("PYTHONPATH")
+    return f"{root}{os.pathsep}{current}" if current else root
