@@ -1,0 +1,177 @@
+"""One training loop for every task, ray-free: it runs in-process (k-fold reports, benchmarks)
+and inside each Ray Train worker (facedist.training.distributed), where torch.distributed is up.
+
+A task (facedist.training.tasks) provides the data, the model and three functions: train one
+epoch on this rank's shard, evaluate this rank's shard as sums, and summarise the all-reduced
+sums. The loop adds what every task needs: AdamW with warm-up + cosine schedule, early stopping
+on the task's monitored metric, per-epoch metrics reduced across workers, seconds per training
+input, and a resumable state (what a checkpoint holds besides the servable bundle).
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Callable
+
+import torch
+import torch.distributed as dist
+
+TRAINER_STATE_FILE = "trainer_state.pt"
+
+
+@dataclass
+class TrainConfig:
+    task: str                                   # cnet | identity | expression | gender | image_identity | image_expression
+    data: str = ""                              # coefficients table: local or s3://, file or directory
+    output: str | None = None                   # storage for checkpoints and the final bundle
+    name: str | None = None                     # run name (same name + output = resume)
+    epochs: int = 40
+    batch_size: int = 64
+    lr: float = 1e-3
+    weight_decay: float = 1e-4
+    warmup_epochs: int = 2
+    patience: int = 10                          # early stopping, in epochs without improvement
+    seed: int = 0
+    folds: int = 3                              # k-fold split by image; this run validates on `fold`
+    fold: int = 0
+    combo_size: int = 3                         # identity inputs: C(n, combo_size) per subject
+    max_combos_per_subject: int = 120
+    cnet: str | None = None                     # C-Net bundle dir for identity aggregation
+    aggregate: str = "cnet"                     # "cnet" (needs --cnet) | "mean"
+    noise: float = 0.15                         # augmentation: Gaussian noise on standardised coefficients
+    dropout: float = 0.1
+    steps_per_epoch: int = 20                   # C-Net: sampled batches of sets per epoch
+    set_size: int = 6                           # C-Net: images per training set
+    labels: list[str] | None = None             # restrict/order the class list (e.g. Yale's 6 expressions)
+    image_size: int = 112                       # image baseline crops
+    num_workers: int = 1                        # Ray Train workers
+    use_gpu: bool | None = None                 # None: when the cluster has GPUs
+    cpus_per_worker: float = 1.0
+    keep_checkpoints: int = 2
+    max_epoch_seconds: float | None = None      # optional cap per epoch (benchmarks)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class FitResult:
+    best_state: dict
+    best_metrics: dict
+    history: list[dict] = field(default_factory=list)
+    stopped_early: bool = False
+
+
+def world() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def all_reduce_sums(sums: dict, op: str = "sum") -> dict:
+    """Sum (or max) a dict of floats/tensors across workers; identity when not distributed."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return {k: (v.clone() if torch.is_tensor(v) else v) for k, v in sums.items()}
+    out = {}
+    for key, value in sums.items():
+        tensor = value.clone().double() if torch.is_tensor(value) else torch.tensor(float(value), dtype=torch.float64)
+        if dist.get_backend() == "nccl":
+            tensor = tensor.cuda()
+        dist.all_reduce(tensor, op=dist.ReduceOp.MAX if op == "max" else dist.ReduceOp.SUM)
+        out[key] = tensor.cpu() if torch.is_tensor(value) else float(tensor)
+    return out
+
+
+def unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    return model.module if hasattr(model, "module") else model
+
+
+def lr_lambda(config: TrainConfig) -> Callable[[int], float]:
+    """Linear warm-up, then cosine decay to 5% over the remaining epochs."""
+    def factor(epoch: int) -> float:
+        if epoch < config.warmup_epochs:
+            return (epoch + 1) / (config.warmup_epochs + 1)
+        span = max(config.epochs - config.warmup_epochs, 1)
+        return 0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * (epoch - config.warmup_epochs) / span))
+    return factor
+
+
+def fit(task, config: TrainConfig, *, wrap_model: Callable = lambda m: m, device: str | torch.device = "cpu",
+        resume: dict | None = None, on_epoch: Callable | None = None) -> FitResult:
+    """Train ``task`` under ``config``.
+
+    resume: a trainer state (see ``trainer_state``) to continue from. on_epoch(metrics,
+    save) is called after every epoch on every rank; ``save(directory)`` writes the checkpoint
+    (bundle of the best model so far + trainer state) and is meant for rank 0."""
+    rank, world_size = world()
+    torch.manual_seed(config.seed)  # same init on every rank (DDP also broadcasts rank 0's)
+    model = task.build_model().to(device)
+    optimizer_state = scheduler_state = None
+    start_epoch, history = 0, []
+    monitor, mode = task.monitor
+    best_value = -math.inf if mode == "max" else math.inf
+    best_state, best_metrics, bad_epochs = None, {}, 0
+    if resume is not None:
+        model.load_state_dict(resume["model"])
+        optimizer_state, scheduler_state = resume["optimizer"], resume["scheduler"]
+        start_epoch, history = resume["epoch"] + 1, list(resume["history"])
+        best_value, best_state, best_metrics = resume["best_value"], resume["best_state"], resume["best_metrics"]
+        bad_epochs = resume["bad_epochs"]
+    model = wrap_model(model)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(config))
+    if optimizer_state is not None:
+        optimizer.load_state_dict(optimizer_state)
+        scheduler.load_state_dict(scheduler_state)
+
+    stopped = False
+    for epoch in range(start_epoch, config.epochs):
+        if bad_epochs >= config.patience:
+            stopped = True
+            break
+        model.train()
+        started = time.perf_counter()
+        train_sums = task.train_epoch(model, optimizer, epoch, rank, world_size, device)
+        train_seconds = time.perf_counter() - started
+        scheduler.step()
+        train_sums = all_reduce_sums(train_sums)
+        slowest = all_reduce_sums({"seconds": train_seconds}, op="max")["seconds"]
+        model.eval()
+        with torch.no_grad():
+            val_sums = all_reduce_sums(task.evaluate(unwrap(model), rank, world_size, device))
+        metrics = {"epoch": epoch, "lr": optimizer.param_groups[0]["lr"],
+                   "train_loss": train_sums["loss"] / max(train_sums["count"], 1),
+                   "train_inputs": int(train_sums["count"]), "train_seconds": slowest,
+                   "seconds_per_input": slowest / max(train_sums["count"], 1), "workers": world_size}
+        metrics.update(task.summarize(val_sums))
+        value = metrics[monitor]
+        improved = value > best_value if mode == "max" else value < best_value
+        if improved or best_state is None:
+            best_value, bad_epochs = value, 0
+            best_state = copy.deepcopy({k: v.detach().cpu() for k, v in unwrap(model).state_dict().items()})
+            best_metrics = dict(metrics)
+        else:
+            bad_epochs += 1
+        metrics["best_" + monitor] = best_value
+        history.append(metrics)
+
+        def save(directory: str, _epoch=epoch) -> None:
+            from facedist.training.bundle import save_model_bundle
+
+            save_model_bundle(task.bundle(best_state, best_metrics), directory)
+            state = {"epoch": _epoch, "model": unwrap(model).state_dict(), "optimizer": optimizer.state_dict(),
+                     "scheduler": scheduler.state_dict(), "best_value": best_value, "best_state": best_state,
+                     "best_metrics": best_metrics, "bad_epochs": bad_epochs, "history": history,
+                     "config": config.to_dict()}
+            torch.save(state, f"{directory}/{TRAINER_STATE_FILE}")
+
+        if on_epoch is not None:
+            on_epoch(metrics, save)
+    return FitResult(best_state, best_metrics, history, stopped)
+
+
+def load_trainer_state(directory: str) -> dict:
+    return torch.load(f"{directory}/{TRAINER_STATE_FILE}", map_location="cpu", weights_only=False)

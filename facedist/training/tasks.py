@@ -1,0 +1,292 @@
+"""The training tasks: what each trains on, its model, and its metrics (see engine.fit).
+
+- cnet: C-Net on sets of one person's *training* images (leave-one-out landmark loss).
+- identity: 1-D ResNet-34 on identity coefficients aggregated over C(n, 3) combinations of a
+  subject's images (by C-Net or the plain mean); the split is by image, so validation combinations
+  use validation images only.
+- gender: 1-D ResNet-34 on each image's identity coefficients; split by subject (a person's gender
+  must not leak through their identity).
+- expression: 1-D ResNet-32 on each image's expression coefficients; split by image.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch.nn import functional as F
+
+from facedist.models.cnet import CNetConfig, aggregate_identity, build_cnet
+from facedist.models.resnet1d import ResNet1dConfig, build_resnet1d
+from facedist.training.bundle import make_bundle
+from facedist.training.data import (CoefficientData, Standardizer, encode_labels, group_combinations,
+                                    image_folds)
+from facedist.training.engine import TrainConfig
+
+COEFFICIENT_TASKS = ("identity", "expression", "gender")
+LABEL_COLUMN = {"identity": "subject", "expression": "expression", "gender": "gender",
+                "image_identity": "subject", "image_expression": "expression"}
+ARCH = {"identity": "resnet34_1d", "gender": "resnet34_1d", "expression": "resnet32_1d"}
+
+
+# ------------------------------------------------------------------------------ metrics
+
+def confusion_matrix(true: np.ndarray, pred: np.ndarray, n_classes: int) -> np.ndarray:
+    matrix = np.zeros((n_classes, n_classes), np.int64)
+    np.add.at(matrix, (true, pred), 1)
+    return matrix
+
+
+def metrics_from_confusion(matrix: np.ndarray) -> dict:
+    """accuracy and macro-F1 (over classes present in truth or predictions)."""
+    matrix = np.asarray(matrix, np.float64)
+    total = matrix.sum()
+    tp = np.diag(matrix)
+    support, predicted = matrix.sum(1), matrix.sum(0)
+    present = (support + predicted) > 0
+    f1 = np.where(present, 2 * tp / np.maximum(support + predicted, 1e-12), 0.0)
+    return {"accuracy": float(tp.sum() / total) if total else 0.0,
+            "macro_f1": float(f1[present].mean()) if present.any() else 0.0,
+            "n_val": int(total), "confusion": matrix.astype(np.int64).tolist()}
+
+
+def _shard(n: int, rank: int, world: int, generator: torch.Generator | None = None) -> torch.Tensor:
+    """This rank's slice of a (shuffled when a generator is given) index; equal sizes per rank so
+    DDP's collective calls stay in step (the remainder is dropped when training)."""
+    order = torch.randperm(n, generator=generator) if generator is not None else torch.arange(n)
+    if generator is not None:
+        per_rank = n // world
+        return order[rank * per_rank:(rank + 1) * per_rank]
+    return order[rank::world]
+
+
+# ------------------------------------------------------------------------------ classifiers
+
+class ClassifierTask:
+    """A classifier over fixed input vectors (coefficients or aggregates)."""
+
+    monitor = ("accuracy", "max")
+
+    def __init__(self, config: TrainConfig, x_train: np.ndarray, y_train: np.ndarray, x_val: np.ndarray,
+                 y_val: np.ndarray, labels: list[str], layout_json: str, arch: str, extra: dict | None = None):
+        self.config = config
+        self.labels = labels
+        self.norm = Standardizer.fit(x_train)
+        self.x_train = torch.as_tensor(self.norm(x_train))
+        self.y_train = torch.as_tensor(y_train)
+        self.x_val = torch.as_tensor(self.norm(x_val))
+        self.y_val = torch.as_tensor(y_val)
+        self.layout_json = layout_json
+        self.model_config = ResNet1dConfig(arch, x_train.shape[1], len(labels), config.dropout).to_dict()
+        self.extra = extra or {}
+
+    def build_model(self):
+        return build_resnet1d(self.model_config)
+
+    def augment(self, x: torch.Tensor) -> torch.Tensor:
+        """Coefficient augmentation: Gaussian noise in standardised units and a small random
+        per-sample gain (a regressor's estimates wobble in both ways)."""
+        if self.config.noise <= 0:
+            return x
+        gain = 1 + 0.1 * self.config.noise * torch.randn(x.shape[0], 1)
+        return x * gain + self.config.noise * torch.randn_like(x)
+
+    def train_epoch(self, model, optimizer, epoch: int, rank: int, world: int, device) -> dict:
+        generator = torch.Generator().manual_seed(self.config.seed * 1000 + epoch)
+        index = _shard(len(self.y_train), rank, world, generator)
+        loss_sum, count = 0.0, 0
+        bs = self.config.batch_size
+        # Every rank runs the same number of full batches (DDP all-reduces per step).
+        steps = max(len(index) // bs, 1)
+        for step in range(steps):
+            batch = index[step * bs:(step + 1) * bs]
+            x = self.augment(self.x_train[batch]).to(device)
+            y = self.y_train[batch].to(device)
+            loss = F.cross_entropy(model(x), y, label_smoothing=0.05)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            loss_sum += float(loss) * len(batch)
+            count += len(batch)
+        return {"loss": loss_sum, "count": count}
+
+    def predict_logits(self, model, index: torch.Tensor, device) -> torch.Tensor:
+        return model(self.x_val[index].to(device)).float().cpu()
+
+    def evaluate(self, model, rank: int, world: int, device) -> dict:
+        index = _shard(len(self.y_val), rank, world)
+        n = len(self.labels)
+        if len(index) == 0:
+            return {"confusion": torch.zeros(n, n, dtype=torch.float64), "val_loss": 0.0}
+        logits = torch.cat([self.predict_logits(model, index[i:i + 256], device)
+                            for i in range(0, len(index), 256)])
+        y = self.y_val[index]
+        matrix = confusion_matrix(y.numpy(), logits.argmax(1).numpy(), n)
+        return {"confusion": torch.as_tensor(matrix, dtype=torch.float64),
+                "val_loss": float(F.cross_entropy(logits, y, reduction="sum"))}
+
+    def summarize(self, sums: dict) -> dict:
+        out = metrics_from_confusion(sums["confusion"].numpy())
+        out["val_loss"] = sums["val_loss"] / max(out["n_val"], 1)
+        return out
+
+    def bundle(self, state: dict, metrics: dict) -> dict:
+        return make_bundle(task=self.config.task, model_config={"family": "resnet1d", **self.model_config},
+                           state_dict=state, labels=self.labels, layout_json=self.layout_json,
+                           input_norm=self.norm.to_dict(), metrics=_jsonable(metrics), extra=self.extra)
+
+
+def _jsonable(metrics: dict) -> dict:
+    return {k: v for k, v in metrics.items() if isinstance(v, (int, float, str, list, bool))}
+
+
+def identity_inputs(data: CoefficientData, index: np.ndarray, config: TrainConfig, confidences: np.ndarray | None,
+                    seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Aggregated identity per C(n, r) combination of the images in ``index``, per subject.
+    Returns (inputs (M, n_id), subject of each, combos (M, r))."""
+    combos, owners = group_combinations(data.subject, index, config.combo_size,
+                                        config.max_combos_per_subject, seed)
+    alpha = torch.as_tensor(data.alpha[combos])
+    conf = None if confidences is None else torch.as_tensor(confidences[combos])
+    return aggregate_identity(alpha, conf).numpy(), owners, combos
+
+
+def cnet_confidences(data: CoefficientData, cnet_bundle: dict) -> np.ndarray:
+    """Per-image confidences (N, n_id) from a loaded C-Net bundle."""
+    norm = Standardizer.from_dict(cnet_bundle["input_norm"])
+    with torch.no_grad():
+        return cnet_bundle["model"](torch.as_tensor(norm(data.quality))).numpy()
+
+
+def make_classifier_task(config: TrainConfig, data: CoefficientData) -> ClassifierTask:
+    column = LABEL_COLUMN[config.task]
+    values = data.labels(column)
+    has_label = np.array([v is not None and (config.labels is None or v in config.labels) for v in values])
+    if not has_label.any():
+        raise ValueError(f"no rows with a {column!r} label for task {config.task!r}")
+    data = data.subset(np.flatnonzero(has_label))
+    codes, labels = encode_labels(data.labels(column), config.labels)
+    layout_json = data.layout.to_json()
+    extra = {"label_column": column, "fold": config.fold, "folds": config.folds, "seed": config.seed}
+    if config.task == "identity":
+        folds = image_folds(data.subject, config.folds, config.seed)
+        train_idx, val_idx = np.flatnonzero(folds != config.fold), np.flatnonzero(folds == config.fold)
+        confidences = None
+        if config.aggregate == "cnet":
+            if not config.cnet:
+                raise ValueError("identity with aggregate='cnet' needs a C-Net bundle (--cnet); "
+                                 "or pass --aggregate mean")
+            from facedist.training.bundle import load_model_bundle
+            confidences = cnet_confidences(data, load_model_bundle(config.cnet))
+        x_train, y_train, _ = identity_inputs(data, train_idx, config, confidences, config.seed)
+        x_val, y_val, _ = identity_inputs(data, val_idx, config, confidences, config.seed + 1)
+        y_train, _ = encode_labels(y_train, labels)
+        y_val, _ = encode_labels(y_val, labels)
+        extra.update(aggregate=config.aggregate, combo_size=config.combo_size, cnet=config.cnet,
+                     n_train_images=int(len(train_idx)), n_val_images=int(len(val_idx)))
+        return ClassifierTask(config, x_train, y_train, x_val, y_val, labels, layout_json, ARCH["identity"], extra)
+    if config.task == "gender":
+        # Split by subject: the fold of a subject is the fold of all of its images.
+        subjects = np.array(sorted(set(data.subject.astype(str))))
+        subject_fold = dict(zip(subjects, image_folds(
+            np.array([data.gender[data.subject.astype(str) == s][0] for s in subjects], dtype=object),
+            config.folds, config.seed)))
+        folds = np.array([subject_fold[s] for s in data.subject.astype(str)])
+        x = data.alpha
+    elif config.task == "expression":
+        folds = image_folds(data.expression, config.folds, config.seed)
+        x = data.beta
+    else:
+        raise ValueError(f"unknown coefficient task {config.task!r}")
+    train_idx, val_idx = np.flatnonzero(folds != config.fold), np.flatnonzero(folds == config.fold)
+    extra.update(n_train_images=int(len(train_idx)), n_val_images=int(len(val_idx)))
+    return ClassifierTask(config, x[train_idx], codes[train_idx], x[val_idx], codes[val_idx], labels,
+                          layout_json, ARCH[config.task], extra)
+
+
+# ------------------------------------------------------------------------------ C-Net
+
+class CNetTask:
+    """Weakly supervised C-Net; validation = leave-one-out landmark error on held-out images."""
+
+    monitor = ("loo_error_cnet", "min")
+
+    def __init__(self, config: TrainConfig, data: CoefficientData, basis=None, alpha_true: np.ndarray | None = None,
+                 split: str = "image"):
+        from facedist.training.cnet import prepare_sets
+        from facedist.training.geometry import KeypointBasis
+
+        self.config = config
+        self.basis = basis or KeypointBasis.tddfa()
+        if self.basis.n_id != data.alpha.shape[1]:
+            raise ValueError(f"the keypoint basis has {self.basis.n_id} identity dims, the table "
+                             f"{data.alpha.shape[1]}: C-Net needs the backend's basis")
+        if split == "image":   # the same folds as the identity task: C-Net never sees validation images
+            folds = image_folds(data.subject, config.folds, config.seed)
+        else:                  # split by person (new people at validation)
+            subjects = np.array(sorted(set(data.subject.astype(str))))
+            fold_of = dict(zip(subjects, np.arange(len(subjects)) % config.folds))
+            folds = np.array([fold_of[s] for s in data.subject.astype(str)])
+        train_idx, val_idx = np.flatnonzero(folds != config.fold), np.flatnonzero(folds == config.fold)
+        self.norm = Standardizer.fit(data.quality[train_idx])
+        truth = (lambda idx: None if alpha_true is None else alpha_true[idx])
+        self.train_sets = prepare_sets(data.subset(train_idx), self.basis, self.norm, alpha_true=truth(train_idx))
+        self.val_sets = prepare_sets(data.subset(val_idx), self.basis, self.norm, alpha_true=truth(val_idx))
+        self.basis_t = self.basis.torch()
+        self.layout_json = data.layout.to_json()
+        self.model_config = CNetConfig(input_dim=data.quality.shape[1], n_id=data.alpha.shape[1]).to_dict()
+        self.n_feature = data.n_feature
+
+    def build_model(self):
+        return build_cnet(self.model_config)
+
+    def train_epoch(self, model, optimizer, epoch: int, rank: int, world: int, device) -> dict:
+        from facedist.training.cnet import cnet_loss, sample_sets
+
+        rng = np.random.default_rng(self.config.seed * 1000 + epoch * 10 + rank)
+        groups = self.train_sets.groups()
+        mine = groups[rank::world] if len(groups) >= world else groups
+        loss_sum, count = 0.0, 0
+        for _ in range(self.config.steps_per_epoch):
+            chosen = rng.choice(mine, min(self.config.batch_size, len(mine)), replace=False)
+            index, mask = sample_sets(self.train_sets, chosen, self.config.set_size, rng)
+            loss, relative = cnet_loss(model, self.train_sets, self.basis_t, index, mask)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            loss_sum += float(loss) * int(mask.sum())
+            count += int(mask.sum())
+        return {"loss": loss_sum, "count": count}
+
+    def evaluate(self, model, rank: int, world: int, device) -> dict:
+        from facedist.training.cnet import evaluate_sets
+
+        groups = self.val_sets.groups()
+        mine = groups[rank::world]
+        if len(mine) == 0:
+            return {k: 0.0 for k in ("loo_cnet", "loo_mean", "loo_count", "truth_cnet", "truth_mean", "truth_count")}
+        return evaluate_sets(model, self.val_sets, self.basis_t, set_size=self.config.combo_size,
+                             groups=mine, seed=self.config.seed)
+
+    def summarize(self, sums: dict) -> dict:
+        from facedist.training.cnet import summarize_sets_eval
+
+        out = summarize_sets_eval(sums)
+        out["loo_gain_vs_mean"] = 1 - out["loo_error_cnet"] / max(out["loo_error_mean"], 1e-12)
+        return out
+
+    def bundle(self, state: dict, metrics: dict) -> dict:
+        return make_bundle(task="cnet", model_config={"family": "cnet", **self.model_config}, state_dict=state,
+                           labels=[], layout_json=self.layout_json, input_norm=self.norm.to_dict(),
+                           metrics=_jsonable(metrics), extra={"n_feature": self.n_feature, "fold": self.config.fold,
+                                                              "folds": self.config.folds})
+
+
+def make_task(config: TrainConfig, data: CoefficientData):
+    if config.task == "cnet":
+        return CNetTask(config, data)
+    if config.task in COEFFICIENT_TASKS:
+        return make_classifier_task(config, data)
+    if config.task.startswith("image_"):
+        from facedist.training.image_baseline import make_image_task
+        return make_image_task(config, data)
+    raise ValueError(f"unknown task {config.task!r}")
