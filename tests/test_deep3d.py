@@ -10,7 +10,7 @@ from PIL import Image
 
 from facedist import assets
 from facedist.align import align_face
-from facedist.extractors.deep3d import Deep3DExtractor, deep3d_angles_to_degrees
+from facedist.extractors.deep3d import Deep3DExtractor, deep3d_angles_to_degrees, deep3d_rotation
 from facedist.models.resnet import ReconNet, split_coefficients
 from facedist.schema import STATUS_ERROR, STATUS_NO_FACE, STATUS_OK, layout_from_schema, rows_to_table
 
@@ -149,3 +149,64 @@ def test_angles_follow_the_shared_convention():
     r_deep3d = _rot(2, angle[2]) @ _rot(1, angle[1]) @ _rot(0, angle[0])
     yaw, pitch, roll = np.deg2rad(deep3d_angles_to_degrees(angle))
     np.testing.assert_allclose(_rot(2, roll) @ _rot(1, -yaw) @ _rot(0, pitch), r_deep3d, atol=1e-12)
+    np.testing.assert_allclose(deep3d_rotation(angle), r_deep3d, atol=1e-12)
+
+
+class _FixedLandmarks:
+    """A detector that 'finds' given landmarks: the LandmarkDetector protocol, for a hand case."""
+
+    def __init__(self, landmarks: np.ndarray):
+        self.landmarks = landmarks
+
+    def detect(self, rgb):
+        from facedist.extractors.deep3d import FaceDetection
+
+        box = np.r_[self.landmarks.min(0), self.landmarks.max(0)].astype(np.float32)
+        return [FaceDetection(box=box, score=1.0, landmarks=self.landmarks.astype(np.float32))]
+
+
+def test_reprojected_landmarks_with_a_bfm_hand_case(tmp_path):
+    """Heads with zero weights and a translation bias t = (0.1, -0.2, 0.5): no rotation, mean face.
+    With a BFM whose 68 keypoints are the standard face at z = 0, Deep3DFaceRecon's camera (focal
+    1015, centre 112, distance 10) puts point (X, Y) at crop column 1015 (X + 0.1) / 9.5 + 112 and
+    y-up 1015 (Y - 0.2) / 9.5 + 112, i.e. row 111 - 1015 (Y - 0.2) / 9.5."""
+    from scipy.io import loadmat, savemat
+
+    lm68 = loadmat(str(assets.resolve("deep3d/similarity_Lm3D_all.mat")))["lm"].astype(np.float64)
+    keypoints3d = np.c_[lm68[:, :2], np.zeros(68)]
+    vertices = np.vstack([keypoints3d, -keypoints3d.sum(0)])  # mean vertex 0: recentering is a no-op
+    rng = np.random.default_rng(0)
+    savemat(tmp_path / "BFM_model_front.mat", {
+        "meanshape": vertices.reshape(1, -1), "idBase": rng.normal(size=(3 * 69, 80)),
+        "exBase": rng.normal(size=(3 * 69, 64)), "keypoints": np.arange(1, 69)[None, :]})
+    net = ReconNet()
+    with torch.no_grad():
+        net.final_layers[5].bias.copy_(torch.tensor([0.1, -0.2]))
+        net.final_layers[6].bias.copy_(torch.tensor([0.5]))
+    torch.save({"net_recon": net.state_dict()}, tmp_path / "net.pth")
+
+    up = 51.0 * lm68[:, :2] + [160.0, 120.0]  # the alignment test's hand case (scale 2)
+    detected = np.stack([up[:, 0], 239 - up[:, 1]], axis=1)
+    extractor = Deep3DExtractor(landmarks=_FixedLandmarks(detected), checkpoint=tmp_path / "net.pth",
+                                bfm=tmp_path / "BFM_model_front.mat")
+    (result,) = extractor.extract([np.zeros((240, 320, 3), np.uint8)])
+    assert result.status == STATUS_OK, result.message
+    assert np.count_nonzero(result.id_coeffs) == 0 and result.yaw == 0
+    np.testing.assert_allclose(result.translation, [0.1, -0.2, 0.5], atol=1e-6)
+
+    transform = result.extras["align_transform"]
+    assert transform.scale == pytest.approx(2.0, abs=1e-5)
+    expected_crop = np.stack([1015 * (lm68[:, 0] + 0.1) / 9.5 + 112, 111 - 1015 * (lm68[:, 1] - 0.2) / 9.5], axis=1)
+    np.testing.assert_allclose(transform.image_to_crop(result.landmarks_fit), expected_crop, atol=1e-3)
+    # back on the photo, at half the crop's scale (float32 landmarks may flip upstream's integer
+    # truncation of the resized size, moving the window by half a pixel: 0.25 image pixels)
+    expected_image = (expected_crop - [112, 111]) / 2 + [160, 239 - 120]
+    np.testing.assert_allclose(result.landmarks_fit, expected_image, atol=0.26)
+    iod = np.linalg.norm(detected[36] - detected[45])
+    error = np.linalg.norm(result.landmarks_fit - detected, axis=1).mean() / iod
+    assert result.landmark_error == pytest.approx(error, rel=1e-4) and 0.05 < error < 0.5
+
+
+def test_without_a_bfm_there_is_no_reprojection(extractor, yale_results):
+    assert extractor.bfm is None  # the development assets hold no BFM_model_front.mat
+    assert all(r.landmarks_fit is None and r.landmark_error is None for r in yale_results)

@@ -17,12 +17,19 @@ import torch
 
 from facedist import assets
 from facedist.align import AlignedFace, align_face, load_lm3d
-from facedist.extractors.base import ExtractionResult
+from facedist.extractors.base import ExtractionResult, landmark_error
 from facedist.models.resnet import load_recon_net, split_coefficients
 from facedist.schema import STATUS_ERROR, CoefficientLayout
 
 DEFAULT_CHECKPOINT = "deep3d/epoch_20.pth"
+DEFAULT_BFM = "deep3d/BFM_model_front.mat"
 MODEL_NAME = "deep3dfacerecon_rnet_resnet50"
+
+# Deep3DFaceRecon's camera (ParametricFaceModel defaults): perspective, focal 1015 px, principal
+# point at the crop centre, the face 10 units in front of the camera.
+FOCAL = 1015.0
+CENTER = 112.0
+CAMERA_DISTANCE = 10.0
 
 
 class LandmarkDetector(Protocol):
@@ -82,6 +89,21 @@ def _resolve_checkpoint(checkpoint: str | Path) -> Path:
     return assets.resolve(str(checkpoint))  # raises ModelNotFoundError with how to provide it
 
 
+def _load_optional_bfm(bfm: str | Path | None):
+    """Deep3DFaceRecon's BFM if the user has it (its licence forbids shipping it), else None."""
+    if bfm is None:
+        return None
+    from facedist.morphable import MorphableModel
+
+    path = Path(bfm).expanduser()
+    if not path.is_file():
+        try:
+            path = assets.resolve(str(bfm), allow_download=False)
+        except assets.ModelNotFoundError:
+            return None
+    return MorphableModel.from_deep3d_mat(path)
+
+
 def _as_rgb(image: np.ndarray) -> np.ndarray:
     image = np.asarray(image)
     if image.dtype != np.uint8:
@@ -91,6 +113,26 @@ def _as_rgb(image: np.ndarray) -> np.ndarray:
     if image.ndim == 3 and image.shape[2] in (3, 4):
         return np.ascontiguousarray(image[:, :, :3])
     raise ValueError(f"expected an RGB image (H, W, 3), got shape {image.shape}")
+
+
+def deep3d_rotation(angle: np.ndarray) -> np.ndarray:
+    """Deep3DFaceRecon's compute_rotation: R = Rz(z) Ry(y) Rx(x), applied as R @ X."""
+    x, y, z = np.asarray(angle, dtype=np.float64)
+    rx = np.array([[1, 0, 0], [0, np.cos(x), -np.sin(x)], [0, np.sin(x), np.cos(x)]])
+    ry = np.array([[np.cos(y), 0, np.sin(y)], [0, 1, 0], [-np.sin(y), 0, np.cos(y)]])
+    rz = np.array([[np.cos(z), -np.sin(z), 0], [np.sin(z), np.cos(z), 0], [0, 0, 1]])
+    return rz @ ry @ rx
+
+
+def project_to_crop(points3d: np.ndarray, angle: np.ndarray, trans: np.ndarray,
+                    target_size: int = 224) -> np.ndarray:
+    """Model-frame points (N, 3) to crop pixels (x right, y down) with Deep3DFaceRecon's pose and
+    perspective camera (its renderer works y up; we flip to rows)."""
+    p = np.asarray(points3d, np.float64) @ deep3d_rotation(angle).T + np.asarray(trans, np.float64)
+    depth = CAMERA_DISTANCE - p[:, 2]
+    uv = FOCAL * p[:, :2] / depth[:, None] + CENTER
+    uv[:, 1] = target_size - 1 - uv[:, 1]
+    return uv
 
 
 def deep3d_angles_to_degrees(angle: np.ndarray) -> tuple[float, float, float]:
@@ -108,7 +150,7 @@ class Deep3DExtractor:
 
     def __init__(self, landmarks: str | LandmarkDetector = "dlib", device: str = "cpu",
                  checkpoint: str | Path = DEFAULT_CHECKPOINT, batch_size: int = 16,
-                 keep_crops: bool = False):
+                 keep_crops: bool = False, bfm: str | Path | None = DEFAULT_BFM):
         self.checkpoint_path = _resolve_checkpoint(checkpoint)
         self.device = torch.device(device)
         self.model = load_recon_net(self.checkpoint_path).to(self.device)
@@ -116,6 +158,7 @@ class Deep3DExtractor:
         self.detector = make_detector(landmarks, device)
         self.batch_size = max(1, int(batch_size))
         self.keep_crops = keep_crops  # aligned crops in result.extras (previews, raw-image baselines)
+        self.bfm = _load_optional_bfm(bfm)  # only to reproject landmarks (landmarks_fit/landmark_error)
         self.layout = CoefficientLayout(
             backend=self.name, n_id=80, n_exp=64, n_tex=80, n_light=27, n_feature=2048,
             model_name=f"{MODEL_NAME}:{self.checkpoint_path.name}",
@@ -180,6 +223,11 @@ class Deep3DExtractor:
         result.translation = parts["trans"]
         result.feature = feature.astype(np.float32)
         result.extras["angle_rad"] = parts["angle"]
+        if self.bfm is not None:
+            points3d = self.bfm.landmarks(parts["id"], parts["exp"])
+            crop_points = project_to_crop(points3d, parts["angle"], parts["trans"], aligned.transform.target_size)
+            result.landmarks_fit = aligned.transform.crop_to_image(crop_points).astype(np.float32)
+            result.landmark_error = landmark_error(result.landmarks_fit, result.landmarks)
         result.extras["align_transform"] = aligned.transform
         if self.keep_crops:
             result.extras["aligned_crop"] = aligned.crop
