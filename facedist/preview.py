@@ -18,7 +18,7 @@ import numpy as np
 
 from facedist.extractors.base import ExtractionResult
 
-MESH_POINTS = 6000  # enough to see the surface, few enough to keep the face visible
+MESH_POINTS = 60000  # point-cloud budget: all of 3DDFA's 53k vertices
 COLOUR_MESH = (120, 190, 255)
 COLOUR_DETECTED = (0, 220, 0)
 COLOUR_FIT = (255, 40, 40)
@@ -69,13 +69,16 @@ def draw_preview(image_rgb: np.ndarray, result: ExtractionResult) -> np.ndarray:
             tris = np.round(vertices[np.asarray(triangles)[::step], :2]).astype(np.int32)
             cv2.polylines(mesh, list(tris), True, COLOUR_MESH, 1, lineType=cv2.LINE_AA)
         else:
-            # front-most points win where the surface folds: draw far-to-near
+            # A dense point cloud shaded by depth (nearer = brighter) shows the fitted surface;
+            # far-to-near drawing makes the front-most point win where the surface folds.
             pts = vertices[:: max(1, len(vertices) // MESH_POINTS)]
             pts = pts[np.argsort(pts[:, 2])]
             xy = np.round(pts[:, :2]).astype(int)
             inside = (xy[:, 0] >= 0) & (xy[:, 0] < w) & (xy[:, 1] >= 0) & (xy[:, 1] < h)
-            mesh[xy[inside, 1], xy[inside, 0]] = COLOUR_MESH
-        canvas = cv2.addWeighted(mesh, 0.6, canvas, 0.4, 0)
+            depth = pts[inside, 2]
+            shade = 0.45 + 0.55 * (depth - depth.min()) / max(float(np.ptp(depth)), 1e-6) if depth.size else depth
+            mesh[xy[inside, 1], xy[inside, 0]] = (shade[:, None] * np.float32(COLOUR_MESH)).astype(np.uint8)
+        canvas = cv2.addWeighted(mesh, 0.55, canvas, 0.45, 0)  # the face stays visible under it
 
     if result.box is not None:
         x0, y0, x1, y1 = np.round(np.asarray(result.box, np.float64)).astype(int)
