@@ -159,7 +159,7 @@ class _FixedLandmarks:
         self.landmarks = landmarks
 
     def detect(self, rgb):
-        from facedist.extractors.deep3d import FaceDetection
+        from facedist.landmarks import FaceDetection
 
         box = np.r_[self.landmarks.min(0), self.landmarks.max(0)].astype(np.float32)
         return [FaceDetection(box=box, score=1.0, landmarks=self.landmarks.astype(np.float32))]

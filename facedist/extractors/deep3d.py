@@ -7,10 +7,8 @@ construction, never a per-image failure.
 
 from __future__ import annotations
 
-import importlib.util
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol, Sequence
+from typing import Sequence
 
 import numpy as np
 import torch
@@ -18,6 +16,7 @@ import torch
 from facedist import assets
 from facedist.align import AlignedFace, align_face, load_lm3d
 from facedist.extractors.base import ExtractionResult, landmark_error
+from facedist.landmarks import LandmarkDetector, make_landmark_detector
 from facedist.models.resnet import load_recon_net, split_coefficients
 from facedist.schema import STATUS_ERROR, CoefficientLayout
 
@@ -30,56 +29,6 @@ MODEL_NAME = "deep3dfacerecon_rnet_resnet50"
 FOCAL = 1015.0
 CENTER = 112.0
 CAMERA_DISTANCE = 10.0
-
-
-class LandmarkDetector(Protocol):
-    def detect(self, rgb: np.ndarray) -> list: ...
-
-
-@dataclass
-class FaceDetection:
-    box: np.ndarray        # (4,) x0, y0, x1, y1
-    score: float
-    landmarks: np.ndarray  # (68, 2) x, y in pixels
-
-
-class DlibLandmarkDetector:
-    """dlib HOG face detector + 68-point shape predictor. Stand-in until facedist.landmarks
-    provides make_landmark_detector; same detect() contract (largest face first, [] if none)."""
-
-    def __init__(self, upsample: int = 1):
-        import dlib
-
-        spec = importlib.util.find_spec("face_recognition_models")  # located, not imported
-        if spec is None or not spec.submodule_search_locations:
-            raise assets.ModelNotFoundError("dlib's 68-point predictor not found: pip install face-recognition-models")
-        predictor = Path(list(spec.submodule_search_locations)[0]) / "models" / "shape_predictor_68_face_landmarks.dat"
-        self._detector = dlib.get_frontal_face_detector()
-        self._predictor = dlib.shape_predictor(str(predictor))
-        self._upsample = upsample
-
-    def detect(self, rgb: np.ndarray) -> list[FaceDetection]:
-        rects, scores, _ = self._detector.run(rgb, self._upsample, 0.0)
-        faces = []
-        for rect, score in zip(rects, scores):
-            shape = self._predictor(rgb, rect)
-            points = np.array([[p.x, p.y] for p in shape.parts()], dtype=np.float32)
-            box = np.array([rect.left(), rect.top(), rect.right(), rect.bottom()], dtype=np.float32)
-            faces.append(FaceDetection(box=box, score=float(score), landmarks=points))
-        faces.sort(key=lambda f: -float((f.box[2] - f.box[0]) * (f.box[3] - f.box[1])))
-        return faces
-
-
-def make_detector(landmarks: str | LandmarkDetector, device: str) -> LandmarkDetector:
-    if not isinstance(landmarks, str):
-        return landmarks
-    try:
-        from facedist.landmarks import make_landmark_detector
-    except ImportError:  # the shared landmarks module is not there yet: dlib only
-        if landmarks != "dlib":
-            raise ValueError(f"landmark detector {landmarks!r} needs facedist.landmarks") from None
-        return DlibLandmarkDetector()
-    return make_landmark_detector(landmarks, device)
 
 
 def _resolve_checkpoint(checkpoint: str | Path) -> Path:
@@ -155,7 +104,7 @@ class Deep3DExtractor:
         self.device = torch.device(device)
         self.model = load_recon_net(self.checkpoint_path).to(self.device)
         self.lm3d = load_lm3d()
-        self.detector = make_detector(landmarks, device)
+        self.detector = make_landmark_detector(landmarks, device) if isinstance(landmarks, str) else landmarks
         self.batch_size = max(1, int(batch_size))
         self.keep_crops = keep_crops  # aligned crops in result.extras (previews, raw-image baselines)
         self.bfm = _load_optional_bfm(bfm)  # only to reproject landmarks (landmarks_fit/landmark_error)
