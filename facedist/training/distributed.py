@@ -1,0 +1,102 @@
+"""Ray Train adapter (thin): runs engine.fit in every worker of a TorchTrainer.
+
+Per worker: read the table (local or s3://), build the task, shard by rank (tasks slice their
+data by rank/world), wrap the model in DDP (ray.train.torch.prepare_model), reduce metrics with
+torch.distributed. Rank 0 writes a checkpoint every epoch (the servable bundle of the best model
+so far + the trainer state) to the run's storage; running again with the same --output and
+--name continues from the latest checkpoint (Ray Train restores the run from its storage).
+At the end the best bundle is copied to <output>/<task>/model.pt with metrics.json beside it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+
+from facedist import storage
+from facedist.training.engine import TrainConfig
+
+# Environment the workers need (model files, S3 endpoint/credentials); propagated explicitly.
+PROPAGATED_ENV = ("FACEDIST_MODEL_DIR", "FACEDIST_CACHE_DIR", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY",
+                  "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_DEFAULT_REGION",
+                  "AWS_REGION")
+
+
+def run_name(config: TrainConfig) -> str:
+    return config.name or f"{config.task}-fold{config.fold}"
+
+
+def _worker_loop(loop_config: dict) -> None:
+    import ray.train
+    import ray.train.torch
+    import torch
+
+    from facedist.training.data import load_data
+    from facedist.training.engine import fit, load_trainer_state
+    from facedist.training.tasks import make_task
+
+    os.environ.update(loop_config.pop("_env", {}))
+    config = TrainConfig(**loop_config)
+    torch.set_num_threads(max(1, int(round(config.cpus_per_worker))))
+    context = ray.train.get_context()
+    rank = context.get_world_rank()
+    task = make_task(config, load_data(config.data))
+    resume = None
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as directory:
+            resume = load_trainer_state(directory)
+
+    def on_epoch(metrics: dict, save) -> None:
+        if rank == 0:
+            with tempfile.TemporaryDirectory() as directory:
+                save(directory)
+                ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(directory))
+        else:
+            ray.train.report(metrics)
+
+    fit(task, config, wrap_model=ray.train.torch.prepare_model, device=ray.train.torch.get_device(),
+        resume=resume, on_epoch=on_epoch)
+
+
+def run_training(config: TrainConfig) -> dict:
+    """Train with Ray Train (connects to a running cluster or starts a local one) and return a
+    summary: final metrics, per-epoch history, where the bundle went."""
+    import ray
+    from ray.train import CheckpointConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    if not config.output:
+        raise ValueError("run_training needs config.output (local path or s3://)")
+    if not ray.is_initialized():
+        ray.init(address=os.environ.get("RAY_ADDRESS"), include_dashboard=False)
+    use_gpu = config.use_gpu if config.use_gpu is not None else ray.cluster_resources().get("GPU", 0) >= 1
+    filesystem, path = storage.filesystem_for(config.output)
+    loop_config = config.to_dict()
+    loop_config["_env"] = {k: os.environ[k] for k in PROPAGATED_ENV if k in os.environ}
+    trainer = TorchTrainer(
+        _worker_loop, train_loop_config=loop_config,
+        scaling_config=ScalingConfig(num_workers=config.num_workers, use_gpu=use_gpu,
+                                     resources_per_worker=None if use_gpu else {"CPU": config.cpus_per_worker}),
+        run_config=RunConfig(name=run_name(config), storage_path=path, storage_filesystem=filesystem,
+                             checkpoint_config=CheckpointConfig(num_to_keep=config.keep_checkpoints)))
+    result = trainer.fit()
+    if result.error is not None:
+        raise result.error
+    bundle_dir = storage.join(config.output, config.task)
+    history = []
+    with result.checkpoint.as_directory() as directory:
+        from facedist.training.bundle import BUNDLE_FILE
+        from facedist.training.engine import load_trainer_state
+
+        with open(os.path.join(directory, BUNDLE_FILE), "rb") as fh:
+            storage.write_bytes(storage.join(bundle_dir, BUNDLE_FILE), fh.read())
+        state = load_trainer_state(directory)
+        history = state["history"]
+        best = state["best_metrics"]
+    summary = {"task": config.task, "run": run_name(config), "bundle": bundle_dir,
+               "checkpoint": result.checkpoint.path, "best": best, "history": history,
+               "workers": config.num_workers, "use_gpu": use_gpu}
+    storage.write_bytes(storage.join(bundle_dir, "metrics.json"), json.dumps(summary, indent=2, default=str).encode())
+    return summary
