@@ -210,3 +210,18 @@ def test_reprojected_landmarks_with_a_bfm_hand_case(tmp_path):
 def test_without_a_bfm_there_is_no_reprojection(extractor, yale_results):
     assert extractor.bfm is None  # the development assets hold no BFM_model_front.mat
     assert all(r.landmarks_fit is None and r.landmark_error is None for r in yale_results)
+
+
+def test_a_detector_failure_is_that_rows_error(extractor, yale_images, monkeypatch):
+    real = extractor.detector
+
+    class Flaky:
+        def detect(self, rgb):
+            if rgb.shape[1] == 77:
+                raise RuntimeError("detector crashed")
+            return real.detect(rgb)
+
+    monkeypatch.setattr(extractor, "detector", Flaky())
+    results = extractor.extract([np.zeros((50, 77, 3), np.uint8), yale_images[2]])
+    assert [r.status for r in results] == [STATUS_ERROR, STATUS_OK]
+    assert "detector crashed" in results[0].message and results[0].width == 77

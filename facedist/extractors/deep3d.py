@@ -145,20 +145,32 @@ class Deep3DExtractor:
         return coeffs.float().cpu().numpy(), feature.float().cpu().numpy()
 
     def extract(self, images: Sequence[np.ndarray]) -> list[ExtractionResult]:
-        prepared = [self._prepare(image) for image in images]
-        results = [result for result, _ in prepared]
-        todo = [i for i, (_, aligned) in enumerate(prepared) if aligned is not None]
-        for start in range(0, len(todo), self.batch_size):
-            chunk = todo[start:start + self.batch_size]
-            try:
-                coeffs, features = self._forward([prepared[i][1].crop for i in chunk])
-            except Exception as exc:  # e.g. out of memory: these rows fail, the job goes on
-                for i in chunk:
-                    results[i].status, results[i].message = STATUS_ERROR, f"R-Net failed: {type(exc).__name__}: {exc}"
-                continue
-            for row, i in enumerate(chunk):
-                self._fill(results[i], prepared[i][1], coeffs[row], features[row])
+        results: list[ExtractionResult] = []
+        pending: list[tuple[ExtractionResult, AlignedFace]] = []  # aligned, waiting for a full batch
+        for image in images:
+            result, aligned = self._prepare(image)
+            results.append(result)
+            if aligned is not None:
+                pending.append((result, aligned))
+            if len(pending) == self.batch_size:
+                self._run_batch(pending)
+                pending = []
+        if pending:
+            self._run_batch(pending)
         return results
+
+    def _run_batch(self, pending: list[tuple[ExtractionResult, AlignedFace]]) -> None:
+        try:
+            coeffs, features = self._forward([aligned.crop for _, aligned in pending])
+        except Exception as exc:  # e.g. out of memory: these rows fail, the job goes on
+            for result, _ in pending:
+                result.status, result.message = STATUS_ERROR, f"R-Net failed: {type(exc).__name__}: {exc}"
+            return
+        for row, (result, aligned) in enumerate(pending):
+            try:
+                self._fill(result, aligned, coeffs[row], features[row])
+            except Exception as exc:
+                result.status, result.message = STATUS_ERROR, f"coefficients failed: {type(exc).__name__}: {exc}"
 
     def _fill(self, result: ExtractionResult, aligned: AlignedFace, coeffs: np.ndarray,
               feature: np.ndarray) -> None:
