@@ -299,14 +299,16 @@ class FaceExtractor:
 class FaceRecognizer:
     """C-Net aggregation + classifiers from the training job's bundles, loaded once per replica."""
 
-    def __init__(self, models_uri: str, device: str, top_k: int,
+    def __init__(self, models_uri: str | None, device: str, top_k: int,
                  max_batch_size: int, batch_wait_timeout_s: float):
-        from facedist.recognition import Recognizer
-
         self.device = _resolve_device(device)
-        self.models_uri = models_uri
+        self.models_uri = models_uri or None
         self.top_k = top_k
-        self.recognizer = Recognizer.load(models_uri, device=self.device)
+        self.recognizer = None
+        if self.models_uri:
+            from facedist.recognition import Recognizer
+
+            self.recognizer = Recognizer.load(self.models_uri, device=self.device)
         self.predict.set_max_batch_size(max_batch_size)
         self.predict.set_batch_wait_timeout_s(batch_wait_timeout_s)
 
@@ -315,7 +317,9 @@ class FaceRecognizer:
         """people: for each request, the ok extraction rows of one person's images."""
         return await asyncio.to_thread(self.recognizer.predict_many, people, top_k=self.top_k)
 
-    def info(self) -> dict:
+    def info(self) -> dict | None:
+        if self.recognizer is None:
+            return None
         return {"models_uri": self.models_uri, "device": self.device, **self.recognizer.describe()}
 
 
@@ -383,7 +387,7 @@ class FacedistAPI:
     def __init__(self, extractor, recognizer, settings: dict):
         self.settings = ServeSettings(**settings)
         self.extractor = extractor
-        self.recognizer = recognizer
+        self.recognizer = recognizer if self.settings.models_uri else None
         # Read once, at replica start: rotating the token means restarting the replicas.
         self.token = os.environ.get(API_TOKEN_ENV) or None
 
@@ -548,12 +552,11 @@ def build_app(args: dict[str, Any] | None = None) -> serve.Application:
         max_ongoing_requests=max(4 * s.max_batch_size, 32),
         **scaling,
     ).bind(s.backend, s.landmarks, s.device, s.max_batch_size, s.batch_wait_timeout_s)
-    recognizer = None
-    if s.models_uri:
-        recognizer = FaceRecognizer.options(
-            ray_actor_options={"num_cpus": s.recognizer_num_cpus},
-            max_ongoing_requests=max(4 * s.predict_max_batch_size, 32),
-        ).bind(s.models_uri, s.device, s.top_k, s.predict_max_batch_size, s.predict_batch_wait_timeout_s)
+    # Always part of the app (so one config.yaml fits both cases); without models it loads nothing.
+    recognizer = FaceRecognizer.options(
+        ray_actor_options={"num_cpus": s.recognizer_num_cpus},
+        max_ongoing_requests=max(4 * s.predict_max_batch_size, 32),
+    ).bind(s.models_uri, s.device, s.top_k, s.predict_max_batch_size, s.predict_batch_wait_timeout_s)
     return FacedistAPI.options(ray_actor_options={"num_cpus": s.ingress_num_cpus}).bind(
         extractor, recognizer, dataclasses.asdict(s))
 
