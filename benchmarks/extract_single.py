@@ -58,7 +58,10 @@ class ReplayDetector:
         return self.detections[self.key(image)]
 
 
-def ms_per(seconds: float, n: int) -> float:
+def ms_per(seconds, n: int):
+    """ms per item; a (wall, cpu) pair becomes {"wall": ms, "cpu": ms}."""
+    if isinstance(seconds, tuple):
+        return {"wall": ms_per(seconds[0], n), "cpu": ms_per(seconds[1], n)}
     return round(1000.0 * seconds / max(n, 1), 3)
 
 
@@ -70,14 +73,17 @@ def quality(results: list[ExtractionResult]) -> dict:
             "median_landmark_error": round(float(np.median(errors)), 4) if errors else None}
 
 
-def time_stage(fn, repeats: int = 1) -> float:
-    """Best of `repeats` wall-clock seconds (the least disturbed by other processes)."""
-    best = float("inf")
+def time_stage(fn, repeats: int = 1) -> tuple[float, float]:
+    """(wall, cpu) seconds, each the best of `repeats`. CPU is this process's CPU time: with one
+    torch/OpenCV thread it is the single-core cost even when other jobs share the machine, where
+    wall time also counts the waits for a core."""
+    best_wall = best_cpu = float("inf")
     for _ in range(repeats):
-        t0 = time.perf_counter()
+        w0, c0 = time.perf_counter(), time.process_time()
         fn()
-        best = min(best, time.perf_counter() - t0)
-    return best
+        best_wall = min(best_wall, time.perf_counter() - w0)
+        best_cpu = min(best_cpu, time.process_time() - c0)
+    return best_wall, best_cpu
 
 
 def regressor_sweep(extractor, crops: np.ndarray, repeats: int) -> dict:
@@ -97,7 +103,8 @@ def regressor_sweep(extractor, crops: np.ndarray, repeats: int) -> dict:
                 net(inp)  # warm-up: oneDNN picks kernels on first use
                 n_rep = max(repeats, 256 // batch)  # enough images per timing for small batches
                 row[name] = ms_per(time_stage(lambda: net(inp), n_rep), batch)
-        row["speedup"] = round(row["checkpoint_model"] / row["fused_channels_last"], 2)
+        row["speedup_cpu"] = round(row["checkpoint_model"]["cpu"] / row["fused_channels_last"]["cpu"], 2)
+        row["speedup_wall"] = round(row["checkpoint_model"]["wall"] / row["fused_channels_last"]["wall"], 2)
         out[str(batch)] = row
     return out
 
@@ -181,17 +188,17 @@ def main(argv=None) -> dict:
         ex.timings.clear()
         t = time_stage(lambda: report.__setitem__("tddfa_results", ex.extract(images)))
         results = report.pop("tddfa_results")
-        per_face = {k: ms_per(v, faces) for k, v in ex.timings.items() if k != "detect"}
-        stages["tddfa"] = {"crop": per_face.get("crop"), "regress": per_face.get("regress"),
-                           "reconstruct": per_face.get("reconstruct"), "total_after_detection": ms_per(t, faces),
+        per_face = {k: ms_per((ex.timings.wall[k], ex.timings.cpu[k]), faces) for k in ("crop", "regress", "reconstruct")}
+        stages["tddfa"] = {**per_face, "total_after_detection": ms_per(t, faces),
                            "passes": ex.passes, "batch_size": ex.batch_size}
         report["tddfa_quality"] = quality(results)
         pairs = [(im, r.extras["roi_box"]) for im, r in zip(images, results) if r.ok][:128]
         crops = ex._crops([im for im, _ in pairs], [box for _, box in pairs])  # real second-pass crops
         report["tddfa_regressor_sweep_ms_per_image"] = regressor_sweep(ex, crops, args.repeats)
-        best = min(v["fused_channels_last"] for k, v in report["tddfa_regressor_sweep_ms_per_image"].items() if k != "1")
+        batched = [v["fused_channels_last"] for k, v in report["tddfa_regressor_sweep_ms_per_image"].items() if k != "1"]
+        best = {clock: min(b[clock] for b in batched) for clock in ("cpu", "wall")}
         report["tddfa_regressor_batched_best_ms"] = best
-        report["tddfa_regressor_batched_within_3ms"] = best <= 3.0
+        report["tddfa_regressor_batched_within_3ms_per_core"] = best["cpu"] <= 3.0
 
     if "fit" in backends:
         from facedist.extractors.fit import LandmarkFitExtractor
@@ -215,8 +222,9 @@ def main(argv=None) -> dict:
                 ex.extract(subset[:1])  # warm-up
                 t_total = time_stage(lambda: ex.extract(subset))
                 t_align = time_stage(lambda: [ex._prepare(im) for im in subset])
+                t_regress = tuple(max(a - b, 0.0) for a, b in zip(t_total, t_align))
                 stages["deep3d"] = {"align": ms_per(t_align, len(subset)),
-                                    "regress": ms_per(max(t_total - t_align, 0.0), len(subset)),
+                                    "regress": ms_per(t_regress, len(subset)),
                                     "total_after_detection": ms_per(t_total, len(subset)),
                                     "images": len(subset), "weights": "random (speed only)"}
 

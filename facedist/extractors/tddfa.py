@@ -27,6 +27,28 @@ from facedist.schema import CoefficientLayout
 CROP_SIZE = 120
 
 
+class StageTimer:
+    """Accumulated wall and CPU (process) seconds per stage: CPU time stays meaningful on a
+    shared, oversubscribed machine where wall time mostly measures the neighbours."""
+
+    def __init__(self):
+        self.wall: dict[str, float] = defaultdict(float)
+        self.cpu: dict[str, float] = defaultdict(float)
+        self._open: dict[str, tuple[float, float]] = {}
+
+    def start(self, stage: str) -> None:
+        self._open[stage] = (time.perf_counter(), time.process_time())
+
+    def stop(self, stage: str) -> None:
+        wall, cpu = self._open.pop(stage)
+        self.wall[stage] += time.perf_counter() - wall
+        self.cpu[stage] += time.process_time() - cpu
+
+    def clear(self) -> None:
+        self.wall.clear()
+        self.cpu.clear()
+
+
 # --------------------------------------------------------------------------- crop geometry
 
 
@@ -116,7 +138,7 @@ class TDDFAExtractor:
         self.batch_size = batch_size
         self.passes = passes
         self.with_vertices = with_vertices
-        self.timings: dict[str, float] = defaultdict(float)  # seconds per stage, accumulated
+        self.timings = StageTimer()  # seconds per stage (detect, crop, regress, reconstruct)
         self.layout = CoefficientLayout(
             backend="tddfa", n_id=self.model.n_shape, n_exp=self.model.n_exp,
             n_feature=self.net.num_features, model_name=f"3ddfa_v2_{path.stem}",
@@ -149,10 +171,10 @@ class TDDFAExtractor:
         return apply_affine(self.model.landmarks(shape, exp), A), A
 
     def _crops(self, images: list[np.ndarray], boxes: list[np.ndarray]) -> np.ndarray:
-        t = time.perf_counter()
+        self.timings.start("crop")
         # RGB -> BGR: the regressor was trained on OpenCV's channel order.
         crops = np.stack([crop_resize(img, box)[:, :, ::-1] for img, box in zip(images, boxes)])
-        self.timings["crop"] += time.perf_counter() - t
+        self.timings.stop("crop")
         return crops
 
     # ---- the batch
@@ -160,7 +182,7 @@ class TDDFAExtractor:
     def extract(self, images: Sequence[np.ndarray]) -> list[ExtractionResult]:
         results: list[ExtractionResult | None] = [None] * len(images)
         faces, rgbs, order = [], [], []
-        t = time.perf_counter()
+        self.timings.start("detect")
         for i, image in enumerate(images):
             try:
                 rgb = as_rgb(image)
@@ -180,7 +202,7 @@ class TDDFAExtractor:
             faces.append(found)
             rgbs.append(rgb)
             order.append(i)
-        self.timings["detect"] += time.perf_counter() - t
+        self.timings.stop("detect")
         if order:
             try:
                 for i, result in zip(order, self._regress_faces(rgbs, faces)):
@@ -196,16 +218,16 @@ class TDDFAExtractor:
         boxes = [roi_box_from_bbox(found[0].box) for found in faces]
         for pass_index in range(self.passes):
             crops = self._crops(rgbs, boxes)
-            t = time.perf_counter()
+            self.timings.start("regress")
             params, feats = self.regress(crops)
-            self.timings["regress"] += time.perf_counter() - t
+            self.timings.stop("regress")
             if pass_index + 1 < self.passes:
-                t = time.perf_counter()
+                self.timings.start("reconstruct")
                 boxes = [roi_box_from_landmarks(self.reconstruct(p, box)[0]) for p, box in zip(params, boxes)]
-                self.timings["reconstruct"] += time.perf_counter() - t
-        t = time.perf_counter()
+                self.timings.stop("reconstruct")
+        self.timings.start("reconstruct")
         out = [self._result(rgb, found, p, f, box) for rgb, found, p, f, box in zip(rgbs, faces, params, feats, boxes)]
-        self.timings["reconstruct"] += time.perf_counter() - t
+        self.timings.stop("reconstruct")
         return out
 
     def _result(self, rgb, found, param, feature, roi_box) -> ExtractionResult:
