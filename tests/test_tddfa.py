@@ -191,3 +191,32 @@ def test_yale_faces_ok_rate_and_landmark_error(extractor, yale_dir):
     table = rows_to_table([{"path": str(p), **res.to_row(), "backend": "tddfa"} for p, res in zip(paths, results)],
                           extractor.layout)
     assert table.num_rows == len(paths)
+
+
+class _ScriptedDetector:
+    """Returns one fixed answer per call in order (a degenerate box, then a crash): edge cases a
+    real detector rarely produces on demand."""
+
+    name = "scripted"
+
+    def __init__(self, answers):
+        self.answers = list(answers)
+
+    def detect(self, image):
+        answer = self.answers.pop(0)
+        if isinstance(answer, Exception):
+            raise answer
+        return answer
+
+
+def test_degenerate_box_and_detector_crash_become_row_errors(yale_dir):
+    from facedist.landmarks import FaceDetection, make_landmark_detector
+
+    image = decode_image((yale_dir / "subject03.normal").read_bytes())
+    real = make_landmark_detector("dlib").detect(image)
+    tiny = FaceDetection(box=np.float32([10, 10, 12, 12]), score=1.0, landmarks=real[0].landmarks)
+    ex = make_extractor("tddfa", landmarks=_ScriptedDetector([[tiny], RuntimeError("boom"), real]))
+    results = ex.extract([image, image, image])
+    assert results[0].status == STATUS_ERROR and "too small" in results[0].message
+    assert results[1].status == STATUS_ERROR and "boom" in results[1].message
+    assert results[2].status == STATUS_OK and results[2].landmark_error < 0.08
