@@ -70,18 +70,22 @@ def _as_rgb_uint8(image: np.ndarray) -> np.ndarray:
 
 # ---------------------------------------------------------------------------------------- dlib
 
-def dlib_shape_predictor_path() -> Path:
-    """The 68-point predictor shipped by face_recognition_models, found without importing it
+def dlib_model_path(filename: str = "shape_predictor_68_face_landmarks.dat") -> Path:
+    """A dlib model shipped by face_recognition_models, found without importing the package
     (its __init__ needs pkg_resources, which newer setuptools no longer provide)."""
     spec = importlib.util.find_spec("face_recognition_models")
     if spec is None or spec.origin is None:
         raise LandmarkModelMissingError(
-            "dlib's 68-point shape predictor comes from the face_recognition_models package, which is "
+            f"dlib's {filename} comes from the face_recognition_models package, which is "
             "not installed: pip install face-recognition-models")
-    path = Path(spec.origin).parent / "models" / "shape_predictor_68_face_landmarks.dat"
+    path = Path(spec.origin).parent / "models" / filename
     if not path.is_file():
-        raise LandmarkModelMissingError(f"dlib shape predictor not found at {path}; reinstall face-recognition-models")
+        raise LandmarkModelMissingError(f"dlib model not found at {path}; reinstall face-recognition-models")
     return path
+
+
+def dlib_shape_predictor_path() -> Path:
+    return dlib_model_path("shape_predictor_68_face_landmarks.dat")
 
 
 class DlibHogFaceDetector:
@@ -203,12 +207,18 @@ class FaceAlignmentLandmarkDetector:
         # face-alignment's own "dlib" detector is constructed only because it needs one, and is
         # free on CPU (no weights).
         self._hog = DlibHogFaceDetector(upsample_below=upsample_below) if face_detector == "dlib" else None
+        detector_kwargs = {}
+        if face_detector == "dlib" and "cuda" in device:
+            # On CUDA face-alignment's dlib detector would download dlib's CNN detector; the same
+            # file ships with face_recognition_models.
+            detector_kwargs["path_to_detector"] = str(dlib_model_path("mmod_human_face_detector.dat"))
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
                 self._fa = face_alignment.FaceAlignment(
                     face_alignment.LandmarksType.TWO_D, device=device, face_detector=face_detector,
-                    flip_input=flip_input, **self._compile_kwargs(face_alignment))
+                    face_detector_kwargs=detector_kwargs, flip_input=flip_input,
+                    **self._compile_kwargs(face_alignment))
         except (OSError, RuntimeError) as exc:  # URLError is an OSError
             still_missing = missing_face_alignment_files(face_detector)
             if still_missing:
@@ -231,7 +241,8 @@ class FaceAlignmentLandmarkDetector:
             found = self._hog.boxes(rgb)
             if not found:
                 return []
-            boxes = [np.append(box, score).astype(np.float32) for box, score in found]
+            # float64: face-alignment writes box-derived numpy float32 scalars into torch tensors and fails.
+            boxes = [np.append(box, score).astype(np.float64) for box, score in found]
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # "No faces were detected." is an answer, not a warning
             landmarks, _, bboxes = self._fa.get_landmarks_from_image(
