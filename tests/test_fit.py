@@ -87,3 +87,18 @@ def test_fit_extractor_on_yale(yale_dir):
     assert extractor.layout.n_feature == 136 and extractor.layout.backend == "fit"
     # the residual feature is the normalised fit-minus-detected landmark offsets
     np.testing.assert_allclose(np.linalg.norm(r.feature.reshape(68, 2), axis=1).mean(), r.landmark_error, rtol=1e-4)
+
+
+def test_degenerate_landmarks_give_a_row_error_not_an_exception(yale_dir):
+    from facedist.landmarks import FaceDetection
+
+    class Collapsed:  # every landmark on one pixel: no inter-ocular distance, no pose
+        name = "collapsed"
+
+        def detect(self, image):
+            return [FaceDetection(box=np.float32([10, 10, 90, 90]), score=1.0, landmarks=np.full((68, 2), 50, np.float32))]
+
+    image = decode_image((yale_dir / "subject03.normal").read_bytes())
+    result = make_extractor("fit", landmarks=Collapsed()).extract([image])[0]
+    assert result.status == STATUS_ERROR and "degenerate" in result.message
+    assert (result.width, result.height, result.num_faces) == (320, 243, 1)

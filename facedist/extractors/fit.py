@@ -49,6 +49,9 @@ def as_rgb(image: Any) -> np.ndarray:
     return np.ascontiguousarray(image[:, :, :3])
 
 
+MIN_INTEROCULAR_PX = 2.0  # below this the 68 points carry no usable geometry
+
+
 @dataclass
 class FitConfig:
     alternations: int = 3   # closed-form pose / linear coefficient rounds (the initialisation)
@@ -132,6 +135,9 @@ def fit_landmarks(model: MorphableModel, landmarks2d: np.ndarray, config: FitCon
     target = np.asarray(landmarks2d, np.float64)[:, :2]
     if target.shape != (NUM_LANDMARKS, 2) or not np.all(np.isfinite(target)):
         raise ValueError(f"need {NUM_LANDMARKS} finite 2-D landmarks, got shape {target.shape}")
+    iod = interocular_distance(target)
+    if iod < MIN_INTEROCULAR_PX:
+        raise ValueError(f"landmarks are degenerate: inter-ocular distance {iod:.2f} px")
     prior = prior or CoefficientPrior.isotropic(model)
     # Work in a y-up frame (the model's camera frame); the pixel pose flips back at the end.
     uv = np.stack([target[:, 0], -target[:, 1]], axis=1)
@@ -139,7 +145,7 @@ def fit_landmarks(model: MorphableModel, landmarks2d: np.ndarray, config: FitCon
     basis = np.concatenate([model.lm_shape_basis, model.lm_exp_basis], axis=1).astype(np.float64)
     n_shape, n_coef = model.n_shape, basis.shape[1]
     basis3 = basis.reshape(NUM_LANDMARKS, 3, n_coef)
-    sigma = config.noise * max(interocular_distance(target), 1e-6)
+    sigma = config.noise * iod
     precision = np.full(n_coef, config.reg) / prior.std ** 2
     coef = prior.mean.copy() if config.reg > 0 else np.zeros(n_coef)
 
@@ -223,8 +229,12 @@ class LandmarkFitExtractor:
         face = faces[0]
         try:
             fit = fit_landmarks(self.model, face.landmarks, self.config, self.prior)
-        except (np.linalg.LinAlgError, ValueError, FloatingPointError) as exc:
-            return ExtractionResult.error(f"landmark fit failed: {exc}", width=w, height=h, num_faces=len(faces))
+        except Exception as exc:  # singular systems, malformed landmarks: this row only
+            return ExtractionResult.error(f"landmark fit failed: {type(exc).__name__}: {exc}", width=w, height=h,
+                                          num_faces=len(faces))
+        if not (np.all(np.isfinite(fit.points)) and np.all(np.isfinite(fit.shape)) and np.all(np.isfinite(fit.exp))):
+            return ExtractionResult.error("landmark fit diverged (non-finite result)", width=w, height=h,
+                                          num_faces=len(faces))
         detected = np.asarray(face.landmarks, np.float32)
         fitted = fit.points[:, :2]
         yaw, pitch, roll = fit.pose.angles
