@@ -80,7 +80,7 @@ def test_job_cli_runs(table_file, tmp_path):
     proc = subprocess.run(
         [sys.executable, "jobs/train.py", "--task", "gender", "--data", table_file, "--output", str(out),
          "--epochs", "1", "--batch-size", "16", "--cpus-per-worker", "1"],
-        capture_output=True, text=True, timeout=300, env={**__import__("os").environ, "RAY_ADDRESS": ""})
+        capture_output=True, text=True, timeout=300, env={k: v for k, v in __import__("os").environ.items() if k != "RAY_ADDRESS"})
     assert proc.returncode == 0, proc.stderr[-3000:]
     summary = json.loads(proc.stdout[proc.stdout.index("{"):])
     assert summary["task"] == "gender" and summary["history"][0]["n_val"] > 0

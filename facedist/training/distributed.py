@@ -70,7 +70,7 @@ def run_training(config: TrainConfig) -> dict:
     if not config.output:
         raise ValueError("run_training needs config.output (local path or s3://)")
     if not ray.is_initialized():
-        ray.init(address=os.environ.get("RAY_ADDRESS"), include_dashboard=False)
+        ray.init(address=os.environ.get("RAY_ADDRESS") or None, include_dashboard=False)
     use_gpu = config.use_gpu if config.use_gpu is not None else ray.cluster_resources().get("GPU", 0) >= 1
     filesystem, path = storage.filesystem_for(config.output)
     loop_config = config.to_dict()

@@ -105,7 +105,7 @@ class ClassifierTask:
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
-            loss_sum += float(loss) * len(batch)
+            loss_sum += float(loss.detach()) * len(batch)
             count += len(batch)
         return {"loss": loss_sum, "count": count}
 
@@ -157,21 +157,26 @@ def cnet_confidences(data: CoefficientData, cnet_bundle: dict) -> np.ndarray:
         return cnet_bundle["model"](torch.as_tensor(norm(data.quality))).numpy()
 
 
-def make_classifier_task(config: TrainConfig, data: CoefficientData) -> ClassifierTask:
+def make_classifier_task(config: TrainConfig, data: CoefficientData,
+                         confidences: np.ndarray | None = None) -> ClassifierTask:
+    """confidences: per-image C-Net confidences for identity (else loaded from config.cnet)."""
     column = LABEL_COLUMN[config.task]
     values = data.labels(column)
     has_label = np.array([v is not None and (config.labels is None or v in config.labels) for v in values])
     if not has_label.any():
         raise ValueError(f"no rows with a {column!r} label for task {config.task!r}")
     data = data.subset(np.flatnonzero(has_label))
+    if confidences is not None:
+        confidences = confidences[np.flatnonzero(has_label)]
     codes, labels = encode_labels(data.labels(column), config.labels)
     layout_json = data.layout.to_json()
     extra = {"label_column": column, "fold": config.fold, "folds": config.folds, "seed": config.seed}
     if config.task == "identity":
         folds = image_folds(data.subject, config.folds, config.seed)
         train_idx, val_idx = np.flatnonzero(folds != config.fold), np.flatnonzero(folds == config.fold)
-        confidences = None
-        if config.aggregate == "cnet":
+        if config.aggregate == "mean":
+            confidences = None
+        elif confidences is None:
             if not config.cnet:
                 raise ValueError("identity with aggregate='cnet' needs a C-Net bundle (--cnet); "
                                  "or pass --aggregate mean")
@@ -253,7 +258,7 @@ class CNetTask:
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
-            loss_sum += float(loss) * int(mask.sum())
+            loss_sum += float(loss.detach()) * int(mask.sum())
             count += int(mask.sum())
         return {"loss": loss_sum, "count": count}
 
