@@ -74,6 +74,7 @@ class ServeSettings:
     target_ongoing_requests: float = 8.0
     upscale_delay_s: float = 3.0
     downscale_delay_s: float = 30.0
+    look_back_period_s: float = 30.0  # window the ongoing-request average is taken over
     num_replicas: int | None = None   # fixed replica count instead of autoscaling (benchmarks)
     ingress_num_cpus: float = 0.25
     recognizer_num_cpus: float = 0.25
@@ -541,7 +542,8 @@ def build_app(args: dict[str, Any] | None = None) -> serve.Application:
         scaling = {"autoscaling_config": {
             "min_replicas": s.min_replicas, "max_replicas": s.max_replicas,
             "target_ongoing_requests": s.target_ongoing_requests,
-            "upscale_delay_s": s.upscale_delay_s, "downscale_delay_s": s.downscale_delay_s}}
+            "upscale_delay_s": s.upscale_delay_s, "downscale_delay_s": s.downscale_delay_s,
+            "look_back_period_s": s.look_back_period_s}}
     actor = {"num_cpus": s.extractor_num_cpus}
     gpus = _gpus_per_replica(s)
     if gpus:

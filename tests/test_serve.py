@@ -48,7 +48,7 @@ def server():
     from ray import serve
 
     sys.path.insert(0, str(REPO))
-    from serve.app import build_app
+    from serve.app import run_server
 
     saved_token = os.environ.get("FACEDIST_API_TOKEN")
     os.environ["FACEDIST_API_TOKEN"] = TOKEN  # replicas read it when they start
@@ -57,10 +57,10 @@ def server():
                                        "FACEDIST_MODEL_DIR": os.environ["FACEDIST_MODEL_DIR"]}})
     port = _free_port()
     try:
-        serve.start(http_options={"host": "127.0.0.1", "port": port})
         settings = {"max_image_bytes": MAX_IMAGE_BYTES, "max_images": MAX_IMAGES,
                     "max_batch_size": 8, "batch_wait_timeout_s": 0.05, "num_replicas": 1}
-        serve.run(build_app(settings), name=APP_NAME, route_prefix="/")
+        # What `facedist serve` runs (Ray is already up, so it is used as is).
+        run_server(None, host="127.0.0.1", port=port, name=APP_NAME, blocking=False, **settings)
         yield f"http://127.0.0.1:{port}", settings
     finally:
         serve.shutdown()

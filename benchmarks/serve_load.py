@@ -1,0 +1,276 @@
+"""Closed-loop HTTP load on the serve app: batched vs unbatched, and autoscaling observed.
+
+    FACEDIST_MODEL_DIR=../shared/models .venv/bin/python benchmarks/serve_load.py [--quick]
+
+Everything runs on one local Ray (loopback only). Phases, in one run so the ratios compare like
+with like on the same machine:
+  1. batched   (max_batch_size=16), one extractor replica: concurrency 1, 8, 32
+  2. unbatched (max_batch_size=1),  one extractor replica: concurrency 1, 8, 32
+  3. autoscaling (min 1, max 2 replicas, short delays): load at concurrency 32, then idle;
+     the extractor's replica count is sampled from serve.status() throughout.
+Each level is bounded by a request count and a time limit. Clients are asyncio httpx
+coroutines, each sending its next request when the previous answer arrives (closed loop).
+Output: JSON (requests/s, p50/p99 latency, errors, replicas observed) to
+benchmarks/results/serve_load.json and stdout.
+"""
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import socket
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+EXTRACTOR = "FaceExtractor"
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def load_images(data_dir: Path, count: int) -> list[tuple[str, bytes]]:
+    files = sorted(p for p in data_dir.iterdir() if p.name.startswith("subject"))[:count]
+    return [(p.name, p.read_bytes()) for p in files]
+
+
+async def closed_loop(url: str, images, concurrency: int, max_requests: int, max_seconds: float,
+                      headers: dict) -> dict:
+    """`concurrency` clients, each posting its next image once the last answer is in."""
+    import httpx
+
+    latencies: list[float] = []
+    errors: dict[str, int] = {}
+    issued = 0
+    deadline = time.perf_counter() + max_seconds
+
+    async def client(worker: int, session: httpx.AsyncClient):
+        nonlocal issued
+        while issued < max_requests and time.perf_counter() < deadline:
+            name, data = images[(issued + worker) % len(images)]
+            issued += 1
+            start = time.perf_counter()
+            try:
+                response = await session.post(url, files={"image": (name, data)}, headers=headers)
+                status = response.status_code
+            except httpx.HTTPError as exc:
+                status = type(exc).__name__
+            if status == 200:
+                latencies.append(time.perf_counter() - start)
+            else:
+                errors[str(status)] = errors.get(str(status), 0) + 1
+
+    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+    async with httpx.AsyncClient(timeout=300.0, limits=limits) as session:
+        started = time.perf_counter()
+        await asyncio.gather(*(client(w, session) for w in range(concurrency)))
+        wall = time.perf_counter() - started
+    lat = np.asarray(latencies) * 1000.0
+    return {
+        "concurrency": concurrency,
+        "requests_ok": len(latencies),
+        "errors": errors,
+        "wall_s": round(wall, 3),
+        "requests_per_s": round(len(latencies) / wall, 3) if wall else None,
+        "latency_ms": {"p50": round(float(np.percentile(lat, 50)), 1) if lat.size else None,
+                       "p99": round(float(np.percentile(lat, 99)), 1) if lat.size else None,
+                       "mean": round(float(lat.mean()), 1) if lat.size else None},
+    }
+
+
+def running_replicas(app_name: str) -> int:
+    from ray import serve
+
+    app = serve.status().applications.get(app_name)
+    if app is None or EXTRACTOR not in app.deployments:
+        return 0
+    states = app.deployments[EXTRACTOR].replica_states
+    return int(sum(n for state, n in states.items() if str(getattr(state, "value", state)) == "RUNNING"))
+
+
+class ReplicaSampler:
+    """Samples the extractor's RUNNING replica count in a background thread."""
+
+    def __init__(self, app_name: str, period_s: float = 0.5):
+        self.app_name, self.period_s = app_name, period_s
+        self.samples: list[tuple[float, int]] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self.t0 = time.perf_counter()
+
+    def _run(self):
+        while not self._stop.is_set():
+            try:
+                self.samples.append((round(time.perf_counter() - self.t0, 2), running_replicas(self.app_name)))
+            except Exception:  # a status call failing once must not end the benchmark
+                pass
+            self._stop.wait(self.period_s)
+
+    def __enter__(self):
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+
+    def max_between(self, t_from: float, t_to: float) -> int:
+        values = [n for t, n in self.samples if t_from <= t <= t_to]
+        return max(values) if values else 0
+
+
+def deploy(app_name: str, settings: dict, port: int):
+    from ray import serve
+
+    from serve.app import build_app
+
+    serve.run(build_app(settings), name=app_name, route_prefix="/")
+    return f"http://127.0.0.1:{port}/v1/extract"
+
+
+def batch_histogram(app_name: str) -> dict:
+    from ray import serve
+
+    stats = serve.get_deployment_handle(EXTRACTOR, app_name).stats.remote().result()
+    return {int(k): v for k, v in sorted(stats["batch_sizes"].items(), key=lambda kv: int(kv[0]))}
+
+
+def throughput_phase(name: str, settings: dict, port: int, images, levels, args, headers) -> dict:
+    from ray import serve
+
+    app_name = f"bench-{name}"
+    url = deploy(app_name, {**settings, "num_replicas": 1}, port)
+    asyncio.run(closed_loop(url, images, 2, args.warmup, 120, headers))  # warm-up: first calls
+    results = []
+    for concurrency in levels:
+        max_requests = max(args.min_requests, args.requests_per_client * concurrency)
+        result = asyncio.run(closed_loop(url, images, concurrency, max_requests, args.max_seconds, headers))
+        result["replicas_observed"] = running_replicas(app_name)
+        results.append(result)
+        print(f"[{name}] c={concurrency}: {result['requests_per_s']} req/s, "
+              f"p50 {result['latency_ms']['p50']} ms, p99 {result['latency_ms']['p99']} ms, "
+              f"errors {result['errors']}", flush=True)
+    histogram = batch_histogram(app_name)
+    serve.delete(app_name)
+    return {"settings": settings, "levels": results, "batch_size_histogram": histogram}
+
+
+def autoscaling_phase(settings: dict, port: int, images, args, headers) -> dict:
+    from ray import serve
+
+    app_name = "bench-autoscale"
+    url = deploy(app_name, settings, port)
+    asyncio.run(closed_loop(url, images, 2, args.warmup, 120, headers))
+    with ReplicaSampler(app_name) as sampler:
+        t_load = time.perf_counter() - sampler.t0
+        load = asyncio.run(closed_loop(url, images, 32, 100_000, args.autoscale_load_s, headers))
+        t_idle = time.perf_counter() - sampler.t0
+        # Idle: wait until the extra replica is gone (bounded).
+        deadline = time.perf_counter() + args.autoscale_idle_s
+        scaled_down_at = None
+        while time.perf_counter() < deadline:
+            time.sleep(1.0)
+            if running_replicas(app_name) <= settings["min_replicas"]:
+                scaled_down_at = time.perf_counter() - sampler.t0
+                break
+        time.sleep(1.0)
+    samples = sampler.samples
+    peak = sampler.max_between(t_load, t_idle + 1.0)
+    upscaled_at = next((t for t, n in samples if t >= t_load and n > settings["min_replicas"]), None)
+    serve.delete(app_name)
+    return {
+        "settings": settings,
+        "load": load,
+        "replicas_before_load": sampler.max_between(0, t_load),
+        "replicas_peak_under_load": peak,
+        "replicas_after_idle": samples[-1][1] if samples else None,
+        "added_replica_after_s": round(upscaled_at - t_load, 2) if upscaled_at is not None else None,
+        "removed_replica_after_idle_s": round(scaled_down_at - t_idle, 2) if scaled_down_at else None,
+        "scaled_up": peak > settings["min_replicas"],
+        "scaled_down": scaled_down_at is not None,
+        "timeline": samples,
+    }
+
+
+def main(argv=None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data", type=Path, default=REPO.parent / "shared" / "data" / "yalefaces")
+    parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "serve_load.json")
+    parser.add_argument("--levels", default="1,8,32")
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--requests-per-client", type=int, default=3)
+    parser.add_argument("--min-requests", type=int, default=16)
+    parser.add_argument("--max-seconds", type=float, default=60.0, help="time limit per level")
+    parser.add_argument("--warmup", type=int, default=4)
+    parser.add_argument("--autoscale-load-s", type=float, default=30.0)
+    parser.add_argument("--autoscale-idle-s", type=float, default=60.0)
+    parser.add_argument("--skip-autoscaling", action="store_true")
+    parser.add_argument("--quick", action="store_true", help="small counts (a smoke run)")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.requests_per_client, args.min_requests, args.max_seconds = 1, 8, 20.0
+        args.autoscale_load_s, args.autoscale_idle_s = 15.0, 30.0
+
+    import ray
+    from ray import serve
+
+    os.environ.setdefault("FACEDIST_MODEL_DIR", str(REPO.parent / "shared" / "models"))
+    os.environ.pop("FACEDIST_API_TOKEN", None)  # the benchmark measures the models, not auth
+    images = load_images(args.data, 32)
+    levels = [int(c) for c in args.levels.split(",")]
+    ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False,
+             runtime_env={"env_vars": {"PYTHONPATH": str(REPO),
+                                       "FACEDIST_MODEL_DIR": os.environ["FACEDIST_MODEL_DIR"]}})
+    port = free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    headers: dict = {}
+    started = time.perf_counter()
+    base = {"backend": "tddfa", "batch_wait_timeout_s": 0.02}
+    report = {
+        "benchmark": "serve_load",
+        "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
+                    "ray": ray.__version__},
+        "images": f"{len(images)} Yale photos (320x243 GIF), cycled",
+        "client": "closed loop, asyncio httpx on loopback",
+    }
+    try:
+        batched = throughput_phase("batched", {**base, "max_batch_size": args.batch_size},
+                                   port, images, levels, args, headers)
+        unbatched = throughput_phase("unbatched", {**base, "max_batch_size": 1},
+                                     port, images, levels, args, headers)
+        report["batched"], report["unbatched"] = batched, unbatched
+        ratios = {}
+        for b, u in zip(batched["levels"], unbatched["levels"]):
+            if b["requests_per_s"] and u["requests_per_s"]:
+                ratios[str(b["concurrency"])] = round(b["requests_per_s"] / u["requests_per_s"], 2)
+        report["throughput_ratio_batched_over_unbatched"] = ratios
+        if not args.skip_autoscaling:
+            autoscale = {**base, "max_batch_size": args.batch_size, "min_replicas": 1, "max_replicas": 2,
+                         "target_ongoing_requests": 4, "upscale_delay_s": 1.0, "downscale_delay_s": 5.0,
+                         "look_back_period_s": 3.0}
+            report["autoscaling"] = autoscaling_phase(autoscale, port, images, args, headers)
+            a = report["autoscaling"]
+            print(f"[autoscaling] replicas {a['replicas_before_load']} -> {a['replicas_peak_under_load']} "
+                  f"under load -> {a['replicas_after_idle']} after idle", flush=True)
+    finally:
+        report["total_s"] = round(time.perf_counter() - started, 1)
+        serve.shutdown()
+        ray.shutdown()
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(report, indent=2))
+    print(json.dumps({k: report.get(k) for k in ("throughput_ratio_batched_over_unbatched", "total_s")}, indent=2))
+    return report
+
+
+if __name__ == "__main__":
+    main()
