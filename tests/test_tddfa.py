@@ -220,3 +220,16 @@ def test_degenerate_box_and_detector_crash_become_row_errors(yale_dir):
     assert results[0].status == STATUS_ERROR and "too small" in results[0].message
     assert results[1].status == STATUS_ERROR and "boom" in results[1].message
     assert results[2].status == STATUS_OK and results[2].landmark_error < 0.08
+
+
+def test_in_plane_rotation_shows_up_as_roll_in_both_backends(extractor, yale_dir):
+    """Rotating the photo 20 degrees counter-clockwise adds +20 degrees of roll, for the network
+    (through the crop and pixel camera) and for the landmark fit alike: one pose convention."""
+    image = decode_image((yale_dir / "subject02.normal").read_bytes())
+    h, w = image.shape[:2]
+    rotated = cv2.warpAffine(image, cv2.getRotationMatrix2D((w / 2, h / 2), 20, 1.0), (w, h))
+    for ex in (extractor, make_extractor("fit", landmarks="dlib")):
+        before, after = ex.extract([image, rotated])
+        assert before.ok and after.ok, (before.message, after.message)
+        assert after.roll - before.roll == pytest.approx(20, abs=4), ex.name
+        assert abs(after.yaw - before.yaw) < 5 and abs(after.pitch - before.pitch) < 5, ex.name
