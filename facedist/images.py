@@ -18,9 +18,11 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 # Smaller than this cannot hold a face any detector finds; reject early with a clear message.
 MIN_SIDE = 16
-# Refuse images whose full decode would need more pixels than this (~1.5 GB as RGB), unless the
-# format can be reduced while decoding (JPEG draft). Pillow's own bomb limit is raised to this.
-MAX_PIXELS = 512_000_000
+# Refuse images whose full-resolution decode would need more pixels than this (~380 MB as RGB;
+# 8000x8000 = 64 M is fine). JPEGs are exempt up to PILLOW_OPEN_LIMIT: they are reduced by 1/2, 1/4
+# or 1/8 while decoding (draft), and the reduced size must fit MAX_PIXELS.
+MAX_PIXELS = 128_000_000
+PILLOW_OPEN_LIMIT = 512_000_000
 
 # Magic numbers -> format name, to say "truncated or corrupt JPEG" rather than "unknown".
 _MAGIC = (
@@ -36,10 +38,10 @@ _MAGIC = (
 _EXIF_ORIENTATION = 0x0112
 
 # Pillow refuses (DecompressionBombError) images above 2 * MAX_IMAGE_PIXELS already in
-# Image.open, before a JPEG could be drafted down. Raise its limit to ours so huge JPEGs decode
-# reduced, while other huge formats get our own "image too large" error below.
-if Image.MAX_IMAGE_PIXELS is not None and Image.MAX_IMAGE_PIXELS < MAX_PIXELS:
-    Image.MAX_IMAGE_PIXELS = MAX_PIXELS
+# Image.open, before a JPEG could be drafted down. Raise its limit so huge JPEGs decode reduced,
+# while other huge formats get our own "image too large" error (MAX_PIXELS) below.
+if Image.MAX_IMAGE_PIXELS is not None and Image.MAX_IMAGE_PIXELS < PILLOW_OPEN_LIMIT:
+    Image.MAX_IMAGE_PIXELS = PILLOW_OPEN_LIMIT
 
 
 class ImageDecodeError(ValueError):
@@ -155,7 +157,8 @@ def _decode_pillow(data: bytes, max_side: int) -> np.ndarray:
             # Decode at 1/2, 1/4 or 1/8 scale straight from the DCT: huge JPEGs never
             # materialise at full size.
             img.draft("RGB", (max_side, max_side))
-        elif width * height > MAX_PIXELS:
+        reduced_w, reduced_h = img.size
+        if reduced_w * reduced_h > MAX_PIXELS:
             raise ImageDecodeError(
                 f"image too large: {width}x{height} ({width * height} pixels, limit {MAX_PIXELS})")
         img.load()
@@ -186,7 +189,9 @@ def decode_image(data: bytes, *, max_side: int = 2048) -> np.ndarray:
     """Decode image bytes to an RGB uint8 (H, W, 3) C-contiguous array.
 
     The longest side is reduced to at most max_side. Raises ImageDecodeError (only) when the
-    bytes are not a usable image.
+    bytes are not a usable image; its message starts with one of (callers map these to API codes):
+    "empty file", "not an image: looks like text|HTML", "not an image: unrecognised format",
+    "truncated or corrupt <FORMAT>: ...", "image too large", "image too small: WxH".
     """
     if data is None or len(data) == 0:
         raise ImageDecodeError("empty file (0 bytes)")

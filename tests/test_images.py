@@ -221,3 +221,23 @@ def test_content_hash_is_sha1():
     data = b"\x89PNG fake bytes"
     assert content_hash(data) == hashlib.sha1(data).hexdigest()
     assert content_hash(data) != content_hash(data + b"\x00")
+
+
+def _png_header_only(width: int, height: int) -> bytes:
+    """A PNG signature + IHDR announcing width x height, and no pixel data: what a decompression
+    bomb looks like before anything is decoded."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\x00" * 64))
+            + chunk(b"IEND", b""))
+
+
+@pytest.mark.parametrize("width,height", [(12000, 12000), (30000, 20000), (65000, 65000)])
+def test_decompression_bomb_refused_before_decoding(width, height):
+    with pytest.raises(ImageDecodeError, match="^image too large"):
+        decode_image(_png_header_only(width, height))
