@@ -65,3 +65,24 @@ def test_previews_written_for_real_extractions(yale_dir, tmp_path):
         assert np.any(back != image, axis=2)[y0:y1, x0:x1].mean() > 0.3
         png = render_preview_png(image, result)
         assert png[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_vertices_from_the_extractor_match_the_rebuilt_mesh(yale_dir):
+    image = decode_image((yale_dir / "subject05.sad").read_bytes())
+    result = make_extractor("tddfa", landmarks="dlib", with_vertices=True).extract([image])[0]
+    assert result.ok
+    given = result.extras.pop("vertices")
+    rebuilt, _ = mesh_vertices(result)  # from coefficients + camera
+    np.testing.assert_allclose(rebuilt, given, atol=1e-2)
+    # the landmark vertices of the mesh are the reprojected landmarks
+    model = MorphableModel.from_tddfa()
+    np.testing.assert_allclose(given[model.keypoints, :2], result.landmarks_fit, atol=1e-2)
+
+
+def test_triangle_mesh_is_drawn_as_a_wireframe():
+    vertices = np.float32([[20, 20, 0], [80, 20, 0], [50, 80, 0]])
+    result = ExtractionResult(extras={"vertices": vertices, "triangles": np.array([[0, 1, 2]])})
+    out = draw_preview(np.zeros((100, 100, 3), np.uint8), result)
+    lit = np.any(out > 0, axis=2)
+    assert lit[20, 50] and lit[50, 35]      # on the edges
+    assert not lit[40, 50] and not lit[90, 90]  # inside the triangle and outside it: untouched
