@@ -76,7 +76,8 @@ class MobileNetV1(nn.Module):
 def _fold_bn(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> nn.Conv2d:
     """A conv whose weights and bias include the (eval-mode) batch norm that follows it."""
     fused = nn.Conv2d(conv.in_channels, conv.out_channels, conv.kernel_size, stride=conv.stride,
-                      padding=conv.padding, groups=conv.groups, bias=True)
+                      padding=conv.padding, groups=conv.groups, bias=True,
+                      device=conv.weight.device, dtype=conv.weight.dtype)  # stays on the model's device
     scale = bn.weight / torch.sqrt(bn.running_var + bn.eps)
     bias = conv.bias if conv.bias is not None else torch.zeros_like(bn.running_mean)
     with torch.no_grad():
