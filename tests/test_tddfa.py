@@ -77,6 +77,8 @@ def test_fused_inference_copy_matches_checkpoint_model(mb05_path):
     torch.testing.assert_close(p1, p0, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(f1, f0, rtol=1e-4, atol=1e-4)
     assert set(model.state_dict()) != set(fused.state_dict())  # the original keeps checkpoint keys
+    # folded convs are created where the model lives (device and dtype), not on CPU float32
+    assert {p.dtype for p in fuse_for_inference(model.double()).parameters()} == {torch.float64}
 
 
 # ------------------------------------------------------------------------------ crop geometry
