@@ -2,7 +2,12 @@
 
 Two passes as 3DDFA_V2 does for tracking: the first crop comes from the detector's box, the second
 from the first pass's reprojected landmarks (a crop the regressor was trained on whatever the
-detector's box convention). Each pass runs all faces of the batch through one forward.
+detector's box convention). Each pass sends all faces of the batch through the network together,
+in chunks of batch_size, on a BN-folded channels-last copy of the strictly loaded checkpoint.
+
+Pose: the regressor's 3x4 camera is folded with the crop box into a pixel camera
+(extras["camera"]); yaw/pitch/roll, scale (pixels per model unit) and translation (pixels) come
+from its nearest scaled rotation, in facedist.morphable's convention shared by all backends.
 """
 
 from __future__ import annotations
