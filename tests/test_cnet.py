@@ -1,0 +1,45 @@
+import numpy as np
+import torch
+
+from facedist.models.cnet import CNet, CNetConfig, aggregate_identity
+from facedist.training.cnet import leave_one_out
+from facedist.training.geometry import KeypointBasis, camera_from_pose, fit_affine_cameras, homogeneous
+
+
+def test_aggregate_is_weighted_mean_and_respects_mask():
+    alpha = torch.tensor([[[1.0, 10.0], [3.0, 20.0], [100.0, 100.0]]])
+    conf = torch.tensor([[[1.0, 3.0], [1.0, 1.0], [5.0, 5.0]]])
+    mask = torch.tensor([[1, 1, 0]])
+    agg = aggregate_identity(alpha, conf, mask)
+    assert torch.allclose(agg, torch.tensor([[2.0, 12.5]]))
+    assert torch.allclose(aggregate_identity(alpha[:, :2]), torch.tensor([[2.0, 15.0]]))
+
+
+def test_untrained_cnet_is_the_plain_mean_and_positive():
+    net = CNet(CNetConfig(input_dim=7, n_id=40)).eval()
+    c = net(torch.randn(4, 3, 7) * 10)
+    assert c.shape == (4, 3, 40) and (c > 0).all()
+    alpha = torch.randn(4, 3, 40)
+    assert torch.allclose(aggregate_identity(alpha, c), alpha.mean(1), atol=1e-5)
+
+
+def test_leave_one_out_matches_explicit_loop():
+    alpha, weight = torch.randn(2, 4, 5), torch.rand(2, 4, 5) + 0.1
+    mask = torch.tensor([[1, 1, 1, 1], [1, 1, 1, 0]], dtype=torch.bool)
+    loo = leave_one_out(alpha, weight, mask)
+    for b in range(2):
+        for j in range(int(mask[b].sum())):
+            keep = [i for i in range(4) if i != j and mask[b, i]]
+            expect = (weight[b, keep] * alpha[b, keep]).sum(0) / weight[b, keep].sum(0)
+            assert torch.allclose(loo[b, j], expect, atol=1e-5)
+
+
+def test_affine_camera_recovery_on_the_real_basis():
+    basis = KeypointBasis.tddfa()
+    rng = np.random.default_rng(0)
+    points = basis.points(rng.normal(0, 1e5, (3, 40)).astype(np.float32) * 0.1, np.zeros((3, 10), np.float32))
+    cams = np.stack([camera_from_pose(y, 4.0, -3.0, 7e-4, 150, 110) for y in (-40, 0, 35)])
+    pixels = np.einsum("nki,nij->nkj", homogeneous(points.astype(np.float64)), cams)
+    fitted, residual = fit_affine_cameras(points, pixels)
+    assert residual.max() < 1e-3
+    assert np.allclose(fitted, cams, atol=1e-4)
