@@ -1,0 +1,128 @@
+"""Extraction throughput: the plain single-process loop vs Ray Data with 1 and 2 actors.
+
+The same N jittered Yale images (small random shifts and brightness changes, JPEG) go through
+facedist.pipeline.run_extraction and facedist.ray_extract.run_ray_extraction with the same
+backend and batch size. Ray's cluster start-up is timed separately; each Ray run's time includes
+its own actor start-up and model loading, as the plain loop's includes its model loading.
+
+    FACEDIST_MODEL_DIR=../shared/models .venv/bin/python benchmarks/extract_ray.py --n 1000
+
+Writes JSON (default benchmarks/results/extract_ray.json) and prints it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import platform
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+os.environ.setdefault("FACEDIST_MODEL_DIR", str(REPO.parent / "shared" / "models"))
+
+from facedist.datasets import records_from_paths  # noqa: E402
+from facedist.pipeline import ExtractConfig, run_extraction  # noqa: E402
+
+
+def make_images(yale_dir: Path, n: int, folder: Path, seed: int = 0) -> list[str]:
+    """n JPEGs cycled from the Yale faces, each shifted by up to 8 px and brightened by +-15 %."""
+    rng = np.random.default_rng(seed)
+    sources = [np.asarray(Image.open(p).convert("RGB")) for p in sorted(yale_dir.glob("subject*"))]
+    paths = []
+    for i in range(n):
+        image = sources[i % len(sources)].astype(np.float32)
+        dy, dx = rng.integers(-8, 9, size=2)
+        image = np.roll(image, (int(dy), int(dx)), axis=(0, 1)) * rng.uniform(0.85, 1.15)
+        buf = io.BytesIO()
+        Image.fromarray(np.clip(image, 0, 255).astype(np.uint8)).save(buf, "JPEG", quality=92)
+        path = folder / f"img{i:05d}.jpg"
+        path.write_bytes(buf.getvalue())
+        paths.append(str(path))
+    return paths
+
+
+def timed(fn) -> tuple[float, dict]:
+    started = time.perf_counter()
+    result = fn()
+    return time.perf_counter() - started, result
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--n", type=int, default=1000, help="images (at least 1000 for the reported figures)")
+    parser.add_argument("--backend", default="tddfa")
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--cpus", type=int, default=None, help="CPUs of the local Ray (default: all)")
+    parser.add_argument("--actors", default="1,2", help="actor counts to run, comma-separated")
+    parser.add_argument("--yale", default=str(REPO.parent / "shared" / "data" / "yalefaces"))
+    parser.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "extract_ray.json"))
+    args = parser.parse_args(argv)
+
+    import ray
+    import torch
+
+    from facedist.ray_extract import RayExtractConfig, run_ray_extraction
+
+    work = Path(tempfile.mkdtemp(prefix="facedist-bench-"))
+    try:
+        images = work / "images"
+        images.mkdir()
+        gen_seconds, paths = timed(lambda: make_images(Path(args.yale), args.n, images))
+        records = records_from_paths(paths, dataset="none")
+        config = ExtractConfig(backend=args.backend, batch_size=args.batch_size, resume=False)
+        results: dict = {
+            "benchmark": "extract_ray", "n_images": len(records), "backend": args.backend,
+            "batch_size": args.batch_size, "cpu_count": os.cpu_count(), "python": platform.python_version(),
+            "torch_threads_plain": torch.get_num_threads(), "ray_version": ray.__version__,
+            "generate_seconds": round(gen_seconds, 2), "load_average_start": os.getloadavg(),
+        }
+
+        seconds, summary = timed(lambda: run_extraction(records, str(work / "plain"), config))
+        plain = {"seconds": round(seconds, 2), "images_per_s": round(len(records) / seconds, 3),
+                 "counts": summary["counts"]}
+        results["plain_loop"] = plain
+        print(f"plain loop: {plain}", file=sys.stderr)
+
+        init_seconds, _ = timed(lambda: ray.init(num_cpus=args.cpus, include_dashboard=False,
+                                                 log_to_driver=False))
+        results["ray_init_seconds"] = round(init_seconds, 2)
+        for actors in [int(a) for a in args.actors.split(",")]:
+            ray_config = RayExtractConfig(extract=config, actors=actors, progress=False)
+            seconds, summary = timed(lambda: run_ray_extraction(records, str(work / f"ray{actors}"), ray_config))
+            run = {"seconds": round(seconds, 2), "images_per_s": round(len(records) / seconds, 3),
+                   "counts": summary["counts"], "resources": summary["run"]["resources"],
+                   "speedup_vs_plain": round(plain["seconds"] / seconds, 3),
+                   # What Ray adds per image on top of the plain loop's work (negative: it gains).
+                   "overhead_ms_per_image_vs_plain": round(1000 * (seconds - plain["seconds"]) / len(records), 2)}
+            results[f"ray_{actors}_actors"] = run
+            print(f"ray, {actors} actor(s): {run}", file=sys.stderr)
+        ray.shutdown()
+        if "ray_1_actors" in results and "ray_2_actors" in results:
+            results["scaling_2_vs_1_actors"] = round(results["ray_1_actors"]["seconds"]
+                                                     / results["ray_2_actors"]["seconds"], 3)
+            results["targets"] = {
+                "ray2_vs_plain_min": 1.6, "ray2_vs_plain": results["ray_2_actors"]["speedup_vs_plain"],
+                "ray2_vs_ray1_min": 1.7, "ray2_vs_ray1": results["scaling_2_vs_1_actors"],
+            }
+        results["load_average_end"] = os.getloadavg()
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(results, indent=2) + "\n")
+    print(json.dumps(results, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
