@@ -88,14 +88,19 @@ async def closed_loop(url: str, images, concurrency: int, max_requests: int, max
     }
 
 
-def running_replicas(app_name: str) -> int:
+def replica_states(app_name: str) -> dict[str, int]:
+    """The extractor's replicas by state (STARTING, RUNNING, STOPPING, ...)."""
     from ray import serve
 
     app = serve.status().applications.get(app_name)
     if app is None or EXTRACTOR not in app.deployments:
-        return 0
-    states = app.deployments[EXTRACTOR].replica_states
-    return int(sum(n for state, n in states.items() if str(getattr(state, "value", state)) == "RUNNING"))
+        return {}
+    return {str(getattr(state, "value", state)): int(n)
+            for state, n in app.deployments[EXTRACTOR].replica_states.items() if n}
+
+
+def running_replicas(app_name: str) -> int:
+    return replica_states(app_name).get("RUNNING", 0)
 
 
 class ReplicaSampler:
@@ -103,7 +108,8 @@ class ReplicaSampler:
 
     def __init__(self, app_name: str, period_s: float = 0.5):
         self.app_name, self.period_s = app_name, period_s
-        self.samples: list[tuple[float, int]] = []
+        self.samples: list[tuple[float, int]] = []           # (t, RUNNING replicas)
+        self.states: list[tuple[float, dict]] = []           # (t, replicas by state)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
         self.t0 = time.perf_counter()
@@ -111,7 +117,9 @@ class ReplicaSampler:
     def _run(self):
         while not self._stop.is_set():
             try:
-                self.samples.append((round(time.perf_counter() - self.t0, 2), running_replicas(self.app_name)))
+                states = replica_states(self.app_name)
+                self.samples.append((round(time.perf_counter() - self.t0, 2), states.get("RUNNING", 0)))
+                self.states.append((round(time.perf_counter() - self.t0, 2), states))
             except Exception:  # a status call failing once must not end the benchmark
                 pass
             self._stop.wait(self.period_s)
@@ -187,6 +195,12 @@ def autoscaling_phase(settings: dict, port: int, images, args, headers) -> dict:
     samples = sampler.samples
     peak = sampler.max_between(t_load, t_idle + 1.0)
     upscaled_at = next((t for t, n in samples if t >= t_load and n > settings["min_replicas"]), None)
+    # The autoscaler's decision shows as a STARTING replica; RUNNING follows once its models loaded.
+    decided_at = next((t for t, st in sampler.states if t >= t_load and sum(st.values()) > settings["min_replicas"]), None)
+    changes = [sampler.states[0]] if sampler.states else []
+    for entry in sampler.states[1:]:
+        if entry[1] != changes[-1][1]:
+            changes.append(entry)
     serve.delete(app_name)
     return {
         "settings": settings,
@@ -194,11 +208,14 @@ def autoscaling_phase(settings: dict, port: int, images, args, headers) -> dict:
         "replicas_before_load": sampler.max_between(0, t_load),
         "replicas_peak_under_load": peak,
         "replicas_after_idle": samples[-1][1] if samples else None,
-        "added_replica_after_s": round(upscaled_at - t_load, 2) if upscaled_at is not None else None,
+        "upscale_decided_after_s": round(decided_at - t_load, 2) if decided_at is not None else None,
+        "added_replica_running_after_s": round(upscaled_at - t_load, 2) if upscaled_at is not None else None,
         "removed_replica_after_idle_s": round(scaled_down_at - t_idle, 2) if scaled_down_at else None,
         "scaled_up": peak > settings["min_replicas"],
         "scaled_down": scaled_down_at is not None,
-        "timeline": samples,
+        "load_started_at_s": round(t_load, 2),
+        "idle_started_at_s": round(t_idle, 2),
+        "replica_state_changes": changes,
     }
 
 

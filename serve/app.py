@@ -22,7 +22,9 @@ docs needs "Authorization: Bearer <token>".
 
 import asyncio
 import dataclasses
+import hashlib
 import hmac
+import json
 import logging
 import os
 import time
@@ -207,8 +209,9 @@ class ImagePrediction(BaseModel):
 
 
 class PredictResponse(BaseModel):
-    identity: dict = Field(description="{top_k: [{label, score}], coefficients: aggregated alpha}")
-    gender: dict | None = Field(None, description="{label, probabilities}")
+    identity: dict = Field(description="{top_k: [{label, score}], coefficients: the aggregated alpha, "
+                                       "aggregation: cnet (confidence-weighted) or mean}")
+    gender: dict | None = Field(None, description="{label, probabilities}; null without a gender model")
     images: list[ImagePrediction]
     num_images: int
     num_used: int
@@ -300,28 +303,58 @@ class FaceExtractor:
 class FaceRecognizer:
     """C-Net aggregation + classifiers from the training job's bundles, loaded once per replica."""
 
-    def __init__(self, models_uri: str | None, device: str, top_k: int,
+    def __init__(self, models_uri: str | None, backend: str, top_k: int,
                  max_batch_size: int, batch_wait_timeout_s: float):
-        self.device = _resolve_device(device)
         self.models_uri = models_uri or None
         self.top_k = top_k
         self.recognizer = None
+        self.versions: dict[str, str] = {}
         if self.models_uri:
-            from facedist.recognition import Recognizer
+            from facedist.training.inference import Recognizer
 
-            self.recognizer = Recognizer.load(self.models_uri, device=self.device)
+            self.recognizer = Recognizer.from_directory(self.models_uri)
+            check_layouts(self.recognizer.bundles, backend)
+            self.versions = {task: bundle_version(b) for task, b in self.recognizer.bundles.items()}
         self.predict.set_max_batch_size(max_batch_size)
         self.predict.set_batch_wait_timeout_s(batch_wait_timeout_s)
 
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.005)
     async def predict(self, people: list[list[dict]]) -> list[dict]:
-        """people: for each request, the ok extraction rows of one person's images."""
-        return await asyncio.to_thread(self.recognizer.predict_many, people, top_k=self.top_k)
+        """people: for each request, the extraction rows of one person's images."""
+        return await asyncio.to_thread(self._predict_people, people)
+
+    def _predict_people(self, people: list[list[dict]]) -> list[dict]:
+        # The bundles' models are tiny; a batch saves the per-request thread and RPC hops.
+        return [self.recognizer.predict(rows, top_k=self.top_k) for rows in people]
 
     def info(self) -> dict | None:
         if self.recognizer is None:
             return None
-        return {"models_uri": self.models_uri, "device": self.device, **self.recognizer.describe()}
+        models = {}
+        for task, bundle in self.recognizer.bundles.items():
+            layout = json.loads(bundle["layout"]) if bundle.get("layout") else {}
+            models[task] = {"version": self.versions[task], "labels": bundle.get("labels") or [],
+                            "metrics": bundle.get("metrics") or {}, "trained_on": layout,
+                            "format_version": bundle.get("format_version")}
+        return {"models_uri": self.models_uri, "models": models}
+
+
+def bundle_version(bundle: dict) -> str:
+    """12 hex digits of sha256 over the weights: changes exactly when the model does."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(bundle["state_dict"].items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()[:12]
+
+
+def check_layouts(bundles: dict[str, dict], backend: str) -> None:
+    """Classifiers trained on another regressor's coefficients would answer nonsense: refuse."""
+    for task, bundle in bundles.items():
+        layout = json.loads(bundle["layout"]) if bundle.get("layout") else None
+        if layout and layout.get("backend") and layout["backend"] != backend:
+            raise ValueError(f"the {task} model was trained on {layout['backend']} coefficients but the "
+                             f"server extracts with {backend}; start it with backend={layout['backend']}")
 
 
 # ---- HTTP ingress ---------------------------------------------------------------------------
@@ -381,6 +414,32 @@ class Upload:
     data: bytes
 
 
+def prediction_response(prediction: dict, rows: list[dict], uploads: list[Upload]) -> dict:
+    """Recognizer.predict output + the extraction rows -> the /v1/predict JSON."""
+    images = []
+    for upload, row, entry in zip(uploads, rows, prediction["images"]):
+        probabilities = entry.get("expression")
+        images.append({
+            "index": upload.index, "filename": upload.filename,
+            "status": row["status"] if row["status"] != "ok" or entry.get("ok") else "error",
+            "message": row.get("message") or entry.get("error") or "",
+            "expression": {"label": entry.get("expression_label"), "probabilities": probabilities}
+            if probabilities else None,
+            "confidence": entry.get("confidence"), "confidence_mean": entry.get("confidence_mean"),
+            "pose": pose_of(row) if row["status"] == "ok" else None,
+        })
+    gender = prediction.get("gender")
+    return {
+        "identity": {**(prediction.get("identity") or {"top_k": []}),
+                     "coefficients": prediction.get("identity_coeffs"),
+                     "aggregation": prediction.get("aggregation")},
+        "gender": {"label": gender["label"], "probabilities": gender["scores"]} if gender else None,
+        "images": images, "num_images": len(rows), "num_used": prediction.get("n_used", 0),
+    }
+
+
+# Note: everything the ingress methods use must be defined above the class: @serve.ingress
+# pickles the FastAPI app (with these methods and the globals they see) when the class is made.
 @serve.deployment(name="FacedistAPI", max_ongoing_requests=256,
                   ray_actor_options={"num_cpus": 0.25})
 @serve.ingress(api)
@@ -502,23 +561,11 @@ class FacedistAPI:
         if self.recognizer is None:
             raise ApiError(503, "not_configured", "no recognition models: start the server with models_uri")
         rows = await self._extract(uploads)
-        used = [i for i, row in enumerate(rows) if row["status"] == "ok"]
-        if not used:
+        if not any(row["status"] == "ok" for row in rows):
             raise ApiError(422, "no_face", "no face found in any of the images: "
                            + "; ".join(f"#{i}: {row.get('message')}" for i, row in enumerate(rows)))
-        prediction = await self.recognizer.predict.remote([rows[i] for i in used])
-        images = []
-        for i, row in enumerate(rows):
-            entry = {"index": i, "filename": uploads[i].filename, "status": row["status"],
-                     "message": row.get("message") or "", "pose": pose_of(row)}
-            if i in used:
-                per_image = prediction["images"][used.index(i)]
-                confidence = per_image.get("confidence")
-                entry.update(expression=per_image.get("expression"), confidence=confidence,
-                             confidence_mean=float(np.mean(confidence)) if confidence else None)
-            images.append(entry)
-        return {"identity": prediction["identity"], "gender": prediction.get("gender"),
-                "images": images, "num_images": len(rows), "num_used": len(used)}
+        prediction = await self.recognizer.predict.remote(rows)
+        return prediction_response(prediction, rows, uploads)
 
 
 # ---- builders and the `facedist serve` entry point -------------------------------------------
@@ -558,7 +605,7 @@ def build_app(args: dict[str, Any] | None = None) -> serve.Application:
     recognizer = FaceRecognizer.options(
         ray_actor_options={"num_cpus": s.recognizer_num_cpus},
         max_ongoing_requests=max(4 * s.predict_max_batch_size, 32),
-    ).bind(s.models_uri, s.device, s.top_k, s.predict_max_batch_size, s.predict_batch_wait_timeout_s)
+    ).bind(s.models_uri, s.backend, s.top_k, s.predict_max_batch_size, s.predict_batch_wait_timeout_s)
     return FacedistAPI.options(ray_actor_options={"num_cpus": s.ingress_num_cpus}).bind(
         extractor, recognizer, dataclasses.asdict(s))
 

@@ -41,8 +41,68 @@ def _png(array: np.ndarray) -> bytes:
     return buffer.getvalue()
 
 
+PERSON = ("subject01.happy", "subject01.sad", "subject01.surprised")
+
+
 @pytest.fixture(scope="module")
-def server():
+def extractor():
+    from facedist.extractors import make_extractor
+
+    return make_extractor("tddfa")
+
+
+def _extract_files(extractor, paths) -> list[dict]:
+    from facedist.datasets import parse_yale_name
+    from facedist.images import decode_image
+    from facedist.pipeline import extract_rows
+
+    rows = []
+    for path in paths:
+        labels = parse_yale_name(path.name) or {}
+        rows.append({"path": path.name, "subject": labels.get("subject"), "expression": labels.get("expression"),
+                     "image": decode_image(path.read_bytes())})
+    finished, _ = extract_rows(rows, extractor)
+    return finished
+
+
+@pytest.fixture(scope="module")
+def models_uri(yale_dir, s3_server, extractor, tmp_path_factory):
+    """Small C-Net, identity and expression bundles trained on real Yale coefficients (tddfa),
+    written to a bucket on the moto S3 server: the server loads them from s3:// like production."""
+    import boto3
+    import torch
+
+    from facedist.schema import YALE_EXPRESSIONS, rows_to_table
+    from facedist.training import TrainConfig, save_model_bundle
+    from facedist.training.data import table_to_data
+    from facedist.training.engine import fit
+    from facedist.training.tasks import CNetTask, make_classifier_task
+
+    torch.manual_seed(0)
+    paths = sorted(p for p in yale_dir.iterdir() if p.name.split(".")[-1] in YALE_EXPRESSIONS)
+    table = rows_to_table(_extract_files(extractor, paths), extractor.layout)
+    data = table_to_data(table)
+    local = tmp_path_factory.mktemp("models")
+    bucket = "facedist-serve-models"
+    boto3.client("s3", endpoint_url=s3_server, region_name="us-east-1").create_bucket(Bucket=bucket)
+    uri = f"s3://{bucket}/run1"
+    cnet_cfg = TrainConfig(task="cnet", epochs=2, steps_per_epoch=3, batch_size=16)
+    cnet_task = CNetTask(cnet_cfg, data)
+    result = fit(cnet_task, cnet_cfg)
+    save_model_bundle(cnet_task.bundle(result.best_state, result.best_metrics), str(local / "cnet"))
+    for cfg in (TrainConfig(task="identity", epochs=6, batch_size=32, cnet=str(local / "cnet"),
+                            max_combos_per_subject=20),
+                TrainConfig(task="expression", epochs=4, batch_size=32, labels=list(YALE_EXPRESSIONS))):
+        task = make_classifier_task(cfg, data)
+        result = fit(task, cfg)
+        save_model_bundle(task.bundle(result.best_state, result.best_metrics), str(local / cfg.task))
+    for name in ("cnet", "identity", "expression"):
+        save_model_bundle(torch.load(local / name / "model.pt", weights_only=False), f"{uri}/{name}")
+    return uri
+
+
+@pytest.fixture(scope="module")
+def server(models_uri):
     """Serve the app on 127.0.0.1:<free port>; yields (base_url, settings)."""
     import ray
     from ray import serve
@@ -57,10 +117,10 @@ def server():
                                        "FACEDIST_MODEL_DIR": os.environ["FACEDIST_MODEL_DIR"]}})
     port = _free_port()
     try:
-        settings = {"max_image_bytes": MAX_IMAGE_BYTES, "max_images": MAX_IMAGES,
+        settings = {"models_uri": models_uri, "max_image_bytes": MAX_IMAGE_BYTES, "max_images": MAX_IMAGES,
                     "max_batch_size": 8, "batch_wait_timeout_s": 0.05, "num_replicas": 1}
         # What `facedist serve` runs (Ray is already up, so it is used as is).
-        run_server(None, host="127.0.0.1", port=port, name=APP_NAME, blocking=False, **settings)
+        run_server(settings.pop("models_uri"), host="127.0.0.1", port=port, name=APP_NAME, blocking=False, **settings)
         yield f"http://127.0.0.1:{port}", settings
     finally:
         serve.shutdown()
@@ -222,3 +282,60 @@ def test_openapi_documents_the_endpoints(client):
         assert path in spec["paths"], path
     upload = spec["paths"]["/v1/extract"]["post"]["requestBody"]["content"]["multipart/form-data"]
     assert upload["schema"]["required"] == ["image"]
+
+
+def _person_files(yale_dir, names=PERSON):
+    return [("images", (name, (yale_dir / name).read_bytes())) for name in names]
+
+
+def test_predict_identity_expressions_and_confidences(client, yale_dir, extractor, models_uri):
+    from facedist.training.inference import Recognizer
+
+    response = client.post("/v1/predict", files=_person_files(yale_dir))
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert body["num_images"] == 3 and body["num_used"] == 3
+    identity = body["identity"]
+    assert identity["aggregation"] == "cnet" and len(identity["coefficients"]) == 40
+    scores = [entry["score"] for entry in identity["top_k"]]
+    assert len(scores) == 5 and scores == sorted(scores, reverse=True) and sum(scores) <= 1 + 1e-6
+    assert all(entry["label"].startswith("subject") for entry in identity["top_k"])
+    assert body["gender"] is None  # Yale has no gender labels: no gender model was trained
+    for image, name in zip(body["images"], PERSON):
+        assert image["filename"] == name and image["status"] == "ok"
+        probabilities = image["expression"]["probabilities"]
+        assert set(probabilities) == {"happy", "normal", "sad", "sleepy", "surprised", "wink"}
+        assert sum(probabilities.values()) == pytest.approx(1.0, abs=1e-4)
+        assert image["expression"]["label"] == max(probabilities, key=probabilities.get)
+        assert len(image["confidence"]) == 40 and min(image["confidence"]) > 0
+    # The served answer is the in-process answer for the same photos (batching mixes nothing up).
+    expected = Recognizer.from_directory(models_uri).predict(
+        _extract_files(extractor, [yale_dir / n for n in PERSON]), top_k=5)
+    assert [e["label"] for e in identity["top_k"]] == [e["label"] for e in expected["identity"]["top_k"]]
+    np.testing.assert_allclose(scores, [e["score"] for e in expected["identity"]["top_k"]], atol=1e-3)
+    np.testing.assert_allclose(body["images"][0]["confidence"], expected["images"][0]["confidence"], atol=1e-3)
+
+
+def test_predict_leaves_out_a_faceless_image_and_rejects_all_faceless(client, yale_dir, face_bytes):
+    blank = _png(np.full((240, 320, 3), 200, np.uint8))
+    files = _person_files(yale_dir, PERSON[:2]) + [("images", ("blank.png", blank))]
+    response = client.post("/v1/predict", files=files)
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert body["num_images"] == 3 and body["num_used"] == 2
+    assert body["images"][2]["status"] == "no_face" and body["images"][2]["expression"] is None
+    response = client.post("/v1/predict", files=[("images", ("blank.png", blank))] * 2)
+    assert response.status_code == 422 and _error(response)["code"] == "no_face"
+    # A text file among the photos rejects the request and names it.
+    response = client.post("/v1/predict", files=_person_files(yale_dir, PERSON[:1]) + [("images", ("x.txt", b"hi there" * 9))])
+    assert response.status_code == 415 and _error(response)["index"] == 1
+    assert client.post("/v1/predict", files=_person_files(yale_dir, PERSON[:1])).status_code == 200
+
+
+def test_models_lists_recognizer_versions(client):
+    recognizer = client.get("/v1/models").json()["recognizer"]
+    assert recognizer["models_uri"].startswith("s3://")
+    assert set(recognizer["models"]) == {"cnet", "identity", "expression"}
+    for task, model in recognizer["models"].items():
+        assert len(model["version"]) == 12 and model["trained_on"]["backend"] == "tddfa"
+    assert len(recognizer["models"]["identity"]["labels"]) == 15
