@@ -94,6 +94,76 @@ def cmd_models(args) -> int:
     return 0
 
 
+TRAIN_TASKS = ("cnet", "identity", "expression", "gender", "image_identity", "image_expression")
+
+
+def add_train_arguments(parser: argparse.ArgumentParser) -> None:
+    """Flags for one training run: every TrainConfig field, so the job and the CLI never drift."""
+    from dataclasses import MISSING, fields
+
+    from facedist.training.engine import TrainConfig
+
+    parser.add_argument("--task", required=True, choices=TRAIN_TASKS)
+    parser.add_argument("--data", required=True, help="coefficients table (local or s3://)")
+    parser.add_argument("--output", required=True, help="checkpoints + final bundle (local or s3://)")
+    parser.add_argument("--name", help="run name (default <task>-fold<k>); reuse it to resume")
+    parser.add_argument("--workers", type=int, default=1, dest="num_workers")
+    parser.add_argument("--cpus-per-worker", type=float, default=1.0, dest="cpus_per_worker")
+    parser.add_argument("--gpu", action=argparse.BooleanOptionalAction, default=None, dest="use_gpu",
+                        help="use GPUs (default: when the cluster has them)")
+    parser.add_argument("--labels", nargs="+", help="restrict/order the classes")
+    parser.add_argument("--address", default=None, help="Ray cluster address (default: RAY_ADDRESS or local)")
+    types = {"int": int, "float": float, "str": str, "float | None": float, "str | None": str}
+    for f in fields(TrainConfig):
+        if f.name in {"task", "data", "output", "name", "num_workers", "cpus_per_worker", "use_gpu", "labels"}:
+            continue
+        default = None if f.default is MISSING else f.default
+        parser.add_argument("--" + f.name.replace("_", "-"), type=types.get(str(f.type), str),
+                            default=default, dest=f.name)
+
+
+def cmd_train(args) -> int:
+    from facedist.training import TrainConfig, run_training
+
+    values = {k: v for k, v in vars(args).items() if k not in ("func", "command", "address", "json")}
+    if args.address:
+        import ray
+
+        ray.init(address=args.address)
+    summary = run_training(TrainConfig(**values))
+    best = summary["best"]
+    if args.json:
+        summary["history"] = [{k: v for k, v in h.items() if k != "confusion"} for h in summary["history"]]
+        print(json.dumps(summary, indent=2, default=str))
+    else:
+        shown = {k: round(v, 4) if isinstance(v, float) else v for k, v in best.items()
+                 if k in ("epoch", "accuracy", "macro_f1", "loss", "val_loss", "loo_error", "gain_vs_mean")}
+        print(f"trained {summary['task']} ({summary['workers']} workers): best {shown}; "
+              f"model bundle at {summary['bundle']}")
+    return 0
+
+
+def cmd_report(args) -> int:
+    from facedist.report import ReportConfig, write_report
+
+    results = write_report(ReportConfig(
+        data=args.data, out=args.out, folds=args.folds, coeff_epochs=args.coeff_epochs,
+        cnet_epochs=args.cnet_epochs, image_epochs=args.image_epochs, image_size=args.image_size,
+        include_images=not args.no_images, synthetic=not args.no_synthetic))
+    print(Path(args.out, "table1_identity.md").read_text())
+    print(f"report written to {args.out} in {results['seconds']:.0f} s")
+    return 0
+
+
+def cmd_serve(args) -> int:
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # serve/ lives beside facedist/
+    from serve.app import run_server
+
+    run_server(args.models or None, address=args.address, host=args.host, port=args.port,
+               backend=args.backend, max_batch_size=args.max_batch_size)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="facedist", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -116,6 +186,32 @@ def build_parser() -> argparse.ArgumentParser:
     ext.add_argument("--actors", type=int, default=2, help="extraction actors (with --ray)")
     _add_storage_flags(ext)
     ext.set_defaults(func=cmd_extract)
+
+    train = sub.add_parser("train", help="fit C-Net or a classifier on Ray Train from a coefficients table")
+    add_train_arguments(train)
+    train.add_argument("--json", action="store_true", help="print the whole summary as JSON")
+    train.set_defaults(func=cmd_train)
+
+    rep = sub.add_parser("report", help="the paper's protocol on a coefficients table: tables, confusion matrices")
+    rep.add_argument("--data", required=True, help="coefficients table (local or s3://)")
+    rep.add_argument("--out", default="results")
+    rep.add_argument("--folds", type=int, default=3)
+    rep.add_argument("--coeff-epochs", type=int, default=40)
+    rep.add_argument("--cnet-epochs", type=int, default=30)
+    rep.add_argument("--image-epochs", type=int, default=15)
+    rep.add_argument("--image-size", type=int, default=112)
+    rep.add_argument("--no-images", action="store_true", help="skip the raw-image baseline")
+    rep.add_argument("--no-synthetic", action="store_true", help="skip the synthetic C-Net check")
+    rep.set_defaults(func=cmd_report)
+
+    srv = sub.add_parser("serve", help="start the Ray Serve endpoint (local Ray unless --address)")
+    srv.add_argument("--models", default="", help="the training output (cnet/, identity/, ... bundles)")
+    srv.add_argument("--address", default=None)
+    srv.add_argument("--host", default="127.0.0.1")
+    srv.add_argument("--port", type=int, default=8000)
+    srv.add_argument("--backend", default="tddfa", choices=("tddfa", "deep3d", "fit"))
+    srv.add_argument("--max-batch-size", type=int, default=16)
+    srv.set_defaults(func=cmd_serve)
 
     mod = sub.add_parser("models", help="list, resolve or download model files")
     mod.add_argument("action", nargs="?", default="list", choices=("list", "resolve", "download"))
