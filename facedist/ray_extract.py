@@ -49,8 +49,9 @@ DECODED_SCHEMA = pa.schema(
 # Internal status of rows whose (path, hash) is already in the output: counted, not extracted.
 SKIPPED = "skipped"
 # What the actors hand back to the driver: enough to count, not the coefficients themselves.
+# extract_seconds: the actor's time on the row's batch, shared out over its rows (for utilisation).
 RESULT_SCHEMA = pa.schema([pa.field("path", pa.string()), pa.field("status", pa.string()),
-                           pa.field("part", pa.string())])
+                           pa.field("part", pa.string()), pa.field("extract_seconds", pa.float64())])
 
 
 @dataclass
@@ -152,6 +153,7 @@ class ExtractActor:
     def __call__(self, batch: pa.Table) -> pa.Table:
         from facedist.pipeline import _write_previews
 
+        started = time.perf_counter()
         rows = _decoded_rows(batch)
         skipped = [r["path"] for r in rows if r.get("status") == SKIPPED]
         rows = [r for r in rows if r.get("status") != SKIPPED]
@@ -164,9 +166,11 @@ class ExtractActor:
             if self.preview_budget > 0:
                 self.preview_budget -= _write_previews(rows, results, self.out_uri, self.preview_budget,
                                                        self.options)
+        share = (time.perf_counter() - started) / max(1, len(finished) + len(skipped))
         return pa.Table.from_pydict({"path": [r["path"] for r in finished] + skipped,
                                      "status": [r["status"] for r in finished] + [SKIPPED] * len(skipped),
-                                     "part": [name] * len(finished) + [None] * len(skipped)},
+                                     "part": [name] * len(finished) + [None] * len(skipped),
+                                     "extract_seconds": [share] * (len(finished) + len(skipped))},
                                     schema=RESULT_SCHEMA)
 
 
@@ -231,6 +235,7 @@ def run_ray_extraction(inputs, out_uri: str, config: RayExtractConfig | None = N
     ctx.verbose_stats_logs = False
     results = {s: 0 for s in (*STATUSES, SKIPPED)}
     parts: set[str] = set()
+    busy = 0.0
     if records:
         batch_size = max(1, extract_config.batch_size)
         rows = [record_row(r) for r in records]
@@ -251,6 +256,7 @@ def run_ray_extraction(inputs, out_uri: str, config: RayExtractConfig | None = N
             for status in batch.column("status").to_pylist():
                 results[status if status in results else STATUS_ERROR] += 1
             parts.update(p for p in batch.column("part").to_pylist() if p)
+            busy += sum(batch.column("extract_seconds").to_pylist())
     seconds = time.perf_counter() - started
     skipped = results.pop(SKIPPED)
     written = sum(results.values())
@@ -259,7 +265,10 @@ def run_ray_extraction(inputs, out_uri: str, config: RayExtractConfig | None = N
         print(f"facedist extract: WARNING {lost} input rows unaccounted for", file=sys.stderr)
     run = {"inputs": len(records), "written": written, "skipped": skipped, "unaccounted": lost,
            "this_run_counts": results, "parts_written": len(parts),
-           "seconds": round(seconds, 3), "ray_init_seconds": round(ray_ready - started, 3),
+           "seconds": round(seconds, 3), "actor_busy_seconds": round(busy, 3),
+           # Share of the actors' wall time spent extracting: low means they waited on input.
+           "actor_utilisation": round(busy / (seconds * max(1, config.actors)), 3) if seconds else None,
+           "ray_init_seconds": round(ray_ready - started, 3),
            "images_per_s": round(written / seconds, 3) if seconds else None,
            "config": _config_json(config), "resources": plan, "mode": "ray-data", "run_id": run_id}
     summary = summarize(out_uri, options, run=run)
