@@ -146,11 +146,20 @@ def deploy(app_name: str, settings: dict, port: int):
     return f"http://127.0.0.1:{port}/v1/extract"
 
 
-def batch_histogram(app_name: str) -> dict:
+def extractor_stats(app_name: str, reset: bool = True) -> dict:
+    """Batch sizes and per-image CPU ms per extractor stage (detect, regress, ...) since the last
+    reset: where a request's time goes, and which part batching can shrink."""
     from ray import serve
 
-    stats = serve.get_deployment_handle(EXTRACTOR, app_name).stats.remote().result()
-    return {int(k): v for k, v in sorted(stats["batch_sizes"].items(), key=lambda kv: int(kv[0]))}
+    handle = serve.get_deployment_handle(EXTRACTOR, app_name)
+    stats = handle.stats.remote().result()
+    if reset:
+        handle.reset_stats.remote().result()
+    images = max(int(stats.get("images") or 0), 1)
+    cpu = stats.get("stage_seconds", {}).get("cpu", {})
+    return {"batch_sizes": {int(k): v for k, v in sorted(stats["batch_sizes"].items(), key=lambda kv: int(kv[0]))},
+            "images": stats.get("images"),
+            "cpu_ms_per_image": {stage: round(seconds / images * 1000, 2) for stage, seconds in cpu.items()}}
 
 
 def throughput_phase(name: str, settings: dict, port: int, images, levels, args, headers) -> dict:
@@ -159,18 +168,19 @@ def throughput_phase(name: str, settings: dict, port: int, images, levels, args,
     app_name = f"bench-{name}"
     url = deploy(app_name, {**settings, "num_replicas": 1}, port)
     asyncio.run(closed_loop(url, images, 2, args.warmup, 120, headers))  # warm-up: first calls
+    extractor_stats(app_name)
     results = []
     for concurrency in levels:
         max_requests = max(args.min_requests, args.requests_per_client * concurrency)
         result = asyncio.run(closed_loop(url, images, concurrency, max_requests, args.max_seconds, headers))
         result["replicas_observed"] = running_replicas(app_name)
+        result["extractor"] = extractor_stats(app_name)
         results.append(result)
         print(f"[{name}] c={concurrency}: {result['requests_per_s']} req/s, "
               f"p50 {result['latency_ms']['p50']} ms, p99 {result['latency_ms']['p99']} ms, "
               f"errors {result['errors']}", flush=True)
-    histogram = batch_histogram(app_name)
     serve.delete(app_name)
-    return {"settings": settings, "levels": results, "batch_size_histogram": histogram}
+    return {"settings": settings, "levels": results}
 
 
 def autoscaling_phase(settings: dict, port: int, images, args, headers) -> dict:
@@ -179,6 +189,7 @@ def autoscaling_phase(settings: dict, port: int, images, args, headers) -> dict:
     app_name = "bench-autoscale"
     url = deploy(app_name, settings, port)
     asyncio.run(closed_loop(url, images, 2, args.warmup, 120, headers))
+    before = running_replicas(app_name)
     with ReplicaSampler(app_name) as sampler:
         t_load = time.perf_counter() - sampler.t0
         load = asyncio.run(closed_loop(url, images, 32, 100_000, args.autoscale_load_s, headers))
@@ -205,7 +216,7 @@ def autoscaling_phase(settings: dict, port: int, images, args, headers) -> dict:
     return {
         "settings": settings,
         "load": load,
-        "replicas_before_load": sampler.max_between(0, t_load),
+        "replicas_before_load": before,
         "replicas_peak_under_load": peak,
         "replicas_after_idle": samples[-1][1] if samples else None,
         "upscale_decided_after_s": round(decided_at - t_load, 2) if decided_at is not None else None,

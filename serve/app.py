@@ -295,7 +295,18 @@ class FaceExtractor:
         }
 
     def stats(self) -> dict:
-        return {"batch_sizes": dict(self.batch_sizes), "uptime_s": time.time() - self.started}
+        """Batch sizes seen and, when the extractor keeps them, CPU/wall seconds per stage."""
+        timings = getattr(self.extractor, "timings", None)
+        stages = {kind: dict(getattr(timings, kind)) for kind in ("cpu", "wall") if hasattr(timings, kind)}
+        return {"batch_sizes": dict(self.batch_sizes), "stage_seconds": stages,
+                "images": sum(size * count for size, count in self.batch_sizes.items()),
+                "uptime_s": time.time() - self.started}
+
+    def reset_stats(self) -> None:
+        self.batch_sizes.clear()
+        timings = getattr(self.extractor, "timings", None)
+        if hasattr(timings, "clear"):
+            timings.clear()
 
 
 @serve.deployment(name="FaceRecognizer", max_ongoing_requests=64,
@@ -619,9 +630,15 @@ def run_server(models_uri: str | None = None, *, address: str | None = None,
     import ray
 
     if not ray.is_initialized():
-        # Replicas import this module: the repository root must be on their path.
+        # Replicas import this module (and facedist): locally the repository root goes on their
+        # path; a remote cluster gets the repository uploaded as the job's working_dir.
         repo_root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-        runtime_env = {"env_vars": {"PYTHONPATH": _with_path(repo_root)}}
+        if address is None:
+            runtime_env: dict[str, Any] = {"env_vars": {"PYTHONPATH": _with_path(repo_root)}}
+        else:
+            runtime_env = {"working_dir": repo_root, "env_vars": {},
+                           "excludes": [".venv", ".git", "benchmarks/results", "out", "results", "runs",
+                                        "*.pth", "*.pt", "*.parquet"]}
         for key in (API_TOKEN_ENV, "FACEDIST_MODEL_DIR", "FACEDIST_CACHE_DIR"):
             if os.environ.get(key):
                 runtime_env["env_vars"][key] = os.environ[key]

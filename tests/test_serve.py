@@ -19,6 +19,8 @@ import pytest
 httpx = pytest.importorskip("httpx")
 
 REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:  # `serve` is a top-level folder of the repository, not an installed package
+    sys.path.insert(0, str(REPO))
 TOKEN = "test-token-123"
 MAX_IMAGE_BYTES = 1_000_000
 MAX_IMAGES = 4
@@ -107,7 +109,6 @@ def server(models_uri):
     import ray
     from ray import serve
 
-    sys.path.insert(0, str(REPO))
     from serve.app import run_server
 
     saved_token = os.environ.get("FACEDIST_API_TOKEN")
@@ -339,3 +340,22 @@ def test_models_lists_recognizer_versions(client):
     for task, model in recognizer["models"].items():
         assert len(model["version"]) == 12 and model["trained_on"]["backend"] == "tddfa"
     assert len(recognizer["models"]["identity"]["labels"]) == 15
+
+
+def test_config_yaml_is_a_valid_serve_config_that_builds():
+    """serve/config.yaml passes Ray's own schema and its import path builds the app from its args."""
+    import importlib
+
+    import yaml
+    from ray.serve.schema import ServeDeploySchema
+
+    config = ServeDeploySchema.model_validate(yaml.safe_load((REPO / "serve" / "config.yaml").read_text()))
+    (app,) = config.applications
+    module_name, attr = app.import_path.split(":")
+    builder = getattr(importlib.import_module(module_name), attr)
+    built = builder(app.args)
+    deployments = {d.name: d for d in app.deployments}
+    assert {"FaceExtractor", "FaceRecognizer", "FacedistAPI"} == set(deployments)
+    scaling = deployments["FaceExtractor"].autoscaling_config
+    assert scaling["min_replicas"] < scaling["max_replicas"] and scaling["target_ongoing_requests"] > 0
+    assert type(built).__name__ == "Application"
