@@ -161,6 +161,7 @@ def test_health_is_open_and_models_are_listed(server, client):
     base_url, _ = server
     health = httpx.get(f"{base_url}/v1/health", timeout=60)  # no token: probes must not need one
     assert health.status_code == 200 and health.json()["status"] == "ok"
+    assert health.json()["recognizer"] == "ready"
     models = client.get("/v1/models").json()
     extractor = models["extractor"]
     assert extractor["name"] == "tddfa"
@@ -254,6 +255,13 @@ def test_oversized_upload_gets_413(client, face_bytes):
     assert response.status_code == 413
     error = _error(response)
     assert error["code"] == "too_large" and str(MAX_IMAGE_BYTES) in error["message"]
+    _assert_good_extract(client, face_bytes)
+    # Within the request limit (several images allowed) but one file over the per-image limit.
+    files = [("images", ("ok.gif", face_bytes)), ("images", ("big.gif", big))]
+    response = client.post("/v1/predict", files=files)
+    assert response.status_code == 413
+    error = _error(response)
+    assert error["code"] == "too_large" and error["index"] == 1 and "big.gif" in error["message"]
     _assert_good_extract(client, face_bytes)
 
 
