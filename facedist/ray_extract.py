@@ -3,7 +3,7 @@
 Stages (streamed, so millions of inputs never sit in memory at once):
 
     driver:  list inputs (prefix or manifest) -> records -> ray.data.from_items
-    tasks:   read_row + content hash -> drop rows already in the output (resume) -> decode_row
+    tasks:   read_row + content hash -> mark rows already in the output (resume) -> decode_row
     actors:  extract_rows (models loaded once per actor) -> one Parquet part per batch
     driver:  count statuses as parts land -> pipeline.summarize writes _summary.json
 
@@ -93,7 +93,8 @@ def discover_records(source, dataset: str = "auto", options: storage.S3Options |
 
 def read_decode_batch(batch: pa.Table, *, options: storage.S3Options | None, max_side: int,
                       done: frozenset) -> pa.Table:
-    """pipeline.read_row + decode_row over a block; rows already in the output are dropped."""
+    """pipeline.read_row + decode_row over a block. Rows already in the output (same path and
+    content hash) are marked SKIPPED and carry no pixels."""
     columns: dict[str, list] = {name: [] for name in DECODED_SCHEMA.names}
     for row in batch.to_pylist():
         row = read_row(row, options)
