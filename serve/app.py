@@ -648,11 +648,19 @@ def run_server(models_uri: str | None = None, *, address: str | None = None,
                        route_prefix=route_prefix, blocking=False)
     logger.info("facedist serving on http://%s:%d%s (docs at /docs)", host, port, route_prefix)
     if blocking:
+        import signal
+
+        # SIGTERM (a service manager, `kill`) shuts down like Ctrl-C: no orphaned local Ray.
+        signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
         try:
             while True:
                 time.sleep(3600)
         except KeyboardInterrupt:
+            pass
+        finally:
             serve.shutdown()
+            if address is None:
+                ray.shutdown()
     return handle
 
 
