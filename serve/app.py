@@ -41,6 +41,7 @@ from pydantic import BaseModel, Field
 from ray import serve
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.formparsers import MultiPartException
 
 logger = logging.getLogger("ray.serve")
 
@@ -491,11 +492,19 @@ class FacedistAPI:
                            f"({max_count} image(s) of at most {s.max_image_bytes} bytes)")
         try:
             form = await request.form(max_files=max_count + 8, max_fields=32)
-        except StarletteHTTPException as exc:
-            if "Too many files" in str(exc.detail):
+        except (StarletteHTTPException, MultiPartException) as exc:
+            detail = getattr(exc, "detail", None) or getattr(exc, "message", None) or str(exc)
+            if "Too many files" in str(detail):
                 raise ApiError(413, "too_many_images",
                                f"too many files; at most {max_count} image(s) per request") from None
-            raise ApiError(400, "bad_multipart", f"could not parse the upload: {exc.detail}") from None
+            raise ApiError(400, "bad_multipart", f"could not parse the upload: {detail}") from None
+        try:
+            return await self._collect(form, field_name, max_count)
+        finally:
+            await form.close()  # spooled temporary files go now, also after a rejection
+
+    async def _collect(self, form, field_name: str, max_count: int) -> list[Upload]:
+        s = self.settings
         items = form.getlist(field_name)
         if not items:
             present = sorted(set(form.keys()))
@@ -517,7 +526,6 @@ class FacedistAPI:
                                f"image #{index} ({item.filename}) is larger than {s.max_image_bytes} bytes",
                                field=field_name, index=index)
             uploads.append(Upload(index, item.filename, data))
-        await form.close()
         return uploads
 
     def _decode(self, upload: Upload) -> np.ndarray:
@@ -529,8 +537,9 @@ class FacedistAPI:
             raise decode_error_to_api(f"{exc}", index=upload.index, filename=upload.filename) from None
 
     async def _extract(self, uploads: list[Upload]) -> list[dict]:
-        # Decode everything first: one bad file rejects the request before any model work.
-        images = [self._decode(u) for u in uploads]
+        # Decode everything first: one bad file rejects the request before any model work. In a
+        # thread: a large JPEG takes tens of ms, which would stall every other request here.
+        images = await asyncio.to_thread(lambda: [self._decode(u) for u in uploads])
         # One call per image, all in flight at once: the extractor batches them with other requests.
         return list(await asyncio.gather(*(self.extractor.extract.remote(im) for im in images)))
 
