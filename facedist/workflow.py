@@ -1,0 +1,113 @@
+"""`facedist run`: the whole flow on one command - extract, train, report.
+
+storage -> Ray Data extraction -> coefficients table -> Ray Train (C-Net, then the classifiers
+fed with C-Net aggregates) -> model bundles -> report. Local Ray and local storage by default;
+--address and s3:// for a cluster.
+"""
+
+from __future__ import annotations
+
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from facedist import storage
+from facedist.schema import LABEL_COLUMNS
+
+
+@dataclass
+class WorkflowConfig:
+    images: str                     # folder, s3:// prefix or manifest
+    out: str                        # folder or s3:// prefix: coefficients/, models/, report/
+    backend: str = "tddfa"
+    dataset: str = "auto"
+    actors: int = 2
+    batch_size: int = 32
+    epochs: int = 40                # classifier epochs
+    cnet_epochs: int = 30
+    workers: int = 1                # Ray Train workers per task
+    cpus_per_worker: float = 1.0
+    report: bool = True
+    report_folds: int = 3
+    image_epochs: int = 15          # the raw-image baseline in the report
+    address: str | None = None
+
+
+def _labelled(table, column: str) -> int:
+    """How many distinct values a label column has among ok rows."""
+    values = {v for v, s in zip(table.column(column).to_pylist(), table.column("status").to_pylist())
+              if v is not None and s == "ok"}
+    return len(values)
+
+
+def run_workflow(config: WorkflowConfig, log=print) -> dict:
+    from facedist.pipeline import ExtractConfig
+    from facedist.ray_extract import RayExtractConfig, run_ray_extraction
+    from facedist.training import TrainConfig, run_training
+
+    started = time.perf_counter()
+    coeffs = storage.join(config.out, "coefficients")
+    models = storage.join(config.out, "models")
+    log(f"[1/3] extracting {config.images} -> {coeffs}")
+    summary = run_ray_extraction(
+        config.images, coeffs,
+        RayExtractConfig(extract=ExtractConfig(backend=config.backend, batch_size=config.batch_size),
+                         actors=config.actors, dataset=config.dataset),
+        address=config.address)
+
+    table = storage.read_table(coeffs, columns=["status", *LABEL_COLUMNS])
+    common = dict(data=coeffs, output=models, num_workers=config.workers, cpus_per_worker=config.cpus_per_worker)
+    trained = {}
+    log(f"[2/3] training C-Net -> {models}/cnet")
+    trained["cnet"] = run_training(TrainConfig(task="cnet", epochs=config.cnet_epochs, **common))
+    cnet_dir = storage.join(models, "cnet")
+    tasks = [("identity", "subject", {"cnet": cnet_dir, "aggregate": "cnet"}),
+             ("expression", "expression", {}),
+             ("gender", "gender", {"cnet": cnet_dir, "aggregate": "cnet"})]
+    for task, column, extra in tasks:
+        if _labelled(table, column) < 2:
+            log(f"      {task}: skipped, the images carry fewer than 2 {column} labels")
+            continue
+        log(f"      training {task} -> {models}/{task}")
+        trained[task] = run_training(TrainConfig(task=task, epochs=config.epochs, **common, **extra))
+
+    report_dir = None
+    if config.report:
+        report_dir = storage.join(config.out, "report")
+        log(f"[3/3] report ({config.report_folds}-fold protocol, coefficients vs images) -> {report_dir}")
+        _write_report(coeffs, report_dir, config)
+
+    result = {"extraction": summary, "coefficients": coeffs, "models": models, "report": report_dir,
+              "trained": {k: {"bundle": v["bundle"], "best": {m: v["best"].get(m) for m in
+                                                               ("epoch", "accuracy", "macro_f1", "loo_error")}}
+                          for k, v in trained.items()},
+              "seconds": round(time.perf_counter() - started, 1)}
+    counts = summary["counts"]
+    log(f"done in {result['seconds']} s: {summary['rows']} images (ok {counts.get('ok', 0)}, "
+        f"no_face {counts.get('no_face', 0)}, error {counts.get('error', 0)})")
+    log(f"  coefficients: {coeffs}")
+    for task, info in result["trained"].items():
+        acc = info["best"].get("accuracy")
+        log(f"  model {task}: {info['bundle']}" + (f" (validation accuracy {acc:.3f})" if acc is not None else ""))
+    if report_dir:
+        log(f"  report: {report_dir} (table1_identity.md, table2_expression.md, table3_speed.md, confusion_*.png)")
+    log(f"  serve it: facedist serve --models {models}")
+    return result
+
+
+def _write_report(coeffs: str, report_dir: str, config: WorkflowConfig) -> None:
+    from facedist.report import ReportConfig, write_report
+
+    def build(local: str) -> None:
+        write_report(ReportConfig(data=coeffs, out=local, folds=config.report_folds, coeff_epochs=config.epochs,
+                                  cnet_epochs=config.cnet_epochs, image_epochs=config.image_epochs))
+
+    if not storage.is_s3(report_dir):
+        build(report_dir)
+        return
+    with tempfile.TemporaryDirectory() as local:  # the report renders locally, then goes up
+        build(local)
+        for path in Path(local).rglob("*"):
+            if path.is_file():
+                storage.write_bytes(storage.join(report_dir, str(path.relative_to(local))), path.read_bytes())

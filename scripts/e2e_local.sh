@@ -1,0 +1,98 @@
+#!/usr/bin/env bash
+# End to end on a local Ray cluster, the way a cluster is used:
+#   ray start --head -> ray job submit (extraction) -> ray job submit (training: C-Net, identity,
+#   expression) -> serve deploy -> a real /v1/predict request -> ray stop.
+# Usage: scripts/e2e_local.sh [IMAGES] [WORKDIR]     (defaults: ../shared/data/yalefaces, a temp dir)
+set -euo pipefail
+REPO="$(cd "$(dirname "$0")/.." && pwd)"
+cd "$REPO"
+IMAGES="$(realpath "${1:-../shared/data/yalefaces}")"
+WORK="$(realpath -m "${2:-$(mktemp -d /tmp/facedist-e2e.XXXXXX)}")"
+mkdir -p "$WORK"
+BIN="$REPO/.venv/bin"
+[ -x "$BIN/ray" ] || BIN="$(dirname "$(command -v ray)")"
+export PATH="$BIN:$PATH"   # job entrypoints run `python`: the one facedist is installed in
+export FACEDIST_MODEL_DIR="${FACEDIST_MODEL_DIR:-$(realpath ../shared/models)}"
+export PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}"   # workers import serve.app from the repo
+free_port() { "$BIN/python" -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+GCS_PORT=$(free_port); DASH_PORT=$(free_port); HTTP_PORT=$(free_port)
+# Every port of its own, so another Ray on this machine (a notebook, a test) cannot collide.
+PORT_FLAGS=(--dashboard-agent-listen-port "$(free_port)" --dashboard-agent-grpc-port "$(free_port)"
+            --runtime-env-agent-port "$(free_port)" --metrics-export-port "$(free_port)"
+            --ray-client-server-port "$(free_port)" --node-manager-port "$(free_port)"
+            --object-manager-port "$(free_port)")
+export RAY_ADDRESS="http://127.0.0.1:$DASH_PORT"
+step() { printf '\n== %s\n' "$*"; }
+
+# Token auth on (Ray 2.5x+): the head, the job CLI and serve all use the same token file.
+export RAY_AUTH_MODE=token
+[ -s "$HOME/.ray/auth_token" ] || "$BIN/ray" get-auth-token --generate >/dev/null
+
+step "ray start --head (GCS :$GCS_PORT, dashboard :$DASH_PORT)"
+"$BIN/ray" start --head --port "$GCS_PORT" --dashboard-host 127.0.0.1 --dashboard-port "$DASH_PORT" \
+    --num-cpus "${E2E_CPUS:-2}" --temp-dir "$WORK/ray" "${PORT_FLAGS[@]}" --disable-usage-stats >"$WORK/ray_start.log" 2>&1
+# Stop only this cluster (`ray stop` would stop every Ray on the machine): its processes carry
+# its own temp dir on their command lines.
+stop_cluster() {
+    "$BIN/serve" shutdown -a "$RAY_ADDRESS" -y >/dev/null 2>&1 || true
+    pkill -TERM -f -- "$WORK/ray" || true
+    sleep 3
+    pkill -KILL -f -- "$WORK/ray" || true
+}
+trap stop_cluster EXIT
+
+# The dashboard and its job agent come up a little after the head: wait until a trivial job runs.
+ready=0
+for _ in $(seq 1 60); do
+    if "$BIN/ray" job submit -- python -c "pass" >"$WORK/agent_wait.log" 2>&1; then ready=1; break; fi
+    sleep 2
+done
+[ "$ready" = 1 ] || { tail -5 "$WORK/agent_wait.log"; echo "the Ray job agent never came up"; exit 1; }
+
+step "ray job submit: extraction"
+"$BIN/ray" job submit --working-dir . -- \
+    python jobs/extract.py --input "$IMAGES" --output "$WORK/coefficients" --backend tddfa --actors 2 --no-progress
+
+for task in cnet identity expression; do
+    step "ray job submit: training $task"
+    extra=()
+    [ "$task" = identity ] && extra=(--cnet "$WORK/models/cnet")
+    "$BIN/ray" job submit --working-dir . -- \
+        python jobs/train.py --task "$task" --data "$WORK/coefficients" --output "$WORK/models" \
+        --epochs "${E2E_EPOCHS:-8}" --cpus-per-worker 1 --text "${extra[@]}"
+done
+
+step "serve deploy (models from $WORK/models, HTTP :$HTTP_PORT)"
+"$BIN/python" - "$WORK/models" "$HTTP_PORT" "$WORK/serve.yaml" <<'PY'
+import sys, yaml
+models, port, out = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+config = yaml.safe_load(open("serve/config.yaml"))
+config["http_options"].update(host="127.0.0.1", port=port)
+app = config["applications"][0]
+app["args"].update(models_uri=models, extractor_num_cpus=0.5)
+for deployment in app["deployments"]:
+    deployment.get("autoscaling_config", {}).update(min_replicas=1, max_replicas=1)
+yaml.safe_dump(config, open(out, "w"))
+PY
+"$BIN/serve" deploy "$WORK/serve.yaml" -a "$RAY_ADDRESS"
+for _ in $(seq 1 90); do
+    if curl -sf "http://127.0.0.1:$HTTP_PORT/v1/health" >/dev/null; then break; fi
+    sleep 2
+done
+curl -sf "http://127.0.0.1:$HTTP_PORT/v1/models"; echo
+
+step "predict: three photos of subject05"
+curl -sf -X POST "http://127.0.0.1:$HTTP_PORT/v1/predict" \
+    -F "images=@$IMAGES/subject05.happy" -F "images=@$IMAGES/subject05.normal" \
+    -F "images=@$IMAGES/subject05.sad" -o "$WORK/predict.json"
+"$BIN/python" - "$WORK/predict.json" <<'PY'
+import json, sys
+result = json.load(open(sys.argv[1]))
+identity = result["identity"]
+assert identity and identity["top_k"], result
+print("identity top-3:", [(t["label"], round(t["score"], 3)) for t in identity["top_k"][:3]])
+expressions = [(img.get("expression") or {}).get("label") for img in result["images"]]
+assert all(expressions), result["images"]
+print("expressions:", expressions)
+PY
+step "e2e passed; outputs in $WORK"
