@@ -164,6 +164,16 @@ def cmd_serve(args) -> int:
     return 0
 
 
+def cmd_run(args) -> int:
+    from facedist.workflow import WorkflowConfig, run_workflow
+
+    run_workflow(WorkflowConfig(
+        images=args.images, out=args.out, backend=args.backend, dataset=args.dataset, actors=args.actors,
+        epochs=args.epochs, cnet_epochs=args.cnet_epochs, workers=args.workers, report=not args.no_report,
+        report_folds=args.report_folds, image_epochs=args.image_epochs, address=args.address))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="facedist", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -212,6 +222,21 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--backend", default="tddfa", choices=("tddfa", "deep3d", "fit"))
     srv.add_argument("--max-batch-size", type=int, default=16)
     srv.set_defaults(func=cmd_serve)
+
+    run = sub.add_parser("run", help="the whole flow: extract, train C-Net and classifiers, report")
+    run.add_argument("--images", required=True, help="folder, s3:// prefix or manifest")
+    run.add_argument("--out", required=True, help="folder or s3:// prefix for everything it writes")
+    run.add_argument("--backend", default="tddfa", choices=("tddfa", "deep3d", "fit"))
+    run.add_argument("--dataset", default="auto", choices=("auto", "kdef", "yale", "fei", "folder", "none"))
+    run.add_argument("--actors", type=int, default=2)
+    run.add_argument("--epochs", type=int, default=40, help="classifier epochs")
+    run.add_argument("--cnet-epochs", type=int, default=30)
+    run.add_argument("--workers", type=int, default=1, help="Ray Train workers per task")
+    run.add_argument("--report-folds", type=int, default=3)
+    run.add_argument("--image-epochs", type=int, default=15, help="image baseline epochs in the report")
+    run.add_argument("--no-report", action="store_true")
+    run.add_argument("--address", default=None, help="Ray cluster address (default: RAY_ADDRESS or local)")
+    run.set_defaults(func=cmd_run)
 
     mod = sub.add_parser("models", help="list, resolve or download model files")
     mod.add_argument("action", nargs="?", default="list", choices=("list", "resolve", "download"))
