@@ -17,6 +17,7 @@ import io
 import json
 import os
 import platform
+import resource
 import shutil
 import sys
 import tempfile
@@ -51,6 +52,38 @@ def make_images(yale_dir: Path, n: int, folder: Path, seed: int = 0) -> list[str
     return paths
 
 
+def _bare_worker(args: tuple[list[str], str]) -> int:
+    """One process, no Ray: read, decode and extract its share of the images (nothing written)."""
+    paths, backend = args
+    import torch
+
+    from facedist.extractors import make_extractor
+    from facedist.pipeline import batched, decode_row, extract_rows, read_row
+
+    torch.set_num_threads(1)
+    extractor = make_extractor(backend)
+    for batch in batched(paths, 16):
+        extract_rows([decode_row(read_row({"path": p})) for p in batch], extractor)
+    return len(paths)
+
+
+def bare_process_scaling(paths: list[str], backend: str) -> dict:
+    """The machine's own ceiling: the same work in 1 vs 2 plain processes (no Ray), models
+    loaded before the clock starts. If this is far below 2x, the cores are busy with others."""
+    import multiprocessing as mp
+
+    out = {}
+    for workers in (1, 2):
+        shares = [paths[i::workers] for i in range(workers)]
+        with mp.get_context("spawn").Pool(workers) as pool:
+            pool.map(_bare_worker, [(paths[:2], backend)] * workers)  # warm: imports, model files
+            seconds, _ = timed(lambda: pool.map(_bare_worker, [(share, backend) for share in shares]))
+        out[f"{workers}_process_seconds"] = round(seconds, 2)
+    out["scaling_2_vs_1_processes"] = round(out["1_process_seconds"] / out["2_process_seconds"], 3)
+    out["n_images"] = len(paths)
+    return out
+
+
 def timed(fn) -> tuple[float, dict]:
     started = time.perf_counter()
     result = fn()
@@ -65,6 +98,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cpus", type=int, default=None, help="CPUs of the local Ray (default: all)")
     parser.add_argument("--actors", default="1,2", help="actor counts to run, comma-separated")
     parser.add_argument("--repeats", type=int, default=1, help="interleaved repeats of every variant (median)")
+    parser.add_argument("--ceiling", type=int, default=400, metavar="N",
+                        help="also time N images in 1 vs 2 plain processes, without Ray (0: skip)")
     parser.add_argument("--yale", default=str(REPO.parent / "shared" / "data" / "yalefaces"))
     parser.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "extract_ray.json"))
     args = parser.parse_args(argv)
@@ -103,14 +138,23 @@ def main(argv: list[str] | None = None) -> int:
             for actors in actor_counts:
                 out = work / f"ray{actors}-{repeat}"
                 ray_config = RayExtractConfig(extract=config, actors=actors, progress=False)
+                cpu_before = resource.getrusage(resource.RUSAGE_SELF)
                 seconds, summary = timed(lambda: run_ray_extraction(records, str(out), ray_config))
+                cpu_after = resource.getrusage(resource.RUSAGE_SELF)
+                driver_cpu = (cpu_after.ru_utime - cpu_before.ru_utime) + (cpu_after.ru_stime - cpu_before.ru_stime)
                 run = summary["run"]
+                steady = seconds - run["first_result_seconds"]
                 runs[f"ray_{actors}_actors"].append({
                     "seconds": round(seconds, 2), "images_per_s": round(len(records) / seconds, 3),
                     "counts": summary["counts"], "resources": run["resources"],
                     "actor_busy_seconds": run["actor_busy_seconds"], "actor_utilisation": run["actor_utilisation"],
                     # An actor's extraction time per image: rises when actors compete for cores.
                     "actor_ms_per_image": round(1000 * run["actor_busy_seconds"] / len(records), 2),
+                    # Start-up (actors, models, first batch) vs the rate once results flow.
+                    "first_result_seconds": run["first_result_seconds"],
+                    "steady_images_per_s": round(len(records) / steady, 3) if steady > 0 else None,
+                    # The driver's own CPU (Ray Data's scheduling loop, listing, summary), per image.
+                    "driver_cpu_ms_per_image": round(1000 * driver_cpu / len(records), 2),
                     "load_average": os.getloadavg()[0]})
                 print(f"ray, {actors} actor(s): {runs[f'ray_{actors}_actors'][-1]}", file=sys.stderr)
         ray.shutdown()
@@ -137,6 +181,9 @@ def main(argv: list[str] | None = None) -> int:
                 "ray2_vs_plain_min": 1.6, "ray2_vs_plain": results["ray_2_actors"]["speedup_vs_plain"],
                 "ray2_vs_ray1_min": 1.7, "ray2_vs_ray1": results["scaling_2_vs_1_actors"],
             }
+        if args.ceiling:
+            results["bare_process_ceiling"] = bare_process_scaling(paths[: args.ceiling], args.backend)
+            print(f"bare processes: {results['bare_process_ceiling']}", file=sys.stderr)
         results["load_average_end"] = os.getloadavg()
     finally:
         shutil.rmtree(work, ignore_errors=True)

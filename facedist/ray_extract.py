@@ -237,6 +237,7 @@ def run_ray_extraction(inputs, out_uri: str, config: RayExtractConfig | None = N
     results = {s: 0 for s in (*STATUSES, SKIPPED)}
     parts: set[str] = set()
     busy = 0.0
+    first_result = None
     if records:
         batch_size = max(1, extract_config.batch_size)
         rows = [record_row(r) for r in records]
@@ -254,6 +255,8 @@ def run_ray_extraction(inputs, out_uri: str, config: RayExtractConfig | None = N
                                    "preview_budget": math.ceil(extract_config.preview / max(1, config.actors)),
                                    "extractor_factory": config.extractor_factory})
         for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None):
+            if first_result is None:  # start-up cost: cluster, actors, models, the first batch
+                first_result = time.perf_counter() - started
             for status in batch.column("status").to_pylist():
                 results[status if status in results else STATUS_ERROR] += 1
             parts.update(p for p in batch.column("part").to_pylist() if p)
@@ -269,6 +272,7 @@ def run_ray_extraction(inputs, out_uri: str, config: RayExtractConfig | None = N
            "seconds": round(seconds, 3), "actor_busy_seconds": round(busy, 3),
            # Share of the actors' wall time spent extracting: low means they waited on input.
            "actor_utilisation": round(busy / (seconds * max(1, config.actors)), 3) if seconds else None,
+           "first_result_seconds": round(first_result, 3) if first_result is not None else None,
            "ray_init_seconds": round(ray_ready - started, 3),
            "images_per_s": round(written / seconds, 3) if seconds else None,
            "config": _config_json(config), "resources": plan, "mode": "ray-data", "run_id": run_id}
