@@ -2,7 +2,7 @@ import numpy as np
 import torch
 
 from facedist.models.cnet import CNet, CNetConfig, aggregate_identity
-from facedist.training.cnet import leave_one_out
+from facedist.training.cnet import consistency_ratio, leave_one_out
 from facedist.training.geometry import KeypointBasis, camera_from_pose, fit_affine_cameras, homogeneous
 
 
@@ -43,3 +43,24 @@ def test_affine_camera_recovery_on_the_real_basis():
     fitted, residual = fit_affine_cameras(points, pixels)
     assert residual.max() < 1e-3
     assert np.allclose(fitted, cams, atol=1e-4)
+
+
+def test_consistency_ratio_rewards_downweighting_outlier_images():
+    torch.manual_seed(0)
+    people, size, dims = 8, 6, 5
+    identity = torch.randn(people, 1, dims) * 3
+    noise = torch.randn(people, size, dims) * 0.3
+    outlier = torch.zeros(people, size, 1, dtype=torch.bool)
+    outlier[:, :2] = True                       # one outlier in each half (members 0 and 1)
+    alpha = identity + noise + outlier * torch.randn(people, size, dims) * 5
+    mask = torch.ones(people, size, dtype=torch.bool)
+    scale = torch.ones(dims)
+    uniform = consistency_ratio(alpha, torch.ones_like(alpha), mask, scale)
+    trusted = consistency_ratio(alpha, torch.where(outlier, 0.01, 1.0).expand_as(alpha), mask, scale)
+    assert trusted < 0.5 * uniform
+
+
+def test_shared_confidence_option_is_one_weight_per_image():
+    net = CNet(CNetConfig(input_dim=7, n_id=40, per_dimension=False))
+    c = net(torch.randn(4, 3, 7))
+    assert c.shape == (4, 3, 40) and torch.equal(c, c[..., :1].expand_as(c))

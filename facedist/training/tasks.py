@@ -216,8 +216,8 @@ class CNetTask:
     monitor = ("loo_error_cnet", "min")
 
     def __init__(self, config: TrainConfig, data: CoefficientData, basis=None, alpha_true: np.ndarray | None = None,
-                 split: str = "image"):
-        from facedist.training.cnet import prepare_sets
+                 split: str = "image", model_overrides: dict | None = None, loss_config=None):
+        from facedist.training.cnet import CNetLossConfig, prepare_sets
         from facedist.training.geometry import KeypointBasis
 
         self.config = config
@@ -238,7 +238,9 @@ class CNetTask:
         self.val_sets = prepare_sets(data.subset(val_idx), self.basis, self.norm, alpha_true=truth(val_idx))
         self.basis_t = self.basis.torch()
         self.layout_json = data.layout.to_json()
-        self.model_config = CNetConfig(input_dim=data.quality.shape[1], n_id=data.alpha.shape[1]).to_dict()
+        self.model_config = CNetConfig(input_dim=data.quality.shape[1], n_id=data.alpha.shape[1],
+                                       **(model_overrides or {})).to_dict()
+        self.loss_config = loss_config or CNetLossConfig()
         self.n_feature = data.n_feature
 
     def build_model(self):
@@ -254,7 +256,7 @@ class CNetTask:
         for _ in range(self.config.steps_per_epoch):
             chosen = rng.choice(mine, min(self.config.batch_size, len(mine)), replace=False)
             index, mask = sample_sets(self.train_sets, chosen, self.config.set_size, rng)
-            loss, relative = cnet_loss(model, self.train_sets, self.basis_t, index, mask)
+            loss, relative = cnet_loss(model, self.train_sets, self.basis_t, index, mask, self.loss_config)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
