@@ -29,18 +29,8 @@ def _progress(done: int, total: int) -> None:
     sys.stderr.flush()
 
 
-def discover_records(source: str, dataset: str, options: storage.S3Options):
-    """Image records from a folder, an s3:// prefix, or a CSV/Parquet manifest with labels."""
-    from facedist.datasets import records_from_manifest, records_from_paths
-
-    if source.endswith((".csv", ".parquet")) and storage.exists(source, options):
-        return records_from_manifest(source)
-    paths = storage.list_files(source, options)
-    return records_from_paths(paths, dataset=dataset, root=source)
-
-
 def cmd_extract(args) -> int:
-    from facedist.pipeline import ExtractConfig, run_extraction
+    from facedist.pipeline import ExtractConfig, discover_records, run_extraction
 
     options = _s3_options(args)
     config = ExtractConfig(backend=args.backend, landmarks=args.landmarks, device=args.device,
@@ -50,7 +40,8 @@ def cmd_extract(args) -> int:
         from facedist.ray_extract import RayExtractConfig, run_ray_extraction
 
         summary = run_ray_extraction(args.images, args.out, RayExtractConfig(
-            extract=config, actors=args.actors, dataset=args.dataset), address=args.address, options=options)
+            extract=config, actors=args.actors, dataset=args.dataset, actor_num_cpus=args.actor_cpus,
+            actor_num_gpus=args.actor_gpus), address=args.address, options=options)
     else:
         records = discover_records(args.images, args.dataset, options)
         summary = run_extraction(records, args.out, config, options=options, progress=_progress)
@@ -194,6 +185,8 @@ def build_parser() -> argparse.ArgumentParser:
     ext.add_argument("--ray", action="store_true", help="run as a Ray Data job (local Ray unless --address)")
     ext.add_argument("--address", default=None, help="Ray cluster address (default: RAY_ADDRESS or local)")
     ext.add_argument("--actors", type=int, default=2, help="extraction actors (with --ray)")
+    ext.add_argument("--actor-cpus", type=float, default=None, help="CPUs per actor (with --ray; default: share)")
+    ext.add_argument("--actor-gpus", type=float, default=None, help="GPUs per actor (with --ray; default: 1 if any)")
     _add_storage_flags(ext)
     ext.set_defaults(func=cmd_extract)
 

@@ -8,6 +8,7 @@ facedist.schema.COLUMNS, with status/message saying what happened to it.
 from __future__ import annotations
 
 import json
+import os
 import time
 import uuid
 from dataclasses import asdict, dataclass
@@ -34,6 +35,23 @@ class ExtractConfig:
     max_side: int = 2048         # longer images are downscaled on decode
     preview: int = 0             # write this many landmark/mesh overlays
     resume: bool = True
+
+
+def discover_records(source, dataset: str = "auto", options: storage.S3Options | None = None) -> list:
+    """ImageRecords from a folder / s3:// prefix, a CSV/Parquet manifest with labels, or a list
+    of records or paths."""
+    from facedist.datasets import records_from_manifest, records_from_paths
+
+    if not isinstance(source, (str, os.PathLike)):
+        items = list(source)
+        if all(isinstance(item, ImageRecord) for item in items):
+            return items
+        return records_from_paths([str(item) for item in items], dataset=dataset)
+    source = str(source)
+    if source.endswith((".csv", ".parquet")) and storage.exists(source, options):
+        return records_from_manifest(source)
+    paths = storage.list_files(source, options)
+    return records_from_paths(paths, dataset=dataset, root=source)
 
 
 def record_row(record: ImageRecord) -> dict:

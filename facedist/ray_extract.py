@@ -27,8 +27,8 @@ import numpy as np
 import pyarrow as pa
 
 from facedist import storage
-from facedist.pipeline import (PART_PREFIX, ExtractConfig, decode_row, extract_rows, finished_keys,
-                               read_row, record_row, summarize)
+from facedist.pipeline import (PART_PREFIX, ExtractConfig, decode_row, discover_records, extract_rows,
+                               finished_keys, read_row, record_row, summarize)
 from facedist.extractors.base import Extractor
 from facedist.schema import LABEL_COLUMNS, STATUS_ERROR, STATUSES, rows_to_table
 
@@ -71,22 +71,6 @@ class RayExtractConfig:
 
 
 # ---- inputs ------------------------------------------------------------------------------------
-
-def discover_records(source, dataset: str = "auto", options: storage.S3Options | None = None) -> list:
-    """ImageRecords from a folder / s3:// prefix, a CSV/Parquet manifest with labels, or a list
-    of records or paths."""
-    from facedist.datasets import ImageRecord, records_from_manifest, records_from_paths
-
-    if not isinstance(source, (str, os.PathLike)):
-        items = list(source)
-        if all(isinstance(item, ImageRecord) for item in items):
-            return items
-        return records_from_paths([str(item) for item in items], dataset=dataset)
-    source = str(source)
-    if source.endswith((".csv", ".parquet")) and storage.exists(source, options):
-        return records_from_manifest(source)
-    paths = storage.list_files(source, options)
-    return records_from_paths(paths, dataset=dataset, root=source)
 
 
 # ---- stage 1: read + decode (Ray tasks) ----------------------------------------------------------
