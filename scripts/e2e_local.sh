@@ -28,18 +28,24 @@ step() { printf '\n== %s\n' "$*"; }
 export RAY_AUTH_MODE=token
 [ -s "$HOME/.ray/auth_token" ] || "$BIN/ray" get-auth-token --generate >/dev/null
 
-step "ray start --head (GCS :$GCS_PORT, dashboard :$DASH_PORT)"
-"$BIN/ray" start --head --port "$GCS_PORT" --dashboard-host 127.0.0.1 --dashboard-port "$DASH_PORT" \
-    --num-cpus "${E2E_CPUS:-2}" --temp-dir "$WORK/ray" "${PORT_FLAGS[@]}" --disable-usage-stats >"$WORK/ray_start.log" 2>&1
+# Ray's unix sockets live under its temp dir and must stay under 107 bytes: keep it short.
+RAY_TMP="$(mktemp -d /tmp/fdray.XXXXXX)"
+
 # Stop only this cluster (`ray stop` would stop every Ray on the machine): its processes carry
 # its own temp dir on their command lines.
 stop_cluster() {
     "$BIN/serve" shutdown -a "$RAY_ADDRESS" -y >/dev/null 2>&1 || true
-    pkill -TERM -f -- "$WORK/ray" || true
+    pkill -TERM -f -- "$RAY_TMP" || true
     sleep 3
-    pkill -KILL -f -- "$WORK/ray" || true
+    pkill -KILL -f -- "$RAY_TMP" || true
+    rm -rf "$RAY_TMP"
 }
 trap stop_cluster EXIT
+
+step "ray start --head (GCS :$GCS_PORT, dashboard :$DASH_PORT)"
+"$BIN/ray" start --head --port "$GCS_PORT" --dashboard-host 127.0.0.1 --dashboard-port "$DASH_PORT" \
+    --num-cpus "${E2E_CPUS:-2}" --temp-dir "$RAY_TMP" "${PORT_FLAGS[@]}" --disable-usage-stats \
+    >"$WORK/ray_start.log" 2>&1 || { tail -5 "$WORK/ray_start.log"; exit 1; }
 
 # The dashboard and its job agent come up a little after the head: wait until a trivial job runs.
 ready=0
