@@ -212,7 +212,7 @@ def run_extraction(
             storage.write_table(rows_to_table(finished, extractor.layout),
                                 storage.join(out_uri, new_part_name(index, run_id)), options)
             written += len(finished)
-            previews += _write_previews(decoded, results, out_uri, config.preview - previews, options)
+            previews += write_previews(decoded, results, out_uri, config.preview - previews, options)
         if progress:
             progress(written + skipped, len(records))
     seconds = time.perf_counter() - started
@@ -222,7 +222,8 @@ def run_extraction(
                                            "config": asdict(config), "mode": "single-process"})
 
 
-def _write_previews(rows, results, out_uri, budget, options) -> int:
+def write_previews(rows, results, out_uri, budget, options) -> int:
+    """Up to `budget` landmark/mesh overlays of ok rows as OUT/previews/<name>.png; returns how many."""
     if budget <= 0:
         return 0
     from facedist.preview import render_preview_png

@@ -28,7 +28,7 @@ import pyarrow as pa
 
 from facedist import storage
 from facedist.pipeline import (PART_PREFIX, ExtractConfig, decode_row, discover_records, extract_rows,
-                               finished_keys, read_row, record_row, summarize)
+                               finished_keys, read_row, record_row, summarize, write_previews)
 from facedist.extractors.base import Extractor
 from facedist.schema import LABEL_COLUMNS, STATUS_ERROR, STATUSES, rows_to_table
 
@@ -136,8 +136,6 @@ class ExtractActor:
         self.preview_budget = preview_budget
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        from facedist.pipeline import _write_previews
-
         started = time.perf_counter()
         rows = _decoded_rows(batch)
         skipped = [r["path"] for r in rows if r.get("status") == SKIPPED]
@@ -149,7 +147,7 @@ class ExtractActor:
             storage.write_table(rows_to_table(finished, self.extractor.layout),
                                 storage.join(self.out_uri, name), self.options)
             if self.preview_budget > 0:
-                self.preview_budget -= _write_previews(rows, results, self.out_uri, self.preview_budget,
+                self.preview_budget -= write_previews(rows, results, self.out_uri, self.preview_budget,
                                                        self.options)
         share = (time.perf_counter() - started) / max(1, len(finished) + len(skipped))
         return pa.Table.from_pydict({"path": [r["path"] for r in finished] + skipped,

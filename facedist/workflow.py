@@ -24,13 +24,14 @@ class WorkflowConfig:
     dataset: str = "auto"
     actors: int = 2
     batch_size: int = 32
-    epochs: int = 40                # classifier epochs
-    cnet_epochs: int = 30
+    epochs: int = 15                # classifier epochs (early stopping usually ends sooner)
+    cnet_epochs: int = 20
     workers: int = 1                # Ray Train workers per task
     cpus_per_worker: float = 1.0
     report: bool = True
     report_folds: int = 3
-    image_epochs: int = 15          # the raw-image baseline in the report
+    image_epochs: int = 8           # the raw-image baseline in the report
+    report_synthetic: bool = True   # the report's synthetic C-Net check (known identities)
     address: str | None = None
 
 
@@ -101,7 +102,8 @@ def _write_report(coeffs: str, report_dir: str, config: WorkflowConfig) -> None:
 
     def build(local: str) -> None:
         write_report(ReportConfig(data=coeffs, out=local, folds=config.report_folds, coeff_epochs=config.epochs,
-                                  cnet_epochs=config.cnet_epochs, image_epochs=config.image_epochs))
+                                  cnet_epochs=config.cnet_epochs, image_epochs=config.image_epochs,
+                                  synthetic=config.report_synthetic))
 
     if not storage.is_s3(report_dir):
         build(report_dir)

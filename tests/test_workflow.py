@@ -1,0 +1,49 @@
+"""`facedist run` on the embedded default: local Ray extraction, Ray Train, report - end to end on
+a few real people, with small epoch counts."""
+
+import json
+
+import pytest
+
+from facedist import storage
+from facedist.cli import main
+from facedist.workflow import WorkflowConfig, run_workflow
+
+
+@pytest.fixture(scope="module")
+def few_people(tmp_path_factory, yale_dir):
+    folder = tmp_path_factory.mktemp("images")
+    for path in sorted(yale_dir.iterdir()):
+        if path.name.split(".")[0] in ("subject01", "subject03", "subject08", "subject10"):
+            (folder / path.name).write_bytes(path.read_bytes())
+    (folder / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really")
+    return folder
+
+
+def test_run_extracts_trains_and_reports(few_people, tmp_path, capsys):
+    out = tmp_path / "out"
+    result = run_workflow(WorkflowConfig(images=str(few_people), out=str(out), epochs=2, cnet_epochs=2,
+                                         report_folds=2, image_epochs=1, report_synthetic=False))
+    inputs = len(list(few_people.iterdir()))
+    table = storage.read_table(str(out / "coefficients"))
+    assert table.num_rows == inputs
+    assert table.column("status").to_pylist().count("error") == 1
+    for task in ("cnet", "identity", "expression"):
+        assert (out / "models" / task / "model.pt").is_file(), task
+    assert "gender" not in result["trained"]  # Yale names carry no gender
+    report = out / "report"
+    for name in ("table1_identity.md", "table2_expression.md", "table3_speed.md",
+                 "confusion_expression.png", "confusion_identity.png", "confusion_identity.json"):
+        assert (report / name).is_file(), name
+    results = json.loads((report / "results.json").read_text())
+    assert set(results["summary"]) >= {"identity_cnet", "identity_mean", "image_identity", "expression"}
+    for key in ("identity_cnet", "identity_mean", "image_identity", "expression"):
+        assert 0.0 <= results["summary"][key]["accuracy"]["mean"] <= 1.0
+    assert "3DMM identity, C-Net aggregate" in (report / "table1_identity.md").read_text()
+    printed = capsys.readouterr().out
+    assert str(out / "models") in printed and "report" in printed
+
+
+def test_run_command_needs_images():
+    with pytest.raises(SystemExit):
+        main(["run", "--out", "x"])
