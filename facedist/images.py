@@ -221,3 +221,19 @@ def decode_image(data: bytes, *, max_side: int = 2048) -> np.ndarray:
     if min(height, width) < MIN_SIDE:
         raise ImageDecodeError(f"image too small: {width}x{height}")
     return np.ascontiguousarray(rgb)
+
+
+def as_rgb_uint8(image) -> np.ndarray:
+    """Check a decoded image handed to a model: uint8, (H, W), (H, W, 1), (H, W, 3) or (H, W, 4);
+    greyscale is replicated and alpha dropped. Raises ValueError with what is wrong."""
+    if not isinstance(image, np.ndarray):
+        raise ValueError(f"expected a numpy RGB image, got {type(image).__name__}")
+    if image.dtype != np.uint8:
+        raise ValueError(f"expected uint8 pixels, got {image.dtype}")
+    if image.ndim == 2:
+        image = image[:, :, None]
+    if image.ndim != 3 or image.shape[2] not in (1, 3, 4) or min(image.shape[:2]) < 1:
+        raise ValueError(f"expected an (H, W, 3) image, got shape {image.shape}")
+    if image.shape[2] == 1:
+        image = np.repeat(image, 3, axis=2)
+    return np.ascontiguousarray(image[:, :, :3])

@@ -23,6 +23,7 @@ from urllib.parse import urlparse
 
 import numpy as np
 
+from facedist.images import as_rgb_uint8
 from facedist.schema import NUM_LANDMARKS
 
 
@@ -55,17 +56,6 @@ class LandmarkModelMissingError(FileNotFoundError):
 def largest_first(detections: Sequence[FaceDetection]) -> list[FaceDetection]:
     """Sort by box area, descending; ties keep the higher score first."""
     return sorted(detections, key=lambda d: (-d.area, -d.score))
-
-
-def _as_rgb_uint8(image: np.ndarray) -> np.ndarray:
-    image = np.asarray(image)
-    if image.dtype != np.uint8:
-        raise ValueError(f"expected a uint8 image, got {image.dtype}")
-    if image.ndim == 2:
-        image = np.repeat(image[:, :, None], 3, axis=2)
-    if image.ndim != 3 or image.shape[2] not in (3, 4):
-        raise ValueError(f"expected an RGB image (H, W, 3), got shape {image.shape}")
-    return np.ascontiguousarray(image[:, :, :3])
 
 
 # ---------------------------------------------------------------------------------------- dlib
@@ -136,7 +126,7 @@ class DlibLandmarkDetector:
         self._predictor = dlib.shape_predictor(str(predictor_path or dlib_shape_predictor_path()))
 
     def detect(self, image: np.ndarray) -> list[FaceDetection]:
-        rgb = _as_rgb_uint8(image)
+        rgb = as_rgb_uint8(image)
         detections = []
         for box, score in self._faces.boxes(rgb):
             x0, y0, x1, y1 = (int(round(v)) for v in box)
@@ -235,7 +225,7 @@ class FaceAlignmentLandmarkDetector:
         return {"compile": False} if "compile" in params else {}
 
     def detect(self, image: np.ndarray) -> list[FaceDetection]:
-        rgb = _as_rgb_uint8(image)
+        rgb = as_rgb_uint8(image)
         boxes = None
         if self._hog is not None:
             found = self._hog.boxes(rgb)
@@ -273,8 +263,12 @@ def detections_from_face_alignment(landmarks, bboxes) -> list[FaceDetection]:
 LANDMARK_DETECTORS = ("dlib", "face-alignment")
 
 
-def make_landmark_detector(name: str = "dlib", device: str = "cpu", **options) -> LandmarkDetector:
-    """Build a detector by name: "dlib" or "face-alignment" (options go to its constructor)."""
+def make_landmark_detector(name: "str | LandmarkDetector" = "dlib", device: str = "cpu",
+                           **options) -> LandmarkDetector:
+    """Build a detector by name: "dlib" or "face-alignment" (options go to its constructor); a
+    ready detector object passes through, so callers can share one."""
+    if not isinstance(name, str):
+        return name
     if name == "dlib":
         return DlibLandmarkDetector(**options)
     if name in ("face-alignment", "face_alignment", "fan"):

@@ -203,6 +203,9 @@ def run_ray_extraction(inputs, out_uri: str, config: RayExtractConfig | None = N
     manifest, or a list of ImageRecords or paths."""
     config = config or RayExtractConfig()
     options = options or storage.S3Options.from_env()
+    out_uri = storage.absolute(out_uri)
+    if isinstance(inputs, (str, os.PathLike)):
+        inputs = storage.absolute(str(inputs))
     started = time.perf_counter()
     ray = _ensure_ray(address)
     ray_ready = time.perf_counter()

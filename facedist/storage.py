@@ -64,6 +64,14 @@ def _to_uri(uri: str, path: str) -> str:
     return S3_SCHEME + path if is_s3(uri) else path
 
 
+def absolute(uri: str | None) -> str | None:
+    """s3:// URIs unchanged; local paths made absolute, since Ray workers (Train in particular) run
+    in directories of their own where a relative path means something else."""
+    if uri is None or uri == "" or is_s3(uri):
+        return uri
+    return str(Path(uri).expanduser().resolve())
+
+
 def join(uri: str, *parts: str) -> str:
     if is_s3(uri):
         return S3_SCHEME + posixpath.join(uri[len(S3_SCHEME):].rstrip("/"), *parts)

@@ -16,6 +16,7 @@ import torch
 from facedist import assets
 from facedist.align import AlignedFace, align_face, load_lm3d
 from facedist.extractors.base import ExtractionResult, landmark_error
+from facedist.images import as_rgb_uint8
 from facedist.landmarks import LandmarkDetector, make_landmark_detector
 from facedist.models.resnet import load_recon_net, split_coefficients
 from facedist.schema import STATUS_ERROR, CoefficientLayout
@@ -51,17 +52,6 @@ def _load_optional_bfm(bfm: str | Path | None):
         except assets.ModelNotFoundError:
             return None
     return MorphableModel.from_deep3d_mat(path)
-
-
-def _as_rgb(image: np.ndarray) -> np.ndarray:
-    image = np.asarray(image)
-    if image.dtype != np.uint8:
-        raise ValueError(f"expected a uint8 image, got {image.dtype}")
-    if image.ndim == 2:
-        return np.repeat(image[:, :, None], 3, axis=2)
-    if image.ndim == 3 and image.shape[2] in (3, 4):
-        return np.ascontiguousarray(image[:, :, :3])
-    raise ValueError(f"expected an RGB image (H, W, 3), got shape {image.shape}")
 
 
 def deep3d_rotation(angle: np.ndarray) -> np.ndarray:
@@ -104,7 +94,7 @@ class Deep3DExtractor:
         self.device = torch.device(device)
         self.model = load_recon_net(self.checkpoint_path).to(self.device)
         self.lm3d = load_lm3d()
-        self.detector = make_landmark_detector(landmarks, device) if isinstance(landmarks, str) else landmarks
+        self.detector = make_landmark_detector(landmarks, device)
         self.batch_size = max(1, int(batch_size))
         self.keep_crops = keep_crops  # aligned crops in result.extras (previews, raw-image baselines)
         self.bfm = _load_optional_bfm(bfm)  # only to reproject landmarks (landmarks_fit/landmark_error)
@@ -116,7 +106,7 @@ class Deep3DExtractor:
     def _prepare(self, image: np.ndarray) -> tuple[ExtractionResult, AlignedFace | None]:
         """Detect and align one image; a result without an aligned face is already final."""
         try:
-            rgb = _as_rgb(image)
+            rgb = as_rgb_uint8(image)
         except Exception as exc:
             return ExtractionResult.error(f"bad image: {exc}"), None
         h, w = rgb.shape[:2]

@@ -21,32 +21,10 @@ import numpy as np
 
 from facedist import assets
 from facedist.extractors.base import ExtractionResult, interocular_distance, landmark_error
+from facedist.images import as_rgb_uint8
+from facedist.landmarks import make_landmark_detector
 from facedist.morphable import MorphableModel, Pose, affine_to_scaled_rotation
 from facedist.schema import NUM_LANDMARKS, CoefficientLayout
-
-
-def landmark_detector(landmarks: Any, device: str = "cpu"):
-    """A ready detector object passes through; a name goes to facedist.landmarks."""
-    if not isinstance(landmarks, str):
-        return landmarks
-    from facedist.landmarks import make_landmark_detector
-
-    return make_landmark_detector(landmarks, device=device)
-
-
-def as_rgb(image: Any) -> np.ndarray:
-    """Check an input image; greyscale (H, W) or (H, W, 1) is replicated to 3 channels."""
-    if not isinstance(image, np.ndarray):
-        raise ValueError(f"expected a numpy RGB image, got {type(image).__name__}")
-    if image.dtype != np.uint8:
-        raise ValueError(f"expected uint8 pixels, got {image.dtype}")
-    if image.ndim == 2:
-        image = image[:, :, None]
-    if image.ndim != 3 or image.shape[2] not in (1, 3, 4) or min(image.shape[:2]) < 1:
-        raise ValueError(f"expected an (H, W, 3) image, got shape {image.shape}")
-    if image.shape[2] == 1:
-        image = np.repeat(image, 3, axis=2)
-    return np.ascontiguousarray(image[:, :, :3])
 
 
 MIN_INTEROCULAR_PX = 2.0  # below this the 68 points carry no usable geometry
@@ -201,7 +179,7 @@ class LandmarkFitExtractor:
     def __init__(self, landmarks: Any = "dlib", device: str = "cpu", *, model: MorphableModel | None = None,
                  prior: CoefficientPrior | None = None, reg: float = FitConfig.reg,
                  iterations: int = FitConfig.iterations, with_vertices: bool = False):
-        self.detector = landmark_detector(landmarks, device)
+        self.detector = make_landmark_detector(landmarks, device)
         self.model = model or MorphableModel.from_tddfa()
         # 3DDFA's basis comes with coefficient statistics; another basis gets an isotropic prior.
         self.prior = prior or (CoefficientPrior.tddfa() if model is None else CoefficientPrior.isotropic(self.model))
@@ -216,7 +194,7 @@ class LandmarkFitExtractor:
 
     def _extract_one(self, image) -> ExtractionResult:
         try:
-            rgb = as_rgb(image)
+            rgb = as_rgb_uint8(image)
         except ValueError as exc:
             return ExtractionResult.error(f"bad image: {exc}")
         h, w = rgb.shape[:2]

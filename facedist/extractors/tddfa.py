@@ -24,7 +24,8 @@ import torch
 
 from facedist import assets
 from facedist.extractors.base import ExtractionResult, landmark_error
-from facedist.extractors.fit import as_rgb, landmark_detector
+from facedist.images import as_rgb_uint8
+from facedist.landmarks import make_landmark_detector
 from facedist.models.mobilenet import fuse_for_inference, load_mobilenet
 from facedist.morphable import MorphableModel, Pose, affine_to_scaled_rotation, apply_affine
 from facedist.schema import CoefficientLayout
@@ -128,7 +129,7 @@ class TDDFAExtractor:
     def __init__(self, landmarks: Any = "dlib", device: str = "cpu", *,
                  checkpoint: str = "tddfa/mb05_120x120.pth", batch_size: int | None = None,
                  passes: int = 2, num_threads: int | None = None, with_vertices: bool = False):
-        self.detector = landmark_detector(landmarks, device)
+        self.detector = make_landmark_detector(landmarks, device)
         self.device = torch.device(device)
         if num_threads:
             torch.set_num_threads(num_threads)
@@ -192,7 +193,7 @@ class TDDFAExtractor:
         self.timings.start("detect")
         for i, image in enumerate(images):
             try:
-                rgb = as_rgb(image)
+                rgb = as_rgb_uint8(image)
             except ValueError as exc:
                 results[i] = ExtractionResult.error(f"bad image: {exc}")
                 continue

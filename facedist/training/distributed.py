@@ -10,6 +10,7 @@ At the end the best bundle is copied to <output>/<task>/model.pt with metrics.js
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import tempfile
@@ -69,6 +70,8 @@ def run_training(config: TrainConfig) -> dict:
 
     if not config.output:
         raise ValueError("run_training needs config.output (local path or s3://)")
+    config = dataclasses.replace(config, data=storage.absolute(config.data), output=storage.absolute(config.output),
+                                 cnet=storage.absolute(config.cnet))
     if not ray.is_initialized():
         ray.init(address=os.environ.get("RAY_ADDRESS") or None, include_dashboard=False)
     use_gpu = config.use_gpu if config.use_gpu is not None else ray.cluster_resources().get("GPU", 0) >= 1
