@@ -86,3 +86,17 @@ def test_shared_models_are_pinned_correctly():
     for relpath, spec in assets.MODEL_FILES.items():
         if spec.sha256 and (root / relpath).is_file():
             assert assets.sha256_of(root / relpath) == spec.sha256, relpath
+
+
+def test_relative_model_dir_is_pinned_for_ray_workers(tmp_path):
+    """Ray Train workers run in their own directories: a relative model dir given by the user is
+    made absolute (against the user's cwd) as soon as facedist is imported in the driver."""
+    import subprocess
+    import sys
+
+    (tmp_path / "models").mkdir()
+    code = "import os, facedist; print(os.environ['FACEDIST_MODEL_DIR'])"
+    env = {**__import__("os").environ, "FACEDIST_MODEL_DIR": "models"}
+    out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True,
+                         text=True, check=True).stdout.strip()
+    assert out == str(tmp_path / "models")
