@@ -137,12 +137,14 @@ def cmd_train(args) -> int:
 def cmd_report(args) -> int:
     from facedist.report import ReportConfig, write_report
 
-    results = write_report(ReportConfig(
-        data=args.data, out=args.out, folds=args.folds, coeff_epochs=args.coeff_epochs,
-        cnet_epochs=args.cnet_epochs, image_epochs=args.image_epochs, image_size=args.image_size,
-        include_images=not args.no_images, synthetic=not args.no_synthetic))
-    print(Path(args.out, "table1_identity.md").read_text())
-    print(f"report written to {args.out} in {results['seconds']:.0f} s")
+    # Flags left unset take ReportConfig's defaults: one place for them.
+    given = {k: getattr(args, k) for k in ("out", "folds", "coeff_epochs", "cnet_epochs", "image_epochs",
+                                           "image_size") if getattr(args, k) is not None}
+    config = ReportConfig(data=args.data, include_images=not args.no_images, synthetic=not args.no_synthetic,
+                          **given)
+    results = write_report(config)
+    print(Path(config.out, "table1_identity.md").read_text())
+    print(f"report written to {config.out} in {results['seconds']:.0f} s")
     return 0
 
 
@@ -197,12 +199,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     rep = sub.add_parser("report", help="the paper's protocol on a coefficients table: tables, confusion matrices")
     rep.add_argument("--data", required=True, help="coefficients table (local or s3://)")
-    rep.add_argument("--out", default="results")
-    rep.add_argument("--folds", type=int, default=3)
-    rep.add_argument("--coeff-epochs", type=int, default=40)
-    rep.add_argument("--cnet-epochs", type=int, default=30)
-    rep.add_argument("--image-epochs", type=int, default=15)
-    rep.add_argument("--image-size", type=int, default=112)
+    rep.add_argument("--out", help="local folder (default: results)")
+    rep.add_argument("--folds", type=int, help="default: ReportConfig")
+    rep.add_argument("--coeff-epochs", type=int, help="default: ReportConfig")
+    rep.add_argument("--cnet-epochs", type=int, help="default: ReportConfig")
+    rep.add_argument("--image-epochs", type=int, help="default: ReportConfig")
+    rep.add_argument("--image-size", type=int, help="default: ReportConfig")
     rep.add_argument("--no-images", action="store_true", help="skip the raw-image baseline")
     rep.add_argument("--no-synthetic", action="store_true", help="skip the synthetic C-Net check")
     rep.set_defaults(func=cmd_report)
