@@ -243,6 +243,8 @@ def main(argv=None) -> dict:
     parser.add_argument("--autoscale-load-s", type=float, default=30.0)
     parser.add_argument("--autoscale-idle-s", type=float, default=60.0)
     parser.add_argument("--skip-autoscaling", action="store_true")
+    parser.add_argument("--detect-threads", type=int, default=os.cpu_count(),
+                        help="face-detection threads per extractor replica, the same in every phase")
     parser.add_argument("--quick", action="store_true", help="small counts (a smoke run)")
     args = parser.parse_args(argv)
     if args.quick:
@@ -263,7 +265,10 @@ def main(argv=None) -> dict:
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     headers: dict = {}
     started = time.perf_counter()
-    base = {"backend": "tddfa", "batch_wait_timeout_s": 0.02}
+    # Identical deployments except max_batch_size. A batch's images are detected on the replica's
+    # detect_threads; with max_batch_size=1 each request is a batch of one, so that parallelism is
+    # what batching buys on CPU (with the regressor's batched forward).
+    base = {"backend": "tddfa", "batch_wait_timeout_s": 0.02, "detect_threads": args.detect_threads}
     report = {
         "benchmark": "serve_load",
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),

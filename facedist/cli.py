@@ -35,7 +35,7 @@ def cmd_extract(args) -> int:
     options = _s3_options(args)
     config = ExtractConfig(backend=args.backend, landmarks=args.landmarks, device=args.device,
                            batch_size=args.batch_size, max_side=args.max_side, preview=args.preview,
-                           resume=not args.no_resume)
+                           resume=not args.no_resume, detect_threads=args.detect_threads)
     if args.ray:
         from facedist.ray_extract import RayExtractConfig, run_ray_extraction
 
@@ -181,6 +181,8 @@ def build_parser() -> argparse.ArgumentParser:
     ext.add_argument("--device", default="cpu")
     ext.add_argument("--batch-size", type=int, default=32)
     ext.add_argument("--max-side", type=int, default=2048, help="downscale larger images on decode")
+    ext.add_argument("--detect-threads", type=int, default=0,
+                     help="face-detection threads per process (0: every core; per actor: its CPU share)")
     ext.add_argument("--preview", type=int, default=0, metavar="N",
                      help="write N PNG overlays (landmarks + mesh) under OUT/previews")
     ext.add_argument("--no-resume", action="store_true", help="redo images already in OUT")

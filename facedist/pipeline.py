@@ -35,6 +35,9 @@ class ExtractConfig:
     max_side: int = 2048         # longer images are downscaled on decode
     preview: int = 0             # write this many landmark/mesh overlays
     resume: bool = True
+    # Threads for face detection within a batch (dlib releases the GIL); 0: one per core in a
+    # single process, one per CPU of its share in a Ray actor.
+    detect_threads: int = 0
 
 
 def discover_records(source, dataset: str = "auto", options: storage.S3Options | None = None) -> list:
@@ -206,7 +209,8 @@ def run_extraction(
         if pending:
             # Built on first need: a fully resumed run loads no model.
             extractor = extractor or make_extractor(config.backend, landmarks=config.landmarks,
-                                                    device=config.device)
+                                                    device=config.device,
+                                                    detect_threads=config.detect_threads or os.cpu_count() or 1)
             decoded = [decode_row(r, config.max_side) for r in pending]
             finished, results = extract_rows(decoded, extractor)
             storage.write_table(rows_to_table(finished, extractor.layout),

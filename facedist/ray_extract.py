@@ -132,7 +132,8 @@ class ExtractActor:
             pass
         self.config, self.out_uri, self.options, self.run_id = config, out_uri, options, run_id
         self.extractor = (extractor_factory(config) if extractor_factory is not None else
-                          make_extractor(config.backend, landmarks=config.landmarks, device=config.device))
+                          make_extractor(config.backend, landmarks=config.landmarks, device=config.device,
+                                         detect_threads=config.detect_threads or max(1, torch_threads)))
         self.preview_budget = preview_budget
 
     def __call__(self, batch: pa.Table) -> pa.Table:

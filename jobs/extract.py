@@ -37,6 +37,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--actor-gpus", type=float, default=None, help="GPUs per actor (default: 1 when present)")
     p.add_argument("--decode-cpus", type=float, default=0.25, help="CPUs per read/decode task")
     p.add_argument("--max-side", type=int, default=2048, help="downscale larger images on decode")
+    p.add_argument("--detect-threads", type=int, default=0,
+                   help="face-detection threads per actor (0: its CPU share, at least 1)")
     p.add_argument("--preview", type=int, default=0, metavar="N", help="write N overlays under OUTPUT/previews")
     p.add_argument("--no-resume", action="store_true", help="redo images already in OUTPUT")
     p.add_argument("--no-progress", action="store_true", help="no Ray Data progress bars")
@@ -52,7 +54,7 @@ def main(argv: list[str] | None = None) -> int:
     options = storage.S3Options(endpoint_url=args.endpoint or env.endpoint_url, region=env.region)
     extract = ExtractConfig(backend=args.backend, landmarks=args.landmarks, device=args.device,
                             batch_size=args.batch_size, max_side=args.max_side, preview=args.preview,
-                            resume=not args.no_resume)
+                            resume=not args.no_resume, detect_threads=args.detect_threads)
     config = RayExtractConfig(extract=extract, actors=args.actors, actor_num_cpus=args.actor_cpus,
                               actor_num_gpus=args.actor_gpus, decode_num_cpus=args.decode_cpus,
                               dataset=args.dataset, progress=not args.no_progress)

@@ -71,6 +71,9 @@ class ServeSettings:
     predict_batch_wait_timeout_s: float = 0.005
     # Resources and autoscaling of the extractor (the expensive part).
     extractor_num_cpus: float = 0.5
+    # Face-detection threads per extractor replica, shared by a batch's images (dlib releases the
+    # GIL); 0: one per whole CPU of extractor_num_cpus, at least 1.
+    detect_threads: int = 0
     num_gpus: float | None = None     # None: 0.5 per extractor replica when the cluster has GPUs
     min_replicas: int = 1
     max_replicas: int = 2
@@ -263,11 +266,12 @@ class FaceExtractor:
     """One extractor per replica; concurrent single-image calls are grouped into batches."""
 
     def __init__(self, backend: str, landmarks: str, device: str,
-                 max_batch_size: int, batch_wait_timeout_s: float):
+                 max_batch_size: int, batch_wait_timeout_s: float, detect_threads: int = 1):
         from facedist.extractors import make_extractor
 
         self.device = _resolve_device(device)
-        self.extractor = make_extractor(backend, landmarks=landmarks, device=self.device)
+        self.extractor = make_extractor(backend, landmarks=landmarks, device=self.device,
+                                        detect_threads=max(1, detect_threads))
         self.extract.set_max_batch_size(max_batch_size)
         self.extract.set_batch_wait_timeout_s(batch_wait_timeout_s)
         self.batch_sizes: Counter[int] = Counter()
@@ -293,6 +297,7 @@ class FaceExtractor:
             "device": self.device,
             "layout": dataclasses.asdict(layout) if layout is not None else None,
             "max_batch_size": self.extract._get_max_batch_size(),
+            "detect_threads": getattr(getattr(self.extractor, "detector", None), "threads", 1),
         }
 
     def stats(self) -> dict:
@@ -620,7 +625,8 @@ def build_app(args: dict[str, Any] | None = None) -> serve.Application:
         # Room for a full batch plus the next one queuing, or batches could never fill.
         max_ongoing_requests=max(4 * s.max_batch_size, 32),
         **scaling,
-    ).bind(s.backend, s.landmarks, s.device, s.max_batch_size, s.batch_wait_timeout_s)
+    ).bind(s.backend, s.landmarks, s.device, s.max_batch_size, s.batch_wait_timeout_s,
+           s.detect_threads or max(1, int(s.extractor_num_cpus)))
     # Always part of the app (so one config.yaml fits both cases); without models it loads nothing.
     recognizer = FaceRecognizer.options(
         ray_actor_options={"num_cpus": s.recognizer_num_cpus},

@@ -19,6 +19,7 @@ from facedist.landmarks import (
     FaceAlignmentLandmarkDetector,
     FaceDetection,
     LandmarkModelMissingError,
+    ThreadedLandmarkDetector,
     detections_from_face_alignment,
     face_alignment_weight_files,
     make_landmark_detector,
@@ -113,6 +114,28 @@ def test_dlib_accepts_grayscale_and_factory(yale_dir):
     assert len(faces) == 1 and faces[0].landmarks.shape == (68, 2)
     with pytest.raises(ValueError, match="unknown landmark detector"):
         make_landmark_detector("mtcnn")
+
+
+def test_threaded_dlib_matches_one_thread_with_a_detector_per_thread(dlib_detector, yale_dir):
+    names = sorted(p.name for p in yale_dir.iterdir() if p.name.startswith("subject0"))[:12]
+    images = [_yale(yale_dir, n) for n in names] + [np.full((120, 160, 3), 90, np.uint8)]  # + a non-face
+    threaded = make_landmark_detector("dlib", threads=3)
+    assert isinstance(threaded, ThreadedLandmarkDetector) and threaded.threads == 3
+    used = set()
+
+    def detect(image):
+        used.add(id(threaded._mine()))
+        return threaded.detect(image)
+
+    got = threaded.map(detect, images)
+    want = [dlib_detector.detect(image) for image in images]
+    assert [len(f) for f in got] == [len(f) for f in want] and len(got[-1]) == 0
+    for faces, expected in zip(got[:-1], want[:-1]):
+        np.testing.assert_array_equal(faces[0].box, expected[0].box)
+        np.testing.assert_allclose(faces[0].landmarks, expected[0].landmarks)
+    # Each pool thread detects with its own fork: dlib's HOG detector is not safe to share.
+    assert 1 < len(used) <= 3 and id(threaded._primary) not in used
+    assert make_landmark_detector(threaded, threads=2) is threaded
 
 
 # ---- face-alignment ---------------------------------------------------------------------------

@@ -235,3 +235,17 @@ def test_in_plane_rotation_shows_up_as_roll_in_both_backends(extractor, yale_dir
         assert before.ok and after.ok, (before.message, after.message)
         assert after.roll - before.roll == pytest.approx(20, abs=4), ex.name
         assert abs(after.yaw - before.yaw) < 5 and abs(after.pitch - before.pitch) < 5, ex.name
+
+
+def test_detection_threads_give_the_same_rows(extractor, yale_dir):
+    """A batch detected on 2 threads: the same statuses and coefficients, in input order."""
+    names = sorted(p.name for p in yale_dir.iterdir() if p.name.startswith("subject1"))[:10]
+    images = [decode_image((yale_dir / n).read_bytes()) for n in names]
+    images.insert(3, np.zeros((90, 90, 3), np.uint8))  # no face, mid-batch
+    threaded = make_extractor("tddfa", landmarks="dlib", detect_threads=2)
+    got, want = threaded.extract(images), extractor.extract(images)
+    assert [r.status for r in got] == [r.status for r in want] and got[3].status == STATUS_NO_FACE
+    for a, b in zip(got, want):
+        if a.ok:
+            np.testing.assert_allclose(a.id_coeffs, b.id_coeffs, rtol=1e-5, atol=1e-3)
+            np.testing.assert_allclose(a.landmarks, b.landmarks)

@@ -17,7 +17,7 @@ from facedist import assets
 from facedist.align import AlignedFace, align_face, load_lm3d
 from facedist.extractors.base import ExtractionResult, landmark_error
 from facedist.images import as_rgb_uint8
-from facedist.landmarks import LandmarkDetector, make_landmark_detector
+from facedist.landmarks import LandmarkDetector, make_landmark_detector, map_images
 from facedist.models.resnet import load_recon_net, split_coefficients
 from facedist.schema import STATUS_ERROR, CoefficientLayout
 
@@ -89,12 +89,12 @@ class Deep3DExtractor:
 
     def __init__(self, landmarks: str | LandmarkDetector = "dlib", device: str = "cpu",
                  checkpoint: str | Path = DEFAULT_CHECKPOINT, batch_size: int = 16,
-                 keep_crops: bool = False, bfm: str | Path | None = DEFAULT_BFM):
+                 keep_crops: bool = False, bfm: str | Path | None = DEFAULT_BFM, detect_threads: int = 1):
         self.checkpoint_path = _resolve_checkpoint(checkpoint)
         self.device = torch.device(device)
         self.model = load_recon_net(self.checkpoint_path).to(self.device)
         self.lm3d = load_lm3d()
-        self.detector = make_landmark_detector(landmarks, device)
+        self.detector = make_landmark_detector(landmarks, device, threads=detect_threads)
         self.batch_size = max(1, int(batch_size))
         self.keep_crops = keep_crops  # aligned crops in result.extras (previews, raw-image baselines)
         self.bfm = _load_optional_bfm(bfm)  # only to reproject landmarks (landmarks_fit/landmark_error)
@@ -137,8 +137,8 @@ class Deep3DExtractor:
     def extract(self, images: Sequence[np.ndarray]) -> list[ExtractionResult]:
         results: list[ExtractionResult] = []
         pending: list[tuple[ExtractionResult, AlignedFace]] = []  # aligned, waiting for a full batch
-        for image in images:
-            result, aligned = self._prepare(image)
+        # Detection and alignment per image (on the detector's threads when it has them).
+        for result, aligned in map_images(self.detector, self._prepare, images):
             results.append(result)
             if aligned is not None:
                 pending.append((result, aligned))

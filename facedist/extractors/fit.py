@@ -22,7 +22,7 @@ import numpy as np
 from facedist import assets
 from facedist.extractors.base import ExtractionResult, interocular_distance, landmark_error
 from facedist.images import as_rgb_uint8
-from facedist.landmarks import make_landmark_detector
+from facedist.landmarks import make_landmark_detector, map_images
 from facedist.morphable import MorphableModel, Pose, affine_to_scaled_rotation
 from facedist.schema import NUM_LANDMARKS, CoefficientLayout
 
@@ -178,8 +178,8 @@ class LandmarkFitExtractor:
 
     def __init__(self, landmarks: Any = "dlib", device: str = "cpu", *, model: MorphableModel | None = None,
                  prior: CoefficientPrior | None = None, reg: float = FitConfig.reg,
-                 iterations: int = FitConfig.iterations, with_vertices: bool = False):
-        self.detector = make_landmark_detector(landmarks, device)
+                 iterations: int = FitConfig.iterations, with_vertices: bool = False, detect_threads: int = 1):
+        self.detector = make_landmark_detector(landmarks, device, threads=detect_threads)
         self.model = model or MorphableModel.from_tddfa()
         # 3DDFA's basis comes with coefficient statistics; another basis gets an isotropic prior.
         self.prior = prior or (CoefficientPrior.tddfa() if model is None else CoefficientPrior.isotropic(self.model))
@@ -190,7 +190,7 @@ class LandmarkFitExtractor:
             model_name=f"landmark_fit_{self.model.name}", model_version=f"reg{reg:g}_it{iterations}")
 
     def extract(self, images: Sequence[np.ndarray]) -> list[ExtractionResult]:
-        return [self._extract_one(image) for image in images]
+        return map_images(self.detector, self._extract_one, images)
 
     def _extract_one(self, image) -> ExtractionResult:
         try:

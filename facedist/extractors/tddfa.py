@@ -25,7 +25,7 @@ import torch
 from facedist import assets
 from facedist.extractors.base import ExtractionResult, landmark_error
 from facedist.images import as_rgb_uint8
-from facedist.landmarks import make_landmark_detector
+from facedist.landmarks import make_landmark_detector, map_images
 from facedist.models.mobilenet import fuse_for_inference, load_mobilenet
 from facedist.morphable import MorphableModel, Pose, affine_to_scaled_rotation, apply_affine
 from facedist.schema import CoefficientLayout
@@ -128,8 +128,9 @@ class TDDFAExtractor:
 
     def __init__(self, landmarks: Any = "dlib", device: str = "cpu", *,
                  checkpoint: str = "tddfa/mb05_120x120.pth", batch_size: int | None = None,
-                 passes: int = 2, num_threads: int | None = None, with_vertices: bool = False):
-        self.detector = make_landmark_detector(landmarks, device)
+                 passes: int = 2, num_threads: int | None = None, with_vertices: bool = False,
+                 detect_threads: int = 1):
+        self.detector = make_landmark_detector(landmarks, device, threads=detect_threads)
         self.device = torch.device(device)
         if num_threads:
             torch.set_num_threads(num_threads)
@@ -187,31 +188,36 @@ class TDDFAExtractor:
 
     # ---- the batch
 
+    def _detect(self, image: np.ndarray) -> tuple[np.ndarray | None, list | ExtractionResult]:
+        """One image's faces (largest first), or the image's final result when it has none usable."""
+        try:
+            rgb = as_rgb_uint8(image)
+        except ValueError as exc:
+            return None, ExtractionResult.error(f"bad image: {exc}")
+        h, w = rgb.shape[:2]
+        try:
+            found = self.detector.detect(rgb)
+        except Exception as exc:  # one image's detector failure is that image's error
+            return None, ExtractionResult.error(
+                f"landmark detection failed: {type(exc).__name__}: {exc}", width=w, height=h)
+        if not found:
+            return None, ExtractionResult.no_face(width=w, height=h)
+        x0, y0, x1, y1 = (float(v) for v in found[0].box)
+        if not min(x1 - x0, y1 - y0) >= MIN_FACE_SIDE:  # also catches NaN boxes
+            return None, ExtractionResult.error(
+                f"face box {x1 - x0:.1f} x {y1 - y0:.1f} px is too small to crop (min {MIN_FACE_SIDE} px)",
+                width=w, height=h, num_faces=len(found))
+        return rgb, found
+
     def extract(self, images: Sequence[np.ndarray]) -> list[ExtractionResult]:
         results: list[ExtractionResult | None] = [None] * len(images)
         faces, rgbs, order = [], [], []
         self.timings.start("detect")
-        for i, image in enumerate(images):
-            try:
-                rgb = as_rgb_uint8(image)
-            except ValueError as exc:
-                results[i] = ExtractionResult.error(f"bad image: {exc}")
-                continue
-            h, w = rgb.shape[:2]
-            try:
-                found = self.detector.detect(rgb)
-            except Exception as exc:  # one image's detector failure is that image's error
-                results[i] = ExtractionResult.error(
-                    f"landmark detection failed: {type(exc).__name__}: {exc}", width=w, height=h)
-                continue
-            if not found:
-                results[i] = ExtractionResult.no_face(width=w, height=h)
-                continue
-            x0, y0, x1, y1 = (float(v) for v in found[0].box)
-            if not min(x1 - x0, y1 - y0) >= MIN_FACE_SIDE:  # also catches NaN boxes
-                results[i] = ExtractionResult.error(
-                    f"face box {x1 - x0:.1f} x {y1 - y0:.1f} px is too small to crop (min {MIN_FACE_SIDE} px)",
-                    width=w, height=h, num_faces=len(found))
+        # Detection is per image (and on the detector's threads when it has them); the network
+        # then sees every face of the batch together.
+        for i, (rgb, found) in enumerate(map_images(self.detector, self._detect, images)):
+            if rgb is None:
+                results[i] = found
                 continue
             faces.append(found)
             rgbs.append(rgb)
