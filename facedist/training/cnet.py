@@ -17,7 +17,7 @@ benchmarks/cnet_identity_proxy.py measures the effect on Yale identity (nearest 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import numpy as np
 import torch
@@ -45,6 +45,12 @@ class CNetSets:
 
     def groups(self) -> np.ndarray:
         return np.unique(self.group)
+
+    def to(self, device: str | torch.device) -> "CNetSets":
+        """The same sets with every tensor on ``device``."""
+        moved = {f.name: (v.to(device) if isinstance(v, torch.Tensor) else v)
+                 for f in fields(self) for v in [getattr(self, f.name)]}
+        return CNetSets(**moved)
 
 
 def prepare_sets(data: CoefficientData, basis: KeypointBasis, quality_norm, *,
@@ -77,7 +83,8 @@ def sample_sets(sets: CNetSets, groups: np.ndarray, set_size: int, rng: np.rando
         index[row, : len(chosen)] = chosen
         index[row, len(chosen):] = chosen[0]
         mask[row, : len(chosen)] = True
-    return torch.as_tensor(index), torch.as_tensor(mask)
+    device = sets.alpha.device  # where the sets live (the training device)
+    return torch.as_tensor(index, device=device), torch.as_tensor(mask, device=device)
 
 
 def leave_one_out(alpha: torch.Tensor, weight: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

@@ -246,9 +246,19 @@ class CNetTask:
     def build_model(self):
         return build_cnet(self.model_config)
 
+    def _on(self, device) -> tuple:
+        """(train sets, validation sets, basis) on the training device, moved once."""
+        device = torch.device(device)
+        if getattr(self, "_device", None) != device:
+            self.train_sets, self.val_sets = self.train_sets.to(device), self.val_sets.to(device)
+            self.basis_t = self.basis_t.to(device)
+            self._device = device
+        return self.train_sets, self.val_sets, self.basis_t
+
     def train_epoch(self, model, optimizer, epoch: int, rank: int, world: int, device) -> dict:
         from facedist.training.cnet import cnet_loss, sample_sets
 
+        self._on(device)
         rng = np.random.default_rng(self.config.seed * 1000 + epoch * 10 + rank)
         groups = self.train_sets.groups()
         mine = groups[rank::world] if len(groups) >= world else groups
@@ -267,6 +277,7 @@ class CNetTask:
     def evaluate(self, model, rank: int, world: int, device) -> dict:
         from facedist.training.cnet import evaluate_sets
 
+        self._on(device)
         groups = self.val_sets.groups()
         mine = groups[rank::world]
         if len(mine) == 0:
