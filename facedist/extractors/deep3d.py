@@ -15,7 +15,7 @@ import torch
 
 from facedist import assets
 from facedist.align import AlignedFace, align_face, load_lm3d
-from facedist.extractors.base import ExtractionResult, landmark_error
+from facedist.extractors.base import ExtractionResult, full_precision, landmark_error
 from facedist.images import as_rgb_uint8
 from facedist.landmarks import LandmarkDetector, make_landmark_detector, map_images
 from facedist.models.resnet import load_recon_net, split_coefficients
@@ -131,7 +131,8 @@ class Deep3DExtractor:
     @torch.inference_mode()
     def _forward(self, crops: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
         batch = torch.from_numpy(np.stack(crops)).permute(0, 3, 1, 2).contiguous().to(self.device)
-        coeffs, feature = self.model.forward_with_features(batch)
+        with full_precision():
+            coeffs, feature = self.model.forward_with_features(batch)
         return coeffs.float().cpu().numpy(), feature.float().cpu().numpy()
 
     def extract(self, images: Sequence[np.ndarray]) -> list[ExtractionResult]:

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from facedist import assets
-from facedist.extractors.base import ExtractionResult, landmark_error
+from facedist.extractors.base import ExtractionResult, full_precision, landmark_error
 from facedist.images import as_rgb_uint8
 from facedist.landmarks import make_landmark_detector, map_images
 from facedist.models.mobilenet import fuse_for_inference, load_mobilenet
@@ -163,7 +163,8 @@ class TDDFAExtractor:
             x = torch.from_numpy(np.ascontiguousarray(crops[i:i + self.batch_size])).to(self.device)
             # NHWC bytes viewed as NCHW in channels-last memory: no copy before the first conv
             x = (x.permute(0, 3, 1, 2).float() - 127.5) / 128.0
-            p, f = self.infer_net.forward_with_features(x.contiguous(memory_format=torch.channels_last))
+            with full_precision():
+                p, f = self.infer_net.forward_with_features(x.contiguous(memory_format=torch.channels_last))
             params.append(p.cpu().numpy())
             feats.append(f.cpu().numpy())
         params = np.concatenate(params) * self.param_std + self.param_mean
