@@ -179,7 +179,7 @@ def build_parser() -> argparse.ArgumentParser:
     ext.add_argument("--dataset", default="auto", choices=("auto", "kdef", "yale", "fei", "folder", "none"),
                      help="how to read labels from file names")
     ext.add_argument("--device", default="cpu")
-    ext.add_argument("--batch-size", type=int, default=32)
+    ext.add_argument("--batch-size", type=int, default=64, help="images per extractor call and per Parquet part")
     ext.add_argument("--max-side", type=int, default=2048, help="downscale larger images on decode")
     ext.add_argument("--detect-threads", type=int, default=0,
                      help="face-detection threads per process (0: every core; per actor: its CPU share)")

@@ -31,7 +31,10 @@ class ExtractConfig:
     backend: str = "tddfa"
     landmarks: str = "dlib"
     device: str = "cpu"
-    batch_size: int = 32
+    # Images per extractor call and per Parquet part. Under Ray each batch is one actor call; 64
+    # rather than 16 cut Ray's per-image overhead (benchmarks/extract_ray.py); the tddfa network
+    # still runs its own chunks of 16 crops.
+    batch_size: int = 64
     max_side: int = 2048         # longer images are downscaled on decode
     preview: int = 0             # write this many landmark/mesh overlays
     resume: bool = True

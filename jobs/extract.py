@@ -32,7 +32,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dataset", default="auto", help="how to read labels from file names (auto, yale, kdef, ...)")
     p.add_argument("--device", default="cpu", help="cpu; actors switch to cuda when they get a GPU")
     p.add_argument("--actors", type=int, default=2, help="extraction actors (each loads the models once)")
-    p.add_argument("--batch-size", type=int, default=32, help="images per actor call and per Parquet part")
+    p.add_argument("--batch-size", type=int, default=64, help="images per actor call and per Parquet part")
     p.add_argument("--actor-cpus", type=float, default=None, help="CPUs per actor (default: share the cluster)")
     p.add_argument("--actor-gpus", type=float, default=None, help="GPUs per actor (default: 1 when present)")
     p.add_argument("--decode-cpus", type=float, default=0.25, help="CPUs per read/decode task")
