@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import queue
 import threading
 import warnings
 from concurrent.futures import ThreadPoolExecutor
@@ -280,29 +281,35 @@ class ThreadedLandmarkDetector:
     """A forkable detector run on several threads: map() spreads a batch's per-image work over them.
 
     dlib's HOG scan and shape predictor release the GIL, so N threads use N cores (2 threads run
-    1.9-2x one on 2 cores). Each thread detects with its own fork of the detector.
+    1.9-2x one on 2 cores). All detection happens on the pool, each thread with its own fork of
+    the detector; the forks are made here, so no request pays for loading one.
     """
 
     def __init__(self, detector, threads: int):
         self.name = detector.name
         self.threads = threads
         self._primary = detector
+        self._forks: queue.SimpleQueue = queue.SimpleQueue()
+        for _ in range(threads):
+            self._forks.put(detector.fork())
         self._local = threading.local()
-        self._pool = ThreadPoolExecutor(threads, thread_name_prefix="facedist-detect")
+        self._pool = ThreadPoolExecutor(threads, thread_name_prefix="facedist-detect", initializer=self._claim_fork)
 
-    def _mine(self):
-        detector = getattr(self._local, "detector", None)
-        if detector is None:
-            detector = self._local.detector = self._primary.fork()
-        return detector
+    def _claim_fork(self) -> None:
+        """Runs once in each pool thread as it starts: it takes a fork for its own."""
+        self._local.detector = self._forks.get_nowait()
+
+    def _detect_here(self, image: np.ndarray) -> list[FaceDetection]:
+        return self._local.detector.detect(image)
 
     def detect(self, image: np.ndarray) -> list[FaceDetection]:
-        return self._mine().detect(image)
+        mine = getattr(self._local, "detector", None)
+        if mine is not None:  # on this detector's pool already (inside map)
+            return mine.detect(image)
+        return self._pool.submit(self._detect_here, image).result()
 
     def map(self, fn: Callable[[Item], Result], items: Sequence[Item]) -> list[Result]:
         """[fn(item)] in order, on the pool; fn may call self.detect."""
-        if len(items) < 2:
-            return [fn(item) for item in items]
         return list(self._pool.map(fn, items))
 
 

@@ -124,7 +124,7 @@ def test_threaded_dlib_matches_one_thread_with_a_detector_per_thread(dlib_detect
     used = set()
 
     def detect(image):
-        used.add(id(threaded._mine()))
+        used.add(id(threaded._local.detector))
         return threaded.detect(image)
 
     got = threaded.map(detect, images)
@@ -135,6 +135,8 @@ def test_threaded_dlib_matches_one_thread_with_a_detector_per_thread(dlib_detect
         np.testing.assert_allclose(faces[0].landmarks, expected[0].landmarks)
     # Each pool thread detects with its own fork: dlib's HOG detector is not safe to share.
     assert 1 < len(used) <= 3 and id(threaded._primary) not in used
+    # Outside map(), detect() runs on the pool too; never on the shared primary.
+    np.testing.assert_array_equal(threaded.detect(images[0])[0].box, want[0][0].box)
     assert make_landmark_detector(threaded, threads=2) is threaded
 
 
