@@ -64,3 +64,19 @@ def test_shared_confidence_option_is_one_weight_per_image():
     net = CNet(CNetConfig(input_dim=7, n_id=40, per_dimension=False))
     c = net(torch.randn(4, 3, 7))
     assert c.shape == (4, 3, 40) and torch.equal(c, c[..., :1].expand_as(c))
+
+
+def test_sets_and_sampled_indices_follow_the_training_device():
+    """What broke C-Net on CUDA: sets, indices and masks must live where the model trains."""
+    from facedist.training.cnet import CNetSets, sample_sets
+
+    n = 6
+    sets = CNetSets(alpha=torch.zeros(n, 4), beta=torch.zeros(n, 2), quality=torch.zeros(n, 3),
+                    cameras=torch.zeros(n, 4, 2), detected=torch.zeros(n, 68, 2), iod=torch.ones(n),
+                    group=np.array([0, 0, 0, 1, 1, 1]))
+    moved = sets.to("meta")  # a device other than the CPU, available everywhere
+    tensors = [moved.alpha, moved.beta, moved.quality, moved.cameras, moved.detected, moved.iod]
+    assert all(t.device.type == "meta" for t in tensors) and moved.alpha_true is None
+    assert moved.group is sets.group and sets.alpha.device.type == "cpu"
+    index, mask = sample_sets(moved, moved.groups(), 3, np.random.default_rng(0))
+    assert index.device.type == "meta" and mask.device.type == "meta" and index.shape == (2, 3)

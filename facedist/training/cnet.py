@@ -17,7 +17,7 @@ benchmarks/cnet_identity_proxy.py measures the effect on Yale identity (nearest 
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 
 import numpy as np
 import torch
@@ -48,9 +48,9 @@ class CNetSets:
 
     def to(self, device: str | torch.device) -> "CNetSets":
         """The same sets with every tensor on ``device``."""
-        moved = {f.name: (v.to(device) if isinstance(v, torch.Tensor) else v)
-                 for f in fields(self) for v in [getattr(self, f.name)]}
-        return CNetSets(**moved)
+        tensors = {f.name: getattr(self, f.name) for f in fields(self)}
+        return replace(self, **{name: value.to(device) for name, value in tensors.items()
+                                if isinstance(value, torch.Tensor)})
 
 
 def prepare_sets(data: CoefficientData, basis: KeypointBasis, quality_norm, *,

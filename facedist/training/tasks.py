@@ -237,6 +237,7 @@ class CNetTask:
         self.train_sets = prepare_sets(data.subset(train_idx), self.basis, self.norm, alpha_true=truth(train_idx))
         self.val_sets = prepare_sets(data.subset(val_idx), self.basis, self.norm, alpha_true=truth(val_idx))
         self.basis_t = self.basis.torch()
+        self.device = torch.device("cpu")  # where the sets and basis_t live
         self.layout_json = data.layout.to_json()
         self.model_config = CNetConfig(input_dim=data.quality.shape[1], n_id=data.alpha.shape[1],
                                        **(model_overrides or {})).to_dict()
@@ -246,19 +247,18 @@ class CNetTask:
     def build_model(self):
         return build_cnet(self.model_config)
 
-    def _on(self, device) -> tuple:
-        """(train sets, validation sets, basis) on the training device, moved once."""
+    def _move_to(self, device) -> None:
+        """Sets and basis onto the training device (once; they are built on the CPU)."""
         device = torch.device(device)
-        if getattr(self, "_device", None) != device:
+        if device != self.device:
             self.train_sets, self.val_sets = self.train_sets.to(device), self.val_sets.to(device)
             self.basis_t = self.basis_t.to(device)
-            self._device = device
-        return self.train_sets, self.val_sets, self.basis_t
+            self.device = device
 
     def train_epoch(self, model, optimizer, epoch: int, rank: int, world: int, device) -> dict:
         from facedist.training.cnet import cnet_loss, sample_sets
 
-        self._on(device)
+        self._move_to(device)
         rng = np.random.default_rng(self.config.seed * 1000 + epoch * 10 + rank)
         groups = self.train_sets.groups()
         mine = groups[rank::world] if len(groups) >= world else groups
@@ -277,7 +277,7 @@ class CNetTask:
     def evaluate(self, model, rank: int, world: int, device) -> dict:
         from facedist.training.cnet import evaluate_sets
 
-        self._on(device)
+        self._move_to(device)
         groups = self.val_sets.groups()
         mine = groups[rank::world]
         if len(mine) == 0:
