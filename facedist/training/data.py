@@ -36,25 +36,68 @@ def quality_vector(row: dict, n_feature: int) -> np.ndarray:
 
 @dataclass
 class Standardizer:
-    """x -> (x - mean) / std, fitted on training inputs and stored in every bundle."""
+    """x -> (x - mean) / std, then optionally @ whiten; fitted on training inputs and stored in
+    every bundle.
+
+    ``whiten`` is within-class whitening (the symmetric inverse square root of the within-class
+    covariance, as in LDA / WCCN): identity coefficients of one person vary with expression and
+    pose along a few correlated directions, and a small classifier does not learn to discount
+    them from a few hundred inputs. On Yale (fit backend) a Mahalanobis nearest-centroid rule on
+    combinations of 3 goes from 0.87 (per-dimension standardisation) to 1.00 with it. Symmetric,
+    so each output dimension stays closest to its own basis dimension (the 1-D ResNet's order)."""
 
     mean: np.ndarray
     std: np.ndarray
+    whiten: np.ndarray | None = None
 
     @classmethod
-    def fit(cls, x: np.ndarray) -> "Standardizer":
+    def fit(cls, x: np.ndarray, groups: np.ndarray | None = None, floor: float = 1e-3) -> "Standardizer":
+        """groups: a class per row; when given, also fit within-class whitening. ``floor``: the
+        smallest eigenvalue kept, relative to the mean one (directions with almost no
+        within-class spread would otherwise be blown up)."""
         x = np.asarray(x, np.float64)
-        return cls(x.mean(0).astype(np.float32), np.maximum(x.std(0), 1e-6).astype(np.float32))
+        norm = cls(x.mean(0).astype(np.float32), np.maximum(x.std(0), 1e-6).astype(np.float32))
+        if groups is not None:
+            norm.whiten = within_class_whitening(norm(x), np.asarray(groups), floor)
+        return norm
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
-        return ((np.asarray(x, np.float32) - self.mean) / self.std).astype(np.float32)
+        z = (np.asarray(x, np.float32) - self.mean) / self.std
+        if self.whiten is not None:
+            z = z @ self.whiten
+        return z.astype(np.float32)
 
     def to_dict(self) -> dict:
-        return {"mean": self.mean.tolist(), "std": self.std.tolist()}
+        out = {"mean": self.mean.tolist(), "std": self.std.tolist()}
+        if self.whiten is not None:
+            out["whiten"] = self.whiten.tolist()
+        return out
 
     @classmethod
     def from_dict(cls, d: dict) -> "Standardizer":
-        return cls(np.asarray(d["mean"], np.float32), np.asarray(d["std"], np.float32))
+        whiten = d.get("whiten")
+        return cls(np.asarray(d["mean"], np.float32), np.asarray(d["std"], np.float32),
+                   None if whiten is None else np.asarray(whiten, np.float32))
+
+
+def within_class_whitening(z: np.ndarray, groups: np.ndarray, floor: float = 1e-3) -> np.ndarray:
+    """(D, D) symmetric W with W Sw W = I, Sw the pooled within-class covariance of z (N, D).
+    Classes with one row add nothing; with no within-class spread at all, the identity."""
+    z = np.asarray(z, np.float64)
+    keys = np.asarray([str(g) for g in groups])
+    centred, dof = [], 0
+    for key in np.unique(keys):
+        members = z[keys == key]
+        if len(members) > 1:
+            centred.append(members - members.mean(0))
+            dof += len(members) - 1
+    if dof == 0:
+        return np.eye(z.shape[1], dtype=np.float32)
+    residual = np.concatenate(centred)
+    scatter = residual.T @ residual / dof
+    values, vectors = np.linalg.eigh(scatter)
+    values = np.maximum(values, max(floor * values.mean(), 1e-12))
+    return ((vectors / np.sqrt(values)) @ vectors.T).astype(np.float32)
 
 
 @dataclass

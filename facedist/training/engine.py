@@ -41,7 +41,9 @@ class TrainConfig:
     max_combos_per_subject: int = 120
     cnet: str | None = None                     # C-Net bundle dir for identity aggregation
     aggregate: str = "cnet"                     # "cnet" (needs --cnet) | "mean"
-    noise: float = 0.15                         # augmentation: Gaussian noise on standardised coefficients
+    input_norm: str = "within_class"            # classifier inputs: "within_class" whitening | "standard"
+    noise: float = 1.0                          # augmentation: Gaussian noise in input_norm units (with
+                                                # within-class whitening: one within-class std)
     dropout: float = 0.1
     steps_per_epoch: int = 20                   # C-Net: sampled batches of sets per epoch
     set_size: int = 6                           # C-Net: images per training set

@@ -7,6 +7,9 @@
 - gender: 1-D ResNet-34 on each image's identity coefficients; split by subject (a person's gender
   must not leak through their identity).
 - expression: 1-D ResNet-32 on each image's expression coefficients; split by image.
+
+Classifier inputs are whitened within class on the training split (``input_norm``, see
+data.Standardizer), and the whitening travels in the bundle with the weights.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ from facedist.training.engine import TrainConfig
 COEFFICIENT_TASKS = ("identity", "expression", "gender")
 LABEL_COLUMN = {"identity": "subject", "expression": "expression", "gender": "gender",
                 "image_identity": "subject", "image_expression": "expression"}
+INPUT_NORMS = ("within_class", "standard")
 ARCH = {"identity": "resnet34_1d", "gender": "resnet34_1d", "expression": "resnet32_1d"}
 
 
@@ -70,7 +74,9 @@ class ClassifierTask:
                  y_val: np.ndarray, labels: list[str], layout_json: str, arch: str, extra: dict | None = None):
         self.config = config
         self.labels = labels
-        self.norm = Standardizer.fit(x_train)
+        if config.input_norm not in INPUT_NORMS:
+            raise ValueError(f"input_norm {config.input_norm!r}: choose one of {INPUT_NORMS}")
+        self.norm = Standardizer.fit(x_train, y_train if config.input_norm == "within_class" else None)
         self.x_train = torch.as_tensor(self.norm(x_train))
         self.y_train = torch.as_tensor(y_train)
         self.x_val = torch.as_tensor(self.norm(x_val))
@@ -83,7 +89,9 @@ class ClassifierTask:
         return build_resnet1d(self.model_config)
 
     def augment(self, x: torch.Tensor) -> torch.Tensor:
-        """Coefficient augmentation: Gaussian noise in standardised units and a small random
+        """Coefficient augmentation: Gaussian noise in the normalised input's units (after
+        within-class whitening, one unit is one within-class std: noise of about that size
+        stands in for the views and expressions a person was not seen in) and a small random
         per-sample gain (a regressor's estimates wobble in both ways)."""
         if self.config.noise <= 0:
             return x
