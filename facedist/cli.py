@@ -163,7 +163,7 @@ def cmd_run(args) -> int:
     run_workflow(WorkflowConfig(
         images=args.images, out=args.out, backend=args.backend, dataset=args.dataset, actors=args.actors,
         epochs=args.epochs, cnet_epochs=args.cnet_epochs, workers=args.workers, report=not args.no_report,
-        report_folds=args.report_folds, image_epochs=args.image_epochs, address=args.address))
+        report_folds=args.report_folds, image_epochs=args.image_epochs, image_size=args.image_size, address=args.address))
     return 0
 
 
@@ -231,6 +231,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--workers", type=int, default=1, help="Ray Train workers per task")
     run.add_argument("--report-folds", type=int, default=3)
     run.add_argument("--image-epochs", type=int, default=8, help="image baseline epochs in the report")
+    run.add_argument("--image-size", type=int, default=112, help="image baseline crops in the report")
     run.add_argument("--no-report", action="store_true")
     run.add_argument("--address", default=None, help="Ray cluster address (default: RAY_ADDRESS or local)")
     run.set_defaults(func=cmd_run)

@@ -38,7 +38,7 @@ class ReportConfig:
     coeff_epochs: int = 40
     cnet_epochs: int = 30
     image_epochs: int = 15
-    image_size: int = 112
+    image_size: int = 224                  # the image baseline's crops: ResNet-34's standard input
     expressions: tuple[str, ...] = YALE_EXPRESSIONS
     include_images: bool = True
     synthetic: bool = True

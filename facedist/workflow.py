@@ -31,6 +31,7 @@ class WorkflowConfig:
     report: bool = True
     report_folds: int = 3
     image_epochs: int = 8           # the raw-image baseline in the report
+    image_size: int = 112           # its crops: smaller than the report's 224 to keep the run short
     report_synthetic: bool = True   # the report's synthetic C-Net check (known identities)
     address: str | None = None
 
@@ -103,7 +104,7 @@ def _write_report(coeffs: str, report_dir: str, config: WorkflowConfig) -> None:
     def build(local: str) -> None:
         write_report(ReportConfig(data=coeffs, out=local, folds=config.report_folds, coeff_epochs=config.epochs,
                                   cnet_epochs=config.cnet_epochs, image_epochs=config.image_epochs,
-                                  synthetic=config.report_synthetic))
+                                  image_size=config.image_size, synthetic=config.report_synthetic))
 
     if not storage.is_s3(report_dir):
         build(report_dir)
