@@ -2,8 +2,8 @@
 
 For each of the report's k folds (facedist.training.data.image_folds, split by image): train C-Net
 weakly (sets of one person's training images, exactly as facedist.report does), then aggregate
-C(n, 3) combinations of each subject's images by C-Net and by the plain mean, standardise by the
-training combinations' statistics and classify every validation combination by the nearest class
+C(n, 3) combinations of each subject's images by C-Net and by the plain mean, whiten within class
+on the training combinations (as the classifiers do) and classify every validation combination by the nearest class
 mean of the training combinations. Same split, same combinations for both aggregations; only
 the weights differ. Also a (tiny, noisy) check on people C-Net never saw. Optionally (--synthetic) the synthetic check (a): error to the true identity
 on held-out people, C-Net vs mean.
@@ -25,14 +25,15 @@ import numpy as np
 import torch
 
 from facedist.models.cnet import aggregate_identity
-from facedist.training.data import group_combinations, image_folds, load_data
+from facedist.training.data import Standardizer, group_combinations, image_folds, load_data
 from facedist.training.engine import TrainConfig, fit
 from facedist.training.tasks import CNetTask, cnet_confidences
 
 
 def nearest_mean_accuracy(x_train, y_train, x_val, y_val) -> float:
-    mean, std = x_train.mean(0), x_train.std(0) + 1e-8
-    x_train, x_val = (x_train - mean) / std, (x_val - mean) / std
+    # The classifiers' input normalisation: whitened within class on the training combinations.
+    norm = Standardizer.fit(x_train, y_train)
+    x_train, x_val = norm(x_train), norm(x_val)
     classes = np.array(sorted(set(y_train.tolist())))
     centres = np.stack([x_train[y_train == c].mean(0) for c in classes])
     pred = classes[((x_val[:, None, :] - centres[None]) ** 2).sum(-1).argmin(1)]

@@ -54,9 +54,9 @@ def test_consistency_ratio_rewards_downweighting_outlier_images():
     outlier[:, :2] = True                       # one outlier in each half (members 0 and 1)
     alpha = identity + noise + outlier * torch.randn(people, size, dims) * 5
     mask = torch.ones(people, size, dtype=torch.bool)
-    scale = torch.ones(dims)
-    uniform = consistency_ratio(alpha, torch.ones_like(alpha), mask, scale)
-    trusted = consistency_ratio(alpha, torch.where(outlier, 0.01, 1.0).expand_as(alpha), mask, scale)
+    metric = torch.eye(dims)
+    uniform = consistency_ratio(alpha, torch.ones_like(alpha), mask, metric)
+    trusted = consistency_ratio(alpha, torch.where(outlier, 0.01, 1.0).expand_as(alpha), mask, metric)
     assert trusted < 0.5 * uniform
 
 
@@ -73,9 +73,9 @@ def test_sets_and_sampled_indices_follow_the_training_device():
     n = 6
     sets = CNetSets(alpha=torch.zeros(n, 4), beta=torch.zeros(n, 2), quality=torch.zeros(n, 3),
                     cameras=torch.zeros(n, 4, 2), detected=torch.zeros(n, 68, 2), iod=torch.ones(n),
-                    group=np.array([0, 0, 0, 1, 1, 1]))
+                    group=np.array([0, 0, 0, 1, 1, 1]), metric=torch.eye(4))
     moved = sets.to("meta")  # a device other than the CPU, available everywhere
-    tensors = [moved.alpha, moved.beta, moved.quality, moved.cameras, moved.detected, moved.iod]
+    tensors = [moved.alpha, moved.beta, moved.quality, moved.cameras, moved.detected, moved.iod, moved.metric]
     assert all(t.device.type == "meta" for t in tensors) and moved.alpha_true is None
     assert moved.group is sets.group and sets.alpha.device.type == "cpu"
     index, mask = sample_sets(moved, moved.groups(), 3, np.random.default_rng(0))

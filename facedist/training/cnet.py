@@ -7,8 +7,11 @@ On real faces this term alone barely moves (~2% below the plain mean) and lets a
 images overfit (confidences spanning 0.002..7 that hurt identity), so two more terms:
   - identity consistency (``consistency_ratio``): split each set into two disjoint halves; the
     two C-Net aggregates of one person must be closer to each other than to other people's
-    (squared distance ratio, per-dim standardised, relative to the plain mean's ratio). It needs
-    only "these images are the same person", and is what makes the aggregate better for identity.
+    (squared distance ratio relative to the plain mean's ratio). Distances are measured after
+    within-set whitening (the metric the identity classifier sees, data.Standardizer): per-dim
+    standardised distances are dominated by the directions in which one person's images vary
+    anyway. It needs only "these images are the same person", and is what makes the aggregate
+    better for identity.
   - shrinkage: var(log c) pulls confidences toward equal weights (the plain mean) and
     (mean log c)^2 pins their overall scale (the aggregate is invariant to it).
 All terms are ratios to the plain mean's value on the same batch, so < 1 beats the mean.
@@ -23,7 +26,7 @@ import numpy as np
 import torch
 
 from facedist.models.cnet import aggregate_identity
-from facedist.training.data import CoefficientData
+from facedist.training.data import CoefficientData, within_class_whitening
 from facedist.training.geometry import KeypointBasis, fit_affine_cameras, interocular, project
 
 
@@ -38,6 +41,7 @@ class CNetSets:
     detected: torch.Tensor   # (N, 68, 2)
     iod: torch.Tensor        # (N,)
     group: np.ndarray        # (N,) int
+    metric: torch.Tensor     # (D, D) within-set whitening of alpha (identity distances)
     alpha_true: torch.Tensor | None = None
 
     def __len__(self) -> int:
@@ -65,11 +69,13 @@ def prepare_sets(data: CoefficientData, basis: KeypointBasis, quality_norm, *,
     cameras, _ = fit_affine_cameras(own, target)
     detected = data.landmarks[keep]
     _, group = np.unique(data.subject[keep].astype(str), return_inverse=True)
+    alpha = data.alpha[keep]
+    metric = within_class_whitening(alpha, group) if len(alpha) else np.eye(alpha.shape[1], dtype=np.float32)
     return CNetSets(
         alpha=torch.as_tensor(data.alpha[keep]), beta=torch.as_tensor(data.beta[keep]),
         quality=torch.as_tensor(quality_norm(data.quality[keep])), cameras=torch.as_tensor(cameras),
         detected=torch.as_tensor(detected), iod=torch.as_tensor(np.maximum(interocular(detected), 1.0)),
-        group=group, alpha_true=None if alpha_true is None else torch.as_tensor(alpha_true[keep]))
+        group=group, metric=torch.as_tensor(metric), alpha_true=None if alpha_true is None else torch.as_tensor(alpha_true[keep]))
 
 
 def sample_sets(sets: CNetSets, groups: np.ndarray, set_size: int, rng: np.random.Generator
@@ -117,14 +123,14 @@ class CNetLossConfig:
 
 
 def consistency_ratio(alpha: torch.Tensor, confidence: torch.Tensor, mask: torch.Tensor,
-                      scale: torch.Tensor) -> torch.Tensor:
+                      metric: torch.Tensor) -> torch.Tensor:
     """Split every set into two disjoint halves (its even / odd members), aggregate each half and
     return mean squared distance between the halves of the same set divided by the mean over
-    halves of different sets (distances in units of ``scale`` per dim). Uses only set membership."""
+    halves of different sets (distances after ``metric``, (D, D)). Uses only set membership."""
     half = torch.zeros_like(mask)
     half[:, 1::2] = True   # sample_sets draws members in random order, so this is a random split
-    a = aggregate_identity(alpha, confidence, mask & ~half) / scale
-    b = aggregate_identity(alpha, confidence, mask & half) / scale
+    a = aggregate_identity(alpha, confidence, mask & ~half) @ metric
+    b = aggregate_identity(alpha, confidence, mask & half) @ metric
     ok = (mask & ~half).any(1) & (mask & half).any(1)   # sets of one image have no halves
     a, b = a[ok], b[ok]
     dist = torch.cdist(a, b).pow(2)
@@ -148,11 +154,10 @@ def cnet_loss(cnet, sets: CNetSets, basis_t, index, mask, config: CNetLossConfig
     log_c = torch.log(confidence)[mask]
     loss = data_term + config.scale_weight * log_c.mean() ** 2 + config.spread_weight * log_c.var()
     if config.consistency_weight:
-        scale = sets.alpha.std(0).clamp_min(1e-12)
         alpha = sets.alpha[index]
         with torch.no_grad():
-            base = consistency_ratio(alpha, torch.ones_like(alpha), mask, scale)
-        loss = loss + config.consistency_weight * consistency_ratio(alpha, confidence, mask, scale) / base
+            base = consistency_ratio(alpha, torch.ones_like(alpha), mask, sets.metric)
+        loss = loss + config.consistency_weight * consistency_ratio(alpha, confidence, mask, sets.metric) / base
     return loss, data_term.detach()
 
 
