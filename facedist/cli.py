@@ -226,7 +226,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--backend", default="tddfa", choices=("tddfa", "deep3d", "fit"))
     run.add_argument("--dataset", default="auto", choices=("auto", "kdef", "yale", "fei", "folder", "none"))
     run.add_argument("--actors", type=int, default=2)
-    run.add_argument("--epochs", type=int, default=15, help="classifier epochs")
+    run.add_argument("--epochs", type=int, default=40, help="classifier epochs")
     run.add_argument("--cnet-epochs", type=int, default=20)
     run.add_argument("--workers", type=int, default=1, help="Ray Train workers per task")
     run.add_argument("--report-folds", type=int, default=3)

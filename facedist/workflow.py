@@ -24,7 +24,7 @@ class WorkflowConfig:
     dataset: str = "auto"
     actors: int = 2
     batch_size: int = 32
-    epochs: int = 15                # classifier epochs (early stopping usually ends sooner)
+    epochs: int = 40                # classifier epochs (early stopping usually ends sooner)
     cnet_epochs: int = 20
     workers: int = 1                # Ray Train workers per task
     cpus_per_worker: float = 1.0
