@@ -1,5 +1,6 @@
 """Training seconds per input: coefficient classifier (1-D ResNet-34 on identity coefficients)
-vs the image baseline (2-D ResNet-34 on crops), and Ray Train with 1 vs 2 workers. JSON out.
+vs the image baseline (2-D ResNet-34 on crops, at each --image-sizes), and Ray Train with 1 vs 2
+workers. JSON out.
 
     python benchmarks/train_speed.py --data /tmp/yale_tddfa.parquet --out bench_train.json
 """
@@ -34,7 +35,8 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--data", required=True)
     parser.add_argument("--epochs", type=int, default=3)
-    parser.add_argument("--image-size", type=int, default=112)
+    parser.add_argument("--image-sizes", type=int, nargs="+", default=[224, 112],
+                        help="image baseline crop sizes (224: ResNet-34's standard input, the report's)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--skip-ray", action="store_true")
     parser.add_argument("--out")
@@ -46,13 +48,14 @@ def main(argv=None) -> int:
 
     torch.set_num_threads(args.threads)
     data = load_data(args.data)
-    crops = load_crops(data, args.image_size)
-    result = {"data": args.data, "threads": args.threads, "image_size": args.image_size,
-              "device": "cuda" if torch.cuda.is_available() else "cpu"}
-    result["coefficients_identity_s_per_input"] = _in_process("identity", data, args.epochs, args.image_size)
-    result["images_identity_s_per_input"] = _in_process("image_identity", data, args.epochs, args.image_size, crops)
-    result["speedup_coefficients_vs_images"] = (result["images_identity_s_per_input"]
-                                                / result["coefficients_identity_s_per_input"])
+    result = {"data": args.data, "threads": args.threads, "image_sizes": args.image_sizes,
+              "device": "cuda" if torch.cuda.is_available() else "cpu", "batch_size": 32}
+    coefficients = _in_process("identity", data, args.epochs, args.image_sizes[0])
+    result["coefficients_identity_s_per_input"] = coefficients
+    for size in args.image_sizes:
+        images = _in_process("image_identity", data, args.epochs, size, load_crops(data, size))
+        result[f"images_{size}px_identity_s_per_input"] = images
+        result[f"speedup_coefficients_vs_images_{size}px"] = images / coefficients
     if not args.skip_ray:
         import ray
 
