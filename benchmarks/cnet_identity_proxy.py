@@ -3,8 +3,8 @@
 For each of the report's k folds (facedist.training.data.image_folds, split by image): train C-Net
 weakly (sets of one person's training images, exactly as facedist.report does), then aggregate
 C(n, 3) combinations of each subject's images by C-Net and by the plain mean, whiten within class
-on the training combinations (as the classifiers do) and classify every validation combination by the nearest class
-mean of the training combinations. Same split, same combinations for both aggregations; only
+on the training combinations (as the classifiers do) and classify every validation combination by
+the nearest class mean of the training combinations. Same split, same combinations for both aggregations; only
 the weights differ. Also a (tiny, noisy) check on people C-Net never saw. Optionally (--synthetic) the synthetic check (a): error to the true identity
 on held-out people, C-Net vs mean.
 

@@ -163,7 +163,8 @@ def cmd_run(args) -> int:
     run_workflow(WorkflowConfig(
         images=args.images, out=args.out, backend=args.backend, dataset=args.dataset, actors=args.actors,
         epochs=args.epochs, cnet_epochs=args.cnet_epochs, workers=args.workers, report=not args.no_report,
-        report_folds=args.report_folds, image_epochs=args.image_epochs, image_size=args.image_size, address=args.address))
+        report_folds=args.report_folds, image_epochs=args.image_epochs, image_size=args.image_size,
+        address=args.address))
     return 0
 
 

@@ -51,7 +51,8 @@ def _people_with_shared_nuisance(image_seed: int, people: int = 12, images: int 
     nuisance = fixed.standard_normal((2, dims)) * 4
     rng = np.random.default_rng(image_seed)
     groups = np.repeat(np.arange(people), images)
-    x = centres[groups] + rng.standard_normal((len(groups), 2)) @ nuisance + 0.2 * rng.standard_normal((len(groups), dims))
+    shared = rng.standard_normal((len(groups), 2)) @ nuisance
+    x = centres[groups] + shared + 0.2 * rng.standard_normal((len(groups), dims))
     return x, groups.astype(str)
 
 

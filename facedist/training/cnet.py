@@ -72,10 +72,11 @@ def prepare_sets(data: CoefficientData, basis: KeypointBasis, quality_norm, *,
     alpha = data.alpha[keep]
     metric = within_class_whitening(alpha, group) if len(alpha) else np.eye(alpha.shape[1], dtype=np.float32)
     return CNetSets(
-        alpha=torch.as_tensor(data.alpha[keep]), beta=torch.as_tensor(data.beta[keep]),
+        alpha=torch.as_tensor(alpha), beta=torch.as_tensor(data.beta[keep]),
         quality=torch.as_tensor(quality_norm(data.quality[keep])), cameras=torch.as_tensor(cameras),
         detected=torch.as_tensor(detected), iod=torch.as_tensor(np.maximum(interocular(detected), 1.0)),
-        group=group, metric=torch.as_tensor(metric), alpha_true=None if alpha_true is None else torch.as_tensor(alpha_true[keep]))
+        group=group, metric=torch.as_tensor(metric),
+        alpha_true=None if alpha_true is None else torch.as_tensor(alpha_true[keep]))
 
 
 def sample_sets(sets: CNetSets, groups: np.ndarray, set_size: int, rng: np.random.Generator
