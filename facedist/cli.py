@@ -138,7 +138,7 @@ def cmd_report(args) -> int:
     from facedist.report import ReportConfig, write_report
 
     # Flags left unset take ReportConfig's defaults: one place for them.
-    given = {k: getattr(args, k) for k in ("out", "folds", "coeff_epochs", "cnet_epochs", "image_epochs",
+    given = {k: getattr(args, k) for k in ("out", "folds", "seed", "coeff_epochs", "cnet_epochs", "image_epochs",
                                            "image_size") if getattr(args, k) is not None}
     config = ReportConfig(data=args.data, include_images=not args.no_images, synthetic=not args.no_synthetic,
                           **given)
@@ -204,6 +204,7 @@ def build_parser() -> argparse.ArgumentParser:
     rep.add_argument("--data", required=True, help="coefficients table (local or s3://)")
     rep.add_argument("--out", help="local folder (default: results)")
     rep.add_argument("--folds", type=int, help="default: ReportConfig")
+    rep.add_argument("--seed", type=int, help="folds and training seed (default: ReportConfig)")
     rep.add_argument("--coeff-epochs", type=int, help="default: ReportConfig")
     rep.add_argument("--cnet-epochs", type=int, help="default: ReportConfig")
     rep.add_argument("--image-epochs", type=int, help="default: ReportConfig")
