@@ -46,12 +46,15 @@ def test_pos_recovers_known_scale_and_translation():
     assert s == pytest.approx(51.0, abs=1e-9)
 
 
-# The hand-computed case: 68 landmarks = the standard face scaled by 51 and moved to (160, 120) in
-# y-up coordinates of a 320 x 240 image. POS gives s_pos = 51, t = (160, 120), so the image is
-# scaled by 102 / 51 = 2 to 640 x 480, and the window starts at
-#   left = 640/2 - 112 + (160 - 320/2) * 2 = 208,   top = 480/2 - 112 + (240/2 - 120) * 2 = 128.
-# A standard point (X, Y) then lands at crop x = 102 X + 112 and y-up 102 Y + 112, i.e. row 111 - 102 Y.
-W, H, K, TX, TY = 320, 240, 51.0, 160.0, 120.0
+# The hand-computed case: 68 landmarks = the standard face scaled by 51 and moved to (TX, TY) in
+# y-up coordinates of a 320 x 240 image, TX = 160 + D / 2 and TY = 120 - D / 2. POS gives
+# s_pos = 51, t = (TX, TY), so the image is scaled by 102 / 51 = 2 to 640 x 480, and the window is
+#   left = 640/2 - 112 + (TX - 320/2) * 2 = 208 + D,   top = 480/2 - 112 + (240/2 - TY) * 2 = 128 + D,
+# truncated to (208, 128). D keeps both a quarter pixel away from an integer: exactly on one,
+# float rounding decides the truncation (127.99999 -> 127) and the case fails on some machines.
+# A standard point (X, Y) lands at crop x = 102 X + 112 and y-up 102 Y + 112, i.e. row 111 - 102 Y.
+W, H, K, D = 320, 240, 51.0, 0.25
+TX, TY = 160.0 + D / 2, 120.0 - D / 2
 
 
 def _hand_case_landmarks(lm68_3d: np.ndarray) -> np.ndarray:
@@ -99,9 +102,10 @@ def test_hand_computed_crop_puts_points_at_expected_pixels(lm68_3d):
     std5 = load_lm3d()
     expected = np.stack([102 * std5[:, 0] + 112, 111 - 102 * std5[:, 1]], axis=1)
     # PIL samples pixel centres: image point (x, y) lands at crop column 2x + 0.5 - 208 and row
-    # 2y + 0.5 - 128, while upstream's landmark formula says 2x - 208 and 2y - 127: half a pixel.
+    # 2y + 0.5 - 128, while upstream's landmark formula uses the untruncated window (208 + D,
+    # 128 + D) and maps y-up rows with one pixel less: half a pixel, plus D from the truncation.
     for point in expected:
-        np.testing.assert_allclose(_centroid(aligned.crop, *point), point + [0.5, -0.5], atol=0.1)
+        np.testing.assert_allclose(_centroid(aligned.crop, *point), point + [0.5 + D, -0.5 + D], atol=0.1)
     np.testing.assert_allclose(five_points(aligned.landmarks), expected, atol=1e-6)
 
 
