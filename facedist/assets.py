@@ -3,7 +3,8 @@ else a clear error that says how to provide them.
 
 Layout under a model directory (what ../shared/models holds):
     tddfa/mb05_120x120.pth, tddfa/param_mean_std_62d_120x120.pkl, tddfa/bfm/*.npy,
-    deep3d/similarity_Lm3D_all.mat, deep3d/epoch_20.pth (user-supplied), deep3d/BFM_model_front.mat
+    deep3d/similarity_Lm3D_all.mat, deep3d/epoch_20.pth (user-supplied), deep3d/BFM_model_front.mat,
+    faceboxes/FaceBoxesProd.pth
 """
 
 from __future__ import annotations
@@ -62,6 +63,9 @@ MODEL_FILES: dict[str, ModelFile] = {
         ModelFile("tddfa/bfm/keypoints_sim.npy", f"{_TDDFA_V1}/keypoints_sim.npy",
                   "065053f041b03ed32e36641d26fcd9aefef36f6c518899091cdc6038a6246c13",
                   "BFM-derived: non-commercial", "indices of the 68 landmarks"),
+        ModelFile("faceboxes/FaceBoxesProd.pth", f"{_TDDFA_V2}/FaceBoxes/weights/FaceBoxesProd.pth",
+                  "c0cb2b1e40710c0aa5fc32a8759b1496a0fe0a126c907ca0ffe35b4bd0709d09",
+                  "MIT (3DDFA_V2)", "FaceBoxes face detector (3DDFA_V2's copy)"),
         ModelFile("deep3d/similarity_Lm3D_all.mat", f"{_DEEP3D}/similarity_Lm3D_all.mat",
                   "53b83ce6e35c50ddc3e97603650cef4970320c157e75c241c844f29c1dcba65a",
                   "MIT (Deep3DFaceRecon_pytorch)", "standard 3D landmarks for 5-point alignment"),
