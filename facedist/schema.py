@@ -44,6 +44,10 @@ class CoefficientLayout:
     n_feature: int = 0
     model_name: str = ""
     model_version: str = ""
+    # How faces were found and landmarked (e.g. "FaceBoxesProd:c0cb2b1e4071", "dlib"): part of
+    # the layout so that a resumed extraction refuses to mix rows made with other settings.
+    detector: str = ""
+    landmarks: str = ""
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), sort_keys=True)
@@ -76,7 +80,8 @@ COEFFICIENTS_SCHEMA = pa.schema(
         pa.field("num_faces", pa.int32()),
         pa.field("box", _f32_list),                     # x0, y0, x1, y1 of the chosen face
         pa.field("det_score", pa.float32()),
-        pa.field("landmarks", _f32_list),               # 68 detected points, x0, y0, x1, y1, ...
+        pa.field("landmarks", _f32_list),               # 68 points the face was located by (a predictor's,
+                                                        # or tddfa's previous pass), x0, y0, x1, y1, ...
         pa.field("landmarks_fit", _f32_list),           # 68 points reprojected from the coefficients
         pa.field("landmark_error", pa.float32()),       # mean |fit - detected| / inter-ocular distance
         pa.field("id_coeffs", _f32_list),               # identity alpha

@@ -1,5 +1,5 @@
 """The deep3d extractor on real Yale photos with a checkpoint saved from our own R-Net (we have no
-published weights): real dlib landmarks, real alignment, real ResNet-50 forward passes."""
+published weights): real dlib boxes and landmarks, real alignment, real ResNet-50 forward passes."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ from PIL import Image
 
 from facedist import assets
 from facedist.align import align_face
+from facedist.detection import FaceBox
 from facedist.extractors.deep3d import Deep3DExtractor, deep3d_angles_to_degrees, deep3d_rotation
 from facedist.models.resnet import ReconNet, split_coefficients
 from facedist.schema import STATUS_ERROR, STATUS_NO_FACE, STATUS_OK, layout_from_schema, rows_to_table
@@ -34,7 +35,7 @@ def checkpoint(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def extractor(checkpoint):
-    return Deep3DExtractor(checkpoint=str(checkpoint), batch_size=4)
+    return Deep3DExtractor(detector="dlib", checkpoint=str(checkpoint), batch_size=4)
 
 
 @pytest.fixture(scope="module")
@@ -59,6 +60,8 @@ def test_layout(extractor, checkpoint):
     assert (layout.backend, layout.n_id, layout.n_exp, layout.n_tex, layout.n_light, layout.n_feature) == \
         ("deep3d", 80, 64, 80, 27, 2048)
     assert layout.model_version == assets.sha256_of(checkpoint)[:16]
+    assert layout.detector.startswith("hog:dlib-") and layout.detector == extractor.detector.version
+    assert "shape_predictor_68_face_landmarks" in layout.landmarks
 
 
 def test_real_faces_give_ok_results_with_deep3d_sizes(yale_results, yale_images):
@@ -153,16 +156,23 @@ def test_angles_follow_the_shared_convention():
 
 
 class _FixedLandmarks:
-    """A detector that 'finds' given landmarks: the LandmarkDetector protocol, for a hand case."""
+    """A face detector and landmark predictor in one that 'finds' given landmarks (the FaceDetector
+    and LandmarkPredictor protocols), for a hand case: the box is the landmarks' bounding box."""
+
+    name = "fixed"
+    version = "fixed-1"
 
     def __init__(self, landmarks: np.ndarray):
         self.landmarks = landmarks
+        self.box = np.r_[landmarks.min(0), landmarks.max(0)].astype(np.float32)
+        self.boxes_given = []
 
-    def detect(self, rgb):
-        from facedist.landmarks import FaceDetection
+    def detect_batch(self, images):
+        return [[FaceBox(self.box.copy(), 1.0)] for _ in images]
 
-        box = np.r_[self.landmarks.min(0), self.landmarks.max(0)].astype(np.float32)
-        return [FaceDetection(box=box, score=1.0, landmarks=self.landmarks.astype(np.float32))]
+    def predict_batch(self, images, boxes):
+        self.boxes_given.extend(np.asarray(b, np.float32) for b in boxes)
+        return [self.landmarks.astype(np.float32) for _ in images]
 
 
 def test_reprojected_landmarks_with_a_bfm_hand_case(tmp_path):
@@ -187,10 +197,18 @@ def test_reprojected_landmarks_with_a_bfm_hand_case(tmp_path):
 
     up = 51.0 * lm68[:, :2] + [160.0, 120.0]  # the alignment test's hand case (scale 2)
     detected = np.stack([up[:, 0], 239 - up[:, 1]], axis=1)
-    extractor = Deep3DExtractor(landmarks=_FixedLandmarks(detected), checkpoint=tmp_path / "net.pth",
+    fixed = _FixedLandmarks(detected)
+    extractor = Deep3DExtractor(detector=fixed, landmarks=fixed, checkpoint=tmp_path / "net.pth",
                                 bfm=tmp_path / "BFM_model_front.mat")
+    assert extractor.detector is fixed and extractor.predictor is fixed
+    assert (extractor.layout.detector, extractor.layout.landmarks) == ("fixed-1", "fixed-1")
     (result,) = extractor.extract([np.zeros((240, 320, 3), np.uint8)])
     assert result.status == STATUS_OK, result.message
+    # the predictor was asked about the detector's box, and the row reports that box
+    assert len(fixed.boxes_given) == 1
+    np.testing.assert_array_equal(fixed.boxes_given[0], fixed.box)
+    np.testing.assert_array_equal(result.box, fixed.box)
+    np.testing.assert_allclose(result.landmarks, detected.astype(np.float32))
     assert np.count_nonzero(result.id_coeffs) == 0 and result.yaw == 0
     np.testing.assert_allclose(result.translation, [0.1, -0.2, 0.5], atol=1e-6)
 
@@ -215,13 +233,16 @@ def test_without_a_bfm_there_is_no_reprojection(extractor, yale_results):
 def test_a_detector_failure_is_that_rows_error(extractor, yale_images, monkeypatch):
     real = extractor.detector
 
-    class Flaky:
-        def detect(self, rgb):
-            if rgb.shape[1] == 77:
+    class Flaky:  # crashes on any batch holding a 77-px-wide image
+        name, version = real.name, real.version
+
+        def detect_batch(self, images):
+            if any(rgb.shape[1] == 77 for rgb in images):
                 raise RuntimeError("detector crashed")
-            return real.detect(rgb)
+            return real.detect_batch(images)
 
     monkeypatch.setattr(extractor, "detector", Flaky())
     results = extractor.extract([np.zeros((50, 77, 3), np.uint8), yale_images[2]])
     assert [r.status for r in results] == [STATUS_ERROR, STATUS_OK]
     assert "detector crashed" in results[0].message and results[0].width == 77
+    assert results[0].height == 50 and results[0].id_coeffs is None

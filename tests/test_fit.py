@@ -71,7 +71,7 @@ def test_fit_rejects_malformed_landmarks(bfm, prior):
 
 def test_fit_extractor_on_yale(yale_dir):
     """Real faces (every 4th Yale image): >= 95% ok, small landmark error, rows in = rows out."""
-    extractor = make_extractor("fit", landmarks="dlib")
+    extractor = make_extractor("fit", detector="dlib")
     paths = sorted(p for p in yale_dir.iterdir() if p.name.startswith("subject"))[::4]
     images = [decode_image(p.read_bytes()) for p in paths] + [np.full((120, 160, 3), 90, np.uint8), "not an image"]
     results = extractor.extract(images)
@@ -85,20 +85,31 @@ def test_fit_extractor_on_yale(yale_dir):
     r = ok[0]
     assert r.id_coeffs.shape == (40,) and r.exp_coeffs.shape == (10,) and r.feature.shape == (136,)
     assert extractor.layout.n_feature == 136 and extractor.layout.backend == "fit"
+    assert extractor.layout.detector.startswith("hog:dlib-")
+    assert "shape_predictor_68_face_landmarks" in extractor.layout.landmarks
     # the residual feature is the normalised fit-minus-detected landmark offsets
     np.testing.assert_allclose(np.linalg.norm(r.feature.reshape(68, 2), axis=1).mean(), r.landmark_error, rtol=1e-4)
 
 
 def test_degenerate_landmarks_give_a_row_error_not_an_exception(yale_dir):
-    from facedist.landmarks import FaceDetection
-
-    class Collapsed:  # every landmark on one pixel: no inter-ocular distance, no pose
+    class Collapsed:  # a LandmarkPredictor putting every landmark on one pixel: no inter-ocular distance, no pose
         name = "collapsed"
+        version = "collapsed-1"
 
-        def detect(self, image):
-            return [FaceDetection(box=np.float32([10, 10, 90, 90]), score=1.0, landmarks=np.full((68, 2), 50, np.float32))]
+        def __init__(self):
+            self.boxes = []
+
+        def predict_batch(self, images, boxes):
+            self.boxes.extend(np.asarray(b, np.float32) for b in boxes)
+            return [np.full((68, 2), 50, np.float32) for _ in images]
 
     image = decode_image((yale_dir / "subject03.normal").read_bytes())
-    result = make_extractor("fit", landmarks=Collapsed()).extract([image])[0]
+    collapsed = Collapsed()
+    extractor = make_extractor("fit", detector="dlib", landmarks=collapsed)
+    assert extractor.predictor is collapsed and extractor.layout.landmarks == "collapsed-1"
+    result = extractor.extract([image])[0]
     assert result.status == STATUS_ERROR and "degenerate" in result.message
     assert (result.width, result.height, result.num_faces) == (320, 243, 1)
+    # the predictor got the detector's box, and the row keeps it
+    assert len(collapsed.boxes) >= 1
+    np.testing.assert_array_equal(collapsed.boxes[0], result.box)

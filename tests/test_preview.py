@@ -54,7 +54,7 @@ def test_draw_preview_marks_landmarks_and_mesh(synthetic):
 def test_previews_written_for_real_extractions(yale_dir, tmp_path):
     image = decode_image((yale_dir / "subject02.happy").read_bytes())
     for backend in ("tddfa", "fit"):
-        result = make_extractor(backend, landmarks="dlib").extract([image])[0]
+        result = make_extractor(backend).extract([image])[0]
         assert result.ok, result.message
         path = save_preview(tmp_path / backend / "subject02.happy.png", image, result)
         back = cv2.cvtColor(cv2.imread(str(path)), cv2.COLOR_BGR2RGB)
@@ -69,7 +69,7 @@ def test_previews_written_for_real_extractions(yale_dir, tmp_path):
 
 def test_vertices_from_the_extractor_match_the_rebuilt_mesh(yale_dir):
     image = decode_image((yale_dir / "subject05.sad").read_bytes())
-    result = make_extractor("tddfa", landmarks="dlib", with_vertices=True).extract([image])[0]
+    result = make_extractor("tddfa", with_vertices=True).extract([image])[0]
     assert result.ok
     given = result.extras.pop("vertices")
     rebuilt, _ = mesh_vertices(result)  # from coefficients + camera

@@ -1,14 +1,25 @@
-"""The extractor interface: a batch of decoded images in, one result per image out."""
+"""The extractor interface: a batch of decoded images in, one result per image out.
+
+An extractor is a face detector plus a regressor. FaceExtractor holds what every backend shares:
+the image checks, batched detection, the no_face / several faces / too small / error rules, and
+the assembly of each result; a backend supplies only fit_faces (landmarks, regression, fit).
+"""
 
 from __future__ import annotations
 
 import contextlib
+import time
+from collections import defaultdict
 from dataclasses import dataclass, field, fields
 from typing import Iterator, Protocol, Sequence
 
 import numpy as np
 
+from facedist.detection import FaceBox, FaceDetector
+from facedist.images import as_rgb_uint8
 from facedist.schema import STATUS_ERROR, STATUS_NO_FACE, STATUS_OK, CoefficientLayout
+
+MIN_FACE_SIDE = 8  # px; smaller boxes give degenerate crops and no usable landmarks
 
 
 @dataclass
@@ -74,6 +85,143 @@ class Extractor(Protocol):
         """images: RGB uint8 arrays (H, W, 3). Returns exactly len(images) results, never raises
         for a single bad image: it becomes that image's error result."""
         ...
+
+
+class StageTimer:
+    """Accumulated wall and CPU (process) seconds per stage: CPU time stays meaningful on a
+    shared, oversubscribed machine where wall time mostly measures the neighbours."""
+
+    def __init__(self):
+        self.wall: dict[str, float] = defaultdict(float)
+        self.cpu: dict[str, float] = defaultdict(float)
+
+    @contextlib.contextmanager
+    def stage(self, name: str) -> Iterator[None]:
+        wall, cpu = time.perf_counter(), time.process_time()
+        try:
+            yield
+        finally:
+            self.wall[name] += time.perf_counter() - wall
+            self.cpu[name] += time.process_time() - cpu
+
+    def clear(self) -> None:
+        self.wall.clear()
+        self.cpu.clear()
+
+
+@dataclass
+class DetectedFace:
+    """The face of one image that a backend fits: the largest the detector found."""
+
+    image: np.ndarray   # RGB uint8 (H, W, 3)
+    face: FaceBox
+    num_faces: int
+
+
+class FaceExtractor:
+    """Detector + regressor. Subclasses set name/layout and implement fit_faces."""
+
+    name: str
+    layout: CoefficientLayout
+
+    def __init__(self, detector: FaceDetector):
+        self.detector = detector
+        self.timings = StageTimer()  # seconds per stage (detect, landmarks, crop, regress, ...)
+
+    def fit_faces(self, faces: list[DetectedFace]) -> list[ExtractionResult]:
+        """One result per face with the backend's parts (coefficients, landmarks, pose, feature);
+        an error result for a face the backend could not fit. Detection fields are filled here."""
+        raise NotImplementedError
+
+    # ---- the batch
+
+    def extract(self, images: Sequence[np.ndarray]) -> list[ExtractionResult]:
+        results: list[ExtractionResult | None] = [None] * len(images)
+        rgbs: dict[int, np.ndarray] = {}
+        for i, image in enumerate(images):
+            try:
+                rgbs[i] = as_rgb_uint8(image)
+            except ValueError as exc:
+                results[i] = ExtractionResult.error(f"bad image: {exc}")
+        order = list(rgbs)
+        with self.timings.stage("detect"):
+            found = self._detect([rgbs[i] for i in order])
+        faces: list[DetectedFace] = []
+        face_rows: list[int] = []
+        for i, faces_i in zip(order, found):
+            h, w = rgbs[i].shape[:2]
+            if isinstance(faces_i, Exception):
+                results[i] = ExtractionResult.error(
+                    f"face detection failed: {type(faces_i).__name__}: {faces_i}", width=w, height=h)
+            elif not faces_i:
+                results[i] = ExtractionResult.no_face(width=w, height=h)
+            else:
+                x0, y0, x1, y1 = (float(v) for v in faces_i[0].box)
+                if not min(x1 - x0, y1 - y0) >= MIN_FACE_SIDE:  # also catches NaN boxes
+                    results[i] = ExtractionResult.error(
+                        f"face box {x1 - x0:.1f} x {y1 - y0:.1f} px is too small (min {MIN_FACE_SIDE} px)",
+                        width=w, height=h, num_faces=len(faces_i))
+                else:
+                    faces.append(DetectedFace(rgbs[i], faces_i[0], len(faces_i)))
+                    face_rows.append(i)
+        if faces:
+            for i, face, result in zip(face_rows, faces, self._fit(faces)):
+                results[i] = self._assemble(face, result)
+        return results  # type: ignore[return-value]
+
+    def _detect(self, rgbs: list[np.ndarray]) -> list[list[FaceBox] | Exception]:
+        """The batch in one call; if that fails, image by image, so the failure lands on the image
+        that caused it."""
+        if not rgbs:
+            return []
+        try:
+            found = self.detector.detect_batch(rgbs)
+            if len(found) != len(rgbs):
+                raise RuntimeError(f"detector returned {len(found)} results for {len(rgbs)} images")
+            return list(found)
+        except Exception:
+            out: list[list[FaceBox] | Exception] = []
+            for rgb in rgbs:
+                try:
+                    out.append(self.detector.detect_batch([rgb])[0])
+                except Exception as exc:  # this image's error, not the batch's
+                    out.append(exc)
+            return out
+
+    def _fit(self, faces: list[DetectedFace]) -> list[ExtractionResult]:
+        """fit_faces over the batch; if the batch call fails, face by face (same rule as _detect)."""
+        try:
+            got = self.fit_faces(faces)
+            if len(got) != len(faces):
+                raise RuntimeError(f"{self.name} returned {len(got)} results for {len(faces)} faces")
+            return got
+        except Exception:
+            out = []
+            for face in faces:
+                try:
+                    out.append(self.fit_faces([face])[0])
+                except Exception as exc:
+                    out.append(ExtractionResult.error(f"{self.name} failed: {type(exc).__name__}: {exc}"))
+            return out
+
+    @staticmethod
+    def _assemble(face: DetectedFace, result: ExtractionResult) -> ExtractionResult:
+        """The detection fields, the landmark error, and a last check that nothing is non-finite."""
+        h, w = face.image.shape[:2]
+        result.width, result.height, result.num_faces = w, h, face.num_faces
+        result.box = np.asarray(face.face.box, np.float32)
+        result.det_score = float(face.face.score)
+        if not result.ok:
+            return result
+        if result.landmark_error is None and result.landmarks is not None and result.landmarks_fit is not None:
+            result.landmark_error = landmark_error(result.landmarks_fit, result.landmarks)
+        bad = [name for name in ("id_coeffs", "exp_coeffs", "tex_coeffs", "light_coeffs", "feature",
+                                 "landmarks", "landmarks_fit", "translation")
+               if getattr(result, name) is not None and not np.all(np.isfinite(getattr(result, name)))]
+        if bad:
+            return ExtractionResult.error(f"{', '.join(bad)} not finite", width=w, height=h,
+                                          num_faces=face.num_faces, box=result.box, det_score=result.det_score)
+        return result
 
 
 def interocular_distance(landmarks: np.ndarray) -> float:

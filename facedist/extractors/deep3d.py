@@ -1,5 +1,6 @@
-"""Deep3DFaceRecon backend: 68 landmarks -> 5-point alignment to 224 -> R-Net (ResNet-50) -> 257
+"""Deep3DFaceRecon backend: face box -> 68 landmarks -> 5-point alignment to 224 -> R-Net (ResNet-50) -> 257
 coefficients (80 id, 64 exp, 80 tex, 3 angles, 27 SH lighting, 3 translation) + pooled 2048 feature.
+The 68 landmarks come from a predictor on the box (dlib's by default) or from 3DDFA_V2's regression.
 
 The R-Net weights (epoch_20.pth) are user-supplied; a missing file is a ModelNotFoundError at
 construction, never a per-image failure.
@@ -15,9 +16,9 @@ import torch
 
 from facedist import assets
 from facedist.align import AlignedFace, align_face, load_lm3d
-from facedist.extractors.base import ExtractionResult, full_precision, landmark_error
-from facedist.images import as_rgb_uint8
-from facedist.landmarks import LandmarkDetector, make_landmark_detector, map_images
+from facedist.detection import DEFAULT_DETECTOR, make_face_detector
+from facedist.extractors.base import DetectedFace, ExtractionResult, FaceExtractor, full_precision
+from facedist.extractors.landmark_sources import make_landmark_source
 from facedist.models.resnet import load_recon_net, split_coefficients
 from facedist.schema import STATUS_ERROR, CoefficientLayout
 
@@ -82,51 +83,28 @@ def deep3d_angles_to_degrees(angle: np.ndarray) -> tuple[float, float, float]:
     return float(-y), float(x), float(z)
 
 
-class Deep3DExtractor:
-    """Deep3DFaceRecon R-Net extractor; detector and network load once, here."""
+class Deep3DExtractor(FaceExtractor):
+    """Deep3DFaceRecon R-Net extractor; detector, landmark source and network load once, here."""
 
     name = "deep3d"
 
-    def __init__(self, landmarks: str | LandmarkDetector = "dlib", device: str = "cpu",
+    def __init__(self, detector=DEFAULT_DETECTOR, device: str = "cpu", *, landmarks="dlib",
                  checkpoint: str | Path = DEFAULT_CHECKPOINT, batch_size: int = 16,
                  keep_crops: bool = False, bfm: str | Path | None = DEFAULT_BFM, detect_threads: int = 1):
         self.checkpoint_path = _resolve_checkpoint(checkpoint)
+        super().__init__(make_face_detector(detector, device, threads=detect_threads))
         self.device = torch.device(device)
         self.model = load_recon_net(self.checkpoint_path).to(self.device)
         self.lm3d = load_lm3d()
-        self.detector = make_landmark_detector(landmarks, device, threads=detect_threads)
+        self.predictor = make_landmark_source(landmarks, device, threads=detect_threads)
         self.batch_size = max(1, int(batch_size))
         self.keep_crops = keep_crops  # aligned crops in result.extras (previews, raw-image baselines)
         self.bfm = _load_optional_bfm(bfm)  # only to reproject landmarks (landmarks_fit/landmark_error)
         self.layout = CoefficientLayout(
             backend=self.name, n_id=80, n_exp=64, n_tex=80, n_light=27, n_feature=2048,
             model_name=f"{MODEL_NAME}:{self.checkpoint_path.name}",
-            model_version=assets.sha256_of(self.checkpoint_path)[:16])
-
-    def _prepare(self, image: np.ndarray) -> tuple[ExtractionResult, AlignedFace | None]:
-        """Detect and align one image; a result without an aligned face is already final."""
-        try:
-            rgb = as_rgb_uint8(image)
-        except Exception as exc:
-            return ExtractionResult.error(f"bad image: {exc}"), None
-        h, w = rgb.shape[:2]
-        try:
-            faces = self.detector.detect(rgb)
-        except Exception as exc:
-            return ExtractionResult.error(f"landmark detection failed: {type(exc).__name__}: {exc}",
-                                          width=w, height=h), None
-        if not faces:
-            return ExtractionResult.no_face(width=w, height=h), None
-        face = faces[0]
-        result = ExtractionResult(width=w, height=h, num_faces=len(faces),
-                                  box=np.asarray(face.box, np.float32), det_score=float(face.score),
-                                  landmarks=np.asarray(face.landmarks, np.float32)[:, :2])
-        try:
-            aligned = align_face(rgb, result.landmarks, self.lm3d)
-        except Exception as exc:
-            result.status, result.message = STATUS_ERROR, f"alignment failed: {exc}"
-            return result, None
-        return result, aligned
+            model_version=assets.sha256_of(self.checkpoint_path)[:16],
+            detector=self.detector.version, landmarks=self.predictor.version)
 
     @torch.inference_mode()
     def _forward(self, crops: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
@@ -135,19 +113,22 @@ class Deep3DExtractor:
             coeffs, feature = self.model.forward_with_features(batch)
         return coeffs.float().cpu().numpy(), feature.float().cpu().numpy()
 
-    def extract(self, images: Sequence[np.ndarray]) -> list[ExtractionResult]:
+    def fit_faces(self, faces: list[DetectedFace]) -> list[ExtractionResult]:
+        with self.timings.stage("landmarks"):
+            points = self.predictor.predict_batch([f.image for f in faces], [f.face.box for f in faces])
         results: list[ExtractionResult] = []
-        pending: list[tuple[ExtractionResult, AlignedFace]] = []  # aligned, waiting for a full batch
-        # Detection and alignment per image (on the detector's threads when it has them).
-        for result, aligned in map_images(self.detector, self._prepare, images):
-            results.append(result)
-            if aligned is not None:
-                pending.append((result, aligned))
-            if len(pending) == self.batch_size:
-                self._run_batch(pending)
-                pending = []
-        if pending:
-            self._run_batch(pending)
+        pending: list[tuple[ExtractionResult, AlignedFace]] = []
+        with self.timings.stage("crop"):
+            for face, lm in zip(faces, points):
+                result = ExtractionResult(landmarks=np.asarray(lm, np.float32)[:, :2])
+                results.append(result)
+                try:
+                    pending.append((result, align_face(face.image, result.landmarks, self.lm3d)))
+                except Exception as exc:
+                    results[-1] = ExtractionResult.error(f"alignment failed: {exc}")
+        with self.timings.stage("regress"):
+            for start in range(0, len(pending), self.batch_size):
+                self._run_batch(pending[start:start + self.batch_size])
         return results
 
     def _run_batch(self, pending: list[tuple[ExtractionResult, AlignedFace]]) -> None:
@@ -179,7 +160,6 @@ class Deep3DExtractor:
             points3d = self.bfm.landmarks(parts["id"], parts["exp"])
             crop_points = project_to_crop(points3d, parts["angle"], parts["trans"], aligned.transform.target_size)
             result.landmarks_fit = aligned.transform.crop_to_image(crop_points).astype(np.float32)
-            result.landmark_error = landmark_error(result.landmarks_fit, result.landmarks)
         result.extras["align_transform"] = aligned.transform
         if self.keep_crops:
             result.extras["aligned_crop"] = aligned.crop

@@ -15,14 +15,12 @@ from __future__ import annotations
 
 import pickle
 from dataclasses import dataclass
-from typing import Any, Sequence
-
 import numpy as np
 
 from facedist import assets
-from facedist.extractors.base import ExtractionResult, interocular_distance, landmark_error
-from facedist.images import as_rgb_uint8
-from facedist.landmarks import make_landmark_detector, map_images
+from facedist.detection import DEFAULT_DETECTOR, make_face_detector
+from facedist.extractors.base import DetectedFace, ExtractionResult, FaceExtractor, interocular_distance
+from facedist.extractors.landmark_sources import make_landmark_source
 from facedist.morphable import MorphableModel, Pose, affine_to_scaled_rotation
 from facedist.schema import NUM_LANDMARKS, CoefficientLayout
 
@@ -171,15 +169,18 @@ def fit_landmarks(model: MorphableModel, landmarks2d: np.ndarray, config: FitCon
                      model.project(X, pose))
 
 
-class LandmarkFitExtractor:
-    """3DMM coefficients by fitting the 68 detected landmarks (see the module docstring)."""
+class LandmarkFitExtractor(FaceExtractor):
+    """3DMM coefficients by fitting 68 landmarks (see the module docstring): the detector's box,
+    then a landmark predictor on it (dlib's by default), then the fit."""
 
     name = "fit"
 
-    def __init__(self, landmarks: Any = "dlib", device: str = "cpu", *, model: MorphableModel | None = None,
-                 prior: CoefficientPrior | None = None, reg: float = FitConfig.reg,
-                 iterations: int = FitConfig.iterations, with_vertices: bool = False, detect_threads: int = 1):
-        self.detector = make_landmark_detector(landmarks, device, threads=detect_threads)
+    def __init__(self, detector=DEFAULT_DETECTOR, device: str = "cpu", *, landmarks="dlib",
+                 model: MorphableModel | None = None, prior: CoefficientPrior | None = None,
+                 reg: float = FitConfig.reg, iterations: int = FitConfig.iterations,
+                 with_vertices: bool = False, detect_threads: int = 1):
+        super().__init__(make_face_detector(detector, device, threads=detect_threads))
+        self.predictor = make_landmark_source(landmarks, device, threads=detect_threads)
         self.model = model or MorphableModel.from_tddfa()
         # 3DDFA's basis comes with coefficient statistics; another basis gets an isotropic prior.
         self.prior = prior or (CoefficientPrior.tddfa() if model is None else CoefficientPrior.isotropic(self.model))
@@ -187,33 +188,23 @@ class LandmarkFitExtractor:
         self.with_vertices = with_vertices
         self.layout = CoefficientLayout(
             backend="fit", n_id=self.model.n_shape, n_exp=self.model.n_exp, n_feature=2 * NUM_LANDMARKS,
-            model_name=f"landmark_fit_{self.model.name}", model_version=f"reg{reg:g}_it{iterations}")
+            model_name=f"landmark_fit_{self.model.name}", model_version=f"reg{reg:g}_it{iterations}",
+            detector=self.detector.version, landmarks=self.predictor.version)
 
-    def extract(self, images: Sequence[np.ndarray]) -> list[ExtractionResult]:
-        return map_images(self.detector, self._extract_one, images)
+    def fit_faces(self, faces: list[DetectedFace]) -> list[ExtractionResult]:
+        with self.timings.stage("landmarks"):
+            points = self.predictor.predict_batch([f.image for f in faces], [f.face.box for f in faces])
+        with self.timings.stage("fit"):
+            return [self._fit_one(p) for p in points]
 
-    def _extract_one(self, image) -> ExtractionResult:
+    def _fit_one(self, detected: np.ndarray) -> ExtractionResult:
         try:
-            rgb = as_rgb_uint8(image)
-        except ValueError as exc:
-            return ExtractionResult.error(f"bad image: {exc}")
-        h, w = rgb.shape[:2]
-        try:
-            faces = self.detector.detect(rgb)
-        except Exception as exc:  # a detector failure is this image's error, not the batch's
-            return ExtractionResult.error(f"landmark detection failed: {type(exc).__name__}: {exc}", width=w, height=h)
-        if not faces:
-            return ExtractionResult.no_face(width=w, height=h)
-        face = faces[0]
-        try:
-            fit = fit_landmarks(self.model, face.landmarks, self.config, self.prior)
+            fit = fit_landmarks(self.model, detected, self.config, self.prior)
         except Exception as exc:  # singular systems, malformed landmarks: this row only
-            return ExtractionResult.error(f"landmark fit failed: {type(exc).__name__}: {exc}", width=w, height=h,
-                                          num_faces=len(faces))
+            return ExtractionResult.error(f"landmark fit failed: {type(exc).__name__}: {exc}")
         if not (np.all(np.isfinite(fit.points)) and np.all(np.isfinite(fit.shape)) and np.all(np.isfinite(fit.exp))):
-            return ExtractionResult.error("landmark fit diverged (non-finite result)", width=w, height=h,
-                                          num_faces=len(faces))
-        detected = np.asarray(face.landmarks, np.float32)
+            return ExtractionResult.error("landmark fit diverged (non-finite result)")
+        detected = np.asarray(detected, np.float32)
         fitted = fit.points[:, :2]
         yaw, pitch, roll = fit.pose.angles
         residual = (fitted - detected) / max(interocular_distance(detected), 1e-6)
@@ -222,10 +213,7 @@ class LandmarkFitExtractor:
         if self.with_vertices:
             extras["vertices"] = self.model.project(self.model.vertices(fit.shape, fit.exp), fit.pose)
         return ExtractionResult(
-            width=w, height=h, num_faces=len(faces),
-            box=np.asarray(face.box, np.float32), det_score=float(face.score),
             landmarks=detected, landmarks_fit=fitted.astype(np.float32),
-            landmark_error=landmark_error(fitted, detected),
             id_coeffs=fit.shape, exp_coeffs=fit.exp,
             yaw=yaw, pitch=pitch, roll=roll, scale=float(fit.pose.scale),
             translation=fit.pose.translation3.astype(np.float32),

@@ -1,9 +1,14 @@
-"""3DDFA_V2 extractor: detected face -> 120x120 crop -> MobileNetV1 -> 62 parameters -> 3DMM.
+"""3DDFA_V2 extractor: face box -> 120x120 crop -> MobileNetV1 -> 62 parameters -> 3DMM.
 
-Two passes as 3DDFA_V2 does for tracking: the first crop comes from the detector's box, the second
-from the first pass's reprojected landmarks (a crop the regressor was trained on whatever the
-detector's box convention). Each pass sends all faces of the batch through the network together,
-in chunks of batch_size, on a BN-folded channels-last copy of the strictly loaded checkpoint.
+3DDFA_V2's own flow, no landmark detector: the first crop comes from the detector's box, the
+second from the 68 landmarks reprojected from the first pass's parameters (a crop the regressor
+was trained on, whatever the detector's box convention). Each pass sends all faces of the batch
+through the network together, in chunks of batch_size, on a BN-folded channels-last copy of the
+strictly loaded checkpoint.
+
+Landmarks: `landmarks` holds the previous pass's 68 points (what the final crop was cut from),
+`landmarks_fit` the final pass's; landmark_error, their mean distance over the inter-ocular
+distance, says how far the regression moved between passes (large on faces it cannot settle).
 
 Pose: the regressor's 3x4 camera is folded with the crop box into a pixel camera
 (extras["camera"]); yaw/pitch/roll, scale (pixels per model unit) and translation (pixels) come
@@ -14,46 +19,21 @@ from __future__ import annotations
 
 import math
 import pickle
-import time
-from collections import defaultdict
-from typing import Any, Sequence
+from dataclasses import dataclass
+from typing import Sequence
 
 import cv2
 import numpy as np
 import torch
 
 from facedist import assets
-from facedist.extractors.base import ExtractionResult, full_precision, landmark_error
-from facedist.images import as_rgb_uint8
-from facedist.landmarks import make_landmark_detector, map_images
+from facedist.detection import DEFAULT_DETECTOR, make_face_detector
+from facedist.extractors.base import DetectedFace, ExtractionResult, FaceExtractor, StageTimer, full_precision
 from facedist.models.mobilenet import fuse_for_inference, load_mobilenet
 from facedist.morphable import MorphableModel, Pose, affine_to_scaled_rotation, apply_affine
 from facedist.schema import CoefficientLayout
 
 CROP_SIZE = 120
-MIN_FACE_SIDE = 8  # px; smaller boxes give degenerate crops (3DDFA_V2's size is int(1.58 * side))
-
-
-class StageTimer:
-    """Accumulated wall and CPU (process) seconds per stage: CPU time stays meaningful on a
-    shared, oversubscribed machine where wall time mostly measures the neighbours."""
-
-    def __init__(self):
-        self.wall: dict[str, float] = defaultdict(float)
-        self.cpu: dict[str, float] = defaultdict(float)
-        self._open: dict[str, tuple[float, float]] = {}
-
-    def start(self, stage: str) -> None:
-        self._open[stage] = (time.perf_counter(), time.process_time())
-
-    def stop(self, stage: str) -> None:
-        wall, cpu = self._open.pop(stage)
-        self.wall[stage] += time.perf_counter() - wall
-        self.cpu[stage] += time.process_time() - cpu
-
-    def clear(self) -> None:
-        self.wall.clear()
-        self.cpu.clear()
 
 
 # --------------------------------------------------------------------------- crop geometry
@@ -118,42 +98,48 @@ def pose_from_affine(A: np.ndarray) -> Pose:
     return Pose(R, scale, A[:, 3].copy())
 
 
-# --------------------------------------------------------------------------- the extractor
+# --------------------------------------------------------------------------- the regressor
 
 
-class TDDFAExtractor:
-    """3DDFA_V2 MobileNetV1 regressor behind a 68-landmark face detector."""
+@dataclass
+class TDDFAFit:
+    """One face through 3DDFA_V2's passes."""
+
+    params: np.ndarray        # (62,) de-normalised: camera 12, shape 40, expression 10
+    feature: np.ndarray       # pooled regressor feature
+    roi_box: np.ndarray       # the final crop's box
+    camera: np.ndarray        # (3, 4) pixel affine camera
+    points: np.ndarray        # (68, 3) final landmarks in pixels (x, y, depth)
+    previous: np.ndarray      # (68, 2) the landmarks the final crop was cut from
+
+
+class TDDFARegressor:
+    """3DDFA_V2's MobileNetV1 and its two-pass flow, for a batch of images with one box each.
+
+    Also a landmark predictor (predict_batch), so other backends can take their 68 points from it."""
 
     name = "tddfa"
 
-    def __init__(self, landmarks: Any = "dlib", device: str = "cpu", *,
-                 checkpoint: str = "tddfa/mb05_120x120.pth", batch_size: int | None = None,
-                 passes: int = 2, num_threads: int | None = None, with_vertices: bool = False,
-                 detect_threads: int = 1):
-        self.detector = make_landmark_detector(landmarks, device, threads=detect_threads)
+    def __init__(self, device: str = "cpu", *, checkpoint: str = "tddfa/mb05_120x120.pth",
+                 batch_size: int | None = None, passes: int = 2, num_threads: int | None = None,
+                 timings: StageTimer | None = None):
         self.device = torch.device(device)
         if num_threads:
             torch.set_num_threads(num_threads)
-        path = assets.resolve(checkpoint)
-        self.net = load_mobilenet(path, device=self.device)  # the checkpoint, loaded strictly
-        self.infer_net = fuse_for_inference(self.net)          # BN folded, channels-last: what runs
+        self.path = assets.resolve(checkpoint)
+        self.net = load_mobilenet(self.path, device=self.device)  # the checkpoint, loaded strictly
+        self.infer_net = fuse_for_inference(self.net)               # BN folded, channels-last: what runs
         with open(assets.resolve("tddfa/param_mean_std_62d_120x120.pkl"), "rb") as fh:
             stats = pickle.load(fh)
         self.param_mean = np.asarray(stats["mean"], np.float32)
         self.param_std = np.asarray(stats["std"], np.float32)
         self.model = MorphableModel.from_tddfa()
         # crops per forward: on CPU 16-32 keep the activations in cache (benchmarks/extract_single.py
-        # measures 1.0 ms/crop at 16 vs 1.5 at 128 on one core); a GPU wants large batches.
+        # measures it); a GPU wants large batches.
         self.batch_size = batch_size or (16 if self.device.type == "cpu" else 256)
-        self.passes = passes
-        self.with_vertices = with_vertices
-        self.timings = StageTimer()  # seconds per stage (detect, crop, regress, reconstruct)
-        self.layout = CoefficientLayout(
-            backend="tddfa", n_id=self.model.n_shape, n_exp=self.model.n_exp,
-            n_feature=self.net.num_features, model_name=f"3ddfa_v2_{path.stem}",
-            model_version=assets.sha256_of(path)[:12])
-
-    # ---- the network
+        self.passes = max(1, passes)
+        self.timings = timings or StageTimer()
+        self.version = f"3ddfa_v2_{self.path.stem}:{assets.sha256_of(self.path)[:12]}"
 
     @torch.inference_mode()
     def regress(self, crops: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -170,7 +156,8 @@ class TDDFAExtractor:
         params = np.concatenate(params) * self.param_std + self.param_mean
         return params.astype(np.float32), np.concatenate(feats).astype(np.float32)
 
-    def camera_and_coeffs(self, param: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    @staticmethod
+    def camera_and_coeffs(param: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Split 62 parameters: camera (3, 4), shape (40,), expression (10,)."""
         return param[:12].reshape(3, 4), param[12:52], param[52:62]
 
@@ -180,100 +167,74 @@ class TDDFAExtractor:
         A = pixel_affine(camera, roi_box)
         return apply_affine(self.model.landmarks(shape, exp), A), A
 
-    def _crops(self, images: list[np.ndarray], boxes: list[np.ndarray]) -> np.ndarray:
-        self.timings.start("crop")
-        # RGB -> BGR: the regressor was trained on OpenCV's channel order.
-        crops = np.stack([crop_resize(img, box)[:, :, ::-1] for img, box in zip(images, boxes)])
-        self.timings.stop("crop")
-        return crops
+    def _crops(self, images: Sequence[np.ndarray], boxes: Sequence[np.ndarray]) -> np.ndarray:
+        with self.timings.stage("crop"):
+            # RGB -> BGR: the regressor was trained on OpenCV's channel order.
+            return np.stack([crop_resize(img, box)[:, :, ::-1] for img, box in zip(images, boxes)])
 
-    # ---- the batch
-
-    def _detect(self, image: np.ndarray) -> tuple[np.ndarray | None, list | ExtractionResult]:
-        """One image's faces (largest first), or the image's final result when it has none usable."""
-        try:
-            rgb = as_rgb_uint8(image)
-        except ValueError as exc:
-            return None, ExtractionResult.error(f"bad image: {exc}")
-        h, w = rgb.shape[:2]
-        try:
-            found = self.detector.detect(rgb)
-        except Exception as exc:  # one image's detector failure is that image's error
-            return None, ExtractionResult.error(
-                f"landmark detection failed: {type(exc).__name__}: {exc}", width=w, height=h)
-        if not found:
-            return None, ExtractionResult.no_face(width=w, height=h)
-        x0, y0, x1, y1 = (float(v) for v in found[0].box)
-        if not min(x1 - x0, y1 - y0) >= MIN_FACE_SIDE:  # also catches NaN boxes
-            return None, ExtractionResult.error(
-                f"face box {x1 - x0:.1f} x {y1 - y0:.1f} px is too small to crop (min {MIN_FACE_SIDE} px)",
-                width=w, height=h, num_faces=len(found))
-        return rgb, found
-
-    def extract(self, images: Sequence[np.ndarray]) -> list[ExtractionResult]:
-        results: list[ExtractionResult | None] = [None] * len(images)
-        faces, rgbs, order = [], [], []
-        self.timings.start("detect")
-        # Detection is per image (and on the detector's threads when it has them); the network
-        # then sees every face of the batch together.
-        for i, (rgb, found) in enumerate(map_images(self.detector, self._detect, images)):
-            if rgb is None:
-                results[i] = found
-                continue
-            faces.append(found)
-            rgbs.append(rgb)
-            order.append(i)
-        self.timings.stop("detect")
-        if order:
-            try:
-                for i, result in zip(order, self._regress_faces(rgbs, faces)):
-                    results[i] = result
-            except Exception as exc:  # a failure of the batch forward: report it on each row
-                for i, rgb, found in zip(order, rgbs, faces):
-                    results[i] = ExtractionResult.error(
-                        f"regression failed: {type(exc).__name__}: {exc}", width=rgb.shape[1],
-                        height=rgb.shape[0], num_faces=len(found))
-        return results  # type: ignore[return-value]
-
-    def _regress_faces(self, rgbs: list[np.ndarray], faces: list[list]) -> list[ExtractionResult]:
-        boxes = [roi_box_from_bbox(found[0].box) for found in faces]
+    def fit(self, images: Sequence[np.ndarray], boxes: Sequence[np.ndarray]) -> list[TDDFAFit]:
+        """Every face through the passes together: one batched forward per pass."""
+        roi_boxes = [roi_box_from_bbox(box) for box in boxes]
+        previous = [None] * len(images)
         for pass_index in range(self.passes):
-            crops = self._crops(rgbs, boxes)
-            self.timings.start("regress")
-            params, feats = self.regress(crops)
-            self.timings.stop("regress")
+            crops = self._crops(images, roi_boxes)
+            with self.timings.stage("regress"):
+                params, feats = self.regress(crops)
+            with self.timings.stage("reconstruct"):
+                points = [self.reconstruct(p, box) for p, box in zip(params, roi_boxes)]
             if pass_index + 1 < self.passes:
-                self.timings.start("reconstruct")
-                boxes = [roi_box_from_landmarks(self.reconstruct(p, box)[0]) for p, box in zip(params, boxes)]
-                self.timings.stop("reconstruct")
-        self.timings.start("reconstruct")
-        out = [self._result(rgb, found, p, f, box) for rgb, found, p, f, box in zip(rgbs, faces, params, feats, boxes)]
-        self.timings.stop("reconstruct")
-        return out
+                previous = [pts[:, :2] for pts, _ in points]
+                roi_boxes = [roi_box_from_landmarks(pts) for pts, _ in points]
+        return [TDDFAFit(p, f, np.asarray(box, np.float32), A, pts,
+                         pts[:, :2] if prev is None else prev)
+                for p, f, box, (pts, A), prev in zip(params, feats, roi_boxes, points, previous)]
 
-    def _result(self, rgb, found, param, feature, roi_box) -> ExtractionResult:
-        face = found[0]
-        h, w = rgb.shape[:2]
-        if not np.all(np.isfinite(param)):
-            return ExtractionResult.error("regressor produced non-finite parameters", width=w, height=h,
-                                          num_faces=len(found))
-        _, shape, exp = self.camera_and_coeffs(param)
-        points, A = self.reconstruct(param, roi_box)
-        pose = pose_from_affine(A)
+    def predict_batch(self, images: Sequence[np.ndarray], boxes: Sequence[np.ndarray]) -> list[np.ndarray]:
+        """The final pass's 68 landmarks (x, y) per face."""
+        return [fit.points[:, :2].astype(np.float32) for fit in self.fit(images, boxes)]
+
+
+# --------------------------------------------------------------------------- the extractor
+
+
+class TDDFAExtractor(FaceExtractor):
+    """A face detector (FaceBoxes by default, as 3DDFA_V2) + 3DDFA_V2's regressor and passes."""
+
+    name = "tddfa"
+
+    def __init__(self, detector=DEFAULT_DETECTOR, device: str = "cpu", *,
+                 checkpoint: str = "tddfa/mb05_120x120.pth", batch_size: int | None = None,
+                 passes: int = 2, num_threads: int | None = None, with_vertices: bool = False,
+                 detect_threads: int = 1):
+        super().__init__(make_face_detector(detector, device, threads=detect_threads))
+        self.regressor = TDDFARegressor(device, checkpoint=checkpoint, batch_size=batch_size, passes=passes,
+                                        num_threads=num_threads, timings=self.timings)
+        self.model = self.regressor.model
+        self.with_vertices = with_vertices
+        self.layout = CoefficientLayout(
+            backend="tddfa", n_id=self.model.n_shape, n_exp=self.model.n_exp,
+            n_feature=self.regressor.net.num_features, model_name=f"3ddfa_v2_{self.regressor.path.stem}",
+            model_version=assets.sha256_of(self.regressor.path)[:12],
+            detector=self.detector.version, landmarks=f"tddfa-{self.regressor.passes}pass")
+
+    def fit_faces(self, faces: list[DetectedFace]) -> list[ExtractionResult]:
+        fits = self.regressor.fit([f.image for f in faces], [f.face.box for f in faces])
+        with self.timings.stage("reconstruct"):
+            return [self._result(fit) for fit in fits]
+
+    def _result(self, fit: TDDFAFit) -> ExtractionResult:
+        if not np.all(np.isfinite(fit.params)):
+            return ExtractionResult.error("regressor produced non-finite parameters")
+        _, shape, exp = self.regressor.camera_and_coeffs(fit.params)
+        pose = pose_from_affine(fit.camera)
         yaw, pitch, roll = pose.angles
-        detected = np.asarray(face.landmarks, np.float32)
-        fitted = points[:, :2]
         # camera: the exact 3x4 pixel camera (previews rebuild the mesh from it and the coefficients)
-        extras = {"basis": self.model.name, "pose": pose, "camera": A, "roi_box": np.asarray(roi_box, np.float32),
-                  "landmarks3d": points}
+        extras = {"basis": self.model.name, "pose": pose, "camera": fit.camera, "roi_box": fit.roi_box,
+                  "landmarks3d": fit.points}
         if self.with_vertices:
-            extras["vertices"] = apply_affine(self.model.vertices(shape, exp), A)
+            extras["vertices"] = apply_affine(self.model.vertices(shape, exp), fit.camera)
         return ExtractionResult(
-            width=w, height=h, num_faces=len(found),
-            box=np.asarray(face.box, np.float32), det_score=float(face.score),
-            landmarks=detected, landmarks_fit=fitted,
-            landmark_error=landmark_error(fitted, detected),
+            landmarks=np.asarray(fit.previous, np.float32), landmarks_fit=fit.points[:, :2].astype(np.float32),
             id_coeffs=shape.astype(np.float32), exp_coeffs=exp.astype(np.float32),
             yaw=yaw, pitch=pitch, roll=roll, scale=pose.scale,
-            translation=pose.translation3.astype(np.float32),
-            feature=feature, extras=extras)
+            translation=pose.translation3.astype(np.float32), feature=fit.feature, extras=extras)
