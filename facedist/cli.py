@@ -7,7 +7,7 @@ import json
 import sys
 from pathlib import Path
 
-from facedist import assets, storage
+from facedist import SettingsError, assets, storage
 
 
 def _add_storage_flags(parser: argparse.ArgumentParser) -> None:
@@ -29,13 +29,39 @@ def _progress(done: int, total: int) -> None:
     sys.stderr.flush()
 
 
+def add_extractor_arguments(parser: argparse.ArgumentParser) -> None:
+    """The flags that choose an extractor: shared by extract, run, serve and jobs/extract.py."""
+    # Cheap imports (no torch): the registries are the choices.
+    from facedist.detection import DEFAULT_DETECTOR, DETECTORS
+    from facedist.extractors import BACKENDS, DEFAULT_LANDMARKS, LANDMARK_SOURCES
+
+    parser.add_argument("--backend", default="tddfa", choices=BACKENDS,
+                        help="coefficient regressor (default: %(default)s)")
+    parser.add_argument("--detector", default=DEFAULT_DETECTOR, choices=DETECTORS,
+                        help="face detector (default: %(default)s)")
+    defaults = ", ".join(f"{b}: {s}" for b, s in DEFAULT_LANDMARKS.items())
+    parser.add_argument("--landmarks", default=None, choices=LANDMARK_SOURCES,
+                        help=f"where the 68 landmarks come from (default per backend: {defaults}; "
+                             "tddfa takes only its own)")
+
+
+def extract_config_from_args(args, **overrides):
+    """ExtractConfig from the flags above (+ overrides); a combination no backend takes fails
+    here, before Ray or any model starts."""
+    from facedist.extractors import landmark_source_for
+    from facedist.pipeline import ExtractConfig
+
+    landmark_source_for(args.backend, args.landmarks)  # SettingsError with what to use instead
+    return ExtractConfig(backend=args.backend, detector=args.detector, landmarks=args.landmarks, **overrides)
+
+
 def cmd_extract(args) -> int:
-    from facedist.pipeline import ExtractConfig, discover_records, run_extraction
+    from facedist.pipeline import discover_records, run_extraction
 
     options = _s3_options(args)
-    config = ExtractConfig(backend=args.backend, landmarks=args.landmarks, device=args.device,
-                           batch_size=args.batch_size, max_side=args.max_side, preview=args.preview,
-                           resume=not args.no_resume, detect_threads=args.detect_threads)
+    config = extract_config_from_args(
+        args, device=args.device, batch_size=args.batch_size, max_side=args.max_side, preview=args.preview,
+        resume=not args.no_resume, detect_threads=args.detect_threads)
     if args.ray:
         from facedist.ray_extract import RayExtractConfig, run_ray_extraction
 
@@ -152,16 +178,20 @@ def cmd_serve(args) -> int:
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # serve/ lives beside facedist/
     from serve.app import run_server
 
+    extract_config_from_args(args)  # fail on a bad combination before Ray starts
     run_server(args.models or None, address=args.address, host=args.host, port=args.port,
-               backend=args.backend, max_batch_size=args.max_batch_size)
+               backend=args.backend, detector=args.detector, landmarks=args.landmarks,
+               max_batch_size=args.max_batch_size)
     return 0
 
 
 def cmd_run(args) -> int:
     from facedist.workflow import WorkflowConfig, run_workflow
 
+    extract_config_from_args(args)  # fail on a bad combination before Ray starts
     run_workflow(WorkflowConfig(
-        images=args.images, out=args.out, backend=args.backend, dataset=args.dataset, actors=args.actors,
+        images=args.images, out=args.out, backend=args.backend, detector=args.detector,
+        landmarks=args.landmarks, dataset=args.dataset, actors=args.actors,
         epochs=args.epochs, cnet_epochs=args.cnet_epochs, workers=args.workers, report=not args.no_report,
         report_folds=args.report_folds, image_epochs=args.image_epochs, image_size=args.image_size,
         address=args.address))
@@ -175,18 +205,18 @@ def build_parser() -> argparse.ArgumentParser:
     ext = sub.add_parser("extract", help="images (folder, s3:// prefix or manifest) -> Parquet coefficients")
     ext.add_argument("images")
     ext.add_argument("--out", required=True, help="output folder or s3:// prefix")
-    ext.add_argument("--backend", default="tddfa", choices=("tddfa", "deep3d", "fit"))
-    ext.add_argument("--landmarks", default="dlib", choices=("dlib", "face-alignment"))
+    add_extractor_arguments(ext)
     ext.add_argument("--dataset", default="auto", choices=("auto", "kdef", "yale", "fei", "folder", "none"),
                      help="how to read labels from file names")
     ext.add_argument("--device", default="cpu")
     ext.add_argument("--batch-size", type=int, default=64, help="images per extractor call and per Parquet part")
     ext.add_argument("--max-side", type=int, default=2048, help="downscale larger images on decode")
     ext.add_argument("--detect-threads", type=int, default=0,
-                     help="face-detection threads per process (0: every core; per actor: its CPU share)")
+                     help="dlib detection/landmark threads per process (0: every core; per actor: its CPU share)")
     ext.add_argument("--preview", type=int, default=0, metavar="N",
                      help="write N PNG overlays (landmarks + mesh) under OUT/previews")
-    ext.add_argument("--no-resume", action="store_true", help="redo images already in OUT")
+    ext.add_argument("--no-resume", action="store_true",
+                     help="replace what OUT holds (default: skip images done, refuse other settings)")
     ext.add_argument("--ray", action="store_true", help="run as a Ray Data job (local Ray unless --address)")
     ext.add_argument("--address", default=None, help="Ray cluster address (default: RAY_ADDRESS or local)")
     ext.add_argument("--actors", type=int, default=2, help="extraction actors (with --ray)")
@@ -218,14 +248,14 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--address", default=None)
     srv.add_argument("--host", default="127.0.0.1")
     srv.add_argument("--port", type=int, default=8000)
-    srv.add_argument("--backend", default="tddfa", choices=("tddfa", "deep3d", "fit"))
+    add_extractor_arguments(srv)
     srv.add_argument("--max-batch-size", type=int, default=16)
     srv.set_defaults(func=cmd_serve)
 
     run = sub.add_parser("run", help="the whole flow: extract, train C-Net and classifiers, report")
     run.add_argument("--images", required=True, help="folder, s3:// prefix or manifest")
     run.add_argument("--out", required=True, help="folder or s3:// prefix for everything it writes")
-    run.add_argument("--backend", default="tddfa", choices=("tddfa", "deep3d", "fit"))
+    add_extractor_arguments(run)
     run.add_argument("--dataset", default="auto", choices=("auto", "kdef", "yale", "fei", "folder", "none"))
     run.add_argument("--actors", type=int, default=2)
     run.add_argument("--epochs", type=int, default=40, help="classifier epochs")
@@ -251,7 +281,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return args.func(args)
-    except assets.ModelNotFoundError as exc:
+    except (assets.ModelNotFoundError, SettingsError) as exc:
+        # Missing models, a flag combination no backend takes, an output made with other settings.
         print(f"facedist: {exc}", file=sys.stderr)
         return 2
 

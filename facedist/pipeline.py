@@ -16,11 +16,12 @@ from typing import Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 
-from facedist import storage
+from facedist import SettingsError, storage
 from facedist.datasets import ImageRecord
 from facedist.extractors.base import ExtractionResult, Extractor
 from facedist.images import ImageDecodeError, content_hash, decode_image
-from facedist.schema import COLUMNS, LABEL_COLUMNS, STATUS_ERROR, STATUS_OK, STATUSES, rows_to_table
+from facedist.schema import (COLUMNS, LABEL_COLUMNS, METADATA_LAYOUT_KEY, STATUS_ERROR, STATUS_OK, STATUSES,
+                             CoefficientLayout, rows_to_table)
 
 SUMMARY_NAME = "_summary.json"
 PART_PREFIX = "part-"
@@ -29,7 +30,8 @@ PART_PREFIX = "part-"
 @dataclass
 class ExtractConfig:
     backend: str = "tddfa"
-    landmarks: str = "dlib"
+    detector: str = "faceboxes"       # facedist.detection.DETECTORS
+    landmarks: str | None = None      # None: the backend's own (facedist.extractors.DEFAULT_LANDMARKS)
     device: str = "cpu"
     # Images per extractor call and per Parquet part. Under Ray each batch is one actor call; 64
     # rather than 16 cut Ray's per-image overhead (benchmarks/extract_ray.py); the tddfa network
@@ -37,10 +39,24 @@ class ExtractConfig:
     batch_size: int = 64
     max_side: int = 2048         # longer images are downscaled on decode
     preview: int = 0             # write this many landmark/mesh overlays
+    # True: skip images already in the output (made with the same settings; other settings are
+    # an error). False: replace whatever the output holds.
     resume: bool = True
-    # Threads for face detection within a batch (dlib releases the GIL); 0: one per core in a
-    # single process, one per CPU of its share in a Ray actor.
+    # Threads for dlib's detection and landmarks within a batch (dlib releases the GIL); 0: one
+    # per core in a single process, one per CPU of its share in a Ray actor.
     detect_threads: int = 0
+
+    def build_extractor(self, device: str | None = None, detect_threads: int | None = None) -> Extractor:
+        """The extractor these settings describe; its models load here."""
+        from facedist.extractors import make_extractor
+
+        return make_extractor(self.backend, detector=self.detector, landmarks=self.landmarks,
+                              device=device or self.device,
+                              detect_threads=detect_threads or self.detect_threads or os.cpu_count() or 1)
+
+
+class OutputSettingsError(SettingsError):
+    """The output already holds rows extracted with other settings (backend, detector, model)."""
 
 
 def discover_records(source, dataset: str = "auto", options: storage.S3Options | None = None) -> list:
@@ -157,6 +173,62 @@ def finished_keys(out_uri: str, options: storage.S3Options | None = None) -> set
     return keys
 
 
+def output_layouts(out_uri: str, options: storage.S3Options | None = None) -> dict[str, list[str]]:
+    """{layout JSON: parts written with it} over the output's parts."""
+    import pyarrow.parquet as pq
+
+    layouts: dict[str, list[str]] = {}
+    for part in list_parts(out_uri, options):
+        fs, path = storage.filesystem_for(part, options)
+        raw = (pq.read_schema(path, filesystem=fs).metadata or {}).get(METADATA_LAYOUT_KEY, b"")
+        layouts.setdefault(raw.decode(), []).append(part)
+    return layouts
+
+
+def check_output_settings(out_uri: str, layout: CoefficientLayout, options: storage.S3Options | None = None) -> None:
+    """Raise OutputSettingsError when out_uri holds parts made with another layout (backend,
+    detector, landmarks, model version): a resumed run must never mix them."""
+    expected = layout.to_json()
+    others = {raw: parts for raw, parts in output_layouts(out_uri, options).items() if raw != expected}
+    if not others:
+        return
+    raw, parts = next(iter(others.items()))
+    theirs = json.loads(raw) if raw else {}
+    mine = json.loads(expected)
+    differ = [f"{k}: {theirs.get(k, '?')!r} there, {mine[k]!r} now" for k in mine if theirs.get(k) != mine[k]]
+    raise OutputSettingsError(
+        f"{out_uri} already holds {sum(len(p) for p in others.values())} part(s) extracted with other settings "
+        f"({'; '.join(differ) or 'no layout recorded'}). Write to another output, or rerun with --no-resume "
+        f"to replace them.")
+
+
+def clear_output(out_uri: str, options: storage.S3Options | None = None) -> int:
+    """Remove the parts and summary of a previous run (--no-resume); returns the parts removed."""
+    parts = list_parts(out_uri, options)
+    for part in parts:
+        storage.delete(part, options)
+    summary = storage.join(out_uri, SUMMARY_NAME)
+    if storage.exists(summary, options):
+        storage.delete(summary, options)
+    return len(parts)
+
+
+def prepare_output(out_uri: str, config: ExtractConfig, options: storage.S3Options | None = None,
+                   extractor: Extractor | None = None,
+                   build: Callable[[], Extractor] | None = None) -> tuple[set[tuple[str, str]], Extractor | None]:
+    """Before a run: with resume, check the output's settings and return the keys already done;
+    without, clear the output. Only an output with parts needs the extractor (for its layout):
+    `extractor`, else build(), else the one config describes; returned for reuse."""
+    if not config.resume:
+        clear_output(out_uri, options)
+        return set(), extractor
+    if not list_parts(out_uri, options):
+        return set(), extractor
+    extractor = extractor or (build() if build is not None else config.build_extractor())
+    check_output_settings(out_uri, extractor.layout, options)
+    return finished_keys(out_uri, options), extractor
+
+
 def new_part_name(batch_index: int, run_id: str) -> str:
     return f"{PART_PREFIX}{run_id}-{batch_index:05d}.parquet"
 
@@ -199,10 +271,8 @@ def run_extraction(
     progress: Callable[[int, int], None] | None = None,
 ) -> dict:
     """Single-process extraction of `records` into Parquet parts under `out_uri`; returns the summary."""
-    from facedist.extractors import make_extractor
-
     started = time.perf_counter()
-    done = finished_keys(out_uri, options) if config.resume else set()
+    done, extractor = prepare_output(out_uri, config, options, extractor)
     run_id = uuid.uuid4().hex[:8]
     written = skipped = previews = 0
     for index, batch in enumerate(batched(records, config.batch_size)):
@@ -210,10 +280,8 @@ def run_extraction(
         pending = [r for r in rows if (r["path"], r.get("content_hash")) not in done]
         skipped += len(rows) - len(pending)
         if pending:
-            # Built on first need: a fully resumed run loads no model.
-            extractor = extractor or make_extractor(config.backend, landmarks=config.landmarks,
-                                                    device=config.device,
-                                                    detect_threads=config.detect_threads or os.cpu_count() or 1)
+            # Built on first need, unless the settings check already built it.
+            extractor = extractor or config.build_extractor()
             decoded = [decode_row(r, config.max_side) for r in pending]
             finished, results = extract_rows(decoded, extractor)
             storage.write_table(rows_to_table(finished, extractor.layout),

@@ -28,7 +28,7 @@ import pyarrow as pa
 
 from facedist import storage
 from facedist.pipeline import (PART_PREFIX, ExtractConfig, decode_row, discover_records, extract_rows,
-                               finished_keys, read_row, record_row, summarize, write_previews)
+                               prepare_output, read_row, record_row, summarize, write_previews)
 from facedist.extractors.base import Extractor
 from facedist.schema import LABEL_COLUMNS, STATUS_ERROR, STATUSES, rows_to_table
 
@@ -121,8 +121,6 @@ class ExtractActor:
                  extractor_factory: Callable[[ExtractConfig], Extractor] | None = None):
         import torch
 
-        from facedist.extractors import make_extractor
-
         # Two actors on two cores each running a multi-threaded torch would fight over the cores.
         torch.set_num_threads(max(1, torch_threads))
         try:
@@ -132,8 +130,7 @@ class ExtractActor:
             pass
         self.config, self.out_uri, self.options, self.run_id = config, out_uri, options, run_id
         self.extractor = (extractor_factory(config) if extractor_factory is not None else
-                          make_extractor(config.backend, landmarks=config.landmarks, device=config.device,
-                                         detect_threads=config.detect_threads or max(1, torch_threads)))
+                          config.build_extractor(detect_threads=config.detect_threads or max(1, torch_threads)))
         self.preview_budget = preview_budget
 
     def __call__(self, batch: pa.Table) -> pa.Table:
@@ -212,7 +209,12 @@ def run_ray_extraction(inputs, out_uri: str, config: RayExtractConfig | None = N
     ray_ready = time.perf_counter()
 
     records = discover_records(inputs, config.dataset, options)
-    done = frozenset(finished_keys(out_uri, options)) if config.extract.resume else frozenset()
+    # Resume: the output's settings are checked (on this process's CPU) before any work is sent out;
+    # without resume the output is cleared.
+    on_cpu = ExtractConfig(**{**asdict(config.extract), "device": "cpu"})
+    factory = config.extractor_factory
+    done, _ = prepare_output(out_uri, on_cpu, options, build=(lambda: factory(on_cpu)) if factory else None)
+    done = frozenset(done)
     plan = plan_resources(config, ray.cluster_resources())
     extract_config = ExtractConfig(**{**asdict(config.extract), "device": plan["device"]})
     run_id = uuid.uuid4().hex[:8]

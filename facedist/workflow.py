@@ -21,6 +21,8 @@ class WorkflowConfig:
     images: str                     # folder, s3:// prefix or manifest
     out: str                        # folder or s3:// prefix: coefficients/, models/, report/
     backend: str = "tddfa"
+    detector: str = "faceboxes"
+    landmarks: str | None = None    # None: the backend's own
     dataset: str = "auto"
     actors: int = 2
     batch_size: int = 32
@@ -54,7 +56,8 @@ def run_workflow(config: WorkflowConfig, log=print) -> dict:
     log(f"[1/3] extracting {config.images} -> {coeffs}")
     summary = run_ray_extraction(
         config.images, coeffs,
-        RayExtractConfig(extract=ExtractConfig(backend=config.backend, batch_size=config.batch_size),
+        RayExtractConfig(extract=ExtractConfig(backend=config.backend, detector=config.detector,
+                                               landmarks=config.landmarks, batch_size=config.batch_size),
                          actors=config.actors, dataset=config.dataset),
         address=config.address)
 

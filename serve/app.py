@@ -58,7 +58,8 @@ class ServeSettings:
 
     models_uri: str | None = None     # training output with the recognizer bundles; None: /v1/predict is 503
     backend: str = "tddfa"            # facedist.extractors.make_extractor backend
-    landmarks: str = "dlib"
+    detector: str = "faceboxes"       # face detector: faceboxes (one batched forward per batch) or dlib
+    landmarks: str | None = None      # 68-point source for fit/deep3d; None: the backend's own
     device: str = "auto"              # auto: cuda when the replica got a GPU, else cpu
     max_image_bytes: int = 10 * 1024 * 1024
     max_images: int = 16              # per /v1/predict request
@@ -71,8 +72,8 @@ class ServeSettings:
     predict_batch_wait_timeout_s: float = 0.005
     # Resources and autoscaling of the extractor (the expensive part).
     extractor_num_cpus: float = 0.5
-    # Face-detection threads per extractor replica, shared by a batch's images (dlib releases the
-    # GIL); 0: one per whole CPU of extractor_num_cpus, at least 1.
+    # dlib detection/landmark threads per extractor replica, shared by a batch's images (dlib
+    # releases the GIL); 0: one per whole CPU of extractor_num_cpus, at least 1.
     detect_threads: int = 0
     num_gpus: float | None = None     # None: 0.5 per extractor replica when the cluster has GPUs
     min_replicas: int = 1
@@ -263,14 +264,15 @@ def extraction_response(row: dict, filename: str | None = None) -> dict:
 @serve.deployment(name="FaceExtractor", max_ongoing_requests=64,
                   ray_actor_options={"num_cpus": 0.5})
 class FaceExtractor:
-    """One extractor per replica; concurrent single-image calls are grouped into batches."""
+    """One extractor per replica; concurrent single-image calls are grouped into batches, and a
+    batch's faces are detected together (FaceBoxes: one batched forward)."""
 
-    def __init__(self, backend: str, landmarks: str, device: str,
+    def __init__(self, backend: str, detector: str, landmarks: str | None, device: str,
                  max_batch_size: int, batch_wait_timeout_s: float, detect_threads: int = 1):
         from facedist.extractors import make_extractor
 
         self.device = _resolve_device(device)
-        self.extractor = make_extractor(backend, landmarks=landmarks, device=self.device,
+        self.extractor = make_extractor(backend, detector=detector, landmarks=landmarks, device=self.device,
                                         detect_threads=max(1, detect_threads))
         self.extract.set_max_batch_size(max_batch_size)
         self.extract.set_batch_wait_timeout_s(batch_wait_timeout_s)
@@ -297,6 +299,7 @@ class FaceExtractor:
             "device": self.device,
             "layout": dataclasses.asdict(layout) if layout is not None else None,
             "max_batch_size": self.extract._get_max_batch_size(),
+            "detector": getattr(getattr(self.extractor, "detector", None), "name", None),
             "detect_threads": getattr(getattr(self.extractor, "detector", None), "threads", 1),
         }
 
@@ -625,7 +628,7 @@ def build_app(args: dict[str, Any] | None = None) -> serve.Application:
         # Room for a full batch plus the next one queuing, or batches could never fill.
         max_ongoing_requests=max(4 * s.max_batch_size, 32),
         **scaling,
-    ).bind(s.backend, s.landmarks, s.device, s.max_batch_size, s.batch_wait_timeout_s,
+    ).bind(s.backend, s.detector, s.landmarks, s.device, s.max_batch_size, s.batch_wait_timeout_s,
            s.detect_threads or max(1, int(s.extractor_num_cpus)))
     # Always part of the app (so one config.yaml fits both cases); without models it loads nothing.
     recognizer = FaceRecognizer.options(

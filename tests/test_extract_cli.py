@@ -66,3 +66,37 @@ def test_extract_mixed_folder_then_resume(mixed_folder, tmp_path, capsys):
     assert "wrote 2 and skipped 8" in capsys.readouterr().out
     summary = storage.read_bytes(str(out / "_summary.json"))
     assert b'"rows": 11' in summary
+
+
+def test_rerun_with_other_settings_is_refused_then_replaced(tmp_path, yale_dir, capsys):
+    """An output keeps one set of extraction settings: a rerun with another backend or detector
+    fails before any work and leaves the rows alone; --no-resume replaces them."""
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for name in FACES[:2]:
+        shutil.copy(yale_dir / name, folder / name)
+    out = tmp_path / "coeffs"
+    assert main(["extract", str(folder), "--out", str(out)]) == 0
+    before = _table(out)
+    assert set(before["backend"]) == {"tddfa"}
+    capsys.readouterr()
+
+    for flags, differs in ((["--backend", "fit"], "backend"), (["--detector", "dlib"], "detector")):
+        assert main(["extract", str(folder), "--out", str(out), *flags]) == 2
+        err = capsys.readouterr().err
+        assert differs in err and "--no-resume" in err, err
+        after = _table(out)
+        assert len(after) == len(before) and set(after["backend"]) == {"tddfa"}
+        np.testing.assert_array_equal(np.stack(after["id_coeffs"]), np.stack(before["id_coeffs"]))
+
+    assert main(["extract", str(folder), "--out", str(out), "--backend", "fit", "--no-resume"]) == 0
+    replaced = _table(out)
+    assert len(replaced) == 2 and set(replaced["backend"]) == {"fit"}  # replaced, not mixed
+    assert "wrote 2 and skipped 0" in capsys.readouterr().out
+
+
+def test_a_landmark_choice_the_backend_cannot_take_fails_before_work(tmp_path, yale_dir, capsys):
+    out = tmp_path / "coeffs"
+    assert main(["extract", str(yale_dir), "--out", str(out), "--backend", "tddfa", "--landmarks", "dlib"]) == 2
+    assert "own regression" in capsys.readouterr().err
+    assert not out.exists()

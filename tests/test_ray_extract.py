@@ -181,9 +181,7 @@ class _DiesOnce:
         self.marker = marker
 
     def __call__(self, config: ExtractConfig):
-        from facedist.extractors import make_extractor
-
-        return _DyingExtractor(make_extractor(config.backend, landmarks=config.landmarks), self.marker)
+        return _DyingExtractor(config.build_extractor(), self.marker)
 
 
 class _DyingExtractor:
