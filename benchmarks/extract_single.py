@@ -1,14 +1,20 @@
 """Single-machine extraction benchmark: ms per image for each stage, per backend, on one core.
 
-Stages: decode (bytes -> RGB), detect (dlib HOG boxes), landmarks (68-point predictor on those
-boxes), then per backend: tddfa crop / regress / reconstruct (both passes), fit (the landmark fit),
-deep3d (alignment + R-Net with random weights, when facedist/extractors/deep3d.py exists).
-Also the tddfa regressor's batch-size sweep (1, 8, 16, 32, 128) for the inference copy that runs
-(BN folded, channels-last) against the checkpoint model as loaded (baseline, same run), and the
-quality numbers on the data set (ok rate, mean landmark error / inter-ocular distance).
+End to end first: single-process tddfa extraction (decode -> detect -> regress, batches of 64)
+with each face detector on the same images in the same run, interleaved repeats; the ratio
+dlib / faceboxes is the detector's speed-up of the whole extraction.
+
+Then stages: decode (bytes -> RGB), detect (FaceBoxes batched and one image at a time; dlib's
+HOG), landmarks (dlib's 68-point predictor on the FaceBoxes box), then per backend: tddfa crop /
+regress / reconstruct (both passes), fit (landmarks + the landmark fit), deep3d (landmarks,
+alignment, R-Net with random weights). Also the tddfa regressor's batch-size sweep (1, 8, 16, 32,
+128) for the inference copy that runs (BN folded, channels-last) against the checkpoint model as
+loaded (baseline, same run), and quality on the data set: faces found per detector, ok rate, and
+tddfa's 68 landmarks against dlib's predictor on the same box (mean distance / inter-ocular).
 
 Everything runs with torch.set_num_threads(1) and cv2.setNumThreads(1): numbers are per core.
-Detection is done once; backends replay those detections so their stages are timed alone.
+For the stage timings detection is done once; backends replay those boxes so their stages are
+timed alone.
 
     FACEDIST_MODEL_DIR=../shared/models python benchmarks/extract_single.py \
         --data ../shared/data/yalefaces --out benchmarks/results/extract_single.json
@@ -34,9 +40,11 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 os.environ.setdefault("FACEDIST_MODEL_DIR", str(REPO.parent / "shared" / "models"))
 
-from facedist.extractors.base import ExtractionResult  # noqa: E402
-from facedist.images import decode_image  # noqa: E402
-from facedist.landmarks import DlibHogFaceDetector, DlibLandmarkDetector  # noqa: E402
+from facedist.detection import DlibHogDetector, FaceBoxesDetector  # noqa: E402
+from facedist.extractors import make_extractor  # noqa: E402
+from facedist.extractors.base import ExtractionResult, interocular_distance  # noqa: E402
+from facedist.images import ImageDecodeError, decode_image  # noqa: E402
+from facedist.landmarks import DlibShapePredictor  # noqa: E402
 
 SWEEP_BATCHES = (1, 8, 16, 32, 128)
 
@@ -44,18 +52,26 @@ SWEEP_BATCHES = (1, 8, 16, 32, 128)
 class ReplayDetector:
     """Hands back detections computed once, so backend stages are timed without detection."""
 
-    name = "replay"
+    name = version = "replay"
 
-    def __init__(self, detections: dict[bytes, list]):
-        self.detections = detections
+    def __init__(self, images: list[np.ndarray], found: list[list]):
+        self.detections = {self.key(im): faces for im, faces in zip(images, found)}
 
     @staticmethod
     def key(image: np.ndarray) -> bytes:
         # by content: extractors may hand the detector a converted copy of the image
         return hashlib.blake2b(np.ascontiguousarray(image).tobytes(), digest_size=16).digest()
 
-    def detect(self, image: np.ndarray) -> list:
-        return self.detections[self.key(image)]
+    def detect_batch(self, images) -> list[list]:
+        return [self.detections[self.key(im)] for im in images]
+
+
+def _is_image(data: bytes) -> bool:
+    try:
+        decode_image(data)
+        return True
+    except ImageDecodeError:
+        return False
 
 
 def ms_per(seconds, n: int):
@@ -132,6 +148,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--backends", default="tddfa,fit,deep3d")
     parser.add_argument("--deep3d-images", type=int, default=16, help="ResNet-50 on one core is slow")
     parser.add_argument("--repeats", type=int, default=3, help="best-of repeats for the network sweep")
+    parser.add_argument("--end-to-end-repeats", type=int, default=3, help="interleaved repeats, best of")
     parser.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "extract_single.json"))
     args = parser.parse_args(argv)
 
@@ -139,9 +156,10 @@ def main(argv=None) -> dict:
     cv2.setNumThreads(1)
     backends = [b.strip() for b in args.backends.split(",") if b.strip()]
     paths = sorted(p for p in Path(args.data).iterdir() if p.is_file() and not p.name.startswith("."))
-    if args.limit:
-        paths = paths[: args.limit]
     blobs = [p.read_bytes() for p in paths]
+    blobs = [b for b in blobs if _is_image(b)]  # a labels.csv beside the photos is no input
+    if args.limit:
+        blobs = blobs[: args.limit]
     n = len(blobs)
     report: dict = {"benchmark": "extract_single", "data": str(args.data), "images": n,
                     "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
@@ -150,63 +168,80 @@ def main(argv=None) -> dict:
                     "stages_ms_per_image": {}}
     stages = report["stages_ms_per_image"]
 
+    # end to end, per detector: decode -> detect -> tddfa, batches of 64, interleaved repeats
+    extractors = {d: make_extractor("tddfa", detector=d, detect_threads=1) for d in ("faceboxes", "dlib")}
+    for ex in extractors.values():
+        ex.extract([decode_image(blobs[0])])  # warm-up: oneDNN picks kernels on first use
+    end_to_end: dict[str, list] = {d: [] for d in extractors}
+    for _ in range(args.end_to_end_repeats):
+        for name, ex in extractors.items():
+            def run():
+                for i in range(0, n, 64):
+                    ex.extract([decode_image(b) for b in blobs[i:i + 64]])
+            end_to_end[name].append(time_stage(run))
+    report["end_to_end_tddfa_ms_per_image"] = {
+        name: {"wall": ms_per(min(t[0] for t in times), n), "cpu": ms_per(min(t[1] for t in times), n),
+               "repeats": len(times)} for name, times in end_to_end.items()}
+    e2e = report["end_to_end_tddfa_ms_per_image"]
+    report["end_to_end_dlib_over_faceboxes"] = {
+        clock: round(e2e["dlib"][clock] / e2e["faceboxes"][clock], 2) for clock in ("cpu", "wall")}
+
     # decode
     images: list[np.ndarray] = []
     t = time_stage(lambda: images.extend(decode_image(b) for b in blobs))
     stages["decode"] = ms_per(t, n)
 
-    # detection (HOG boxes), then the 68-point predictor alone on those boxes
-    import dlib
-
-    from facedist.landmarks import dlib_shape_predictor_path
-
-    hog = DlibHogFaceDetector()
-    boxes: list = []
-    stages["detect"] = ms_per(time_stage(lambda: boxes.extend(hog.boxes(im) for im in images)), n)
-    predictor = dlib.shape_predictor(str(dlib_shape_predictor_path()))
-
-    def predict_all():
-        for im, found_boxes in zip(images, boxes):
-            for box, _ in found_boxes:
-                x0, y0, x1, y1 = (int(round(v)) for v in box)
-                predictor(im, dlib.rectangle(x0, y0, x1 - 1, y1 - 1))
-
-    stages["landmarks"] = ms_per(time_stage(predict_all, 3), n)
-    # the detector the extractors use (boxes + landmarks), run once more to replay its answers
-    detector = DlibLandmarkDetector()
-    found = [detector.detect(im) for im in images]
-    detections = {ReplayDetector.key(im): d for im, d in zip(images, found)}
-    replay = ReplayDetector(detections)
-    faces = sum(1 for d in found if d)
-    report["faces_found"] = faces
+    # detection: FaceBoxes batched and one at a time, dlib's HOG one at a time (its only way)
+    faceboxes, hog = extractors["faceboxes"].detector, DlibHogDetector(threads=1)
+    found: list = []
+    stages["detect_faceboxes_batched"] = ms_per(time_stage(
+        lambda: found.__setitem__(slice(None), faceboxes.detect_batch(images)), 3), n)
+    stages["detect_faceboxes_batch_of_1"] = ms_per(time_stage(
+        lambda: [faceboxes.detect_batch([im]) for im in images], 2), n)
+    hog_found: list = []
+    stages["detect_dlib_hog"] = ms_per(time_stage(lambda: hog_found.__setitem__(
+        slice(None), hog.detect_batch(images))), n)
+    report["faces_found"] = {"faceboxes": sum(1 for d in found if d), "dlib": sum(1 for d in hog_found if d)}
+    with_face = [(im, d[0].box) for im, d in zip(images, found) if d]
+    predictor = DlibShapePredictor()
+    stages["landmarks_dlib_predictor"] = ms_per(time_stage(
+        lambda: predictor.predict_batch([im for im, _ in with_face], [b for _, b in with_face]), 3), len(with_face))
+    replay = ReplayDetector(images, found)
+    faces = len(with_face)
 
     if "tddfa" in backends:
-        from facedist.extractors.tddfa import TDDFAExtractor
-
-        ex = TDDFAExtractor(landmarks=replay)
+        ex = make_extractor("tddfa", detector=replay)
         ex.extract(images[:4])  # warm-up
         ex.timings.clear()
         t = time_stage(lambda: report.__setitem__("tddfa_results", ex.extract(images)))
         results = report.pop("tddfa_results")
         per_face = {k: ms_per((ex.timings.wall[k], ex.timings.cpu[k]), faces) for k in ("crop", "regress", "reconstruct")}
+        regressor = ex.regressor
         stages["tddfa"] = {**per_face, "total_after_detection": ms_per(t, faces),
-                           "passes": ex.passes, "batch_size": ex.batch_size}
+                           "passes": regressor.passes, "batch_size": regressor.batch_size}
         report["tddfa_quality"] = quality(results)
-        pairs = [(im, r.extras["roi_box"]) for im, r in zip(images, results) if r.ok][:128]
-        crops = ex._crops([im for im, _ in pairs], [box for _, box in pairs])  # real second-pass crops
-        report["tddfa_regressor_sweep_ms_per_image"] = regressor_sweep(ex, crops, args.repeats)
+        ok = [(im, r) for im, r in zip(images, results) if r.ok]
+        dlib_points = predictor.predict_batch([im for im, _ in ok], [r.box for _, r in ok])
+        distance = np.array([np.linalg.norm(r.landmarks_fit - p, axis=1).mean() / interocular_distance(p)
+                             for (_, r), p in zip(ok, dlib_points)])
+        # tddfa's 68 points against dlib's predictor on the same FaceBoxes box
+        report["tddfa_landmarks_vs_dlib_predictor_over_iod"] = {
+            "mean": round(float(distance.mean()), 4), "median": round(float(np.median(distance)), 4),
+            "p95": round(float(np.percentile(distance, 95)), 4), "faces": len(ok)}
+        pairs = [(im, r.extras["roi_box"]) for im, r in ok][:128]
+        crops = regressor._crops([im for im, _ in pairs], [box for _, box in pairs])  # real second-pass crops
+        report["tddfa_regressor_sweep_ms_per_image"] = regressor_sweep(regressor, crops, args.repeats)
         batched = [v["fused_channels_last"] for k, v in report["tddfa_regressor_sweep_ms_per_image"].items() if k != "1"]
         best = {clock: min(b[clock] for b in batched) for clock in ("cpu", "wall")}
         report["tddfa_regressor_batched_best_ms"] = best
         report["tddfa_regressor_batched_within_3ms_per_core"] = best["cpu"] <= 3.0
 
     if "fit" in backends:
-        from facedist.extractors.fit import LandmarkFitExtractor
-
-        ex = LandmarkFitExtractor(landmarks=replay)
+        ex = make_extractor("fit", detector=replay, landmarks=predictor)
         t = time_stage(lambda: report.__setitem__("fit_results", ex.extract(images)))
         results = report.pop("fit_results")
-        stages["fit"] = {"fit": ms_per(t, faces)}
+        stages["fit"] = {k: ms_per((ex.timings.wall[k], ex.timings.cpu[k]), faces) for k in ("landmarks", "fit")}
+        stages["fit"]["total_after_detection"] = ms_per(t, faces)
         report["fit_quality"] = quality(results)
 
     if "deep3d" in backends:
@@ -217,14 +252,13 @@ def main(argv=None) -> dict:
             else:
                 from facedist.extractors.deep3d import Deep3DExtractor
 
-                ex = Deep3DExtractor(landmarks=replay, checkpoint=ckpt, batch_size=8, bfm=None)
+                ex = Deep3DExtractor(detector=replay, landmarks=predictor, checkpoint=ckpt, batch_size=8, bfm=None)
                 subset = [im for im, d in zip(images, found) if d][: args.deep3d_images]
                 ex.extract(subset[:1])  # warm-up
+                ex.timings.clear()
                 t_total = time_stage(lambda: ex.extract(subset))
-                t_align = time_stage(lambda: [ex._prepare(im) for im in subset])
-                t_regress = tuple(max(a - b, 0.0) for a, b in zip(t_total, t_align))
-                stages["deep3d"] = {"align": ms_per(t_align, len(subset)),
-                                    "regress": ms_per(t_regress, len(subset)),
+                stages["deep3d"] = {**{k: ms_per((ex.timings.wall[k], ex.timings.cpu[k]), len(subset))
+                                       for k in ("landmarks", "crop", "regress")},
                                     "total_after_detection": ms_per(t_total, len(subset)),
                                     "images": len(subset), "weights": "random (speed only)"}
 
