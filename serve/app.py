@@ -268,9 +268,15 @@ class FaceExtractor:
     batch's faces are detected together (FaceBoxes: one batched forward)."""
 
     def __init__(self, backend: str, detector: str, landmarks: str | None, device: str,
-                 max_batch_size: int, batch_wait_timeout_s: float, detect_threads: int = 1):
+                 max_batch_size: int, batch_wait_timeout_s: float, detect_threads: int = 1,
+                 torch_threads: int = 1):
+        import torch
+
         from facedist.extractors import make_extractor
 
+        # The replica's CPU share, whole CPUs, at least 1: FaceBoxes and the regressor use them.
+        torch.set_num_threads(max(1, torch_threads))
+        self.torch_threads = torch.get_num_threads()
         self.device = _resolve_device(device)
         self.extractor = make_extractor(backend, detector=detector, landmarks=landmarks, device=self.device,
                                         detect_threads=max(1, detect_threads))
@@ -301,6 +307,7 @@ class FaceExtractor:
             "max_batch_size": self.extract._get_max_batch_size(),
             "detector": getattr(getattr(self.extractor, "detector", None), "name", None),
             "detect_threads": getattr(getattr(self.extractor, "detector", None), "threads", 1),
+            "torch_threads": self.torch_threads,
         }
 
     def stats(self) -> dict:
@@ -629,7 +636,7 @@ def build_app(args: dict[str, Any] | None = None) -> serve.Application:
         max_ongoing_requests=max(4 * s.max_batch_size, 32),
         **scaling,
     ).bind(s.backend, s.detector, s.landmarks, s.device, s.max_batch_size, s.batch_wait_timeout_s,
-           s.detect_threads or max(1, int(s.extractor_num_cpus)))
+           s.detect_threads or max(1, int(s.extractor_num_cpus)), max(1, round(s.extractor_num_cpus)))
     # Always part of the app (so one config.yaml fits both cases); without models it loads nothing.
     recognizer = FaceRecognizer.options(
         ray_actor_options={"num_cpus": s.recognizer_num_cpus},

@@ -22,13 +22,15 @@ from facedist.ray_extract import RayExtractConfig, part_name, plan_resources, ru
 
 REPO = Path(__file__).resolve().parents[1]
 
-# Yale images dlib finds a face in (subject11.rightlight is its one miss).
+# Yale images both detectors find a face in (dlib's one miss is subject11.rightlight).
 YALE_OK = [f"subject{n:02d}.{cond}" for n in (1, 2, 3, 4, 5, 6) for cond in ("normal", "happy")]
 
 
 def _config(**kw) -> RayExtractConfig:
     batch = kw.pop("batch_size", 4)
-    return RayExtractConfig(extract=ExtractConfig(backend="tddfa", batch_size=batch), progress=False, **kw)
+    extract = {k: kw.pop(k) for k in ("detector", "resume") if k in kw}
+    return RayExtractConfig(extract=ExtractConfig(backend="tddfa", batch_size=batch, **extract),
+                            progress=False, **kw)
 
 
 def _read_output(uri: str):
@@ -246,3 +248,20 @@ def test_an_interrupted_run_resumes_where_it_stopped(ray_local, tmp_path, yale_d
 
     again = run_ray_extraction(str(yale_dir), str(out), _config(actors=1, batch_size=8))
     assert again["run"]["written"] == 0 and again["run"]["skipped"] == total
+
+
+def test_other_settings_are_refused_before_any_work_then_replaced(ray_local, tmp_path, yale_dir):
+    from facedist.pipeline import OutputSettingsError
+
+    paths = [str(yale_dir / name) for name in YALE_OK[:4]]
+    out = str(tmp_path / "out")
+    run_ray_extraction(paths, out, _config(actors=1))
+    parts = sorted(list_parts(out))
+    with pytest.raises(OutputSettingsError, match="detector"):
+        run_ray_extraction(paths, out, _config(actors=1, detector="dlib"))
+    assert sorted(list_parts(out)) == parts  # nothing written, nothing removed
+
+    summary = run_ray_extraction(paths, out, _config(actors=1, detector="dlib", resume=False))
+    assert summary["rows"] == 4 and summary["run"]["written"] == 4
+    assert not set(list_parts(out)) & set(parts)  # the old parts are gone, not mixed in
+    assert summary["layout"]["detector"].startswith("hog:dlib")
