@@ -1,13 +1,18 @@
-"""Closed-loop HTTP load on the serve app: batched vs unbatched, and autoscaling observed.
+"""Closed-loop HTTP load on the serve app: each face detector batched vs unbatched, against the
+single-process extraction rate, and autoscaling observed.
 
     FACEDIST_MODEL_DIR=../shared/models .venv/bin/python benchmarks/serve_load.py [--quick]
 
 Everything runs on one local Ray (loopback only). Phases, in one run so the ratios compare like
 with like on the same machine:
-  1. batched   (max_batch_size=16), one extractor replica: concurrency 1, 8, 32
-  2. unbatched (max_batch_size=1),  one extractor replica: concurrency 1, 8, 32
-  3. autoscaling (min 1, max 2 replicas, short delays): load at concurrency 32, then idle;
-     the extractor's replica count is sampled from serve.status() throughout.
+  0. the single-process rate: the same images decoded and extracted in this process, before Ray
+     starts, on all cores (what one process gets without HTTP or Serve); and the no-model
+     ceiling: an endpoint that parses the upload and answers without a model, behind the same
+     proxy and client (what Serve itself costs here; no model endpoint can beat it)
+  1. for each detector (faceboxes, dlib), one extractor replica with the same settings:
+     batched (max_batch_size=16) and unbatched (max_batch_size=1) at concurrency 1, 8, 32
+  2. autoscaling (min 1, max 2 replicas, short delays, the first detector): load at concurrency
+     32, then idle; the extractor's replica count is sampled from serve.status() throughout.
 Each level is bounded by a request count and a time limit. Clients are asyncio httpx
 coroutines, each sending its next request when the previous answer arrives (closed loop).
 Output: JSON (requests/s, p50/p99 latency, errors, replicas observed) to
@@ -86,6 +91,55 @@ async def closed_loop(url: str, images, concurrency: int, max_requests: int, max
                        "p99": round(float(np.percentile(lat, 99)), 1) if lat.size else None,
                        "mean": round(float(lat.mean()), 1) if lat.size else None},
     }
+
+
+def no_model_ceiling(port: int, images, levels, args) -> dict:
+    """Serve's own cost on this machine: an ingress that parses the same multipart upload and
+    answers without any model, behind the same HTTP proxy, with the same client. No endpoint
+    with a model can go faster."""
+    from fastapi import FastAPI, Request
+    from ray import serve
+
+    api = FastAPI()
+
+    @serve.deployment(name="NoModel", max_ongoing_requests=256, ray_actor_options={"num_cpus": 0.25})
+    @serve.ingress(api)
+    class NoModel:
+        @api.post("/v1/extract")
+        async def extract(self, request: Request) -> dict:
+            form = await request.form()
+            data = await form.getlist("image")[0].read()
+            await form.close()
+            return {"bytes": len(data)}
+
+    serve.run(NoModel.bind(), name="bench-no-model", route_prefix="/")
+    url = f"http://127.0.0.1:{port}/v1/extract"
+    asyncio.run(closed_loop(url, images, 2, args.warmup, 120, {}))
+    results = []
+    for concurrency in levels:
+        max_requests = max(args.min_requests, args.requests_per_client * concurrency) * 4
+        result = asyncio.run(closed_loop(url, images, concurrency, max_requests, args.max_seconds, {}))
+        results.append(result)
+        print(f"[no-model ceiling] c={concurrency}: {result['requests_per_s']} req/s", flush=True)
+    serve.delete("bench-no-model")
+    return {"levels": results}
+
+
+def single_process_rate(images, detector: str, rounds: int = 10) -> dict:
+    """Images/s of decode + extract in this process on every core (torch's default threads, dlib
+    threads = cores), batches of 16, best of `rounds` passes over the images after a warm-up."""
+    from facedist.extractors import make_extractor
+    from facedist.images import decode_image
+
+    extractor = make_extractor("tddfa", detector=detector, detect_threads=os.cpu_count() or 1)
+    extractor.extract([decode_image(images[0][1])])
+    best = float("inf")
+    for _ in range(rounds):
+        started = time.perf_counter()
+        for i in range(0, len(images), 16):
+            extractor.extract([decode_image(data) for _, data in images[i:i + 16]])
+        best = min(best, time.perf_counter() - started)
+    return {"images": len(images), "seconds": round(best, 3), "images_per_s": round(len(images) / best, 2)}
 
 
 def replica_states(app_name: str) -> dict[str, int]:
@@ -236,7 +290,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "serve_load.json")
     parser.add_argument("--levels", default="1,8,32")
     parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--requests-per-client", type=int, default=3)
+    parser.add_argument("--requests-per-client", type=int, default=10)
     parser.add_argument("--min-requests", type=int, default=16)
     parser.add_argument("--max-seconds", type=float, default=60.0, help="time limit per level")
     parser.add_argument("--warmup", type=int, default=4)
@@ -244,7 +298,10 @@ def main(argv=None) -> dict:
     parser.add_argument("--autoscale-idle-s", type=float, default=60.0)
     parser.add_argument("--skip-autoscaling", action="store_true")
     parser.add_argument("--detect-threads", type=int, default=os.cpu_count(),
-                        help="face-detection threads per extractor replica, the same in every phase")
+                        help="dlib detection/landmark threads per extractor replica, the same in every phase")
+    parser.add_argument("--detectors", default="faceboxes,dlib", help="face detectors to compare")
+    parser.add_argument("--extractor-cpus", type=float, default=1.0,
+                        help="CPUs per extractor replica (rounded: its torch threads) in the throughput phases")
     parser.add_argument("--quick", action="store_true", help="small counts (a smoke run)")
     args = parser.parse_args(argv)
     if args.quick:
@@ -258,6 +315,8 @@ def main(argv=None) -> dict:
     os.environ.pop("FACEDIST_API_TOKEN", None)  # the benchmark measures the models, not auth
     images = load_images(args.data, 32)
     levels = [int(c) for c in args.levels.split(",")]
+    detectors = [d.strip() for d in args.detectors.split(",") if d.strip()]
+    single = {d: single_process_rate(images, d) for d in detectors}
     ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False,
              runtime_env={"env_vars": {"PYTHONPATH": str(REPO),
                                        "FACEDIST_MODEL_DIR": os.environ["FACEDIST_MODEL_DIR"]}})
@@ -268,27 +327,47 @@ def main(argv=None) -> dict:
     # Identical deployments except max_batch_size. A batch's images are detected on the replica's
     # detect_threads; with max_batch_size=1 each request is a batch of one, so that parallelism is
     # what batching buys on CPU (with the regressor's batched forward).
-    base = {"backend": "tddfa", "batch_wait_timeout_s": 0.02, "detect_threads": args.detect_threads}
+    # The serve settings' defaults (batch wait included) except for what the flags set.
+    base = {"backend": "tddfa", "detect_threads": args.detect_threads,
+            "extractor_num_cpus": args.extractor_cpus}
     report = {
         "benchmark": "serve_load",
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
                     "ray": ray.__version__},
         "images": f"{len(images)} Yale photos (320x243 GIF), cycled",
         "client": "closed loop, asyncio httpx on loopback",
+        "single_process": single,
     }
     try:
-        batched = throughput_phase("batched", {**base, "max_batch_size": args.batch_size},
-                                   port, images, levels, args, headers)
-        unbatched = throughput_phase("unbatched", {**base, "max_batch_size": 1},
-                                     port, images, levels, args, headers)
-        report["batched"], report["unbatched"] = batched, unbatched
-        ratios = {}
-        for b, u in zip(batched["levels"], unbatched["levels"]):
-            if b["requests_per_s"] and u["requests_per_s"]:
-                ratios[str(b["concurrency"])] = round(b["requests_per_s"] / u["requests_per_s"], 2)
-        report["throughput_ratio_batched_over_unbatched"] = ratios
+        report["no_model_ceiling"] = no_model_ceiling(port, images, levels, args)
+        top_ceiling = report["no_model_ceiling"]["levels"][-1]["requests_per_s"]
+        report["no_model_ceiling"][f"c{levels[-1]}_over_single_process"] = {
+            d: round(top_ceiling / single[d]["images_per_s"], 3) for d in detectors}
+        for detector in detectors:
+            settings = {**base, "detector": detector}
+            batched = throughput_phase(f"{detector}-batched", {**settings, "max_batch_size": args.batch_size},
+                                       port, images, levels, args, headers)
+            unbatched = throughput_phase(f"{detector}-unbatched", {**settings, "max_batch_size": 1},
+                                         port, images, levels, args, headers)
+            ratios = {}
+            for b, u in zip(batched["levels"], unbatched["levels"]):
+                if b["requests_per_s"] and u["requests_per_s"]:
+                    ratios[str(b["concurrency"])] = round(b["requests_per_s"] / u["requests_per_s"], 2)
+            top = batched["levels"][-1]["requests_per_s"] or 0.0
+            report[detector] = {
+                "batched": batched, "unbatched": unbatched, "throughput_ratio_batched_over_unbatched": ratios,
+                # Serve at the highest concurrency against one plain process on the same cores.
+                f"batched_c{levels[-1]}_over_single_process": round(top / single[detector]["images_per_s"], 3)}
+        if len(detectors) > 1:
+            first, other = detectors[:2]
+            report[f"{first}_over_{other}_batched"] = {
+                str(a["concurrency"]): round(a["requests_per_s"] / b["requests_per_s"], 2)
+                for a, b in zip(report[first]["batched"]["levels"], report[other]["batched"]["levels"])
+                if a["requests_per_s"] and b["requests_per_s"]}
         if not args.skip_autoscaling:
-            autoscale = {**base, "max_batch_size": args.batch_size, "min_replicas": 1, "max_replicas": 2,
+            # Half a CPU per replica, so a second one fits beside the first on 2 cores.
+            autoscale = {**base, "detector": detectors[0], "max_batch_size": args.batch_size,
+                         "extractor_num_cpus": 0.5, "min_replicas": 1, "max_replicas": 2,
                          "target_ongoing_requests": 4, "upscale_delay_s": 1.0, "downscale_delay_s": 5.0,
                          "look_back_period_s": 3.0}
             report["autoscaling"] = autoscaling_phase(autoscale, port, images, args, headers)
@@ -301,7 +380,7 @@ def main(argv=None) -> dict:
         ray.shutdown()
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2))
-    print(json.dumps({k: report.get(k) for k in ("throughput_ratio_batched_over_unbatched", "total_s")}, indent=2))
+    print(json.dumps({k: v for k, v in report.items() if k.endswith("_batched") or k == "total_s"}, indent=2))
     return report
 
 

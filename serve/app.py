@@ -2,12 +2,13 @@
 
 Three Ray Serve deployments:
   * FaceExtractor: one coefficient extractor per replica (models load once, in __init__), fed
-    through @serve.batch so concurrent requests share one forward pass; GPU when present.
+    through @serve.batch so concurrent requests share one detector and one regressor forward;
+    it decodes the uploads (an undecodable one never reaches a model); GPU when present.
   * FaceRecognizer: C-Net aggregation + the identity/gender/expression classifiers written by the
     training job (local directory or s3://), batched over concurrent /v1/predict requests.
-  * FacedistAPI: the FastAPI ingress. It checks auth and limits, parses the multipart upload and
-    decodes images (so a bad upload is answered with its own 4xx and never reaches a model), then
-    fans single images out to the extractor - images of concurrent requests land in one batch.
+  * FacedistAPI: the FastAPI ingress. It checks auth and limits, parses the multipart upload,
+    fans single encoded images out to the extractor (images of concurrent requests land in one
+    batch) and answers a bad upload with its own 4xx.
 
 Run:
     serve run serve.app:build_app models_uri=s3://bucket/models       # or: facedist serve
@@ -30,10 +31,9 @@ import os
 import time
 import typing
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
@@ -67,7 +67,9 @@ class ServeSettings:
     top_k: int = 5
     # Batching: max_batch_size=1 turns batching off (the benchmark's baseline).
     max_batch_size: int = 16
-    batch_wait_timeout_s: float = 0.01
+    # How long a batch waits to fill after its first image: longer batches cost the detector and
+    # the regressor less per image (benchmarks/serve_load.py), for that much latency at low load.
+    batch_wait_timeout_s: float = 0.05
     predict_max_batch_size: int = 8
     predict_batch_wait_timeout_s: float = 0.005
     # Resources and autoscaling of the extractor (the expensive part).
@@ -269,7 +271,7 @@ class FaceExtractor:
 
     def __init__(self, backend: str, detector: str, landmarks: str | None, device: str,
                  max_batch_size: int, batch_wait_timeout_s: float, detect_threads: int = 1,
-                 torch_threads: int = 1):
+                 torch_threads: int = 1, max_side: int = 1024):
         import torch
 
         from facedist.extractors import make_extractor
@@ -277,6 +279,7 @@ class FaceExtractor:
         # The replica's CPU share, whole CPUs, at least 1: FaceBoxes and the regressor use them.
         torch.set_num_threads(max(1, torch_threads))
         self.torch_threads = torch.get_num_threads()
+        self.max_side = max_side  # uploads are downscaled on decode to at most this side
         self.device = _resolve_device(device)
         self.extractor = make_extractor(backend, detector=detector, landmarks=landmarks, device=self.device,
                                         detect_threads=max(1, detect_threads))
@@ -286,17 +289,31 @@ class FaceExtractor:
         self.started = time.time()
 
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.01)
-    async def extract(self, images: list[np.ndarray]) -> list[dict]:
-        self.batch_sizes[len(images)] += 1
-        # The model runs in a worker thread so the replica keeps accepting (and batching) requests.
-        return await asyncio.to_thread(self._extract_rows, images)
+    async def extract(self, uploads: list[bytes]) -> list[dict]:
+        """Encoded images (or decoded RGB arrays) in; a coefficients row per image out. An upload
+        that does not decode comes back as an error row marked decode_error."""
+        self.batch_sizes[len(uploads)] += 1
+        # Decoding and the models run in a worker thread so the replica keeps accepting (and
+        # batching) requests.
+        return await asyncio.to_thread(self._extract_rows, uploads)
 
-    def _extract_rows(self, images: list[np.ndarray]) -> list[dict]:
+    def _extract_rows(self, uploads: list) -> list[dict]:
+        from facedist.images import ImageDecodeError, decode_image
         from facedist.pipeline import extract_rows
 
-        rows = [{"path": f"upload-{i}", "image": image} for i, image in enumerate(images)]
+        rows, failed = [], {}
+        for i, upload in enumerate(uploads):
+            row = {"path": f"upload-{i}", "image": upload}
+            if isinstance(upload, (bytes, bytearray)):
+                try:
+                    row["image"] = decode_image(bytes(upload), max_side=self.max_side)
+                except ImageDecodeError as exc:
+                    failed[i] = {"path": row["path"], "status": "error", "message": str(exc), "decode_error": True}
+                    continue
+            rows.append(row)
         finished, _ = extract_rows(rows, self.extractor)  # one row per image, errors on their row
-        return finished
+        done = iter(finished)
+        return [failed[i] if i in failed else next(done) for i in range(len(uploads))]
 
     def info(self) -> dict:
         layout = getattr(self.extractor, "layout", None)
@@ -543,20 +560,17 @@ class FacedistAPI:
             uploads.append(Upload(index, item.filename, data))
         return uploads
 
-    def _decode(self, upload: Upload) -> np.ndarray:
-        from facedist.images import ImageDecodeError, decode_image
-
-        try:
-            return decode_image(upload.data, max_side=self.settings.max_side)
-        except ImageDecodeError as exc:
-            raise decode_error_to_api(f"{exc}", index=upload.index, filename=upload.filename) from None
-
     async def _extract(self, uploads: list[Upload]) -> list[dict]:
-        # Decode everything first: one bad file rejects the request before any model work. In a
-        # thread: a large JPEG takes tens of ms, which would stall every other request here.
-        images = await asyncio.to_thread(lambda: [self._decode(u) for u in uploads])
-        # One call per image, all in flight at once: the extractor batches them with other requests.
-        return list(await asyncio.gather(*(self.extractor.extract.remote(im) for im in images)))
+        # One call per image, all in flight at once: the extractor batches them with other
+        # requests. The encoded bytes travel, not decoded pixels: a photo is several times
+        # smaller encoded, and passing it is most of what a handle call costs here. The extractor
+        # decodes; an upload that is no image comes back marked and is answered here with its
+        # 4xx before the request goes on.
+        rows = list(await asyncio.gather(*(self.extractor.extract.remote(u.data) for u in uploads)))
+        for upload, row in zip(uploads, rows):
+            if row.get("decode_error"):
+                raise decode_error_to_api(row["message"], index=upload.index, filename=upload.filename)
+        return rows
 
     # -- endpoints --
 
@@ -636,7 +650,7 @@ def build_app(args: dict[str, Any] | None = None) -> serve.Application:
         max_ongoing_requests=max(4 * s.max_batch_size, 32),
         **scaling,
     ).bind(s.backend, s.detector, s.landmarks, s.device, s.max_batch_size, s.batch_wait_timeout_s,
-           s.detect_threads or max(1, int(s.extractor_num_cpus)), max(1, round(s.extractor_num_cpus)))
+           s.detect_threads or max(1, int(s.extractor_num_cpus)), max(1, round(s.extractor_num_cpus)), s.max_side)
     # Always part of the app (so one config.yaml fits both cases); without models it loads nothing.
     recognizer = FaceRecognizer.options(
         ray_actor_options={"num_cpus": s.recognizer_num_cpus},
