@@ -1,11 +1,14 @@
 """The torch parts on a GPU: do they run there, agree with the CPU, and how fast are they?
 
-Needs torch with CUDA, pyarrow, opencv and pillow; not Ray or dlib (face boxes and landmarks
-come from an extracted coefficients table, so the GPU machine needs no detector):
-  1. tddfa extraction on CUDA vs CPU from the same detections: largest coefficient difference;
-  2. the tddfa regressor and the Deep3D R-Net (random weights): images/s by batch size, which is
+Needs torch with CUDA, pyarrow, opencv and pillow; not Ray or dlib (the table's images and face
+boxes are the inputs):
+  1. tddfa extraction on CUDA vs CPU from the same boxes: largest coefficient difference;
+  2. FaceBoxes on CUDA: boxes against the CPU's on the same images, images/s by batch size (the
+     table's photos, and the same photos at 640x480), and the whole default extraction (FaceBoxes
+     + tddfa, no table boxes) on CUDA vs CPU;
+  3. the tddfa regressor and the Deep3D R-Net (random weights): images/s by batch size, which is
      what Serve's batching buys on a GPU;
-  3. training seconds per input on CUDA: 1-D ResNet-34 on identity coefficients vs the 2-D
+  4. training seconds per input on CUDA: 1-D ResNet-34 on identity coefficients vs the 2-D
      ResNet-34 image baseline at 112 px, and C-Net, all through training.engine.fit.
 Each part records its error instead of stopping the rest. JSON out.
 
@@ -32,21 +35,18 @@ sys.path.insert(0, str(REPO))
 
 
 class TableDetector:
-    """Face boxes and landmarks looked up by image content, from an extracted table."""
+    """Face boxes looked up by image content, from an extracted table."""
 
-    name = "table"
+    name = version = "table"
 
     def __init__(self, by_hash: dict):
         self.by_hash = by_hash
 
-    def detect(self, image: np.ndarray):
-        from facedist.landmarks import FaceDetection
+    def detect_batch(self, images) -> list[list]:
+        from facedist.detection import FaceBox
 
-        found = self.by_hash.get(hashlib.sha1(np.ascontiguousarray(image).tobytes()).hexdigest())
-        if found is None:
-            return []
-        box, landmarks = found
-        return [FaceDetection(box=box, score=1.0, landmarks=landmarks)]
+        found = [self.by_hash.get(hashlib.sha1(np.ascontiguousarray(im).tobytes()).hexdigest()) for im in images]
+        return [[FaceBox(box=box, score=1.0)] if box is not None else [] for box in found]
 
 
 def _images_and_detector(table_path: str, limit: int):
@@ -59,8 +59,7 @@ def _images_and_detector(table_path: str, limit: int):
     images, by_hash = [], {}
     for row in rows:
         rgb = as_rgb_uint8(decode_image(storage.read_bytes(row["path"])))
-        by_hash[hashlib.sha1(rgb.tobytes()).hexdigest()] = (
-            np.asarray(row["box"], np.float32), np.asarray(row["landmarks"], np.float32).reshape(-1, 2))
+        by_hash[hashlib.sha1(rgb.tobytes()).hexdigest()] = np.asarray(row["box"], np.float32)
         images.append(rgb)
     return images, TableDetector(by_hash)
 
@@ -81,7 +80,7 @@ def check_extraction(table: str, limit: int, device: str) -> dict:
     images, detector = _images_and_detector(table, limit)
     results = {}
     for name, where in (("cpu", "cpu"), ("gpu", device)):
-        extractor = make_extractor("tddfa", landmarks=detector, device=where)
+        extractor = make_extractor("tddfa", detector=detector, device=where)
         extractor.extract(images[:8])  # warm-up: CUDA context, cuDNN algorithm choice
         started = time.perf_counter()
         results[name] = extractor.extract(images)
@@ -92,7 +91,7 @@ def check_extraction(table: str, limit: int, device: str) -> dict:
     real = tddfa_module.full_precision
     tddfa_module.full_precision = contextlib.nullcontext
     try:
-        tf32 = make_extractor("tddfa", landmarks=detector, device=device).extract(images)
+        tf32 = make_extractor("tddfa", detector=detector, device=device).extract(images)
     finally:
         tddfa_module.full_precision = real
     cpu, gpu = results["cpu"], results["gpu"]
@@ -116,6 +115,46 @@ def check_extraction(table: str, limit: int, device: str) -> dict:
         "mean_landmark_error_cuda": float(np.mean([b.landmark_error for _, b in ok])),
         "seconds_cpu": round(results["cpu_seconds"], 3), "seconds_cuda": round(results["gpu_seconds"], 3),
     }
+
+
+def check_faceboxes(table: str, limit: int, device: str, batches=(1, 8, 32, 128), repeats: int = 10) -> dict:
+    import cv2
+    import torch
+
+    from facedist.detection import FaceBoxesDetector
+    from facedist.extractors import make_extractor
+
+    images, _ = _images_and_detector(table, limit)
+    cpu, gpu = FaceBoxesDetector("cpu"), FaceBoxesDetector(device)
+    on_cpu, on_gpu = cpu.detect_batch(images), gpu.detect_batch(images)
+    same_count = [len(a) for a in on_cpu] == [len(b) for b in on_gpu]
+    box_diff = max((float(np.abs(a[0].box - b[0].box).max()) for a, b in zip(on_cpu, on_gpu) if a and b), default=None)
+    sync = torch.cuda.synchronize if torch.device(device).type == "cuda" else (lambda: None)
+    rates = {}
+    for label, batch_images in (("table_size", images), ("640x480", [cv2.resize(im, (640, 480)) for im in images])):
+        rows = {}
+        for batch in batches:
+            chunk = (batch_images * (batch // len(batch_images) + 1))[:batch]
+            gpu.max_batch = batch
+            seconds = _timed(lambda: gpu.detect_batch(chunk), repeats, sync)
+            rows[str(batch)] = round(batch / seconds, 1)
+        rows["batched_over_batch1"] = round(rows[str(batches[-1])] / rows["1"], 1)
+        rates[label] = rows
+    # the default extraction end to end (FaceBoxes + tddfa) on both devices
+    ends = {}
+    for name, where in (("cpu", "cpu"), ("gpu", device)):
+        extractor = make_extractor("tddfa", device=where)
+        extractor.extract(images[:8])
+        started = time.perf_counter()
+        ends[name] = extractor.extract(images)
+        ends[name + "_seconds"] = time.perf_counter() - started
+    pairs = [(a, b) for a, b in zip(ends["cpu"], ends["gpu"]) if a.ok and b.ok]
+    return {"images": len(images), "faces_cpu": sum(bool(f) for f in on_cpu), "faces_cuda": sum(bool(f) for f in on_gpu),
+            "same_face_counts": same_count, "max_abs_diff_top_box_px": box_diff, "images_per_s": rates,
+            "extraction_statuses_equal": [a.status for a in ends["cpu"]] == [b.status for b in ends["gpu"]],
+            "extraction_max_abs_diff_id": float(max(np.abs(a.id_coeffs - b.id_coeffs).max() for a, b in pairs)),
+            "extraction_images_per_s": {"cpu": round(len(images) / ends["cpu_seconds"], 1),
+                                        "cuda": round(len(images) / ends["gpu_seconds"], 1)}}
 
 
 def check_throughput(device: str, batches=(1, 8, 32, 128), repeats: int = 20) -> dict:
@@ -224,6 +263,7 @@ def main(argv=None) -> int:
               "cuda": torch.cuda.is_available(), "device": device,
               "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
     parts = (("extraction", lambda: check_extraction(args.table, args.images, device)),
+             ("faceboxes", lambda: check_faceboxes(args.table, args.images, device)),
              ("throughput", lambda: check_throughput(device, repeats=args.repeats)),
              ("training", lambda: check_training(args.table, args.epochs, device)))
     for name, run in parts:
