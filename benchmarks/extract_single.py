@@ -40,7 +40,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 os.environ.setdefault("FACEDIST_MODEL_DIR", str(REPO.parent / "shared" / "models"))
 
-from facedist.detection import DlibHogDetector, FaceBoxesDetector  # noqa: E402
+from facedist.detection import DlibHogDetector  # noqa: E402
 from facedist.extractors import make_extractor  # noqa: E402
 from facedist.extractors.base import ExtractionResult, interocular_distance  # noqa: E402
 from facedist.images import ImageDecodeError, decode_image  # noqa: E402

@@ -9,7 +9,6 @@ construction, never a per-image failure.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 import torch
