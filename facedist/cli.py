@@ -180,8 +180,8 @@ def cmd_serve(args) -> int:
 
     extract_config_from_args(args)  # fail on a bad combination before Ray starts
     run_server(args.models or None, address=args.address, host=args.host, port=args.port,
-               backend=args.backend, detector=args.detector, landmarks=args.landmarks,
-               max_batch_size=args.max_batch_size)
+               route_prefix=args.route_prefix, backend=args.backend, detector=args.detector,
+               landmarks=args.landmarks, max_batch_size=args.max_batch_size)
     return 0
 
 
@@ -248,6 +248,7 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--address", default=None)
     srv.add_argument("--host", default="127.0.0.1")
     srv.add_argument("--port", type=int, default=8000)
+    srv.add_argument("--route-prefix", default="/", help="serve the page and the API under this path")
     add_extractor_arguments(srv)
     srv.add_argument("--max-batch-size", type=int, default=16)
     srv.set_defaults(func=cmd_serve)

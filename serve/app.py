@@ -14,17 +14,21 @@ Run:
     serve run serve.app:build_app models_uri=s3://bucket/models       # or: facedist serve
     serve deploy serve/config.yaml
 API (also on /docs):
+    GET  /             the web page: drop photos, see the fitted face and the predictions
     POST /v1/extract   multipart field "image"           -> coefficients, landmarks, pose
+                       (?mesh=true: also the decimated fitted mesh in image pixels)
     POST /v1/predict   multipart field "images" (1..K)   -> identity top-k, gender, expressions
     GET  /v1/health, GET /v1/models
-With FACEDIST_API_TOKEN set (read when a replica starts), every endpoint but /v1/health and the
-docs needs "Authorization: Bearer <token>".
+With FACEDIST_API_TOKEN set (read when a replica starts), every endpoint but the page,
+/v1/health and the docs needs "Authorization: Bearer <token>".
 """
 
 import asyncio
 import dataclasses
+import functools
 import hashlib
 import hmac
+import html
 import json
 import logging
 import os
@@ -34,9 +38,10 @@ from collections import Counter
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import HTMLResponse, JSONResponse
 from pydantic import BaseModel, Field
 from ray import serve
 from starlette.datastructures import UploadFile
@@ -188,6 +193,11 @@ class Coefficients(BaseModel):
     light: list[float] | None = None
 
 
+class Mesh2D(BaseModel):
+    vertices: list[list[float]] = Field(description="(x, y) pixels of the decimated fitted mesh's vertices")
+    triangles: list[list[int]] = Field(description="vertex index triples (the same topology for every image)")
+
+
 class ExtractResponse(BaseModel):
     status: str
     backend: str | None
@@ -197,6 +207,8 @@ class ExtractResponse(BaseModel):
     face: Face
     pose: Pose
     coefficients: Coefficients
+    mesh: Mesh2D | None = Field(None, description="only with ?mesh=true: the fitted face's wireframe projected "
+                                                  "into the image; null where the backend has no camera (deep3d)")
 
 
 class LabelScore(BaseModel):
@@ -289,20 +301,23 @@ class FaceExtractor:
         self.started = time.time()
 
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.01)
-    async def extract(self, uploads: list[bytes]) -> list[dict]:
-        """Encoded images (or decoded RGB arrays) in; a coefficients row per image out. An upload
-        that does not decode comes back as an error row marked decode_error."""
-        self.batch_sizes[len(uploads)] += 1
+    async def extract(self, items: list) -> list[dict]:
+        """Per image an encoded upload (or a decoded RGB array), alone or as (upload, with_mesh);
+        a coefficients row per image out. An upload that does not decode comes back as an error
+        row marked decode_error. with_mesh adds the decimated fitted mesh in pixels (mesh2d)."""
+        self.batch_sizes[len(items)] += 1
         # Decoding and the models run in a worker thread so the replica keeps accepting (and
         # batching) requests.
-        return await asyncio.to_thread(self._extract_rows, uploads)
+        return await asyncio.to_thread(self._extract_rows, items)
 
-    def _extract_rows(self, uploads: list) -> list[dict]:
+    def _extract_rows(self, items: list) -> list[dict]:
         from facedist.images import ImageDecodeError, decode_image
+        from facedist.mesh import result_mesh2d
         from facedist.pipeline import extract_rows
 
-        rows, failed = [], {}
-        for i, upload in enumerate(uploads):
+        rows, failed, meshes = [], {}, []
+        for i, item in enumerate(items):
+            upload, with_mesh = item if isinstance(item, tuple) else (item, False)
             row = {"path": f"upload-{i}", "image": upload}
             if isinstance(upload, (bytes, bytearray)):
                 try:
@@ -311,9 +326,24 @@ class FaceExtractor:
                     failed[i] = {"path": row["path"], "status": "error", "message": str(exc), "decode_error": True}
                     continue
             rows.append(row)
-        finished, _ = extract_rows(rows, self.extractor)  # one row per image, errors on their row
+            meshes.append(with_mesh)
+        finished, results = extract_rows(rows, self.extractor)  # one row per image, errors on their row
+        # The mesh is computed here, where the camera is known (tddfa/fit; deep3d has none), and
+        # only when asked for: a few thousand numbers per row most requests do not want.
+        model = getattr(self.extractor, "model", None)
+        for row, result, with_mesh in zip(finished, results, meshes):
+            points = result_mesh2d(result, model) if with_mesh and row.get("status") == "ok" else None
+            if points is not None:
+                row["mesh2d"] = np.round(points, 1).tolist()
         done = iter(finished)
-        return [failed[i] if i in failed else next(done) for i in range(len(uploads))]
+        return [failed[i] if i in failed else next(done) for i in range(len(items))]
+
+    def mesh_triangles(self) -> list[list[int]] | None:
+        """The decimated mesh's triangles (one topology for every image), or None without one."""
+        from facedist.mesh import decimated_mesh
+
+        model = getattr(self.extractor, "model", None)
+        return decimated_mesh(model)[1].tolist() if model is not None else None
 
     def info(self) -> dict:
         layout = getattr(self.extractor, "layout", None)
@@ -482,6 +512,20 @@ def prediction_response(prediction: dict, rows: list[dict], uploads: list[Upload
     }
 
 
+@functools.lru_cache(maxsize=1)
+def _page_template() -> str:
+    from importlib.resources import files
+
+    return (files("facedist") / "web" / "index.html").read_text(encoding="utf-8")
+
+
+def index_page(root_path: str) -> str:
+    """The web page with <base href> set to where the app is mounted, so its relative fetch URLs
+    (v1/extract, ...) work under any route prefix."""
+    base = html.escape(root_path.rstrip("/") + "/", quote=True)
+    return _page_template().replace('<base href="./">', f'<base href="{base}">', 1)
+
+
 # Note: everything the ingress methods use must be defined above the class: @serve.ingress
 # pickles the FastAPI app (with these methods and the globals they see) when the class is made.
 @serve.deployment(name="FacedistAPI", max_ongoing_requests=256,
@@ -560,19 +604,28 @@ class FacedistAPI:
             uploads.append(Upload(index, item.filename, data))
         return uploads
 
-    async def _extract(self, uploads: list[Upload]) -> list[dict]:
+    async def _extract(self, uploads: list[Upload], mesh: bool = False) -> list[dict]:
         # One call per image, all in flight at once: the extractor batches them with other
-        # requests. The encoded bytes travel, not decoded pixels: a photo is several times
-        # smaller encoded, and passing it is most of what a handle call costs here. The extractor
-        # decodes; an upload that is no image comes back marked and is answered here with its
-        # 4xx before the request goes on.
-        rows = list(await asyncio.gather(*(self.extractor.extract.remote(u.data) for u in uploads)))
+        # requests. The encoded bytes travel (several times smaller than the decoded pixels) and
+        # the extractor decodes; an upload that is no image comes back marked and is answered
+        # here with its 4xx before the request goes on.
+        rows = list(await asyncio.gather(*(self.extractor.extract.remote((u.data, mesh)) for u in uploads)))
         for upload, row in zip(uploads, rows):
             if row.get("decode_error"):
                 raise decode_error_to_api(row["message"], index=upload.index, filename=upload.filename)
         return rows
 
+    async def _mesh_triangles(self) -> list[list[int]] | None:
+        if not hasattr(self, "_triangles"):  # one topology per extractor model: asked for once
+            self._triangles = await self.extractor.mesh_triangles.remote()
+        return self._triangles
+
     # -- endpoints --
+
+    @api.get("/", response_class=HTMLResponse, include_in_schema=False)
+    async def page(self, request: Request) -> HTMLResponse:
+        # No token: the page asks for one when the API answers 401.
+        return HTMLResponse(index_page(request.scope.get("root_path") or ""))
 
     @api.get("/v1/health", summary="Liveness and readiness (no token needed)")
     async def health(self) -> dict:
@@ -589,17 +642,22 @@ class FacedistAPI:
                 "limits": {"max_image_bytes": self.settings.max_image_bytes,
                            "max_images": self.settings.max_images, "max_side": self.settings.max_side}}
 
-    @api.post("/v1/extract", response_model=ExtractResponse, responses=_ERRORS,
+    # exclude_unset: "mesh" is left out entirely unless asked for (every other key is always set).
+    @api.post("/v1/extract", response_model=ExtractResponse, response_model_exclude_unset=True, responses=_ERRORS,
               openapi_extra=_multipart_doc("image", many=False),
               summary="3DMM coefficients, landmarks and pose of the main face in one image")
-    async def extract(self, request: Request) -> dict:
+    async def extract(self, request: Request, mesh: bool = False) -> dict:
         self._authorize(request)
         uploads = await self._read_uploads(request, "image", max_count=1)
-        (row,) = await self._extract(uploads)
+        (row,) = await self._extract(uploads, mesh=mesh)
         if row["status"] != "ok":
             code = "no_face" if row["status"] == "no_face" else "extraction_failed"
             raise ApiError(422, code, row.get("message") or code, filename=uploads[0].filename)
-        return extraction_response(row, uploads[0].filename)
+        body = extraction_response(row, uploads[0].filename)
+        if mesh:  # opt-in: the wireframe is a few thousand numbers most clients do not want
+            body["mesh"] = ({"vertices": row["mesh2d"], "triangles": await self._mesh_triangles()}
+                            if row.get("mesh2d") else None)
+        return body
 
     @api.post("/v1/predict", response_model=PredictResponse, responses=_ERRORS,
               openapi_extra=_multipart_doc("images", many=True),
