@@ -24,12 +24,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from facedist.models.layers import fold_bn
+
 # utils/config.py upstream: anchor sizes per detection level and the level's stride, in pixels.
 _MIN_SIZES = ((32, 64, 128), (256,), (512,))
 _STEPS = (32, 64, 128)
 VARIANCES = (0.1, 0.2)
 BGR_MEAN = (104.0, 117.0, 123.0)
-_BGR_MEAN = (*BGR_MEAN, 0.0)  # a cv2 scalar: cv2.subtract is ~10x numpy's broadcast over 3 channels
+_BGR_MEAN = (*BGR_MEAN, 0.0)  # a cv2 scalar: cv2.subtract is far cheaper than numpy's broadcast
 
 
 class BasicConv2d(nn.Module):
@@ -152,29 +154,16 @@ class FaceBoxes(nn.Module):
         return loc.view(batch, -1, 4), F.softmax(conf.view(batch, -1, self.num_classes), dim=-1)
 
 
-def _fold_bn(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> nn.Conv2d:
-    """A conv whose weights and bias include the (eval-mode) batch norm that follows it."""
-    fused = nn.Conv2d(conv.in_channels, conv.out_channels, conv.kernel_size, stride=conv.stride,
-                      padding=conv.padding, groups=conv.groups, bias=True,
-                      device=conv.weight.device, dtype=conv.weight.dtype)
-    scale = bn.weight / torch.sqrt(bn.running_var + bn.eps)
-    bias = conv.bias if conv.bias is not None else torch.zeros_like(bn.running_mean)
-    with torch.no_grad():
-        fused.weight.copy_(conv.weight * scale.reshape(-1, 1, 1, 1))
-        fused.bias.copy_((bias - bn.running_mean) * scale + bn.bias)
-    return fused
-
-
 def fuse_for_inference(net: FaceBoxes) -> FaceBoxes:
-    """An inference copy with every BN folded into its conv, in channels-last memory. On one CPU
-    thread it makes detect_faces ~20% faster at batch 1, ~5% at batch 16 (one pass fewer over each
-    activation). Channels-last input, which detect_faces passes to either model, matters more: a
-    third of the forward time (oneDNN prefers NHWC).
+    """An inference copy with every BN folded into its conv, in channels-last memory: faster on
+    CPU (one pass fewer over each activation; benchmarks/extract_single.py times detection).
+    Channels-last input, which detect_faces passes to either model, matters more (oneDNN prefers
+    NHWC).
     Its state dict no longer matches the checkpoint: keep the loaded model for saving/loading."""
     fused = copy.deepcopy(net).eval()
     for module in fused.modules():
         if isinstance(module, (BasicConv2d, CRelu)):
-            module.conv, module.bn = _fold_bn(module.conv, module.bn), nn.Identity()
+            module.conv, module.bn = fold_bn(module.conv, module.bn), nn.Identity()
     return fused.to(memory_format=torch.channels_last)
 
 
@@ -343,11 +332,11 @@ def detect_faces(net: FaceBoxes, images: Sequence[np.ndarray], config: FaceBoxes
     Each image is prepared as upstream (shrunk to fit, BGR, minus the mean), then padded at the
     bottom/right with the mean colour (zeros) to a multiple of config.size_multiple, and images
     with the same padded size run as one batch of up to max_batch (a batch of one size runs
-    unpadded). The network masks the padding out of its features (FaceBoxes.forward's sizes, ~5%
-    slower) and the anchors' pixel positions do not depend on the frame, so the detections are
-    upstream's for the image alone, to float rounding; unmasked, the border cells' boxes move by
-    up to ~10 px (Yale faces touch the image bottom). Multiples of 32 add no anchors; with other
-    multiples the extra cells are ignored.
+    unpadded). The network masks the padding out of its features (FaceBoxes.forward's sizes) and
+    the anchors' pixel positions do not depend on the frame, so the detections are upstream's for
+    the image alone, to float rounding; unmasked, the padding would move the boxes of faces that
+    touch the image border. Multiples of 32 add no anchors; with other multiples the extra cells
+    are ignored.
 
     Pass fuse_for_inference(net) for speed on CPU. Runs on `device`, default the net's."""
     for k, image in enumerate(images):

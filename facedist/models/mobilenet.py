@@ -14,6 +14,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from facedist.models.layers import fold_bn
+
 # (in, out, stride) of the depthwise-separable blocks at widen factor 1.0, in checkpoint order.
 _BLOCKS = (
     ("dw2_1", 32, 64, 1), ("dw2_2", 64, 128, 2),
@@ -73,29 +75,16 @@ class MobileNetV1(nn.Module):
         return self.fc_param(feat), feat
 
 
-def _fold_bn(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> nn.Conv2d:
-    """A conv whose weights and bias include the (eval-mode) batch norm that follows it."""
-    fused = nn.Conv2d(conv.in_channels, conv.out_channels, conv.kernel_size, stride=conv.stride,
-                      padding=conv.padding, groups=conv.groups, bias=True,
-                      device=conv.weight.device, dtype=conv.weight.dtype)  # stays on the model's device
-    scale = bn.weight / torch.sqrt(bn.running_var + bn.eps)
-    bias = conv.bias if conv.bias is not None else torch.zeros_like(bn.running_mean)
-    with torch.no_grad():
-        fused.weight.copy_(conv.weight * scale.reshape(-1, 1, 1, 1))
-        fused.bias.copy_((bias - bn.running_mean) * scale + bn.bias)
-    return fused
-
-
 def fuse_for_inference(model: MobileNetV1) -> MobileNetV1:
     """An inference copy with every BN folded into its conv, in channels-last memory: about
     2x faster on CPU (fewer passes over the activations; oneDNN's depthwise kernels prefer NHWC).
     Its state dict no longer matches the checkpoint: keep the original for saving/loading."""
     fused = copy.deepcopy(model).eval()
-    fused.conv1, fused.bn1 = _fold_bn(fused.conv1, fused.bn1), nn.Identity()
+    fused.conv1, fused.bn1 = fold_bn(fused.conv1, fused.bn1), nn.Identity()
     for name, *_ in _BLOCKS:
         block = getattr(fused, name)
-        block.conv_dw, block.bn_dw = _fold_bn(block.conv_dw, block.bn_dw), nn.Identity()
-        block.conv_sep, block.bn_sep = _fold_bn(block.conv_sep, block.bn_sep), nn.Identity()
+        block.conv_dw, block.bn_dw = fold_bn(block.conv_dw, block.bn_dw), nn.Identity()
+        block.conv_sep, block.bn_sep = fold_bn(block.conv_sep, block.bn_sep), nn.Identity()
     return fused.to(memory_format=torch.channels_last)
 
 
