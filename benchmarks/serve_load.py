@@ -298,7 +298,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--autoscale-idle-s", type=float, default=60.0)
     parser.add_argument("--skip-autoscaling", action="store_true")
     parser.add_argument("--detect-threads", type=int, default=os.cpu_count(),
-                        help="dlib detection/landmark threads per extractor replica, the same in every phase")
+                        help="dlib HOG detection threads per extractor replica, the same in every phase")
     parser.add_argument("--detectors", default="faceboxes,dlib", help="face detectors to compare")
     parser.add_argument("--extractor-cpus", type=float, default=1.0,
                         help="CPUs per extractor replica (rounded: its torch threads) in the throughput phases")

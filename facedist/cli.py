@@ -191,7 +191,7 @@ def cmd_run(args) -> int:
     extract_config_from_args(args)  # fail on a bad combination before Ray starts
     run_workflow(WorkflowConfig(
         images=args.images, out=args.out, backend=args.backend, detector=args.detector,
-        landmarks=args.landmarks, dataset=args.dataset, actors=args.actors,
+        landmarks=args.landmarks, dataset=args.dataset, resume=not args.no_resume, actors=args.actors,
         epochs=args.epochs, cnet_epochs=args.cnet_epochs, workers=args.workers, report=not args.no_report,
         report_folds=args.report_folds, image_epochs=args.image_epochs, image_size=args.image_size,
         address=args.address))
@@ -212,7 +212,7 @@ def build_parser() -> argparse.ArgumentParser:
     ext.add_argument("--batch-size", type=int, default=64, help="images per extractor call and per Parquet part")
     ext.add_argument("--max-side", type=int, default=2048, help="downscale larger images on decode")
     ext.add_argument("--detect-threads", type=int, default=0,
-                     help="dlib detection/landmark threads per process (0: every core; per actor: its CPU share)")
+                     help="dlib HOG detection threads per process (0: every core; per actor: its CPU share)")
     ext.add_argument("--preview", type=int, default=0, metavar="N",
                      help="write N PNG overlays (landmarks + mesh) under OUT/previews")
     ext.add_argument("--no-resume", action="store_true",
@@ -266,6 +266,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--image-epochs", type=int, default=8, help="image baseline epochs in the report")
     run.add_argument("--image-size", type=int, default=112, help="image baseline crops in the report")
     run.add_argument("--no-report", action="store_true")
+    run.add_argument("--no-resume", action="store_true",
+                     help="replace coefficients an earlier run left in OUT (default: skip images done, "
+                          "refuse other settings)")
     run.add_argument("--address", default=None, help="Ray cluster address (default: RAY_ADDRESS or local)")
     run.set_defaults(func=cmd_run)
 

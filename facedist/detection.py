@@ -111,9 +111,11 @@ class FaceBoxesDetector:
 
     def detect_batch(self, images: Sequence[np.ndarray]) -> list[list[FaceBox]]:
         from facedist.models.faceboxes import detect_faces
+        from facedist.models.layers import full_precision
 
         rgbs = [as_rgb_uint8(image) for image in images]
-        found = detect_faces(self.infer_net, rgbs, self.config, device=self.device, max_batch=self.max_batch)
+        with full_precision():  # the same boxes on a GPU as on a CPU (no TF32)
+            found = detect_faces(self.infer_net, rgbs, self.config, device=self.device, max_batch=self.max_batch)
         return [largest_first([FaceBox(box.astype(np.float32), float(score))
                                for box, score in zip(boxes, scores)])
                 for boxes, scores in found]

@@ -23,7 +23,6 @@ from urllib.parse import urlparse
 
 import numpy as np
 
-from facedist.detection import ThreadLocalPool
 from facedist.images import as_rgb_uint8
 from facedist.schema import NUM_LANDMARKS
 
@@ -59,23 +58,21 @@ def dlib_model_path(filename: str = "shape_predictor_68_face_landmarks.dat") -> 
 
 
 class DlibShapePredictor:
-    """dlib's 68-point shape predictor on given boxes; a batch on `threads` threads (the predictor
-    releases the GIL and is read-only, so the threads share it).
+    """dlib's 68-point shape predictor on given boxes, about 2 ms a face on one core.
 
-    It was trained on boxes from dlib's HOG detector, but FaceBoxes boxes serve as they are: mapped
-    to the HOG convention first, its points move no closer to those it gives on the HOG box
-    (benchmarks/box_calibration.py measures both)."""
+    It runs on the calling thread: dlib's Python binding holds the GIL while it predicts, so
+    threads would not run it in parallel. It was trained on boxes from dlib's HOG detector, but
+    FaceBoxes boxes serve as they are: mapped to the HOG convention first, its points move no
+    closer to those it gives on the HOG box (benchmarks/box_calibration.py measures both)."""
 
     name = "dlib"
 
-    def __init__(self, threads: int = 1, predictor_path: str | os.PathLike | None = None):
+    def __init__(self, predictor_path: str | os.PathLike | None = None):
         import dlib
 
         self._dlib = dlib
         path = Path(predictor_path or dlib_model_path())
         self._predictor = dlib.shape_predictor(str(path))
-        self.threads = max(1, int(threads))
-        self._pool = ThreadLocalPool(lambda: None, self.threads) if self.threads > 1 else None
         self.version = f"{path.stem}:dlib-{dlib.__version__}"
 
     def predict_one(self, image: np.ndarray, box) -> np.ndarray:
@@ -85,10 +82,7 @@ class DlibShapePredictor:
         return np.array([[p.x, p.y] for p in shape.parts()], np.float32)
 
     def predict_batch(self, images: Sequence[np.ndarray], boxes: Sequence[np.ndarray]) -> list[np.ndarray]:
-        pairs = list(zip(images, boxes))
-        if self._pool is None:
-            return [self.predict_one(image, box) for image, box in pairs]
-        return self._pool.map(lambda _, pair: self.predict_one(*pair), pairs)
+        return [self.predict_one(image, box) for image, box in zip(images, boxes)]
 
 
 # ------------------------------------------------------------------------------ face-alignment
@@ -191,13 +185,13 @@ def landmarks_from_face_alignment(landmarks) -> np.ndarray:
 LANDMARK_PREDICTORS = ("dlib", "face-alignment")
 
 
-def make_landmark_predictor(name: "str | LandmarkPredictor" = "dlib", device: str = "cpu", threads: int = 1,
+def make_landmark_predictor(name: "str | LandmarkPredictor" = "dlib", device: str = "cpu",
                             **options) -> LandmarkPredictor:
     """A predictor by name (options go to its constructor); a ready predictor passes through."""
     if not isinstance(name, str):
         return name
     if name == "dlib":
-        return DlibShapePredictor(threads=threads, **options)
+        return DlibShapePredictor(**options)
     if name in ("face-alignment", "face_alignment", "fan"):
         return FaceAlignmentPredictor(device=device, **options)
     raise ValueError(f"unknown landmark predictor {name!r}; choose one of {', '.join(LANDMARK_PREDICTORS)}")

@@ -42,7 +42,7 @@ class ExtractConfig:
     # True: skip images already in the output (made with the same settings; other settings are
     # an error). False: replace whatever the output holds.
     resume: bool = True
-    # Threads for dlib's detection and landmarks within a batch (dlib releases the GIL); 0: one
+    # Threads for dlib's HOG detection within a batch (it releases the GIL); 0: one
     # per core in a single process, one per CPU of its share in a Ray actor.
     detect_threads: int = 0
 
@@ -202,31 +202,31 @@ def check_output_settings(out_uri: str, layout: CoefficientLayout, options: stor
         f"to replace them.")
 
 
-def clear_output(out_uri: str, options: storage.S3Options | None = None) -> int:
-    """Remove the parts and summary of a previous run (--no-resume); returns the parts removed."""
-    parts = list_parts(out_uri, options)
+def remove_parts(parts: Sequence[str], options: storage.S3Options | None = None) -> None:
+    """Delete the given parts (a --no-resume run's predecessors, once it has written its own)."""
     for part in parts:
         storage.delete(part, options)
-    summary = storage.join(out_uri, SUMMARY_NAME)
-    if storage.exists(summary, options):
-        storage.delete(summary, options)
-    return len(parts)
 
 
 def prepare_output(out_uri: str, config: ExtractConfig, options: storage.S3Options | None = None,
                    extractor: Extractor | None = None,
-                   build: Callable[[], Extractor] | None = None) -> tuple[set[tuple[str, str]], Extractor | None]:
-    """Before a run: with resume, check the output's settings and return the keys already done;
-    without, clear the output. Only an output with parts needs the extractor (for its layout):
-    `extractor`, else build(), else the one config describes; returned for reuse."""
+                   build: Callable[[], Extractor] | None = None
+                   ) -> tuple[set[tuple[str, str]], Extractor | None, list[str]]:
+    """Before a run: (keys already done, the extractor if one was built, parts to replace).
+
+    With resume, the output's settings are checked and its finished keys returned; only an output
+    with parts needs the extractor (for its layout): `extractor`, else build(), else the one
+    config describes. Without resume, nothing is skipped and the parts already there are returned
+    to be removed after the run has written its own (remove_parts): a run that fails on the way
+    leaves the old rows, and the settings check refuses the mix until a --no-resume run succeeds."""
+    parts = list_parts(out_uri, options)
     if not config.resume:
-        clear_output(out_uri, options)
-        return set(), extractor
-    if not list_parts(out_uri, options):
-        return set(), extractor
+        return set(), extractor, parts
+    if not parts:
+        return set(), extractor, []
     extractor = extractor or (build() if build is not None else config.build_extractor())
     check_output_settings(out_uri, extractor.layout, options)
-    return finished_keys(out_uri, options), extractor
+    return finished_keys(out_uri, options), extractor, []
 
 
 def new_part_name(batch_index: int, run_id: str) -> str:
@@ -272,7 +272,7 @@ def run_extraction(
 ) -> dict:
     """Single-process extraction of `records` into Parquet parts under `out_uri`; returns the summary."""
     started = time.perf_counter()
-    done, extractor = prepare_output(out_uri, config, options, extractor)
+    done, extractor, replaced = prepare_output(out_uri, config, options, extractor)
     run_id = uuid.uuid4().hex[:8]
     written = skipped = previews = 0
     for index, batch in enumerate(batched(records, config.batch_size)):
@@ -290,6 +290,7 @@ def run_extraction(
             previews += write_previews(decoded, results, out_uri, config.preview - previews, options)
         if progress:
             progress(written + skipped, len(records))
+    remove_parts(replaced, options)
     seconds = time.perf_counter() - started
     return summarize(out_uri, options, run={"inputs": len(records), "written": written, "skipped": skipped,
                                            "seconds": round(seconds, 3),

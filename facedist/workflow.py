@@ -24,6 +24,7 @@ class WorkflowConfig:
     detector: str = "faceboxes"
     landmarks: str | None = None    # None: the backend's own
     dataset: str = "auto"
+    resume: bool = True             # False: replace the coefficients an earlier run left in out/
     actors: int = 2
     batch_size: int = 32
     epochs: int = 40                # classifier epochs (early stopping usually ends sooner)
@@ -57,7 +58,8 @@ def run_workflow(config: WorkflowConfig, log=print) -> dict:
     summary = run_ray_extraction(
         config.images, coeffs,
         RayExtractConfig(extract=ExtractConfig(backend=config.backend, detector=config.detector,
-                                               landmarks=config.landmarks, batch_size=config.batch_size),
+                                               landmarks=config.landmarks, batch_size=config.batch_size,
+                                               resume=config.resume),
                          actors=config.actors, dataset=config.dataset),
         address=config.address)
 

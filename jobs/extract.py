@@ -38,7 +38,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--decode-cpus", type=float, default=0.25, help="CPUs per read/decode task")
     p.add_argument("--max-side", type=int, default=2048, help="downscale larger images on decode")
     p.add_argument("--detect-threads", type=int, default=0,
-                   help="dlib detection/landmark threads per actor (0: its CPU share, at least 1)")
+                   help="dlib HOG detection threads per actor (0: its CPU share, at least 1)")
     p.add_argument("--preview", type=int, default=0, metavar="N", help="write N overlays under OUTPUT/previews")
     p.add_argument("--no-resume", action="store_true",
                    help="replace what OUTPUT holds (default: skip images done, refuse other settings)")
@@ -63,7 +63,10 @@ def main(argv: list[str] | None = None) -> int:
     config = RayExtractConfig(extract=extract, actors=args.actors, actor_num_cpus=args.actor_cpus,
                               actor_num_gpus=args.actor_gpus, decode_num_cpus=args.decode_cpus,
                               dataset=args.dataset, progress=not args.no_progress)
-    summary = run_ray_extraction(args.input, args.output, config, address=args.address, options=options)
+    try:
+        summary = run_ray_extraction(args.input, args.output, config, address=args.address, options=options)
+    except SettingsError as exc:  # an output made with other settings: say so, no traceback
+        parser.error(str(exc))
     if args.json:
         print(json.dumps(summary, indent=2))
     return 0 if summary["run"]["unaccounted"] == 0 else 1

@@ -79,7 +79,7 @@ class ServeSettings:
     predict_batch_wait_timeout_s: float = 0.005
     # Resources and autoscaling of the extractor (the expensive part).
     extractor_num_cpus: float = 0.5
-    # dlib detection/landmark threads per extractor replica, shared by a batch's images (dlib
+    # dlib HOG detection threads per extractor replica, shared by a batch's images (dlib
     # releases the GIL); 0: one per whole CPU of extractor_num_cpus, at least 1.
     detect_threads: int = 0
     num_gpus: float | None = None     # None: 0.5 per extractor replica when the cluster has GPUs
@@ -181,7 +181,9 @@ class Face(BaseModel):
     box: list[float] | None = Field(None, description="x0, y0, x1, y1 of the chosen face (pixels)")
     det_score: float | None = None
     num_faces: int = 0
-    landmarks: list[list[float]] | None = Field(None, description="68 detected (x, y) points")
+    landmarks: list[list[float]] | None = Field(
+        None, description="68 (x, y) points the face was located by: a landmark predictor's on the box, "
+                          "or for tddfa its previous regression pass")
     landmarks_fit: list[list[float]] | None = Field(None, description="68 points reprojected from the coefficients")
     landmark_error: float | None = Field(None, description="mean |fit - detected| / inter-ocular distance")
 
@@ -324,6 +326,10 @@ class FaceExtractor:
                     row["image"] = decode_image(bytes(upload), max_side=self.max_side)
                 except ImageDecodeError as exc:
                     failed[i] = {"path": row["path"], "status": "error", "message": str(exc), "decode_error": True}
+                    continue
+                except Exception as exc:  # a decoder bug is this upload's error, not the batch's
+                    failed[i] = {"path": row["path"], "status": "error",
+                                 "message": f"decode failed: {type(exc).__name__}: {exc}"}
                     continue
             rows.append(row)
             meshes.append(with_mesh)
@@ -689,7 +695,10 @@ def _gpus_per_replica(settings: ServeSettings) -> float:
 
 def build_app(args: dict[str, Any] | None = None) -> serve.Application:
     """The application for `serve run serve.app:build_app key=value ...` and serve/config.yaml."""
+    from facedist.extractors import landmark_source_for
+
     s = ServeSettings.from_args(args)
+    landmark_source_for(s.backend, s.landmarks)  # a combination no backend takes fails here, not in replicas
     if s.num_replicas is not None:
         scaling: dict[str, Any] = {"num_replicas": s.num_replicas}
     else:

@@ -89,7 +89,14 @@ def test_rerun_with_other_settings_is_refused_then_replaced(tmp_path, yale_dir, 
         assert len(after) == len(before) and set(after["backend"]) == {"tddfa"}
         np.testing.assert_array_equal(np.stack(after["id_coeffs"]), np.stack(before["id_coeffs"]))
 
+    # A --no-resume run that fails (deep3d without its user-supplied checkpoint) leaves the rows.
+    assert main(["extract", str(folder), "--out", str(out), "--backend", "deep3d", "--no-resume"]) == 2
+    assert "epoch_20.pth" in capsys.readouterr().err
+    assert len(_table(out)) == len(before) and set(_table(out)["backend"]) == {"tddfa"}
+
+    old_parts = storage.list_files(str(out))
     assert main(["extract", str(folder), "--out", str(out), "--backend", "fit", "--no-resume"]) == 0
+    assert not any(storage.exists(p) for p in old_parts if "part-" in p)
     replaced = _table(out)
     assert len(replaced) == 2 and set(replaced["backend"]) == {"fit"}  # replaced, not mixed
     assert "wrote 2 and skipped 0" in capsys.readouterr().out

@@ -86,23 +86,6 @@ def test_dlib_accepts_grayscale(hog, dlib_predictor, yale_dir):
     np.testing.assert_array_equal(gray, same)  # Yale is grey: the same points
 
 
-def test_threaded_dlib_predictor_matches_one_thread(hog, dlib_predictor, yale_dir):
-    names = sorted(p.name for p in yale_dir.iterdir() if p.name.startswith("subject0"))[:12]
-    images = [_yale(yale_dir, n) for n in names]
-    found = hog.detect_batch(images)
-    images, boxes = zip(*[(image, faces[0].box) for image, faces in zip(images, found) if faces])
-    assert len(boxes) >= 11
-    threaded = make_landmark_predictor("dlib", threads=2)
-    assert isinstance(threaded, DlibShapePredictor) and threaded.threads == 2
-    got = threaded.predict_batch(images, boxes)
-    want = dlib_predictor.predict_batch(images, boxes)
-    assert len(got) == len(want) == len(boxes)
-    for a, b in zip(got, want):  # in input order
-        np.testing.assert_array_equal(a, b)
-    # different faces do get different points (the comparison above is not vacuous)
-    assert not np.allclose(want[0], want[1])
-
-
 def test_landmark_predictor_factory():
     class Scripted:
         name, version = "scripted", "1"
@@ -111,7 +94,7 @@ def test_landmark_predictor_factory():
             return [np.zeros((68, 2), np.float32) for _ in images]
 
     scripted = Scripted()
-    assert make_landmark_predictor(scripted, threads=3) is scripted
+    assert make_landmark_predictor(scripted) is scripted
     with pytest.raises(ValueError, match="unknown landmark predictor 'mtcnn'"):
         make_landmark_predictor("mtcnn")
 

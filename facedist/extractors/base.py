@@ -233,16 +233,3 @@ def landmark_error(fit: np.ndarray, detected: np.ndarray) -> float:
     """Mean point distance normalised by the inter-ocular distance of the detected points."""
     iod = max(interocular_distance(detected), 1e-6)
     return float(np.linalg.norm(fit[:, :2] - detected[:, :2], axis=1).mean() / iod)
-
-
-@contextlib.contextmanager
-def full_precision() -> Iterator[None]:
-    """Regressor forwards without TF32 on CUDA, so a table extracted on GPUs matches one extracted
-    on CPUs (rows from both can end up in one dataset). Costs little: detection, not the regressor,
-    bounds extraction."""
-    import torch
-
-    cudnn = torch.backends.cudnn
-    with cudnn.flags(enabled=cudnn.enabled, benchmark=cudnn.benchmark, deterministic=cudnn.deterministic,
-                     allow_tf32=False):
-        yield

@@ -16,8 +16,9 @@ import torch
 from facedist import assets
 from facedist.align import AlignedFace, align_face, load_lm3d
 from facedist.detection import DEFAULT_DETECTOR, make_face_detector
-from facedist.extractors.base import DetectedFace, ExtractionResult, FaceExtractor, full_precision
+from facedist.extractors.base import DetectedFace, ExtractionResult, FaceExtractor
 from facedist.extractors.landmark_sources import make_landmark_source
+from facedist.models.layers import full_precision
 from facedist.models.resnet import load_recon_net, split_coefficients
 from facedist.schema import STATUS_ERROR, CoefficientLayout
 
@@ -95,7 +96,7 @@ class Deep3DExtractor(FaceExtractor):
         self.device = torch.device(device)
         self.model = load_recon_net(self.checkpoint_path).to(self.device)
         self.lm3d = load_lm3d()
-        self.predictor = make_landmark_source(landmarks, device, threads=detect_threads)
+        self.predictor = make_landmark_source(landmarks, device)
         self.batch_size = max(1, int(batch_size))
         self.keep_crops = keep_crops  # aligned crops in result.extras (previews, raw-image baselines)
         self.bfm = _load_optional_bfm(bfm)  # only to reproject landmarks (landmarks_fit/landmark_error)

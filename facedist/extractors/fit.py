@@ -180,7 +180,7 @@ class LandmarkFitExtractor(FaceExtractor):
                  reg: float = FitConfig.reg, iterations: int = FitConfig.iterations,
                  with_vertices: bool = False, detect_threads: int = 1):
         super().__init__(make_face_detector(detector, device, threads=detect_threads))
-        self.predictor = make_landmark_source(landmarks, device, threads=detect_threads)
+        self.predictor = make_landmark_source(landmarks, device)
         self.model = model or MorphableModel.from_tddfa()
         # 3DDFA's basis comes with coefficient statistics; another basis gets an isotropic prior.
         self.prior = prior or (CoefficientPrior.tddfa() if model is None else CoefficientPrior.isotropic(self.model))

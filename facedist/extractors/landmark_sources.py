@@ -8,7 +8,7 @@ from facedist.landmarks import LANDMARK_PREDICTORS, LandmarkPredictor, make_land
 LANDMARK_SOURCES = ("tddfa", *LANDMARK_PREDICTORS)
 
 
-def make_landmark_source(name: "str | LandmarkPredictor", device: str = "cpu", threads: int = 1) -> LandmarkPredictor:
+def make_landmark_source(name: "str | LandmarkPredictor", device: str = "cpu") -> LandmarkPredictor:
     """A landmark source by name; a ready one passes through."""
     if not isinstance(name, str):
         return name
@@ -18,4 +18,4 @@ def make_landmark_source(name: "str | LandmarkPredictor", device: str = "cpu", t
         return TDDFARegressor(device)
     if name not in LANDMARK_PREDICTORS:
         raise ValueError(f"unknown landmark source {name!r}; choose one of {', '.join(LANDMARK_SOURCES)}")
-    return make_landmark_predictor(name, device, threads=threads)
+    return make_landmark_predictor(name, device)

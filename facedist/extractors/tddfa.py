@@ -28,7 +28,8 @@ import torch
 
 from facedist import assets
 from facedist.detection import DEFAULT_DETECTOR, make_face_detector
-from facedist.extractors.base import DetectedFace, ExtractionResult, FaceExtractor, StageTimer, full_precision
+from facedist.extractors.base import DetectedFace, ExtractionResult, FaceExtractor, StageTimer
+from facedist.models.layers import full_precision
 from facedist.models.mobilenet import fuse_for_inference, load_mobilenet
 from facedist.morphable import MorphableModel, Pose, affine_to_scaled_rotation, apply_affine
 from facedist.schema import CoefficientLayout

@@ -2,8 +2,22 @@
 
 from __future__ import annotations
 
+import contextlib
+from typing import Iterator
+
 import torch
 from torch import nn
+
+
+@contextlib.contextmanager
+def full_precision() -> Iterator[None]:
+    """Convolutions without TF32 on CUDA, so a table extracted on GPUs matches one extracted on
+    CPUs (rows from both can end up in one dataset): the detector's boxes and the regressor's
+    coefficients alike. Costs little at these model sizes."""
+    cudnn = torch.backends.cudnn
+    with cudnn.flags(enabled=cudnn.enabled, benchmark=cudnn.benchmark, deterministic=cudnn.deterministic,
+                     allow_tf32=False):
+        yield
 
 
 def fold_bn(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> nn.Conv2d:
