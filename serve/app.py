@@ -610,10 +610,28 @@ class FacedistAPI:
             uploads.append(Upload(index, item.filename, data))
         return uploads
 
+    @staticmethod
+    def _check_not_image(upload: Upload) -> None:
+        """For an upload whose first bytes are no known image format: the decoder's own 4xx
+        (empty, text, HTML, unrecognised), raised here before any model work for the request."""
+        from facedist.images import ImageDecodeError, decode_image
+
+        try:
+            decode_image(upload.data, max_side=64)  # fails fast on what is not an image
+        except ImageDecodeError as exc:
+            raise decode_error_to_api(f"{exc}", index=upload.index, filename=upload.filename) from None
+
     async def _extract(self, uploads: list[Upload], mesh: bool = False) -> list[dict]:
+        from facedist.images import sniff_format
+
+        # What is plainly no image is turned away first, so a request with one such file costs
+        # no model work; a truncated or corrupt image is found by the extractor's decoder.
+        for upload in uploads:
+            if sniff_format(upload.data) is None:
+                await asyncio.to_thread(self._check_not_image, upload)
         # One call per image, all in flight at once: the extractor batches them with other
         # requests. The encoded bytes travel (several times smaller than the decoded pixels) and
-        # the extractor decodes; an upload that is no image comes back marked and is answered
+        # the extractor decodes; an upload that does not decode comes back marked and is answered
         # here with its 4xx before the request goes on.
         rows = list(await asyncio.gather(*(self.extractor.extract.remote((u.data, mesh)) for u in uploads)))
         for upload, row in zip(uploads, rows):
