@@ -123,7 +123,7 @@ def extract_rows(rows: Sequence[dict], extractor: Extractor) -> tuple[list[dict]
             got = extractor.extract([rows[i]["image"] for i in todo])
             if len(got) != len(todo):
                 raise RuntimeError(f"extractor returned {len(got)} results for {len(todo)} images")
-        except Exception as exc:
+        except Exception:
             # One failing batch call: retry image by image so one bad image cannot fail the others.
             got = [_extract_one(extractor, rows[i]["image"]) for i in todo]
         for i, result in zip(todo, got):
@@ -202,31 +202,45 @@ def check_output_settings(out_uri: str, layout: CoefficientLayout, options: stor
         f"to replace them.")
 
 
-def remove_parts(parts: Sequence[str], options: storage.S3Options | None = None) -> None:
-    """Delete the given parts (a --no-resume run's predecessors, once it has written its own)."""
+REPLACED_DIR = "_replaced"
+
+
+def set_aside(out_uri: str, options: storage.S3Options | None = None) -> str | None:
+    """--no-resume: move the parts already in out_uri to OUT/_replaced/<tag>/ (out of the table,
+    not yet deleted) and return that folder; None when there were none. remove_set_aside deletes
+    _replaced/ once the new run has written all its rows; a run that fails leaves the old rows
+    there, and the next --no-resume run that succeeds replaces them too."""
+    parts = list_parts(out_uri, options)
+    if not parts:
+        return None
+    folder = storage.join(out_uri, REPLACED_DIR, uuid.uuid4().hex[:8])
     for part in parts:
-        storage.delete(part, options)
+        storage.move(part, storage.join(folder, part.rsplit("/", 1)[-1]), options)
+    return folder
+
+
+def remove_set_aside(out_uri: str, options: storage.S3Options | None = None) -> None:
+    """After a --no-resume run wrote all its rows: every set-aside part goes."""
+    storage.delete(storage.join(out_uri, REPLACED_DIR), options)
 
 
 def prepare_output(out_uri: str, config: ExtractConfig, options: storage.S3Options | None = None,
                    extractor: Extractor | None = None,
                    build: Callable[[], Extractor] | None = None
-                   ) -> tuple[set[tuple[str, str]], Extractor | None, list[str]]:
-    """Before a run: (keys already done, the extractor if one was built, parts to replace).
+                   ) -> tuple[set[tuple[str, str]], Extractor | None, str | None]:
+    """Before a run: (keys already done, the extractor if one was built, the set-aside folder).
 
     With resume, the output's settings are checked and its finished keys returned; only an output
     with parts needs the extractor (for its layout): `extractor`, else build(), else the one
-    config describes. Without resume, nothing is skipped and the parts already there are returned
-    to be removed after the run has written its own (remove_parts): a run that fails on the way
-    leaves the old rows, and the settings check refuses the mix until a --no-resume run succeeds."""
-    parts = list_parts(out_uri, options)
+    config describes. Without resume, the parts already there are set aside (set_aside), so the
+    new rows never mix with the old ones, and the old are deleted only after the run succeeds."""
     if not config.resume:
-        return set(), extractor, parts
-    if not parts:
-        return set(), extractor, []
+        return set(), extractor, set_aside(out_uri, options)
+    if not list_parts(out_uri, options):
+        return set(), extractor, None
     extractor = extractor or (build() if build is not None else config.build_extractor())
     check_output_settings(out_uri, extractor.layout, options)
-    return finished_keys(out_uri, options), extractor, []
+    return finished_keys(out_uri, options), extractor, None
 
 
 def new_part_name(batch_index: int, run_id: str) -> str:
@@ -272,7 +286,7 @@ def run_extraction(
 ) -> dict:
     """Single-process extraction of `records` into Parquet parts under `out_uri`; returns the summary."""
     started = time.perf_counter()
-    done, extractor, replaced = prepare_output(out_uri, config, options, extractor)
+    done, extractor, _ = prepare_output(out_uri, config, options, extractor)
     run_id = uuid.uuid4().hex[:8]
     written = skipped = previews = 0
     for index, batch in enumerate(batched(records, config.batch_size)):
@@ -290,7 +304,8 @@ def run_extraction(
             previews += write_previews(decoded, results, out_uri, config.preview - previews, options)
         if progress:
             progress(written + skipped, len(records))
-    remove_parts(replaced, options)
+    if not config.resume:
+        remove_set_aside(out_uri, options)
     seconds = time.perf_counter() - started
     return summarize(out_uri, options, run={"inputs": len(records), "written": written, "skipped": skipped,
                                            "seconds": round(seconds, 3),

@@ -28,7 +28,7 @@ import pyarrow as pa
 
 from facedist import storage
 from facedist.pipeline import (PART_PREFIX, ExtractConfig, decode_row, discover_records, extract_rows,
-                               prepare_output, read_row, record_row, remove_parts, summarize, write_previews)
+                               prepare_output, read_row, record_row, remove_set_aside, summarize, write_previews)
 from facedist.extractors.base import Extractor
 from facedist.schema import LABEL_COLUMNS, STATUS_ERROR, STATUSES, rows_to_table
 
@@ -210,11 +210,10 @@ def run_ray_extraction(inputs, out_uri: str, config: RayExtractConfig | None = N
 
     records = discover_records(inputs, config.dataset, options)
     # Resume: the output's settings are checked (on this process's CPU) before any work is sent out;
-    # without resume the parts already there are replaced once this run has written its own.
+    # without resume the parts already there are set aside, deleted once this run has written its own.
     on_cpu = ExtractConfig(**{**asdict(config.extract), "device": "cpu"})
     factory = config.extractor_factory
-    done, _, replaced = prepare_output(out_uri, on_cpu, options,
-                                       build=(lambda: factory(on_cpu)) if factory else None)
+    done, _, _ = prepare_output(out_uri, on_cpu, options, build=(lambda: factory(on_cpu)) if factory else None)
     done = frozenset(done)
     plan = plan_resources(config, ray.cluster_resources())
     extract_config = ExtractConfig(**{**asdict(config.extract), "device": plan["device"]})
@@ -256,8 +255,8 @@ def run_ray_extraction(inputs, out_uri: str, config: RayExtractConfig | None = N
     lost = len(records) - written - skipped
     if lost:  # must never happen; said loudly rather than hidden in a count
         print(f"facedist extract: WARNING {lost} input rows unaccounted for", file=sys.stderr)
-    else:  # --no-resume: the previous rows go only once this run's are all written
-        remove_parts(replaced, options)
+    elif not config.extract.resume:  # --no-resume: the previous rows go once this run's are all written
+        remove_set_aside(out_uri, options)
     run = {"inputs": len(records), "written": written, "skipped": skipped, "unaccounted": lost,
            "this_run_counts": results, "parts_written": len(parts),
            "seconds": round(seconds, 3), "actor_busy_seconds": round(busy, 3),

@@ -125,6 +125,15 @@ def makedirs(uri: str, options: S3Options | None = None) -> None:
     fs.create_dir(path, recursive=True)
 
 
+def move(src: str, dst: str, options: S3Options | None = None) -> None:
+    """Move one file (a rename locally; copy then delete on S3)."""
+    fs, src_path = filesystem_for(src, options)
+    _, dst_path = filesystem_for(dst, options)
+    if not is_s3(dst):
+        Path(dst_path).parent.mkdir(parents=True, exist_ok=True)
+    fs.move(src_path, dst_path)
+
+
 def delete(uri: str, options: S3Options | None = None) -> None:
     fs, path = filesystem_for(uri, options)
     info = fs.get_file_info(path)
@@ -135,12 +144,15 @@ def delete(uri: str, options: S3Options | None = None) -> None:
 
 
 def read_table(uri: str, options: S3Options | None = None, columns: list[str] | None = None) -> pa.Table:
-    """A Parquet file, or every Parquet file under a folder/prefix, as one table."""
+    """A Parquet file, or every Parquet file under a folder/prefix, as one table. As in Hive and
+    Spark, files and folders whose names start with "_" or "." are not data (e.g. _replaced/)."""
     fs, path = filesystem_for(uri, options)
     info = fs.get_file_info(path)
     if info.type == pafs.FileType.File:
         return pq.read_table(path, filesystem=fs, columns=columns)
-    files = [f for f in list_files(uri, options) if f.endswith(".parquet")]
+    root = uri.rstrip("/") + "/"
+    files = [f for f in list_files(uri, options) if f.endswith(".parquet")
+             and not any(part.startswith(("_", ".")) for part in f[len(root):].split("/"))]
     if not files:
         raise FileNotFoundError(f"no Parquet files under {uri}")
     paths = [filesystem_for(f, options)[1] for f in files]

@@ -89,14 +89,16 @@ def test_rerun_with_other_settings_is_refused_then_replaced(tmp_path, yale_dir, 
         assert len(after) == len(before) and set(after["backend"]) == {"tddfa"}
         np.testing.assert_array_equal(np.stack(after["id_coeffs"]), np.stack(before["id_coeffs"]))
 
-    # A --no-resume run that fails (deep3d without its user-supplied checkpoint) leaves the rows.
+    # A --no-resume run that fails (deep3d without its user-supplied checkpoint) loses no rows:
+    # they are set aside under _replaced/, out of the table, and the output holds no mix.
     assert main(["extract", str(folder), "--out", str(out), "--backend", "deep3d", "--no-resume"]) == 2
     assert "epoch_20.pth" in capsys.readouterr().err
-    assert len(_table(out)) == len(before) and set(_table(out)["backend"]) == {"tddfa"}
+    aside = [p for p in storage.list_files(str(out / "_replaced")) if p.endswith(".parquet")]
+    assert len(aside) == 1 and storage.read_table(aside[0]).num_rows == len(before)
+    assert not [p for p in storage.list_files(str(out), recursive=False) if p.endswith(".parquet")]
 
-    old_parts = storage.list_files(str(out))
     assert main(["extract", str(folder), "--out", str(out), "--backend", "fit", "--no-resume"]) == 0
-    assert not any(storage.exists(p) for p in old_parts if "part-" in p)
+    assert not storage.exists(str(out / "_replaced"))  # the set-aside rows go once replaced
     replaced = _table(out)
     assert len(replaced) == 2 and set(replaced["backend"]) == {"fit"}  # replaced, not mixed
     assert "wrote 2 and skipped 0" in capsys.readouterr().out
