@@ -303,46 +303,34 @@ class FaceExtractor:
         self.started = time.time()
 
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.01)
-    async def extract(self, items: list) -> list[dict]:
-        """Per image an encoded upload (or a decoded RGB array), alone or as (upload, with_mesh);
-        a coefficients row per image out. An upload that does not decode comes back as an error
-        row marked decode_error. with_mesh adds the decimated fitted mesh in pixels (mesh2d)."""
+    async def extract(self, items: list[tuple[bytes, bool]]) -> list[dict]:
+        """Per image (encoded upload, with_mesh); a coefficients row per image out. An upload that
+        does not decode comes back as an error row marked decode_error. with_mesh adds the
+        decimated fitted mesh in pixels (mesh2d)."""
         self.batch_sizes[len(items)] += 1
         # Decoding and the models run in a worker thread so the replica keeps accepting (and
         # batching) requests.
         return await asyncio.to_thread(self._extract_rows, items)
 
-    def _extract_rows(self, items: list) -> list[dict]:
-        from facedist.images import ImageDecodeError, decode_image
+    def _extract_rows(self, items: list[tuple[bytes, bool]]) -> list[dict]:
         from facedist.mesh import result_mesh2d
-        from facedist.pipeline import extract_rows
+        from facedist.pipeline import decode_row, extract_rows
 
-        rows, failed, meshes = [], {}, []
-        for i, item in enumerate(items):
-            upload, with_mesh = item if isinstance(item, tuple) else (item, False)
-            row = {"path": f"upload-{i}", "image": upload}
-            if isinstance(upload, (bytes, bytearray)):
-                try:
-                    row["image"] = decode_image(bytes(upload), max_side=self.max_side)
-                except ImageDecodeError as exc:
-                    failed[i] = {"path": row["path"], "status": "error", "message": str(exc), "decode_error": True}
-                    continue
-                except Exception as exc:  # a decoder bug is this upload's error, not the batch's
-                    failed[i] = {"path": row["path"], "status": "error",
-                                 "message": f"decode failed: {type(exc).__name__}: {exc}"}
-                    continue
-            rows.append(row)
-            meshes.append(with_mesh)
-        finished, results = extract_rows(rows, self.extractor)  # one row per image, errors on their row
+        # The pipeline's own row functions: a bad upload is its row's error, rows in = rows out.
+        decoded = [decode_row({"path": f"upload-{i}", "bytes": upload}, self.max_side)
+                   for i, (upload, _) in enumerate(items)]
+        finished, results = extract_rows(decoded, self.extractor)
         # The mesh is computed here, where the camera is known (tddfa/fit; deep3d has none), and
         # only when asked for: a few thousand numbers per row most requests do not want.
         model = getattr(self.extractor, "model", None)
-        for row, result, with_mesh in zip(finished, results, meshes):
-            points = result_mesh2d(result, model) if with_mesh and row.get("status") == "ok" else None
-            if points is not None:
-                row["mesh2d"] = np.round(points, 1).tolist()
-        done = iter(finished)
-        return [failed[i] if i in failed else next(done) for i in range(len(items))]
+        for row, source, result, (_, with_mesh) in zip(finished, decoded, results, items):
+            if source["image"] is None:
+                row["decode_error"] = True
+            elif with_mesh and row.get("status") == "ok":
+                points = result_mesh2d(result, model)
+                if points is not None:
+                    row["mesh2d"] = np.round(points, 1).tolist()
+        return finished
 
     def mesh_triangles(self) -> list[list[int]] | None:
         """The decimated mesh's triangles (one topology for every image), or None without one."""
