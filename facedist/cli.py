@@ -33,9 +33,9 @@ def add_extractor_arguments(parser: argparse.ArgumentParser) -> None:
     """The flags that choose an extractor: shared by extract, run, serve and jobs/extract.py."""
     # Cheap imports (no torch): the registries are the choices.
     from facedist.detection import DEFAULT_DETECTOR, DETECTORS
-    from facedist.extractors import BACKENDS, DEFAULT_LANDMARKS, LANDMARK_SOURCES
+    from facedist.extractors import BACKENDS, DEFAULT_BACKEND, DEFAULT_LANDMARKS, LANDMARK_SOURCES
 
-    parser.add_argument("--backend", default="tddfa", choices=BACKENDS,
+    parser.add_argument("--backend", default=DEFAULT_BACKEND, choices=BACKENDS,
                         help="coefficient regressor (default: %(default)s)")
     parser.add_argument("--detector", default=DEFAULT_DETECTOR, choices=DETECTORS,
                         help="face detector (default: %(default)s)")
@@ -43,6 +43,11 @@ def add_extractor_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--landmarks", default=None, choices=LANDMARK_SOURCES,
                         help=f"where the 68 landmarks come from (default per backend: {defaults}; "
                              "tddfa takes only its own)")
+    parser.add_argument("--texture-basis", default=None, metavar="URI",
+                        help="texture basis (.npz from `facedist texture fit`): also fill tex_coeffs "
+                             "(default: none, the table keeps the sampled texture only)")
+    parser.add_argument("--no-texture", action="store_true",
+                        help="do not sample face colour on the fitted mesh (default: sample it)")
 
 
 def extract_config_from_args(args, **overrides):
@@ -52,7 +57,8 @@ def extract_config_from_args(args, **overrides):
     from facedist.pipeline import ExtractConfig
 
     landmark_source_for(args.backend, args.landmarks)  # SettingsError with what to use instead
-    return ExtractConfig(backend=args.backend, detector=args.detector, landmarks=args.landmarks, **overrides)
+    return ExtractConfig(backend=args.backend, detector=args.detector, landmarks=args.landmarks,
+                         texture=not args.no_texture, texture_basis=args.texture_basis, **overrides)
 
 
 def cmd_extract(args) -> int:
@@ -161,6 +167,16 @@ def cmd_train(args) -> int:
 
 
 def cmd_report(args) -> int:
+    if args.protocol == "person":
+        from facedist.person_report import PersonReportConfig, write_person_report
+
+        given = {k: getattr(args, k) for k in ("out", "folds", "seeds", "gallery", "image_epochs", "image_size",
+                                               "image_seeds") if getattr(args, k) is not None}
+        config = PersonReportConfig(data=args.data, include_images=not args.no_images, **given)
+        results = write_person_report(config)
+        print(Path(config.out, "table_person.md").read_text())
+        print(f"report written to {config.out} in {results['seconds']:.0f} s")
+        return 0
     from facedist.report import ReportConfig, write_report
 
     # Flags left unset take ReportConfig's defaults: one place for them.
@@ -171,6 +187,15 @@ def cmd_report(args) -> int:
     results = write_report(config)
     print(Path(config.out, "table1_identity.md").read_text())
     print(f"report written to {config.out} in {results['seconds']:.0f} s")
+    return 0
+
+
+def cmd_texture(args) -> int:
+    from facedist.texture import fit_texture_basis
+
+    basis = fit_texture_basis(args.data, args.out, args.components, _s3_options(args))
+    print(f"texture basis {basis.version}: {basis.n_components} components over {basis.n_vertices} vertices, "
+          f"fitted on {basis.n_train} faces -> {args.out}")
     return 0
 
 
@@ -232,7 +257,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     rep = sub.add_parser("report", help="the paper's protocol on a coefficients table: tables, confusion matrices")
     rep.add_argument("--data", required=True, help="coefficients table (local or s3://)")
+    rep.add_argument("--protocol", default="image", choices=("image", "person"),
+                     help="image: the paper's k-fold split by image with C-Net (default); person: people never "
+                          "seen in training, gallery -> probe identity, linear probes on α, τ, β and pixels")
     rep.add_argument("--out", help="local folder (default: results)")
+    rep.add_argument("--seeds", type=int, help="person protocol: seeds 0..N-1 (default: 5)")
+    rep.add_argument("--gallery", help="person protocol: expression label of each person's gallery image "
+                                       "(default: neutral; Yale: normal)")
+    rep.add_argument("--image-seeds", type=int, help="person protocol: the ResNet-34 baseline on the first N seeds only")
     rep.add_argument("--folds", type=int, help="default: ReportConfig")
     rep.add_argument("--seed", type=int, help="folds and training seed (default: ReportConfig)")
     rep.add_argument("--coeff-epochs", type=int, help="default: ReportConfig")
@@ -242,6 +274,14 @@ def build_parser() -> argparse.ArgumentParser:
     rep.add_argument("--no-images", action="store_true", help="skip the raw-image baseline")
     rep.add_argument("--no-synthetic", action="store_true", help="skip the synthetic C-Net check")
     rep.set_defaults(func=cmd_report)
+
+    tex = sub.add_parser("texture", help="fit a PCA texture basis on a table's sampled face colours")
+    tex.add_argument("action", choices=("fit",))
+    tex.add_argument("--data", required=True, help="coefficients table with a texture column (local or s3://)")
+    tex.add_argument("--out", required=True, help="where the basis goes (.npz, local or s3://)")
+    tex.add_argument("--components", type=int, default=80, help="PCA components (default: %(default)s)")
+    _add_storage_flags(tex)
+    tex.set_defaults(func=cmd_texture)
 
     srv = sub.add_parser("serve", help="start the Ray Serve endpoint (local Ray unless --address)")
     srv.add_argument("--models", default="", help="the training output (cnet/, identity/, ... bundles)")

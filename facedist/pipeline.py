@@ -18,6 +18,7 @@ import numpy as np
 
 from facedist import SettingsError, storage
 from facedist.datasets import ImageRecord
+from facedist.extractors import DEFAULT_BACKEND
 from facedist.extractors.base import ExtractionResult, Extractor
 from facedist.images import ImageDecodeError, content_hash, decode_image
 from facedist.schema import (COLUMNS, LABEL_COLUMNS, METADATA_LAYOUT_KEY, STATUS_ERROR, STATUS_OK, STATUSES,
@@ -29,7 +30,7 @@ PART_PREFIX = "part-"
 
 @dataclass
 class ExtractConfig:
-    backend: str = "tddfa"
+    backend: str = DEFAULT_BACKEND
     detector: str = "faceboxes"       # facedist.detection.DETECTORS
     landmarks: str | None = None      # None: the backend's own (facedist.extractors.DEFAULT_LANDMARKS)
     device: str = "cpu"
@@ -45,13 +46,17 @@ class ExtractConfig:
     # Threads for dlib's HOG detection within a batch (it releases the GIL); 0: one
     # per core in a single process, one per CPU of its share in a Ray actor.
     detect_threads: int = 0
+    # Sample each face's colour on the fitted mesh (the table's texture column); with a texture
+    # basis (`facedist texture fit`) also fill tex_coeffs.
+    texture: bool = True
+    texture_basis: str | None = None
 
     def build_extractor(self, device: str | None = None, detect_threads: int | None = None) -> Extractor:
         """The extractor these settings describe; its models load here."""
         from facedist.extractors import make_extractor
 
         return make_extractor(self.backend, detector=self.detector, landmarks=self.landmarks,
-                              device=device or self.device,
+                              device=device or self.device, texture=self.texture, texture_basis=self.texture_basis,
                               detect_threads=detect_threads or self.detect_threads or os.cpu_count() or 1)
 
 

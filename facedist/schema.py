@@ -48,6 +48,9 @@ class CoefficientLayout:
     # the layout so that a resumed extraction refuses to mix rows made with other settings.
     detector: str = ""
     landmarks: str = ""
+    # The texture sampler's vertex set (+ the texture basis tex_coeffs were projected on).
+    texture: str = ""
+    n_texture_vertices: int = 0
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), sort_keys=True)
@@ -94,6 +97,8 @@ COEFFICIENTS_SCHEMA = pa.schema(
         pa.field("scale", pa.float32()),
         pa.field("translation", _f32_list),             # 3 values
         pa.field("feature", _f32_list),                 # the regressor's pooled feature (C-Net input)
+        pa.field("texture", pa.list_(pa.uint8())),      # RGBA at the layout's n_texture_vertices vertices,
+                                                        # A = 255 where visible (facedist.texture)
         pa.field("backend", pa.string()),
     ]
 )

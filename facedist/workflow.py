@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from facedist import storage
+from facedist.extractors import DEFAULT_BACKEND
 from facedist.schema import LABEL_COLUMNS
 
 
@@ -20,7 +21,7 @@ from facedist.schema import LABEL_COLUMNS
 class WorkflowConfig:
     images: str                     # folder, s3:// prefix or manifest
     out: str                        # folder or s3:// prefix: coefficients/, models/, report/
-    backend: str = "tddfa"
+    backend: str = DEFAULT_BACKEND
     detector: str = "faceboxes"
     landmarks: str | None = None    # None: the backend's own
     dataset: str = "auto"
@@ -69,9 +70,11 @@ def run_workflow(config: WorkflowConfig, log=print) -> dict:
     log(f"[2/3] training C-Net -> {models}/cnet")
     trained["cnet"] = run_training(TrainConfig(task="cnet", epochs=config.cnet_epochs, **common))
     cnet_dir = storage.join(models, "cnet")
-    tasks = [("identity", "subject", {"cnet": cnet_dir, "aggregate": "cnet"}),
+    # Identity and gender aggregate a person's images as TrainConfig.aggregate says (the mean by
+    # default); C-Net's bundle is there for --aggregate cnet, and for its per-image confidences.
+    tasks = [("identity", "subject", {"cnet": cnet_dir}),
              ("expression", "expression", {}),
-             ("gender", "gender", {"cnet": cnet_dir, "aggregate": "cnet"})]
+             ("gender", "gender", {"cnet": cnet_dir})]
     for task, column, extra in tasks:
         if _labelled(table, column) < 2:
             log(f"      {task}: skipped, the images carry fewer than 2 {column} labels")

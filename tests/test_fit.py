@@ -113,3 +113,44 @@ def test_degenerate_landmarks_give_a_row_error_not_an_exception(yale_dir):
     # the predictor got the detector's box, and the row keeps it
     assert len(collapsed.boxes) >= 1
     np.testing.assert_array_equal(collapsed.boxes[0], result.box)
+
+
+def test_fit_from_an_initial_guess_reaches_the_same_fit(bfm, prior):
+    """tddfa-fit starts the fit from the regressor's pose and coefficients: from a nearby start it
+    lands where the fit from scratch lands (one regularised optimum)."""
+    from facedist.extractors.fit import FitResult
+
+    coef, pose, points = _synthetic(bfm, prior, 3)
+    noisy = points + np.random.default_rng(3).normal(0, 0.01 * interocular_distance(points), points.shape)
+    scratch = fit_landmarks(bfm, noisy, FitConfig(reg=1.0), prior)
+    rng = np.random.default_rng(4)
+    start = coef + 0.3 * prior.std * rng.standard_normal(50)
+    guess = Pose.from_angles(*(np.array(pose.angles) + (4.0, -3.0, 2.0)), scale=0.0016, translation=(163, 117, 0))
+    init = FitResult(start[:40].astype(np.float32), start[40:].astype(np.float32), guess, None)
+    started = fit_landmarks(bfm, noisy, FitConfig(reg=1.0, iterations=30), prior, init=init)
+    got = np.concatenate([started.shape, started.exp])
+    want = np.concatenate([scratch.shape, scratch.exp])
+    assert np.abs((got - want) / prior.std).max() < 0.01
+    np.testing.assert_allclose(started.pose.angles, scratch.pose.angles, atol=0.1)
+
+
+def test_tddfa_fit_extractor_on_yale(yale_dir):
+    """The default backend: tddfa's regression then the fit to dlib's points; its identity
+    coefficients are the landmark fit's, its feature the regressor's, and it samples texture."""
+    paths = sorted(p for p in yale_dir.iterdir() if p.name.startswith("subject"))[::8]
+    images = [decode_image(p.read_bytes()) for p in paths]
+    hybrid = make_extractor("tddfa-fit")
+    results = hybrid.extract(images + ["not an image"])
+    assert len(results) == len(images) + 1 and results[-1].status == STATUS_ERROR
+    ok = [r for r in results[:-1] if r.ok]
+    assert len(ok) / len(images) >= 0.95
+    layout = hybrid.layout
+    assert layout.backend == "tddfa-fit" and layout.n_feature == 512 and layout.n_texture_vertices > 1000
+    assert all(r.feature.shape == (512,) and r.texture.shape == (layout.n_texture_vertices, 4) for r in ok)
+    assert np.mean([r.landmark_error for r in ok]) < 0.05
+    # same detector, same predictor on the same box: the fit backend's optimum
+    plain = make_extractor("fit", detector=hybrid.detector, landmarks=hybrid.predictor, texture=False)
+    for a, b in zip(results[:-1], plain.extract(images)):
+        if a.ok and b.ok:
+            prior = CoefficientPrior.tddfa()
+            assert np.abs((a.id_coeffs - b.id_coeffs) / prior.std[:40]).max() < 0.05

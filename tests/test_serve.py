@@ -92,7 +92,7 @@ def models_uri(yale_dir, s3_server, extractor, tmp_path_factory):
     cnet_task = CNetTask(cnet_cfg, data)
     result = fit(cnet_task, cnet_cfg)
     save_model_bundle(cnet_task.bundle(result.best_state, result.best_metrics), str(local / "cnet"))
-    for cfg in (TrainConfig(task="identity", epochs=6, batch_size=32, cnet=str(local / "cnet"),
+    for cfg in (TrainConfig(task="identity", epochs=6, batch_size=32, cnet=str(local / "cnet"), aggregate="cnet",
                             max_combos_per_subject=20),
                 TrainConfig(task="expression", epochs=4, batch_size=32, labels=list(YALE_EXPRESSIONS))):
         task = make_classifier_task(cfg, data)

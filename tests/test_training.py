@@ -3,6 +3,8 @@ the Recognizer, the report on a real Yale table (tddfa) when it can be built qui
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 import torch
@@ -130,7 +132,7 @@ def test_recognizer_from_bundles(synthetic, tmp_path):
     cnet_task = CNetTask(cnet_cfg, data)
     cnet_fit = fit(cnet_task, cnet_cfg)
     save_model_bundle(cnet_task.bundle(cnet_fit.best_state, cnet_fit.best_metrics), str(tmp_path / "cnet"))
-    id_cfg = TrainConfig(task="identity", epochs=4, batch_size=32, cnet=str(tmp_path / "cnet"),
+    id_cfg = TrainConfig(task="identity", epochs=4, batch_size=32, cnet=str(tmp_path / "cnet"), aggregate="cnet",
                          max_combos_per_subject=4)
     id_task = make_classifier_task(id_cfg, data)
     id_fit = fit(id_task, id_cfg)
@@ -146,3 +148,12 @@ def test_recognizer_from_bundles(synthetic, tmp_path):
     assert len(out["identity"]["top_k"]) == 3 and len(out["images"][0]["confidence"]) == 40
     assert id_fit.best_metrics["accuracy"] > 1 / 60 * 5  # well above chance on 60 people
     assert np.shape(recognizer.bundles["identity"]["input_norm"]["whiten"]) == (40, 40)
+    # an identity model trained on plain means is served with plain means, C-Net bundle or not
+    mean_cfg = replace(id_cfg, aggregate="mean", epochs=1)
+    mean_task = make_classifier_task(mean_cfg, data)
+    mean_fit = fit(mean_task, mean_cfg)
+    save_model_bundle(mean_task.bundle(mean_fit.best_state, mean_fit.best_metrics), str(tmp_path / "identity"))
+    served = Recognizer.from_directory(str(tmp_path)).predict(mine, top_k=3)
+    assert served["aggregation"] == "mean" and len(served["images"][0]["confidence"]) == 40
+    expected = np.mean([r["id_coeffs"] for r in mine], axis=0)
+    np.testing.assert_allclose(served["identity_coeffs"], expected, rtol=1e-5, atol=1e-5)

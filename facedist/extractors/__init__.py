@@ -7,10 +7,14 @@ from facedist.detection import DEFAULT_DETECTOR, DETECTORS
 from facedist.extractors.base import ExtractionResult, Extractor, FaceExtractor
 from facedist.extractors.landmark_sources import LANDMARK_SOURCES
 
-BACKENDS = ("tddfa", "deep3d", "fit")
+BACKENDS = ("tddfa-fit", "tddfa", "deep3d", "fit")
+DEFAULT_BACKEND = "tddfa-fit"
+# Backends fitted in 3DDFA's basis, whose faces are sampled for texture (facedist.texture);
+# deep3d regresses its own texture coefficients.
+TEXTURE_BACKENDS = ("tddfa-fit", "tddfa", "fit")
 # Where each backend's 68 landmarks come from unless told: tddfa regresses its own; the others
 # run dlib's predictor on the detector's box.
-DEFAULT_LANDMARKS = {"tddfa": "tddfa", "deep3d": "dlib", "fit": "dlib"}
+DEFAULT_LANDMARKS = {"tddfa-fit": "dlib", "tddfa": "tddfa", "deep3d": "dlib", "fit": "dlib"}
 
 
 def landmark_source_for(backend: str, landmarks: str | None) -> str:
@@ -28,9 +32,28 @@ def landmark_source_for(backend: str, landmarks: str | None) -> str:
 
 
 def make_extractor(backend: str, *, detector=DEFAULT_DETECTOR, landmarks: str | None = None,
-                   device: str = "cpu", **kwargs) -> FaceExtractor:
+                   device: str = "cpu", texture: bool = True, texture_basis=None, **kwargs) -> FaceExtractor:
     """Build an extractor; its models load here, once (call this once per worker). detector and
-    landmarks may also be ready objects (shared between extractors)."""
+    landmarks may also be ready objects (shared between extractors). texture: sample each face's
+    colour on the fitted 3DDFA mesh (facedist.texture); texture_basis (a TextureBasis or its URI)
+    also fills tex_coeffs."""
+    if texture_basis is not None and backend not in TEXTURE_BACKENDS:
+        raise SettingsError(f"the {backend} backend does not sample texture on the 3DDFA mesh; "
+                            f"a texture basis needs one of {', '.join(TEXTURE_BACKENDS)}")
+    if isinstance(texture_basis, str):
+        from facedist.texture import TextureBasis
+        texture_basis = TextureBasis.load(texture_basis)
+    extractor = _make_regressor(backend, detector, landmarks, device, **kwargs)
+    if texture and backend in TEXTURE_BACKENDS:
+        from facedist.texture import TextureSampler
+        try:
+            extractor.enable_texture(TextureSampler(extractor.model), texture_basis)
+        except ValueError as exc:
+            raise SettingsError(str(exc)) from None
+    return extractor
+
+
+def _make_regressor(backend, detector, landmarks, device, **kwargs) -> FaceExtractor:
     source = landmarks if landmarks is not None and not isinstance(landmarks, str) else \
         landmark_source_for(backend, landmarks)
     if isinstance(detector, str) and detector not in DETECTORS:
@@ -41,9 +64,12 @@ def make_extractor(backend: str, *, detector=DEFAULT_DETECTOR, landmarks: str | 
     if backend == "deep3d":
         from facedist.extractors.deep3d import Deep3DExtractor
         return Deep3DExtractor(detector=detector, device=device, landmarks=source, **kwargs)
+    if backend == "tddfa-fit":
+        from facedist.extractors.fit import TDDFAFitExtractor
+        return TDDFAFitExtractor(detector=detector, device=device, landmarks=source, **kwargs)
     from facedist.extractors.fit import LandmarkFitExtractor
     return LandmarkFitExtractor(detector=detector, device=device, landmarks=source, **kwargs)
 
 
-__all__ = ["BACKENDS", "DEFAULT_LANDMARKS", "DETECTORS", "ExtractionResult", "Extractor", "FaceExtractor",
+__all__ = ["BACKENDS", "DEFAULT_BACKEND", "DEFAULT_LANDMARKS", "DETECTORS", "TEXTURE_BACKENDS", "ExtractionResult", "Extractor", "FaceExtractor",
            "LANDMARK_SOURCES", "landmark_source_for", "make_extractor"]

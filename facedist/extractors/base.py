@@ -46,6 +46,7 @@ class ExtractionResult:
     scale: float | None = None
     translation: np.ndarray | None = None      # (3,)
     feature: np.ndarray | None = None          # pooled regressor feature
+    texture: np.ndarray | None = None          # (K, 4) uint8 RGBA at the texture sampler's vertices
     extras: dict = field(default_factory=dict)  # backend-specific, not stored (e.g. vertices for previews)
 
     @property
@@ -67,7 +68,9 @@ class ExtractionResult:
             if f.name == "extras":
                 continue
             value = getattr(self, f.name)
-            if isinstance(value, np.ndarray):
+            if f.name == "texture" and value is not None:
+                value = np.asarray(value, np.uint8).ravel().tolist()
+            elif isinstance(value, np.ndarray):
                 value = value.astype(np.float32).ravel().tolist()
             elif isinstance(value, (np.floating, np.integer)):
                 value = value.item()
@@ -127,6 +130,21 @@ class FaceExtractor:
     def __init__(self, detector: FaceDetector):
         self.detector = detector
         self.timings = StageTimer()  # seconds per stage (detect, landmarks, crop, regress, ...)
+        self.texture_sampler = None  # facedist.texture.TextureSampler: fills each result's texture
+        self.texture_basis = None    # facedist.texture.TextureBasis: and its tex_coeffs
+
+    def enable_texture(self, sampler, basis=None) -> None:
+        """Sample each fitted face's colour (and project it on a texture basis); both are part of
+        the layout, so a resumed output never mixes rows with and without them."""
+        from dataclasses import replace
+
+        if basis is not None and basis.sampler_version != sampler.version:
+            raise ValueError(f"texture basis was fitted on samples {basis.sampler_version}, "
+                             f"this extractor samples {sampler.version}")
+        self.texture_sampler, self.texture_basis = sampler, basis
+        self.layout = replace(self.layout, n_tex=basis.n_components if basis else self.layout.n_tex,
+                              texture=sampler.version + (f"+{basis.version}" if basis else ""),
+                              n_texture_vertices=sampler.n_vertices)
 
     def fit_faces(self, faces: list[DetectedFace]) -> list[ExtractionResult]:
         """One result per face with the backend's parts (coefficients, landmarks, pose, feature);
@@ -167,7 +185,25 @@ class FaceExtractor:
         if faces:
             for i, face, result in zip(face_rows, faces, self._fit(faces)):
                 results[i] = self._assemble(face, result)
+                if self.texture_sampler is not None and results[i].ok:
+                    with self.timings.stage("texture"):
+                        results[i] = self._add_texture(face, results[i])
         return results  # type: ignore[return-value]
+
+    def _add_texture(self, face: DetectedFace, result: ExtractionResult) -> ExtractionResult:
+        """The face's colour at the sampler's vertices (and tex_coeffs), from the fitted mesh."""
+        camera = result.extras.get("camera")
+        if camera is None or result.extras.get("basis") != self.texture_sampler.model.name:
+            return result  # fitted in another basis (deep3d): its own texture, if any
+        try:
+            result.texture = self.texture_sampler.sample(face.image, result.id_coeffs, result.exp_coeffs, camera)
+            if self.texture_basis is not None:
+                result.tex_coeffs = self.texture_basis.project(result.texture[None])[0]
+        except Exception as exc:  # this face's error, not the batch's
+            return ExtractionResult.error(f"texture sampling failed: {type(exc).__name__}: {exc}",
+                                          width=result.width, height=result.height, num_faces=result.num_faces,
+                                          box=result.box, det_score=result.det_score)
+        return result
 
     def _detect(self, rgbs: list[np.ndarray]) -> list[list[FaceBox] | Exception]:
         """The batch in one call; if that fails, image by image, so the failure lands on the image

@@ -14,7 +14,7 @@ explains this face and is cheap to aggregate.
 from __future__ import annotations
 
 import pickle
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 import numpy as np
 
 from facedist import assets
@@ -102,11 +102,12 @@ def _rotation_step(omega: np.ndarray) -> np.ndarray:
 
 
 def fit_landmarks(model: MorphableModel, landmarks2d: np.ndarray, config: FitConfig = FitConfig(),
-                  prior: CoefficientPrior | None = None) -> FitResult:
+                  prior: CoefficientPrior | None = None, init: FitResult | None = None) -> FitResult:
     """Fit shape, expression and pose of `model` to (68, 2) pixel landmarks.
 
-    Starts with a few alternations (closed-form pose, then a linear ridge solve of coefficients),
-    then refines pose and coefficients jointly by Gauss-Newton: alternation alone creeps along the
+    Without ``init``, starts with a few alternations (closed-form pose, then a linear ridge solve of
+    coefficients); with it (e.g. a regressor's coefficients and pose), starts from there. Then
+    refines pose and coefficients jointly by Gauss-Newton: alternation alone creeps along the
     directions where pose and shape trade off (overall size vs scale, asymmetry vs yaw)."""
     target = np.asarray(landmarks2d, np.float64)[:, :2]
     if target.shape != (NUM_LANDMARKS, 2) or not np.all(np.isfinite(target)):
@@ -123,18 +124,22 @@ def fit_landmarks(model: MorphableModel, landmarks2d: np.ndarray, config: FitCon
     basis3 = basis.reshape(NUM_LANDMARKS, 3, n_coef)
     sigma = config.noise * iod
     precision = np.full(n_coef, config.reg) / prior.std ** 2
-    coef = prior.mean.copy() if config.reg > 0 else np.zeros(n_coef)
-
-    for _ in range(config.alternations):
+    if init is not None:
+        coef = np.concatenate([init.shape, init.exp]).astype(np.float64)
+        R, scale = np.asarray(init.pose.rotation, np.float64), float(init.pose.scale)
+        t = init.pose.translation3[:2] * np.array([1.0, -1.0])  # pixel frame -> y-up
+    else:
+        coef = prior.mean.copy() if config.reg > 0 else np.zeros(n_coef)
+        for _ in range(config.alternations):
+            X = mean + basis3 @ coef
+            scale, R, t = _pose_for(X, uv)
+            # Given the pose the projection is linear in the coefficients: uv - t - sR2 mean = M coef.
+            M = np.einsum("ij,ljk->lik", scale * R[:2], basis3).reshape(-1, n_coef)
+            rhs = (uv - t - mean @ (scale * R[:2]).T).reshape(-1)
+            lhs = M.T @ M / sigma ** 2 + np.diag(precision)
+            coef = np.linalg.solve(lhs, M.T @ rhs / sigma ** 2 + precision * prior.mean)
         X = mean + basis3 @ coef
         scale, R, t = _pose_for(X, uv)
-        # Given the pose the projection is linear in the coefficients: uv - t - sR2 mean = M coef.
-        M = np.einsum("ij,ljk->lik", scale * R[:2], basis3).reshape(-1, n_coef)
-        rhs = (uv - t - mean @ (scale * R[:2]).T).reshape(-1)
-        lhs = M.T @ M / sigma ** 2 + np.diag(precision)
-        coef = np.linalg.solve(lhs, M.T @ rhs / sigma ** 2 + precision * prior.mean)
-    X = mean + basis3 @ coef
-    scale, R, t = _pose_for(X, uv)
 
     # Gauss-Newton on (coef, rotation increment, log scale, t); prior rows keep it well posed.
     # Coefficient steps are taken in units of the prior std so the normal equations are well
@@ -183,11 +188,12 @@ class LandmarkFitExtractor(FaceExtractor):
         self.predictor = make_landmark_source(landmarks, device)
         self.model = model or MorphableModel.from_tddfa()
         # 3DDFA's basis comes with coefficient statistics; another basis gets an isotropic prior.
-        self.prior = prior or (CoefficientPrior.tddfa() if model is None else CoefficientPrior.isotropic(self.model))
+        self.prior = prior or (CoefficientPrior.tddfa() if self.model.name == "tddfa_bfm"
+                               else CoefficientPrior.isotropic(self.model))
         self.config = FitConfig(iterations=iterations, reg=reg)
         self.with_vertices = with_vertices
         self.layout = CoefficientLayout(
-            backend="fit", n_id=self.model.n_shape, n_exp=self.model.n_exp, n_feature=2 * NUM_LANDMARKS,
+            backend=self.name, n_id=self.model.n_shape, n_exp=self.model.n_exp, n_feature=2 * NUM_LANDMARKS,
             model_name=f"landmark_fit_{self.model.name}", model_version=f"reg{reg:g}_it{iterations}",
             detector=self.detector.version, landmarks=self.predictor.version)
 
@@ -197,9 +203,11 @@ class LandmarkFitExtractor(FaceExtractor):
         with self.timings.stage("fit"):
             return [self._fit_one(p) for p in points]
 
-    def _fit_one(self, detected: np.ndarray) -> ExtractionResult:
+    def _fit_one(self, detected: np.ndarray, init: FitResult | None = None,
+                 feature: np.ndarray | None = None) -> ExtractionResult:
+        """The fit of one face's detected points; feature defaults to the normalised residual."""
         try:
-            fit = fit_landmarks(self.model, detected, self.config, self.prior)
+            fit = fit_landmarks(self.model, detected, self.config, self.prior, init)
         except Exception as exc:  # singular systems, malformed landmarks: this row only
             return ExtractionResult.error(f"landmark fit failed: {type(exc).__name__}: {exc}")
         if not (np.all(np.isfinite(fit.points)) and np.all(np.isfinite(fit.shape)) and np.all(np.isfinite(fit.exp))):
@@ -217,4 +225,47 @@ class LandmarkFitExtractor(FaceExtractor):
             id_coeffs=fit.shape, exp_coeffs=fit.exp,
             yaw=yaw, pitch=pitch, roll=roll, scale=float(fit.pose.scale),
             translation=fit.pose.translation3.astype(np.float32),
-            feature=residual.astype(np.float32).ravel(), extras=extras)
+            feature=residual.astype(np.float32).ravel() if feature is None else feature, extras=extras)
+
+
+class TDDFAFitExtractor(LandmarkFitExtractor):
+    """3DDFA_V2's regression, then the landmark fit started from its pose and coefficients.
+
+    The regressor gives a pose that holds on turned faces and its pooled feature (C-Net's input);
+    the fit to a landmark predictor's 68 points (dlib's by default) gives identity coefficients that
+    follow the person's own geometry, where the regressor's stay close to its training faces."""
+
+    name = "tddfa-fit"
+
+    def __init__(self, detector=DEFAULT_DETECTOR, device: str = "cpu", *, landmarks="dlib",
+                 checkpoint: str = "tddfa/mb05_120x120.pth", batch_size: int | None = None,
+                 reg: float = FitConfig.reg, iterations: int = FitConfig.iterations,
+                 num_threads: int | None = None, with_vertices: bool = False, detect_threads: int = 1):
+        from facedist.extractors.tddfa import TDDFARegressor
+
+        regressor = TDDFARegressor(device, checkpoint=checkpoint, batch_size=batch_size, num_threads=num_threads)
+        super().__init__(detector, device, landmarks=landmarks, model=regressor.model, reg=reg,
+                         iterations=iterations, with_vertices=with_vertices, detect_threads=detect_threads)
+        regressor.timings = self.timings
+        self.regressor = regressor
+        self.layout = replace(self.layout, n_feature=regressor.net.num_features,
+                              model_name=f"3ddfa_v2_{regressor.path.stem}+landmark_fit_{self.model.name}",
+                              model_version=f"{assets.sha256_of(regressor.path)[:12]}_reg{reg:g}_it{iterations}")
+
+    def fit_faces(self, faces: list[DetectedFace]) -> list[ExtractionResult]:
+        from facedist.extractors.tddfa import pose_from_affine
+
+        images, boxes = [f.image for f in faces], [f.face.box for f in faces]
+        regressed = self.regressor.fit(images, boxes)
+        with self.timings.stage("landmarks"):
+            points = self.predictor.predict_batch(images, boxes)
+        with self.timings.stage("fit"):
+            out = []
+            for fit, detected in zip(regressed, points):
+                if not np.all(np.isfinite(fit.params)):
+                    out.append(ExtractionResult.error("regressor produced non-finite parameters"))
+                    continue
+                _, shape, exp = self.regressor.camera_and_coeffs(fit.params)
+                init = FitResult(shape, exp, pose_from_affine(fit.camera), fit.points)
+                out.append(self._fit_one(detected, init=init, feature=fit.feature))
+            return out

@@ -118,6 +118,8 @@ class CoefficientData:
     n_feature: int = 0
     skipped: int = 0               # rows not usable (error / no face / missing coefficients)
     extra: dict = field(default_factory=dict)
+    texture: np.ndarray | None = None  # (N, K, 4) uint8 RGBA samples (facedist.texture), if the table has them
+    tex: np.ndarray | None = None      # (N, n_tex) tex_coeffs, if every usable row has them
 
     def __len__(self) -> int:
         return len(self.path)
@@ -127,7 +129,9 @@ class CoefficientData:
         take = lambda a: a[index]  # noqa: E731
         return CoefficientData(take(self.path), take(self.subject), take(self.expression), take(self.gender),
                                take(self.alpha), take(self.beta), take(self.quality), take(self.landmarks),
-                               take(self.landmarks_fit), take(self.box), self.layout, self.n_feature)
+                               take(self.landmarks_fit), take(self.box), self.layout, self.n_feature,
+                               texture=None if self.texture is None else take(self.texture),
+                               tex=None if self.tex is None else take(self.tex))
 
     def labels(self, column: str) -> np.ndarray:
         return getattr(self, column)
@@ -157,8 +161,15 @@ def table_to_data(table: pa.Table, n_feature: int | None = None) -> CoefficientD
     lm = lambda k: np.stack([_points(r.get(k), 136) for r in usable])  # noqa: E731
     boxes = np.array([r["box"] if r.get("box") and len(r["box"]) == 4 else [np.nan] * 4 for r in usable],
                      np.float32)
+    texture = None
+    if layout.n_texture_vertices:
+        from facedist.texture import texture_array
+        texture = texture_array([r.get("texture") for r in usable], layout.n_texture_vertices)
+    tex = None
+    if layout.n_tex and all(r.get("tex_coeffs") and len(r["tex_coeffs"]) == layout.n_tex for r in usable):
+        tex = np.array([r["tex_coeffs"] for r in usable], np.float32)
     return CoefficientData(
-        path=col("path"), subject=col("subject"), expression=col("expression"), gender=col("gender"),
+        texture=texture, tex=tex, path=col("path"), subject=col("subject"), expression=col("expression"), gender=col("gender"),
         alpha=np.array([r["id_coeffs"] for r in usable], np.float32),
         beta=np.array([r["exp_coeffs"] for r in usable], np.float32),
         quality=np.stack([quality_vector(r, n_feature) for r in usable]),

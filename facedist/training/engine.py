@@ -40,7 +40,9 @@ class TrainConfig:
     combo_size: int = 3                         # identity inputs: C(n, combo_size) per subject
     max_combos_per_subject: int = 120
     cnet: str | None = None                     # C-Net bundle dir for identity aggregation
-    aggregate: str = "cnet"                     # "cnet" (needs --cnet) | "mean"
+    # "mean" | "cnet" (needs --cnet). The mean by default: C-Net did not beat it on sets with
+    # degraded photos over 5 seeds (benchmarks/cnet_degraded.py, docs/results/cnet_degraded).
+    aggregate: str = "mean"
     input_norm: str = "within_class"            # classifier inputs: "within_class" whitening | "standard"
     noise: float = 1.0                          # augmentation: Gaussian noise in input_norm units (with
                                                 # within-class whitening: one within-class std)

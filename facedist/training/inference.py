@@ -2,7 +2,8 @@
 
 Loads <dir>/{cnet,identity,gender,expression}/model.pt (any subset; local or s3://) once and
 predicts from one person's images given as ExtractionResults or table rows:
-    identity    C-Net aggregate of the usable images (plain mean without a C-Net), top-k labels
+    identity    aggregate of the usable images as the identity model was trained (the mean, or
+                C-Net confidences with a C-Net bundle and aggregate=cnet), top-k labels
     gender      from the aggregated identity
     expression  per image, class probabilities
     confidence  per image, C-Net's per-dimension confidences (and their mean)
@@ -68,9 +69,12 @@ class Recognizer:
             for slot, i in enumerate(usable):
                 images[i]["confidence"] = confidence[slot].tolist()
                 images[i]["confidence_mean"] = float(confidence[slot].mean())
+        # Aggregate as the identity model was trained (C-Net or the mean), so serving matches training.
+        trained_with = self.bundles.get("identity", {}).get("extra", {}).get("aggregate", "cnet")
+        weights = confidence if confidence is not None and trained_with == "cnet" else None
         aggregate = aggregate_identity(torch.as_tensor(alpha)[None],
-                                       None if confidence is None else torch.as_tensor(confidence)[None])[0].numpy()
-        out["aggregation"] = "cnet" if confidence is not None else "mean"
+                                       None if weights is None else torch.as_tensor(weights)[None])[0].numpy()
+        out["aggregation"] = "cnet" if weights is not None else "mean"
         out["identity_coeffs"] = aggregate.tolist()
         for task in ("identity", "gender"):
             if task in self.bundles:

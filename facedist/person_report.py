@@ -1,0 +1,297 @@
+"""`facedist report --protocol person`: the people tested on are never seen in training.
+
+For each seed the people are dealt into k folds. Per fold, everything learned (standardisation,
+PCA, the texture basis, the identity metric, the classifiers) is fitted on the other folds'
+people only, then scored on this fold's people; a seed's figure pools its folds, and each row is
+the mean ± std over seeds.
+
+- identity, gallery -> probe rank-1: every person has one gallery image (the one whose expression
+  label is ``gallery``: London's neutral photo, Yale's normal one); every other image of the test
+  fold's people is a probe, matched by cosine similarity against the gallery of *all* people after
+  a within-person whitening learned on the training people (an LDA/WCCN-style metric).
+- gender and expression, per image: multinomial logistic regression on standardised inputs.
+
+Descriptors: α (identity coefficients), τ (texture coefficients on a basis fitted on the training
+folds' samples), α+τ, β (expression coefficients), β+τ; the pixel baseline is the same probe on
+the PCA of the grey landmark-centred crop. Optionally a ResNet-34 trained from scratch on those
+crops (the paper's image CNN), on the same folds.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from facedist.training.data import CoefficientData, within_class_whitening
+
+PROBE_DIMS = 80          # inputs wider than this are PCA-reduced (on the training rows) first
+PROBE_L2 = 1e-2          # logistic regression's weight decay (on standardised inputs)
+METRIC_FLOOR = 1e-2      # within-person whitening: smallest eigenvalue kept, relative to the mean
+PIXEL_SIZE = 64          # the pixel baseline's crop side
+
+
+@dataclass
+class PersonReportConfig:
+    data: str                              # coefficients table (local or s3://)
+    out: str = "results"
+    folds: int = 5
+    seeds: int = 5
+    gallery: str = "neutral"               # expression label of each person's gallery image
+    include_images: bool = True            # the ResNet-34 image baseline (slow on CPU)
+    image_size: int = 64
+    image_epochs: int = 15
+    image_seeds: int | None = None         # the ResNet baseline over fewer seeds (None: all)
+
+
+# ------------------------------------------------------------------------------ probes
+
+def person_folds(subjects: np.ndarray, k: int, seed: int) -> np.ndarray:
+    """Fold index per row; all of a person's rows share one fold."""
+    people = np.array(sorted({str(s) for s in subjects}))
+    np.random.default_rng(seed).shuffle(people)
+    fold_of = {p: i % k for i, p in enumerate(people)}
+    return np.array([fold_of[str(s)] for s in subjects])
+
+
+def _reduce(train: np.ndarray, rows: np.ndarray, dims: int = PROBE_DIMS) -> tuple[np.ndarray, np.ndarray]:
+    """Standardise on the training rows; PCA (whitened) to `dims` when wider."""
+    mean, std = train.mean(0), train.std(0) + 1e-6
+    train, rows = (train - mean) / std, (rows - mean) / std
+    if train.shape[1] <= min(dims, len(train) - 1):
+        return train, rows
+    _, s, vt = np.linalg.svd(train, full_matrices=False)
+    # Wider than there are training rows: the trailing components have no spread, and whitening
+    # them would blow the test rows up; keep those with at least 1e-3 of the leading one's.
+    d = min(dims, int(np.sum(s > 1e-3 * s[0])), len(train) - 1)
+    scale = np.sqrt(len(train)) / np.maximum(s[:d], 1e-9)
+    return train @ vt[:d].T * scale, rows @ vt[:d].T * scale
+
+
+def logistic_probe(x_train: np.ndarray, y_train: np.ndarray, x_test: np.ndarray, n_classes: int,
+                   l2: float = PROBE_L2) -> np.ndarray:
+    """Predicted classes of x_test: L2-regularised multinomial logistic regression (L-BFGS)."""
+    a, b = _reduce(np.asarray(x_train, np.float64), np.asarray(x_test, np.float64))
+    X, y = torch.as_tensor(a), torch.as_tensor(y_train)
+    W = torch.zeros(X.shape[1], n_classes, dtype=torch.float64, requires_grad=True)
+    bias = torch.zeros(n_classes, dtype=torch.float64, requires_grad=True)
+    opt = torch.optim.LBFGS([W, bias], max_iter=200, line_search_fn="strong_wolfe")
+
+    def closure():
+        opt.zero_grad()
+        loss = torch.nn.functional.cross_entropy(X @ W + bias, y) + l2 * (W ** 2).sum()
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    with torch.no_grad():
+        return (torch.as_tensor(b) @ W + bias).argmax(1).numpy()
+
+
+def identity_matches(x: np.ndarray, subjects: np.ndarray, train: np.ndarray, gallery: np.ndarray,
+                     probes: np.ndarray) -> np.ndarray:
+    """For each probe row, whether its nearest gallery row (cosine, after the within-person
+    whitening of the training rows) is the same person."""
+    a, rows = _reduce(x[train], x)
+    z = rows @ within_class_whitening(a, subjects[train], METRIC_FLOOR)
+    z /= np.maximum(np.linalg.norm(z, axis=1, keepdims=True), 1e-12)
+    nearest = gallery[(z[probes] @ z[gallery].T).argmax(1)]
+    return subjects[nearest] == subjects[probes]
+
+
+# ------------------------------------------------------------------------------ descriptors
+
+def fold_descriptors(data: CoefficientData, train: np.ndarray, pixels: np.ndarray | None) -> dict[str, np.ndarray]:
+    """Every descriptor for all rows, with whatever it learns (the texture basis) from `train`."""
+    out = {"alpha": data.alpha, "beta": data.beta}
+    if data.texture is not None:
+        from facedist.texture import TextureBasis
+
+        basis = TextureBasis.fit(data.texture[train], data.layout.texture.split("+")[0])
+        tau = basis.project(data.texture)
+        out.update(tau=tau, **{"alpha+tau": _joint(data.alpha, tau, train), "beta+tau": _joint(data.beta, tau, train)})
+    if pixels is not None:
+        out["pixels"] = pixels
+    return out
+
+
+def _joint(a: np.ndarray, b: np.ndarray, train: np.ndarray) -> np.ndarray:
+    """Two descriptors side by side, each standardised on the training rows and weighted by the
+    square root of its width, so neither drowns the other by its number of dimensions."""
+    parts = []
+    for x in (a, b):
+        z = (x - x[train].mean(0)) / (x[train].std(0) + 1e-6)
+        parts.append(z / np.sqrt(x.shape[1]))
+    return np.hstack(parts)
+
+
+TASK_DESCRIPTORS = {"identity": ("alpha", "tau", "alpha+tau", "pixels"),
+                    "gender": ("alpha", "tau", "alpha+tau", "pixels"),
+                    "expression": ("beta", "tau", "beta+tau", "pixels")}
+
+
+def pixel_descriptor(crops: np.ndarray) -> np.ndarray:
+    """Flattened grey crops, each standardised (its own exposure and contrast removed)."""
+    x = crops.reshape(len(crops), -1).astype(np.float64)
+    return (x - x.mean(1, keepdims=True)) / (x.std(1, keepdims=True) + 1e-6)
+
+
+# ------------------------------------------------------------------------------ the protocol
+
+def _labels(values: np.ndarray) -> tuple[np.ndarray, list[str]]:
+    names = sorted({str(v) for v in values if v is not None})
+    return np.array([names.index(str(v)) if v is not None else -1 for v in values]), names
+
+
+def run_seed(data: CoefficientData, seed: int, config: PersonReportConfig, pixels, crops, log=print) -> dict:
+    """One seed's accuracies: {task: {descriptor: accuracy}} pooled over the folds."""
+    folds = person_folds(data.subject, config.folds, seed)
+    expr = np.array([str(v) for v in data.expression])
+    gallery_rows = _gallery_rows(data.subject, expr, config.gallery)
+    tasks = {}
+    for column in ("gender", "expression"):
+        codes, names = _labels(getattr(data, column))
+        if len(names) >= 2:
+            tasks[column] = (codes, names)
+    hits: dict[str, dict[str, list]] = {t: {} for t in ("identity", *tasks)}
+    for fold in range(config.folds):
+        train = np.flatnonzero(folds != fold)
+        test = np.flatnonzero(folds == fold)
+        desc = fold_descriptors(data, train, pixels)
+        probes = np.setdiff1d(test, gallery_rows)
+        for name in TASK_DESCRIPTORS["identity"]:
+            if name in desc and len(gallery_rows) and len(probes):
+                hits["identity"].setdefault(name, []).extend(
+                    identity_matches(desc[name], data.subject.astype(str), train, gallery_rows, probes))
+        for task, (codes, names) in tasks.items():
+            tr, te = train[codes[train] >= 0], test[codes[test] >= 0]
+            if len(set(codes[tr])) < 2 or not len(te):
+                continue
+            for name in TASK_DESCRIPTORS[task]:
+                if name in desc:
+                    pred = logistic_probe(desc[name][tr], codes[tr], desc[name][te], len(names))
+                    hits[task].setdefault(name, []).extend(pred == codes[te])
+        if crops is not None and (config.image_seeds is None or seed < config.image_seeds):
+            for task, correct in _image_baseline(data, crops, train, test, gallery_rows, tasks, config, seed).items():
+                hits[task].setdefault("resnet34_images", []).extend(correct)
+    result = {task: {name: float(np.mean(v)) for name, v in by.items()} for task, by in hits.items()}
+    log(f"seed {seed}: " + "; ".join(f"{t} " + ", ".join(f"{n} {a:.3f}" for n, a in by.items())
+                                     for t, by in result.items()))
+    return result
+
+
+def _gallery_rows(subjects: np.ndarray, expr: np.ndarray, gallery: str) -> np.ndarray:
+    """One gallery row per person: the first with the gallery expression label."""
+    rows, seen = [], set()
+    for i in np.flatnonzero(expr == gallery):
+        if subjects[i] not in seen:
+            seen.add(subjects[i])
+            rows.append(i)
+    return np.asarray(rows, np.int64)
+
+
+def _image_baseline(data, crops, train, test, gallery_rows, tasks, config: PersonReportConfig, seed: int) -> dict:
+    """ResNet-34 from scratch on the crops, same folds. Identity: trained on the gallery images of
+    everyone plus the training people's other images, scored on the test people's probes."""
+    from facedist.training.engine import TrainConfig, fit
+    from facedist.training.image_baseline import ImageTask
+
+    out = {}
+    subject_codes, people = _labels(data.subject)
+    id_train = np.union1d(train, gallery_rows)
+    id_test = np.setdiff1d(test, gallery_rows)
+    jobs = {"identity": (subject_codes, people, id_train, id_test)}
+    for task, (codes, names) in tasks.items():
+        jobs[task] = (codes, names, train[codes[train] >= 0], test[codes[test] >= 0])
+    cfg = TrainConfig(task="image_identity", epochs=config.image_epochs, batch_size=16, patience=config.image_epochs,
+                      seed=seed, image_size=config.image_size)
+    for task, (codes, names, tr, te) in jobs.items():
+        if not len(tr) or not len(te):
+            continue
+        task_cfg = replace(cfg, task="image_identity" if task == "identity" else "image_expression")
+        image_task = ImageTask(task_cfg, crops[tr], codes[tr], crops[te], codes[te], names,
+                               data.layout.to_json(), None, {"label_column": task})
+        result = fit(image_task, task_cfg)
+        # the last epoch's model: the test people must not pick the epoch
+        confusion = np.asarray(result.history[-1]["confusion"])
+        out[task] = np.arange(int(confusion.sum())) < int(np.trace(confusion))  # hits, in no order
+    return out
+
+
+def _summary(values: list[float]) -> dict:
+    arr = np.asarray(values, np.float64)
+    return {"mean": float(arr.mean()), "std": float(arr.std()), "seeds": [float(v) for v in arr]}
+
+
+DESCRIPTOR_NAMES = {"alpha": "α (identity coefficients)", "beta": "β (expression coefficients)",
+                    "tau": "τ (texture coefficients)", "alpha+tau": "α + τ", "beta+tau": "β + τ",
+                    "pixels": "pixels: crop PCA + same probe", "resnet34_images": "ResNet-34 on crops, from scratch"}
+
+
+def write_person_report(config: PersonReportConfig, log=print) -> dict:
+    from facedist.training.data import load_data
+    from facedist.training.image_baseline import load_crops
+
+    started = time.perf_counter()
+    out = Path(config.out)
+    out.mkdir(parents=True, exist_ok=True)
+    data = load_data(config.data)
+    keep = np.flatnonzero([s is not None for s in data.subject])
+    data = data.subset(keep[np.isfinite(data.landmarks[keep]).all(axis=(1, 2))])
+    log(f"person protocol on {len(data)} rows, {len(set(data.subject))} people, {config.folds} folds x "
+        f"{config.seeds} seeds")
+    small = load_crops(data, PIXEL_SIZE)
+    pixels = pixel_descriptor(small)
+    crops = None
+    if config.include_images:
+        crops = small if config.image_size == PIXEL_SIZE else load_crops(data, config.image_size)
+    per_seed = [run_seed(data, seed, config, pixels, crops, log) for seed in range(config.seeds)]
+    summary = {task: {name: _summary([s[task][name] for s in per_seed if name in s.get(task, {})])
+                      for name in per_seed[0][task]} for task in per_seed[0]}
+    results = {"data": config.data, "protocol": "person", "rows_used": len(data),
+               "people": len(set(data.subject)), "backend": data.layout.backend, "folds": config.folds,
+               "seeds": config.seeds, "gallery": config.gallery, "summary": summary, "per_seed": per_seed,
+               "image_size": config.image_size, "image_epochs": config.image_epochs,
+               "seconds": round(time.perf_counter() - started, 1)}
+    (out / "results.json").write_text(json.dumps(results, indent=2))
+    (out / "table_person.md").write_text(_markdown(results))
+    _plot(summary, out / "person_protocol.png")
+    return results
+
+
+def _markdown(results: dict) -> str:
+    lines = [f"{results['folds']} folds split by person x {results['seeds']} seeds (mean ± std over seeds), "
+             f"{results['rows_used']} rows, {results['people']} people, backend {results['backend']}; "
+             f"identity = rank-1 of each probe against one '{results['gallery']}' gallery image per person", ""]
+    for task, rows in results["summary"].items():
+        lines += [f"| {task} | accuracy |", "|---|---|"]
+        for name, s in rows.items():
+            lines.append(f"| {DESCRIPTOR_NAMES.get(name, name)} | {s['mean']:.3f} ± {s['std']:.3f} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def _plot(summary: dict, path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(summary), figsize=(4.2 * len(summary), 3.4), squeeze=False)
+    for ax, (task, rows) in zip(axes[0], summary.items()):
+        names = list(rows)
+        means = [rows[n]["mean"] for n in names]
+        ax.barh(range(len(names)), means, xerr=[rows[n]["std"] for n in names], color="#4a7ab7")
+        ax.set_yticks(range(len(names)), names, fontsize=8)
+        ax.set_xlim(0, 1)
+        ax.invert_yaxis()
+        ax.set_title(task, fontsize=10)
+        for i, m in enumerate(means):
+            ax.text(min(m + 0.02, 0.85), i, f"{m:.3f}", va="center", fontsize=7)
+    fig.suptitle("split by person: accuracy, mean ± std over seeds", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
