@@ -81,12 +81,15 @@ def record_row(record: ImageRecord) -> dict:
 
 
 def read_row(row: dict, options: storage.S3Options | None = None) -> dict:
-    """Attach the raw bytes (or an error) to a row. Never raises."""
+    """Attach the raw bytes (or an error) to a row. Raises only StoreUnavailableError."""
     out = dict(row)
     try:
         data = storage.read_bytes(row["path"], options)
         out["bytes"] = data
         out["content_hash"] = content_hash(data)
+    except storage.StoreUnavailableError:
+        # The store, not this image, is the problem: an error row would be taken as done on resume.
+        raise
     except Exception as exc:  # a vanished object or a permission error is this row's problem only
         out.update(bytes=None, status=STATUS_ERROR, message=f"could not read {row['path']}: {exc}")
     return out
