@@ -289,6 +289,7 @@ def run_extraction(
 ) -> dict:
     """Single-process extraction of `records` into Parquet parts under `out_uri`; returns the summary."""
     started = time.perf_counter()
+    storage_before = storage.stats_snapshot()
     done, extractor, _ = prepare_output(out_uri, config, options, extractor)
     run_id = uuid.uuid4().hex[:8]
     written = skipped = previews = 0
@@ -313,7 +314,8 @@ def run_extraction(
     return summarize(out_uri, options, run={"inputs": len(records), "written": written, "skipped": skipped,
                                            "seconds": round(seconds, 3),
                                            "images_per_s": round(written / seconds, 3) if seconds else None,
-                                           "config": asdict(config), "mode": "single-process"})
+                                           "config": asdict(config), "mode": "single-process",
+                                           "storage": storage.stats_report(storage.stats_since(storage_before))})
 
 
 def write_previews(rows, results, out_uri, budget, options) -> int:

@@ -16,10 +16,8 @@ from __future__ import annotations
 
 import gc
 import hashlib
-import json
 import math
 import os
-import re
 import sys
 import time
 import uuid
@@ -104,14 +102,8 @@ def read_decode_batch(batch: pa.Table, *, options: storage.S3Options | None, max
     return pa.Table.from_pydict(columns, schema=DECODED_SCHEMA)
 
 
-def _stats_column(stats, rows: int) -> list:
-    return [json.dumps(stats) if stats else None] + [None] * (rows - 1) if rows else []
-
-
-def _add_stats(total: Counter, column) -> None:
-    for value in column.to_pylist():
-        if value:
-            total.update(json.loads(value))
+def _stats_column(stats: Counter, rows: int) -> list:
+    return [storage.stats_json(stats)] + [None] * (rows - 1) if rows else []
 
 
 def _decoded_rows(batch: pa.Table) -> list[dict]:
@@ -157,7 +149,7 @@ class ExtractActor:
         started = time.perf_counter()
         before = storage.stats_snapshot()
         stats: Counter = Counter()
-        _add_stats(stats, batch.column("storage_stats"))  # the decode tasks' reads of these rows
+        storage.add_stats_json(stats, batch.column("storage_stats").to_pylist())  # the decode tasks' reads
         rows = _decoded_rows(batch.drop_columns(["storage_stats"]))
         skipped = [r["path"] for r in rows if r.get("status") == SKIPPED]
         rows = [r for r in rows if r.get("status") != SKIPPED]
@@ -278,9 +270,9 @@ def run_ray_extraction(inputs, out_uri: str, config: RayExtractConfig | None = N
                     results[status if status in results else STATUS_ERROR] += 1
                 parts.update(p for p in batch.column("part").to_pylist() if p)
                 busy += sum(batch.column("extract_seconds").to_pylist())
-                _add_stats(workers_stats, batch.column("storage_stats"))
+                storage.add_stats_json(workers_stats, batch.column("storage_stats").to_pylist())
         except Exception as exc:
-            failure = _store_failure(exc)
+            failure = storage.find_store_failure(exc)
             if failure is None:
                 raise
         if failure is not None:
@@ -313,20 +305,6 @@ def run_ray_extraction(inputs, out_uri: str, config: RayExtractConfig | None = N
     summary = summarize(out_uri, options, run=run)
     print(one_line_summary(summary, out_uri), file=sys.stderr, flush=True)
     return summary
-
-
-def _store_failure(exc: BaseException) -> storage.StoreUnavailableError | None:
-    """The StoreUnavailableError behind a failed Ray Data job. Ray wraps a task's error in its own
-    (RayTaskError, UserCodeException) and keeps the original only in the traceback text there."""
-    seen: set[int] = set()
-    text = str(exc)
-    while exc is not None and id(exc) not in seen:
-        if isinstance(exc, storage.StoreUnavailableError):
-            return exc
-        seen.add(id(exc))
-        exc = getattr(exc, "cause", None) or exc.__cause__ or exc.__context__
-    found = re.search(r"StoreUnavailableError: (object store unavailable for (\S+): .*)", text)
-    return storage.StoreUnavailableError(found.group(2).rstrip(":"), found.group(1)) if found else None
 
 
 def _config_json(config: RayExtractConfig) -> dict:

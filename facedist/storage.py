@@ -15,9 +15,11 @@ still fails raises StoreUnavailableError naming the URI.
 from __future__ import annotations
 
 import io
+import json
 import os
 import posixpath
 import random
+import re
 import threading
 import time
 from collections import Counter
@@ -133,6 +135,31 @@ def stats_report(stats: Counter | dict) -> dict:
     stats = Counter(stats)
     return {"operations": stats["operations"], "retries": stats["retries"], "gave_up": stats["gave_up"],
             "errors": {k[len("error:"):]: n for k, n in sorted(stats.items()) if k.startswith("error:") and n}}
+
+
+def stats_json(stats: Counter) -> str | None:
+    """Counts as JSON, to travel with a batch's results from a worker to the driver."""
+    return json.dumps(stats) if stats else None
+
+
+def add_stats_json(total: Counter, values: list[str | None]) -> None:
+    for value in values:
+        if value:
+            total.update(json.loads(value))
+
+
+def find_store_failure(exc: BaseException) -> "StoreUnavailableError | None":
+    """The StoreUnavailableError behind an exception. Ray wraps a task's error in its own
+    (RayTaskError, UserCodeException) and may keep the original only in its traceback text."""
+    seen: set[int] = set()
+    text = str(exc)
+    while exc is not None and id(exc) not in seen:
+        if isinstance(exc, StoreUnavailableError):
+            return exc
+        seen.add(id(exc))
+        exc = getattr(exc, "cause", None) or exc.__cause__ or exc.__context__
+    found = re.search(r"StoreUnavailableError: (object store unavailable for (\S+): .*)", text)
+    return StoreUnavailableError(found.group(2).rstrip(":"), found.group(1)) if found else None
 
 
 def with_retries(uri: str, policy: RetryPolicy, call: Callable[[], T]) -> T:

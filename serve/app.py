@@ -165,7 +165,8 @@ def decode_error_to_api(message: str, **details: Any) -> ApiError:
 
 class ErrorBody(BaseModel):
     code: str = Field(description="not_an_image, invalid_image, too_large, too_many_images, no_face, "
-                                  "missing_field, unauthorized, not_multipart, not_configured, internal")
+                                  "missing_field, unauthorized, not_multipart, not_configured, "
+                                  "replica_unavailable (503: retry), internal")
     message: str
 
 

@@ -15,6 +15,10 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 WORKER_NODES = 2
 WORKER_CPUS = 2
+# A lost node is noticed after health_check_failure_threshold missed checks, period apart (Ray's
+# defaults: about 15 s; a test should not wait that long, a cluster might).
+HEALTH_CHECK = {"health_check_initial_delay_ms": 1000, "health_check_period_ms": 1000,
+                "health_check_timeout_ms": 1000, "health_check_failure_threshold": 3}
 
 
 class MultiNodeCluster:
@@ -24,7 +28,8 @@ class MultiNodeCluster:
         from ray.cluster_utils import Cluster
 
         self.worker_cpus = worker_cpus
-        self.cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "include_dashboard": False})
+        self.cluster = Cluster(initialize_head=True, head_node_args={
+            "num_cpus": 0, "include_dashboard": False, "_system_config": HEALTH_CHECK})
         for _ in range(worker_nodes):
             self.add_worker()
         self.cluster.wait_for_nodes()
