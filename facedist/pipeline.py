@@ -86,12 +86,15 @@ def record_row(record: ImageRecord) -> dict:
 
 
 def read_row(row: dict, options: storage.S3Options | None = None) -> dict:
-    """Attach the raw bytes (or an error) to a row. Never raises."""
+    """Attach the raw bytes (or an error) to a row. Raises only StoreUnavailableError."""
     out = dict(row)
     try:
         data = storage.read_bytes(row["path"], options)
         out["bytes"] = data
         out["content_hash"] = content_hash(data)
+    except storage.StoreUnavailableError:
+        # The store, not this image, is the problem: an error row would be taken as done on resume.
+        raise
     except Exception as exc:  # a vanished object or a permission error is this row's problem only
         out.update(bytes=None, status=STATUS_ERROR, message=f"could not read {row['path']}: {exc}")
     return out
@@ -291,6 +294,7 @@ def run_extraction(
 ) -> dict:
     """Single-process extraction of `records` into Parquet parts under `out_uri`; returns the summary."""
     started = time.perf_counter()
+    storage_before = storage.stats_snapshot()
     done, extractor, _ = prepare_output(out_uri, config, options, extractor)
     run_id = uuid.uuid4().hex[:8]
     written = skipped = previews = 0
@@ -315,7 +319,8 @@ def run_extraction(
     return summarize(out_uri, options, run={"inputs": len(records), "written": written, "skipped": skipped,
                                            "seconds": round(seconds, 3),
                                            "images_per_s": round(written / seconds, 3) if seconds else None,
-                                           "config": asdict(config), "mode": "single-process"})
+                                           "config": asdict(config), "mode": "single-process",
+                                           "storage": storage.stats_report(storage.stats_since(storage_before))})
 
 
 def write_previews(rows, results, out_uri, budget, options) -> int:

@@ -14,12 +14,14 @@ This is the only module under facedist/ that imports Ray.
 
 from __future__ import annotations
 
+import gc
 import hashlib
 import math
 import os
 import sys
 import time
 import uuid
+from collections import Counter
 from dataclasses import asdict, dataclass, field
 from typing import Callable, Sequence
 
@@ -36,7 +38,7 @@ from facedist.schema import LABEL_COLUMNS, STATUS_ERROR, STATUSES, rows_to_table
 # gets its workers' environment from there, e.g. `ray job submit --runtime-env-json`.)
 _FORWARDED_ENV = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE",
                   "AWS_REGION", "AWS_DEFAULT_REGION", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3",
-                  "FACEDIST_MODEL_DIR", "FACEDIST_CACHE_DIR")
+                  "FACEDIST_MODEL_DIR", "FACEDIST_CACHE_DIR", "FACEDIST_S3_MAX_ATTEMPTS")
 
 # Rows between the read/decode tasks and the extraction actors: decoded pixels travel as raw
 # bytes + shape, which avoids Arrow's variable-shape tensor columns (and their null handling).
@@ -44,14 +46,18 @@ DECODED_SCHEMA = pa.schema(
     [pa.field("path", pa.string()), pa.field("content_hash", pa.string()),
      pa.field("status", pa.string()), pa.field("message", pa.string())]
     + [pa.field(name, pa.string()) for name in LABEL_COLUMNS]
-    + [pa.field("pixels", pa.large_binary()), pa.field("height", pa.int32()), pa.field("width", pa.int32())]
+    + [pa.field("pixels", pa.large_binary()), pa.field("height", pa.int32()), pa.field("width", pa.int32()),
+       pa.field("storage_stats", pa.string())]
 )
 # Internal status of rows whose (path, hash) is already in the output: counted, not extracted.
 SKIPPED = "skipped"
 # What the actors hand back to the driver: enough to count, not the coefficients themselves.
 # extract_seconds: the actor's time on the row's batch, shared out over its rows (for utilisation).
+# storage_stats (both schemas): the S3 counts (storage.stats_since) of the batch's reads and
+# writes as JSON, on its first row only, so the driver can add them up for the summary.
 RESULT_SCHEMA = pa.schema([pa.field("path", pa.string()), pa.field("status", pa.string()),
-                           pa.field("part", pa.string()), pa.field("extract_seconds", pa.float64())])
+                           pa.field("part", pa.string()), pa.field("extract_seconds", pa.float64()),
+                           pa.field("storage_stats", pa.string())])
 
 
 @dataclass
@@ -79,6 +85,7 @@ def read_decode_batch(batch: pa.Table, *, options: storage.S3Options | None, max
                       done: frozenset) -> pa.Table:
     """pipeline.read_row + decode_row over a block. Rows already in the output (same path and
     content hash) are marked SKIPPED and carry no pixels."""
+    before = storage.stats_snapshot()
     columns: dict[str, list] = {name: [] for name in DECODED_SCHEMA.names}
     for row in batch.to_pylist():
         row = read_row(row, options)
@@ -91,7 +98,12 @@ def read_decode_batch(batch: pa.Table, *, options: storage.S3Options | None, max
         row["height"], row["width"] = (None, None) if image is None else image.shape[:2]
         for name in DECODED_SCHEMA.names:
             columns[name].append(row.get(name))
+    columns["storage_stats"] = _stats_column(storage.stats_since(before), len(columns["path"]))
     return pa.Table.from_pydict(columns, schema=DECODED_SCHEMA)
+
+
+def _stats_column(stats: Counter, rows: int) -> list:
+    return [storage.stats_json(stats)] + [None] * (rows - 1) if rows else []
 
 
 def _decoded_rows(batch: pa.Table) -> list[dict]:
@@ -135,7 +147,10 @@ class ExtractActor:
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         started = time.perf_counter()
-        rows = _decoded_rows(batch)
+        before = storage.stats_snapshot()
+        stats: Counter = Counter()
+        storage.add_stats_json(stats, batch.column("storage_stats").to_pylist())  # the decode tasks' reads
+        rows = _decoded_rows(batch.drop_columns(["storage_stats"]))
         skipped = [r["path"] for r in rows if r.get("status") == SKIPPED]
         rows = [r for r in rows if r.get("status") != SKIPPED]
         finished, name = [], None
@@ -148,10 +163,12 @@ class ExtractActor:
                 self.preview_budget -= write_previews(rows, results, self.out_uri, self.preview_budget,
                                                        self.options)
         share = (time.perf_counter() - started) / max(1, len(finished) + len(skipped))
+        stats.update(storage.stats_since(before))
         return pa.Table.from_pydict({"path": [r["path"] for r in finished] + skipped,
                                      "status": [r["status"] for r in finished] + [SKIPPED] * len(skipped),
                                      "part": [name] * len(finished) + [None] * len(skipped),
-                                     "extract_seconds": [share] * (len(finished) + len(skipped))},
+                                     "extract_seconds": [share] * (len(finished) + len(skipped)),
+                                     "storage_stats": _stats_column(stats, len(finished) + len(skipped))},
                                     schema=RESULT_SCHEMA)
 
 
@@ -205,6 +222,7 @@ def run_ray_extraction(inputs, out_uri: str, config: RayExtractConfig | None = N
     if isinstance(inputs, (str, os.PathLike)):
         inputs = storage.absolute(str(inputs))
     started = time.perf_counter()
+    driver_before = storage.stats_snapshot()
     ray = _ensure_ray(address)
     ray_ready = time.perf_counter()
 
@@ -226,6 +244,7 @@ def run_ray_extraction(inputs, out_uri: str, config: RayExtractConfig | None = N
     parts: set[str] = set()
     busy = 0.0
     first_result = None
+    workers_stats: Counter = Counter()
     if records:
         batch_size = max(1, extract_config.batch_size)
         rows = [record_row(r) for r in records]
@@ -242,13 +261,28 @@ def run_ray_extraction(inputs, out_uri: str, config: RayExtractConfig | None = N
                                    "run_id": run_id, "torch_threads": plan["torch_threads"],
                                    "preview_budget": math.ceil(extract_config.preview / max(1, config.actors)),
                                    "extractor_factory": config.extractor_factory})
-        for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None):
-            if first_result is None:  # start-up cost: cluster, actors, models, the first batch
-                first_result = time.perf_counter() - started
-            for status in batch.column("status").to_pylist():
-                results[status if status in results else STATUS_ERROR] += 1
-            parts.update(p for p in batch.column("part").to_pylist() if p)
-            busy += sum(batch.column("extract_seconds").to_pylist())
+        failure = None
+        try:
+            for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None):
+                if first_result is None:  # start-up cost: cluster, actors, models, the first batch
+                    first_result = time.perf_counter() - started
+                for status in batch.column("status").to_pylist():
+                    results[status if status in results else STATUS_ERROR] += 1
+                parts.update(p for p in batch.column("part").to_pylist() if p)
+                busy += sum(batch.column("extract_seconds").to_pylist())
+                storage.add_stats_json(workers_stats, batch.column("storage_stats").to_pylist())
+        except Exception as exc:
+            failure = storage.find_store_failure(exc)
+            if failure is None:
+                raise
+        if failure is not None:
+            # The failed dataset's actors live until it is collected: free them now, so none is
+            # left to write once the store is back and a rerun has listed what is done.
+            del ds
+            gc.collect()
+            # One clear line (not Ray's nested tracebacks): which URI, and what this run had written.
+            raise storage.StoreUnavailableError(failure.uri, f"{failure} (this run had written {len(parts)} "
+                                                             f"part(s) before it stopped)")
     seconds = time.perf_counter() - started
     skipped = results.pop(SKIPPED)
     written = sum(results.values())
@@ -265,7 +299,9 @@ def run_ray_extraction(inputs, out_uri: str, config: RayExtractConfig | None = N
            "first_result_seconds": round(first_result, 3) if first_result is not None else None,
            "ray_init_seconds": round(ray_ready - started, 3),
            "images_per_s": round(written / seconds, 3) if seconds else None,
-           "config": _config_json(config), "resources": plan, "mode": "ray-data", "run_id": run_id}
+           "config": _config_json(config), "resources": plan, "mode": "ray-data", "run_id": run_id,
+           # S3 operations, retries per error kind, give-ups: the workers' and this driver's.
+           "storage": storage.stats_report(workers_stats + storage.stats_since(driver_before))}
     summary = summarize(out_uri, options, run=run)
     print(one_line_summary(summary, out_uri), file=sys.stderr, flush=True)
     return summary

@@ -44,6 +44,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse
 from pydantic import BaseModel, Field
 from ray import serve
+from ray.exceptions import RayActorError
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.formparsers import MultiPartException
@@ -90,6 +91,9 @@ class ServeSettings:
     downscale_delay_s: float = 30.0
     look_back_period_s: float = 30.0  # window the ongoing-request average is taken over
     num_replicas: int | None = None   # fixed replica count instead of autoscaling (benchmarks)
+    # At most this many extractor replicas per node (None: no limit); 1 spreads them, so losing a
+    # node loses one replica, not all of them.
+    max_replicas_per_node: int | None = None
     ingress_num_cpus: float = 0.25
     recognizer_num_cpus: float = 0.25
 
@@ -161,7 +165,8 @@ def decode_error_to_api(message: str, **details: Any) -> ApiError:
 
 class ErrorBody(BaseModel):
     code: str = Field(description="not_an_image, invalid_image, too_large, too_many_images, no_face, "
-                                  "missing_field, unauthorized, not_multipart, not_configured, internal")
+                                  "missing_field, unauthorized, not_multipart, not_configured, "
+                                  "replica_unavailable (503: retry), internal")
     message: str
 
 
@@ -454,6 +459,17 @@ async def _http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
     return ApiError(exc.status_code, code, str(exc.detail)).response()
 
 
+@api.exception_handler(RayActorError)
+async def _replica_lost(_: Request, exc: RayActorError) -> JSONResponse:
+    # A replica died (its node was lost) with this request in it: the next request goes to a live
+    # one, so the client is told to retry rather than given a bare 500.
+    logger.warning("a replica was lost during a request: %s", exc)
+    body = ApiError(503, "replica_unavailable", "the model replica handling this request was lost "
+                    "(node failure); retry the request").response()
+    body.headers["Retry-After"] = "1"
+    return body
+
+
 @api.exception_handler(Exception)
 async def _internal_error(_: Request, exc: Exception) -> JSONResponse:
     logger.exception("request failed")
@@ -717,6 +733,8 @@ def build_app(args: dict[str, Any] | None = None) -> serve.Application:
     gpus = _gpus_per_replica(s)
     if gpus:
         actor["num_gpus"] = gpus
+    if s.max_replicas_per_node is not None:
+        scaling["max_replicas_per_node"] = s.max_replicas_per_node
     extractor = FaceExtractor.options(
         ray_actor_options=actor,
         # Room for a full batch plus the next one queuing, or batches could never fill.

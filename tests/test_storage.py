@@ -42,3 +42,46 @@ def test_s3_storage_on_a_real_server(s3_bucket):
 def test_schema_rejects_unknown_types():
     with pytest.raises((pa.ArrowInvalid, pa.ArrowTypeError, TypeError)):
         rows_to_table([{"path": "p", "status": "ok", "yaw": "not a number"}])
+
+
+def test_retries_are_bounded_counted_and_only_for_transient_errors():
+    policy = storage.RetryPolicy(max_attempts=4, base_delay_s=0.0)
+    calls = []
+
+    def slow_down():
+        calls.append(1)
+        raise OSError("AWS Error SLOW_DOWN during GetObject operation: Please reduce your request rate.")
+
+    before = storage.stats_snapshot()
+    with pytest.raises(storage.StoreUnavailableError, match=r"s3://b/k: 4 attempt\(s\) failed \(503 SlowDown x4\)"):
+        storage.with_retries("s3://b/k", policy, slow_down)
+    assert len(calls) == 4
+    assert storage.stats_report(storage.stats_since(before)) == {
+        "operations": 1, "retries": 3, "gave_up": 1, "errors": {"503 SlowDown": 4}}
+
+    def missing():
+        calls.append(1)
+        raise FileNotFoundError("no such key")
+
+    calls.clear()
+    with pytest.raises(FileNotFoundError):  # not transient: no retry
+        storage.with_retries("s3://b/k", policy, missing)
+    assert len(calls) == 1
+
+    answers = iter([OSError("curlCode: 56, Failure when receiving data from the peer"), None])
+
+    def flaky():
+        error = next(answers)
+        if error:
+            raise error
+        return "done"
+
+    assert storage.with_retries("s3://b/k", policy, flaky) == "done"
+
+
+def test_a_store_failure_is_found_behind_rays_wrapping():
+    inner = storage.StoreUnavailableError.after("s3://b/part-1.parquet", ["500 InternalError"] * 3)
+    wrapped = RuntimeError(f"ray::MapWorker failed\nTraceback ...\nfacedist.storage.StoreUnavailableError: {inner}")
+    found = storage.find_store_failure(wrapped)
+    assert found is not None and found.uri == "s3://b/part-1.parquet" and str(found) == str(inner)
+    assert storage.find_store_failure(RuntimeError("something else")) is None

@@ -21,7 +21,7 @@ from facedist.training.engine import TrainConfig
 # Environment the workers need (model files, S3 endpoint/credentials); propagated explicitly.
 PROPAGATED_ENV = ("FACEDIST_MODEL_DIR", "FACEDIST_CACHE_DIR", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY",
                   "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_DEFAULT_REGION",
-                  "AWS_REGION")
+                  "AWS_REGION", "FACEDIST_S3_MAX_ATTEMPTS")
 
 
 def run_name(config: TrainConfig) -> str:
@@ -53,7 +53,9 @@ def _worker_loop(loop_config: dict) -> None:
         if rank == 0:
             with tempfile.TemporaryDirectory() as directory:
                 save(directory)
-                ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(directory))
+                # This worker's S3 counts so far (retries of its checkpoint uploads) for the summary.
+                ray.train.report({**metrics, "storage": storage.stats_report(storage.stats_snapshot())},
+                                 checkpoint=ray.train.Checkpoint.from_directory(directory))
         else:
             ray.train.report(metrics)
 
@@ -65,13 +67,14 @@ def run_training(config: TrainConfig) -> dict:
     """Train with Ray Train (connects to a running cluster or starts a local one) and return a
     summary: final metrics, per-epoch history, where the bundle went."""
     import ray
-    from ray.train import CheckpointConfig, RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     if not config.output:
         raise ValueError("run_training needs config.output (local path or s3://)")
     config = dataclasses.replace(config, data=storage.absolute(config.data), output=storage.absolute(config.output),
                                  cnet=storage.absolute(config.cnet))
+    storage_before = storage.stats_snapshot()
     if not ray.is_initialized():
         ray.init(address=os.environ.get("RAY_ADDRESS") or None, include_dashboard=False)
     use_gpu = config.use_gpu if config.use_gpu is not None else ray.cluster_resources().get("GPU", 0) >= 1
@@ -83,7 +86,9 @@ def run_training(config: TrainConfig) -> dict:
         scaling_config=ScalingConfig(num_workers=config.num_workers, use_gpu=use_gpu,
                                      resources_per_worker=None if use_gpu else {"CPU": config.cpus_per_worker}),
         run_config=RunConfig(name=run_name(config), storage_path=path, storage_filesystem=filesystem,
-                             checkpoint_config=CheckpointConfig(num_to_keep=config.keep_checkpoints)))
+                             checkpoint_config=CheckpointConfig(num_to_keep=config.keep_checkpoints),
+                             # A lost worker or node restarts the workers from the latest checkpoint.
+                             failure_config=FailureConfig(max_failures=config.max_failures)))
     result = trainer.fit()
     if result.error is not None:
         raise result.error
@@ -100,6 +105,10 @@ def run_training(config: TrainConfig) -> dict:
         best = state["best_metrics"]
     summary = {"task": config.task, "run": run_name(config), "bundle": bundle_dir,
                "checkpoint": result.checkpoint.path, "best": best, "history": history,
-               "workers": config.num_workers, "use_gpu": use_gpu}
+               "workers": config.num_workers, "use_gpu": use_gpu,
+               # S3 counts (operations, retries per error kind): this driver's, and rank 0's up to
+               # its last report (a restarted worker counts from its restart).
+               "storage": {"driver": storage.stats_report(storage.stats_since(storage_before)),
+                           "rank0": (result.metrics or {}).get("storage")}}
     storage.write_bytes(storage.join(bundle_dir, "metrics.json"), json.dumps(summary, indent=2, default=str).encode())
     return summary

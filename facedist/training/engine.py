@@ -55,6 +55,7 @@ class TrainConfig:
     use_gpu: bool | None = None                 # None: when the cluster has GPUs
     cpus_per_worker: float = 1.0
     keep_checkpoints: int = 2
+    max_failures: int = 3                       # worker/node losses recovered from the latest checkpoint
     max_epoch_seconds: float | None = None      # optional cap per epoch (benchmarks)
 
     def to_dict(self) -> dict:
