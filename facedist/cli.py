@@ -175,8 +175,7 @@ def cmd_report(args) -> int:
 
 
 def cmd_serve(args) -> int:
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # serve/ lives beside facedist/
-    from serve.app import run_server
+    from facedist.serving.app import run_server
 
     extract_config_from_args(args)  # fail on a bad combination before Ray starts
     run_server(args.models or None, address=args.address, host=args.host, port=args.port,

@@ -216,10 +216,10 @@ def test_page_under_a_route_prefix_without_models(browser, server, yale_dir, tmp
     import httpx
     from ray import serve
 
-    from serve.app import build_app
+    from facedist.serving import build_app
 
     base_url, _ = server
-    serve.run(build_app({"num_replicas": 1, "max_batch_size": 4}), name=PREFIX_APP, route_prefix=PREFIX,
+    serve.run(build_app({"num_replicas": 1, "max_batch_size": 4, "extractor_num_cpus": 0.5}), name=PREFIX_APP, route_prefix=PREFIX,
               blocking=False)
     try:
         html = httpx.get(f"{base_url}{PREFIX}", timeout=60, follow_redirects=True).text
