@@ -5,9 +5,10 @@ Extraction, training, `facedist run`, `facedist train` and serving all start Ray
 connect(), so they agree on:
 
 * where: an explicit address, else RAY_ADDRESS (set by `ray job submit`), else a local cluster
-  started here. A local cluster gets the dashboard process, bound to 127.0.0.1 on a free port:
-  Ray's State API lives there, and Ray Train's placement-group cleaner polls it (without it
-  every poll logs "Failed to query Ray Train Controller actor state").
+  started here, with at least 2 logical CPUs. A local cluster gets the dashboard process, bound
+  to 127.0.0.1 on a free port: Ray's State API lives there, and Ray Train's placement-group
+  cleaner polls it (without it every poll logs "Failed to query Ray Train Controller actor
+  state", as with include_dashboard=False).
 * what the workers see: every FACEDIST_* and AWS_* variable of this process (model directory,
   cache, API token, S3 endpoint and credentials), and the same facedist as this process.
 * how quiet: by default Ray's own logging goes to a file (log_file()), worker output is not
@@ -26,7 +27,7 @@ import socket
 import sys
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 WORKER_ENV_PREFIXES = ("FACEDIST_", "AWS_")
 VERBOSE_ENV = "FACEDIST_VERBOSE"
@@ -37,6 +38,8 @@ _RAY_LOGGERS = ("ray", "ray.data", "ray.train", "ray.tune", "ray.serve")
 _JOB_CONFIG_ENV = "RAY_JOB_CONFIG_JSON_ENV_VAR"
 
 _quiet_configured = False
+_started_here = False  # connect() initialised Ray in this process: disconnect() shuts it down
+_file_handler: logging.Handler | None = None
 
 
 def verbose() -> bool:
@@ -54,6 +57,17 @@ def set_verbose(flag: bool) -> None:
 def log_file() -> Path:
     """Where Ray's driver-side logging goes in quiet mode (FACEDIST_RAY_LOG overrides)."""
     return Path(os.environ.get(LOG_FILE_ENV) or Path(tempfile.gettempdir()) / "facedist" / "ray.log")
+
+
+def _log_file_handler() -> logging.Handler:
+    """One handler on log_file(), shared by Ray's loggers and facedist's detail lines."""
+    global _file_handler
+    if _file_handler is None:
+        path = log_file()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        _file_handler = logging.FileHandler(path)
+        _file_handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    return _file_handler
 
 
 def worker_env(environ: dict[str, str] | None = None) -> dict[str, str]:
@@ -113,10 +127,7 @@ def quiet_ray_logging() -> None:
         return
     import ray.data  # noqa: F401  (sets up the "ray.data" logger, which this then adjusts)
 
-    path = log_file()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handler = logging.FileHandler(path)
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    handler = _log_file_handler()
     for name in _RAY_LOGGERS:
         logger = logging.getLogger(name)
         for console in logger.handlers:
@@ -127,10 +138,17 @@ def quiet_ray_logging() -> None:
     _quiet_configured = True
 
 
-def is_connected() -> bool:
-    import ray
-
-    return ray.is_initialized()
+def details() -> Callable[[str], None]:
+    """Where facedist's step-by-step lines (per fold, per epoch) go: the terminal with --verbose,
+    else the log file, so the terminal keeps one summary line per stage."""
+    if verbose():
+        return print
+    logger = logging.getLogger("facedist.details")
+    if not logger.handlers:
+        logger.addHandler(_log_file_handler())
+        logger.setLevel(logging.INFO)
+        logger.propagate = False
+    return logger.info
 
 
 def connect(address: str | None = None, *, num_cpus: float | None = None, ship_package: bool = False,
@@ -144,14 +162,14 @@ def connect(address: str | None = None, *, num_cpus: float | None = None, ship_p
         return ray
     target = target_address(address)
     local = target is None
-    kwargs: dict[str, Any] = {"runtime_env": runtime_env(local, ship_package),
-                              "log_to_driver": verbose(),
-                              "logging_level": logging.INFO if verbose() else logging.WARNING}
+    kwargs: dict[str, Any] = {"runtime_env": runtime_env(local, ship_package), "log_to_driver": verbose()}
     if local:
         # The dashboard process serves the State API Ray Train polls; on loopback, any free port.
         kwargs.update(include_dashboard=True, dashboard_host="127.0.0.1", dashboard_port=_free_port())
-        if num_cpus is not None:
-            kwargs["num_cpus"] = num_cpus
+        # At least 2 logical CPUs: the defaults (2 extraction actors beside their decode tasks,
+        # a Train worker beside a Serve app's 1.5 CPUs) are fractional shares that then fit
+        # even a 1-core machine, where they take turns.
+        kwargs["num_cpus"] = num_cpus if num_cpus is not None else max(2, os.cpu_count() or 1)
     kwargs.update(init_kwargs)
     if not verbose():
         print(f"facedist: {'starting a local Ray' if local else f'connecting to Ray at {target}'}; "
@@ -159,4 +177,17 @@ def connect(address: str | None = None, *, num_cpus: float | None = None, ship_p
               file=sys.stderr, flush=True)
     quiet_ray_logging()
     ray.init(address=target, **kwargs)
+    global _started_here
+    _started_here = True
     return ray
+
+
+def disconnect() -> None:
+    """Leave the Ray that connect() joined or started (a local cluster stops with it); Ray
+    initialised by someone else (a test, a job's driver) is left alone."""
+    global _started_here
+    if _started_here:
+        import ray
+
+        ray.shutdown()
+        _started_here = False

@@ -12,15 +12,15 @@ from facedist import storage
 from facedist.training import TrainConfig, load_model_bundle, run_training
 from facedist.training.synthetic import SyntheticConfig, synthetic_table
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.ray]
 EXPRESSIONS = ("happy", "sad", "surprised")
 
 
 @pytest.fixture(scope="module")
 def ray_local():
-    import ray
+    from facedist import runtime
 
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    ray = runtime.connect(num_cpus=2)  # the local Ray every command starts, with 2 CPUs
     yield
     ray.shutdown()
 

@@ -90,8 +90,7 @@ def run_server(models_uri: str | None = None, *, address: str | None = None,
     from facedist import runtime
 
     app = build_app({"models_uri": models_uri, **settings})  # bad settings fail before Ray starts
-    started_here = not runtime.is_connected()
-    ray = runtime.connect(address, ship_package=True)
+    runtime.connect(address, ship_package=True)
     serve.start(http_options={"host": host, "port": port})
     handle = serve.run(app, name=name, route_prefix=route_prefix, blocking=False)
     print(f"facedist serving on http://{host}:{port}{route_prefix} (docs at /docs)", flush=True)
@@ -107,6 +106,5 @@ def run_server(models_uri: str | None = None, *, address: str | None = None,
             pass
         finally:
             serve.shutdown()
-            if started_here:
-                ray.shutdown()
+            runtime.disconnect()  # a local Ray started here stops with it
     return handle

@@ -29,6 +29,7 @@ COEFFICIENT_TASKS = ("identity", "expression", "gender")
 LABEL_COLUMN = {"identity": "subject", "expression": "expression", "gender": "gender",
                 "image_identity": "subject", "image_expression": "expression"}
 INPUT_NORMS = ("within_class", "standard")
+AGGREGATES = ("cnet", "mean")  # how identity combinations are pooled: C-Net confidences or the plain mean
 ARCH = {"identity": "resnet34_1d", "gender": "resnet34_1d", "expression": "resnet32_1d"}
 
 
@@ -305,14 +306,3 @@ class CNetTask:
                            labels=[], layout_json=self.layout_json, input_norm=self.norm.to_dict(),
                            metrics=_jsonable(metrics), extra={"n_feature": self.n_feature, "fold": self.config.fold,
                                                               "folds": self.config.folds})
-
-
-def make_task(config: TrainConfig, data: CoefficientData):
-    if config.task == "cnet":
-        return CNetTask(config, data)
-    if config.task in COEFFICIENT_TASKS:
-        return make_classifier_task(config, data)
-    if config.task.startswith("image_"):
-        from facedist.training.image_baseline import make_image_task
-        return make_image_task(config, data)
-    raise ValueError(f"unknown task {config.task!r}")
