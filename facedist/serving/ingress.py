@@ -51,7 +51,7 @@ def index_page(root_path: str) -> str:
 class FacedistAPI:
     """Checks auth and limits, parses the multipart upload, fans single encoded images out to the
     extractor (images of concurrent requests land in one batch) and answers a bad upload with
-    its own 4xx before any model work."""
+    its own 4xx (what is plainly no image, before any model work)."""
 
     def __init__(self, extractor, recognizer, settings: dict):
         self.settings = ServeSettings(**settings)
