@@ -297,7 +297,7 @@ def _person_files(yale_dir, names=PERSON):
 
 
 def test_predict_identity_expressions_and_confidences(client, yale_dir, extractor, models_uri):
-    from facedist.training.inference import Recognizer
+    from facedist.recognition import Recognizer
 
     response = client.post("/v1/predict", files=_person_files(yale_dir))
     assert response.status_code == 200, response.text

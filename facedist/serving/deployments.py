@@ -118,7 +118,7 @@ class FaceRecognizer:
         self.recognizer = None
         self.versions: dict[str, str] = {}
         if self.models_uri:
-            from facedist.training.inference import Recognizer
+            from facedist.recognition import Recognizer
 
             self.recognizer = Recognizer.from_directory(self.models_uri)
             check_layouts(self.recognizer.bundles, s.backend)
