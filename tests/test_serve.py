@@ -24,7 +24,7 @@ MAX_IMAGE_BYTES = 1_000_000
 MAX_IMAGES = 4
 APP_NAME = "facedist-test"
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.ray]
 
 
 def _free_port() -> int:
