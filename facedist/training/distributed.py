@@ -27,8 +27,9 @@ def describe_best(best: dict) -> str:
         if best.get("macro_f1") is not None:
             text += f", macro_f1 {best['macro_f1']:.3f}"
     elif best.get("loo_error_cnet") is not None:
-        text = (f"loo_error_cnet {best['loo_error_cnet']:.4f} vs loo_error_mean {best.get('loo_error_mean', float('nan')):.4f}"
-                f" (loo_gain_vs_mean {best.get('loo_gain_vs_mean', float('nan')):+.3f})")
+        nan = float("nan")
+        text = (f"loo_error_cnet {best['loo_error_cnet']:.4f} vs loo_error_mean {best.get('loo_error_mean', nan):.4f}"
+                f" (loo_gain_vs_mean {best.get('loo_gain_vs_mean', nan):+.3f})")
     else:
         text = ", ".join(f"{k} {v:.4g}" for k, v in best.items() if isinstance(v, float))
     return f"{text}; best epoch {best.get('epoch')}"
