@@ -194,7 +194,7 @@ class ReplicaSampler:
 def deploy(app_name: str, settings: dict, port: int):
     from ray import serve
 
-    from serve.app import build_app
+    from facedist.serving import build_app
 
     serve.run(build_app(settings), name=app_name, route_prefix="/")
     return f"http://127.0.0.1:{port}/v1/extract"

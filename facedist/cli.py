@@ -5,9 +5,43 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import typing
 from pathlib import Path
 
 from facedist import SettingsError, assets, storage
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Every flag's help ends with its real default, unless the help already says what the
+    default is or there is none to show (None, False)."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if (not action.option_strings or "default" in text or action.default is None or action.default is False
+                or action.default is argparse.SUPPRESS):
+            return text
+        return f"{text} (default: %(default)s)"
+
+
+def positive_int(value: str) -> int:
+    number = int(value)
+    if number < 1:
+        raise argparse.ArgumentTypeError(f"{value} is not a positive integer")
+    return number
+
+
+def positive_float(value: str) -> float:
+    number = float(value)
+    if not number > 0:
+        raise argparse.ArgumentTypeError(f"{value} is not a positive number")
+    return number
+
+
+def check_input(uri: str | None, what: str) -> None:
+    """A local input that is not there fails here, before Ray or any model starts (s3:// inputs
+    are checked by the job that reads them)."""
+    if uri and not storage.is_s3(uri) and not Path(uri).expanduser().exists():
+        raise SettingsError(f"{what} {uri!r} does not exist")
 
 
 def _add_storage_flags(parser: argparse.ArgumentParser) -> None:
@@ -18,15 +52,6 @@ def _add_storage_flags(parser: argparse.ArgumentParser) -> None:
 def _s3_options(args) -> storage.S3Options:
     env = storage.S3Options.from_env()
     return storage.S3Options(endpoint_url=args.endpoint or env.endpoint_url, region=env.region)
-
-
-def _progress(done: int, total: int) -> None:
-    width = 30
-    filled = int(width * done / max(total, 1))
-    sys.stderr.write(f"\r[{'#' * filled}{'.' * (width - filled)}] {done}/{total} images")
-    if done >= total:
-        sys.stderr.write("\n")
-    sys.stderr.flush()
 
 
 def add_extractor_arguments(parser: argparse.ArgumentParser) -> None:
@@ -64,6 +89,7 @@ def extract_config_from_args(args, **overrides):
 def cmd_extract(args) -> int:
     from facedist.pipeline import discover_records, run_extraction
 
+    check_input(args.images, "IMAGES")
     options = _s3_options(args)
     config = extract_config_from_args(
         args, device=args.device, batch_size=args.batch_size, max_side=args.max_side, preview=args.preview,
@@ -76,7 +102,9 @@ def cmd_extract(args) -> int:
             actor_num_gpus=args.actor_gpus), address=args.address, options=options)
     else:
         records = discover_records(args.images, args.dataset, options)
-        summary = run_extraction(records, args.out, config, options=options, progress=_progress)
+        from facedist.progress import progress_bar
+
+        summary = run_extraction(records, args.out, config, options=options, progress=progress_bar("images"))
     counts = summary["counts"]
     run = summary.get("run", {})
     print(f"extracted {summary['rows']} rows into {args.out}: ok {counts.get('ok', 0)}, "
@@ -117,51 +145,55 @@ def cmd_models(args) -> int:
     return 0
 
 
-TRAIN_TASKS = ("cnet", "identity", "expression", "gender", "image_identity", "image_expression")
-
-
 def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     """Flags for one training run: every TrainConfig field, so the job and the CLI never drift."""
     from dataclasses import MISSING, fields
 
     from facedist.training.engine import TrainConfig
+    from facedist.training.registry import TASKS
+    from facedist.training.tasks import AGGREGATES, INPUT_NORMS
 
-    parser.add_argument("--task", required=True, choices=TRAIN_TASKS)
+    parser.add_argument("--task", required=True, choices=TASKS, help="what to train")
     parser.add_argument("--data", required=True, help="coefficients table (local or s3://)")
     parser.add_argument("--output", required=True, help="checkpoints + final bundle (local or s3://)")
-    parser.add_argument("--name", help="run name (default <task>-fold<k>); reuse it to resume")
-    parser.add_argument("--workers", type=int, default=1, dest="num_workers")
-    parser.add_argument("--cpus-per-worker", type=float, default=1.0, dest="cpus_per_worker")
+    parser.add_argument("--name", help="run name (default: <task>-fold<k>); reuse it to resume")
+    parser.add_argument("--workers", type=positive_int, default=TrainConfig.num_workers, dest="num_workers",
+                        help="Ray Train workers")
+    parser.add_argument("--cpus-per-worker", type=positive_float, default=TrainConfig.cpus_per_worker,
+                        dest="cpus_per_worker", help="CPUs each worker reserves")
     parser.add_argument("--gpu", action=argparse.BooleanOptionalAction, default=None, dest="use_gpu",
                         help="use GPUs (default: when the cluster has them)")
-    parser.add_argument("--labels", nargs="+", help="restrict/order the classes")
-    parser.add_argument("--address", default=None, help="Ray cluster address (default: RAY_ADDRESS or local)")
+    parser.add_argument("--labels", nargs="+", help="restrict/order the classes (default: every label in the table)")
+    parser.add_argument("--address", default=None, help="Ray cluster address (default: RAY_ADDRESS, else a local Ray)")
+    choices = {"aggregate": AGGREGATES, "input_norm": INPUT_NORMS}
     types = {"int": int, "float": float, "str": str, "float | None": float, "str | None": str}
     for f in fields(TrainConfig):
         if f.name in {"task", "data", "output", "name", "num_workers", "cpus_per_worker", "use_gpu", "labels"}:
             continue
         default = None if f.default is MISSING else f.default
-        parser.add_argument("--" + f.name.replace("_", "-"), type=types.get(str(f.type), str),
-                            default=default, dest=f.name)
+        kind = types.get(str(f.type), str)
+        if kind is int and isinstance(default, int) and default > 0:
+            kind = positive_int
+        parser.add_argument("--" + f.name.replace("_", "-"), type=kind, default=default, dest=f.name,
+                            choices=choices.get(f.name), help=f"TrainConfig.{f.name}")
 
 
 def cmd_train(args) -> int:
     from facedist.training import TrainConfig, run_training
 
-    values = {k: v for k, v in vars(args).items() if k not in ("func", "command", "address", "json")}
-    if args.address:
-        import ray
+    check_input(args.data, "--data")
+    check_input(args.cnet, "--cnet")
 
-        ray.init(address=args.address)
-    summary = run_training(TrainConfig(**values))
+    values = {k: v for k, v in vars(args).items() if k not in ("func", "command", "address", "json", "verbose")}
+    summary = run_training(TrainConfig(**values), address=args.address)
     best = summary["best"]
     if args.json:
         summary["history"] = [{k: v for k, v in h.items() if k != "confusion"} for h in summary["history"]]
         print(json.dumps(summary, indent=2, default=str))
     else:
-        shown = {k: round(v, 4) if isinstance(v, float) else v for k, v in best.items()
-                 if k in ("epoch", "accuracy", "macro_f1", "loss", "val_loss", "loo_error", "gain_vs_mean")}
-        print(f"trained {summary['task']} ({summary['workers']} workers): best {shown}; "
+        from facedist.training.distributed import describe_best
+
+        print(f"trained {summary['task']} ({summary['workers']} workers): {describe_best(best)}; "
               f"model bundle at {summary['bundle']}")
     return 0
 
@@ -170,23 +202,24 @@ def cmd_report(args) -> int:
     if args.protocol == "person":
         from facedist.person_report import PersonReportConfig, write_person_report
 
-        given = {k: getattr(args, k) for k in ("out", "folds", "seeds", "gallery", "image_epochs", "image_size",
-                                               "image_seeds") if getattr(args, k) is not None}
+        check_input(args.data, "--data")
+        given = {k: getattr(args, k) for k in ("out", "seeds", "gallery", "image_seeds") if getattr(args, k) is not None}
         config = PersonReportConfig(data=args.data, include_images=not args.no_images, **given)
         results = write_person_report(config)
         print(Path(config.out, "table_person.md").read_text())
         print(f"report written to {config.out} in {results['seconds']:.0f} s")
         return 0
-    from facedist.report import ReportConfig, write_report
+    from facedist.report import ReportConfig
+    from facedist.workflow import report_line, write_report_at
 
-    # Flags left unset take ReportConfig's defaults: one place for them.
-    given = {k: getattr(args, k) for k in ("out", "folds", "seed", "coeff_epochs", "cnet_epochs", "image_epochs",
-                                           "image_size") if getattr(args, k) is not None}
-    config = ReportConfig(data=args.data, include_images=not args.no_images, synthetic=not args.no_synthetic,
-                          **given)
-    results = write_report(config)
-    print(Path(config.out, "table1_identity.md").read_text())
-    print(f"report written to {config.out} in {results['seconds']:.0f} s")
+    check_input(args.data, "--data")
+    config = ReportConfig(data=args.data, folds=args.folds, seed=args.seed, coeff_epochs=args.coeff_epochs,
+                          cnet_epochs=args.cnet_epochs, image_epochs=args.image_epochs, image_size=args.image_size,
+                          include_images=not args.no_images, synthetic=not args.no_synthetic)
+    # The per-fold lines are this command's progress: on the terminal.
+    results = write_report_at(args.out, config, log=print)
+    print(storage.read_bytes(storage.join(args.out, "table1_identity.md")).decode())
+    print(f"report written to {args.out}: {report_line(results)}")
     return 0
 
 
@@ -200,13 +233,14 @@ def cmd_texture(args) -> int:
 
 
 def cmd_serve(args) -> int:
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # serve/ lives beside facedist/
-    from serve.app import run_server
+    from facedist.serving.app import run_server
 
     extract_config_from_args(args)  # fail on a bad combination before Ray starts
+    check_input(args.models, "--models")
+    settings = {name: getattr(args, name) for name in SERVE_FLAGS if getattr(args, name) is not None}
     run_server(args.models or None, address=args.address, host=args.host, port=args.port,
                route_prefix=args.route_prefix, backend=args.backend, detector=args.detector,
-               landmarks=args.landmarks, max_batch_size=args.max_batch_size)
+               landmarks=args.landmarks, **settings)
     return 0
 
 
@@ -214,6 +248,7 @@ def cmd_run(args) -> int:
     from facedist.workflow import WorkflowConfig, run_workflow
 
     extract_config_from_args(args)  # fail on a bad combination before Ray starts
+    check_input(args.images, "--images")
     run_workflow(WorkflowConfig(
         images=args.images, out=args.out, backend=args.backend, detector=args.detector,
         landmarks=args.landmarks, dataset=args.dataset, resume=not args.no_resume, actors=args.actors,
@@ -223,54 +258,84 @@ def cmd_run(args) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="facedist", description=__doc__)
-    sub = parser.add_subparsers(dest="command", required=True)
+# ServeSettings fields `facedist serve` takes as flags (the rest: serve/config.yaml or serve run).
+SERVE_FLAGS = ("max_batch_size", "batch_wait_timeout_s", "extractor_num_cpus", "min_replicas", "max_replicas",
+               "num_replicas", "max_images", "max_image_bytes")
 
-    ext = sub.add_parser("extract", help="images (folder, s3:// prefix or manifest) -> Parquet coefficients")
-    ext.add_argument("images")
+
+def build_parser() -> argparse.ArgumentParser:
+    from dataclasses import fields
+
+    from facedist.datasets import DATASETS
+    from facedist.pipeline import ExtractConfig
+    from facedist.ray_extract import RayExtractConfig
+    from facedist.report import ReportConfig
+    from facedist.serving.settings import ServeSettings
+    from facedist.workflow import WorkflowConfig
+
+    parser = argparse.ArgumentParser(prog="facedist", description=__doc__, formatter_class=HelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    # Every command that may start Ray takes --verbose (facedist.runtime: how quiet Ray is).
+    quiet = argparse.ArgumentParser(add_help=False)
+    quiet.add_argument("--verbose", action="store_true",
+                       help="show Ray's own logs and its workers' output (default: they go to a log file)")
+
+    def command(name: str, help: str, ray: bool = True) -> argparse.ArgumentParser:
+        return sub.add_parser(name, help=help, parents=[quiet] if ray else [], formatter_class=HelpFormatter)
+
+    ext = command("extract", "images (folder, s3:// prefix or manifest) -> Parquet coefficients")
+    ext.add_argument("images", help="folder, s3:// prefix, or CSV/Parquet manifest with a path column")
     ext.add_argument("--out", required=True, help="output folder or s3:// prefix")
     add_extractor_arguments(ext)
-    ext.add_argument("--dataset", default="auto", choices=("auto", "kdef", "yale", "fei", "folder", "none"),
-                     help="how to read labels from file names")
-    ext.add_argument("--device", default="cpu")
-    ext.add_argument("--batch-size", type=int, default=64, help="images per extractor call and per Parquet part")
-    ext.add_argument("--max-side", type=int, default=2048, help="downscale larger images on decode")
-    ext.add_argument("--detect-threads", type=int, default=0,
+    ext.add_argument("--dataset", default="auto", choices=DATASETS, help="how to read labels from file names")
+    ext.add_argument("--device", default=ExtractConfig.device, help="torch device (cpu, cuda, cuda:1, ...)")
+    ext.add_argument("--batch-size", type=positive_int, default=ExtractConfig.batch_size,
+                     help="images per extractor call and per Parquet part")
+    ext.add_argument("--max-side", type=positive_int, default=ExtractConfig.max_side,
+                     help="downscale larger images on decode")
+    ext.add_argument("--detect-threads", type=int, default=ExtractConfig.detect_threads,
                      help="dlib HOG detection threads per process (0: every core; per actor: its CPU share)")
     ext.add_argument("--preview", type=int, default=0, metavar="N",
                      help="write N PNG overlays (landmarks + mesh) under OUT/previews")
     ext.add_argument("--no-resume", action="store_true",
                      help="replace what OUT holds (default: skip images done, refuse other settings)")
     ext.add_argument("--ray", action="store_true", help="run as a Ray Data job (local Ray unless --address)")
-    ext.add_argument("--address", default=None, help="Ray cluster address (default: RAY_ADDRESS or local)")
-    ext.add_argument("--actors", type=int, default=2, help="extraction actors (with --ray)")
-    ext.add_argument("--actor-cpus", type=float, default=None, help="CPUs per actor (with --ray; default: share)")
-    ext.add_argument("--actor-gpus", type=float, default=None, help="GPUs per actor (with --ray; default: 1 if any)")
+    ext.add_argument("--address", default=None, help="Ray cluster address (default: RAY_ADDRESS, else a local Ray)")
+    ext.add_argument("--actors", type=positive_int, default=RayExtractConfig.actors,
+                     help="extraction actors (with --ray)")
+    ext.add_argument("--actor-cpus", type=positive_float, default=None,
+                     help="CPUs per actor (with --ray; default: a share of the cluster)")
+    ext.add_argument("--actor-gpus", type=float, default=None,
+                     help="GPUs per actor (with --ray; default: 1 when the cluster has GPUs)")
     _add_storage_flags(ext)
     ext.set_defaults(func=cmd_extract)
 
-    train = sub.add_parser("train", help="fit C-Net or a classifier on Ray Train from a coefficients table")
+    train = command("train", "fit C-Net or a classifier on Ray Train from a coefficients table")
     add_train_arguments(train)
     train.add_argument("--json", action="store_true", help="print the whole summary as JSON")
     train.set_defaults(func=cmd_train)
 
-    rep = sub.add_parser("report", help="the paper's protocol on a coefficients table: tables, confusion matrices")
+    report_defaults = {f.name: f.default for f in fields(ReportConfig)}
+    rep = command("report", "the paper's protocol on a coefficients table: tables, confusion matrices")
     rep.add_argument("--data", required=True, help="coefficients table (local or s3://)")
     rep.add_argument("--protocol", default="image", choices=("image", "person"),
-                     help="image: the paper's k-fold split by image with C-Net (default); person: people never "
-                          "seen in training, gallery -> probe identity, linear probes on α, τ, β and pixels")
-    rep.add_argument("--out", help="local folder (default: results)")
-    rep.add_argument("--seeds", type=int, help="person protocol: seeds 0..N-1 (default: 5)")
-    rep.add_argument("--gallery", help="person protocol: expression label of each person's gallery image "
-                                       "(default: neutral; Yale: normal)")
-    rep.add_argument("--image-seeds", type=int, help="person protocol: the ResNet-34 baseline on the first N seeds only")
-    rep.add_argument("--folds", type=int, help="default: ReportConfig")
-    rep.add_argument("--seed", type=int, help="folds and training seed (default: ReportConfig)")
-    rep.add_argument("--coeff-epochs", type=int, help="default: ReportConfig")
-    rep.add_argument("--cnet-epochs", type=int, help="default: ReportConfig")
-    rep.add_argument("--image-epochs", type=int, help="default: ReportConfig")
-    rep.add_argument("--image-size", type=int, help="default: ReportConfig")
+                     help="image: the paper's k-fold split by image with C-Net; person: people never seen in "
+                          "training (5 folds by person), gallery -> probe identity, linear probes on α, τ, β, pixels")
+    rep.add_argument("--seeds", type=positive_int, default=None, help="person protocol: seeds 0..N-1 (default: 5)")
+    rep.add_argument("--gallery", default=None, help="person protocol: expression label of each person's gallery "
+                                                     "image (default: neutral; Yale: normal)")
+    rep.add_argument("--image-seeds", type=positive_int, default=None,
+                     help="person protocol: the ResNet-34 baseline on the first N seeds only (default: all)")
+    rep.add_argument("--out", default=report_defaults["out"], help="local folder or s3:// prefix")
+    rep.add_argument("--folds", type=positive_int, default=report_defaults["folds"], help="k-fold split by image")
+    rep.add_argument("--seed", type=int, default=report_defaults["seed"], help="folds and training seed")
+    rep.add_argument("--coeff-epochs", type=positive_int, default=report_defaults["coeff_epochs"],
+                     help="epochs of the coefficient classifiers")
+    rep.add_argument("--cnet-epochs", type=positive_int, default=report_defaults["cnet_epochs"], help="C-Net epochs")
+    rep.add_argument("--image-epochs", type=positive_int, default=report_defaults["image_epochs"],
+                     help="epochs of the raw-image baseline")
+    rep.add_argument("--image-size", type=positive_int, default=report_defaults["image_size"],
+                     help="the image baseline's crop side in pixels")
     rep.add_argument("--no-images", action="store_true", help="skip the raw-image baseline")
     rep.add_argument("--no-synthetic", action="store_true", help="skip the synthetic C-Net check")
     rep.set_defaults(func=cmd_report)
@@ -283,52 +348,70 @@ def build_parser() -> argparse.ArgumentParser:
     _add_storage_flags(tex)
     tex.set_defaults(func=cmd_texture)
 
-    srv = sub.add_parser("serve", help="start the Ray Serve endpoint (local Ray unless --address)")
-    srv.add_argument("--models", default="", help="the training output (cnet/, identity/, ... bundles)")
-    srv.add_argument("--address", default=None)
-    srv.add_argument("--host", default="127.0.0.1")
-    srv.add_argument("--port", type=int, default=8000)
+    srv = command("serve", "start the Ray Serve endpoint (local Ray unless --address)")
+    srv.add_argument("--models", default="",
+                     help="the training output (cnet/, identity/, ... bundles); default: none, /v1/predict answers 503")
+    srv.add_argument("--address", default=None, help="Ray cluster address (default: RAY_ADDRESS, else a local Ray)")
+    srv.add_argument("--host", default="127.0.0.1", help="HTTP host")
+    srv.add_argument("--port", type=positive_int, default=8000, help="HTTP port")
     srv.add_argument("--route-prefix", default="/", help="serve the page and the API under this path")
     add_extractor_arguments(srv)
-    srv.add_argument("--max-batch-size", type=int, default=16)
+    serve_fields = {f.name: f for f in fields(ServeSettings)}
+    for name in SERVE_FLAGS:
+        kind = next(t for t in typing.get_args(serve_fields[name].type) or (serve_fields[name].type,)
+                    if t is not type(None))
+        srv.add_argument("--" + name.replace("_", "-"), type={int: positive_int, float: positive_float}[kind],
+                         default=serve_fields[name].default,
+                         help=f"ServeSettings.{name}" + (" (default: autoscaling)" if name == "num_replicas" else ""))
     srv.set_defaults(func=cmd_serve)
 
-    run = sub.add_parser("run", help="the whole flow: extract, train C-Net and classifiers, report")
+    run = command("run", "the whole flow: extract, train C-Net and classifiers, report")
     run.add_argument("--images", required=True, help="folder, s3:// prefix or manifest")
     run.add_argument("--out", required=True, help="folder or s3:// prefix for everything it writes")
     add_extractor_arguments(run)
-    run.add_argument("--dataset", default="auto", choices=("auto", "kdef", "yale", "fei", "folder", "none"))
-    run.add_argument("--actors", type=int, default=2)
-    run.add_argument("--epochs", type=int, default=40, help="classifier epochs")
-    run.add_argument("--cnet-epochs", type=int, default=20)
-    run.add_argument("--workers", type=int, default=1, help="Ray Train workers per task")
-    run.add_argument("--report-folds", type=int, default=3)
-    run.add_argument("--image-epochs", type=int, default=8, help="image baseline epochs in the report")
-    run.add_argument("--image-size", type=int, default=112, help="image baseline crops in the report")
-    run.add_argument("--no-report", action="store_true")
+    run.add_argument("--dataset", default=WorkflowConfig.dataset, choices=DATASETS,
+                     help="how to read labels from file names")
+    run.add_argument("--actors", type=positive_int, default=WorkflowConfig.actors, help="extraction actors")
+    run.add_argument("--epochs", type=positive_int, default=WorkflowConfig.epochs, help="classifier epochs")
+    run.add_argument("--cnet-epochs", type=positive_int, default=WorkflowConfig.cnet_epochs, help="C-Net epochs")
+    run.add_argument("--workers", type=positive_int, default=WorkflowConfig.workers, help="Ray Train workers per task")
+    run.add_argument("--report-folds", type=positive_int, default=WorkflowConfig.report_folds,
+                     help="k of the report's k-fold protocol")
+    run.add_argument("--image-epochs", type=positive_int, default=WorkflowConfig.image_epochs,
+                     help="image baseline epochs in the report")
+    run.add_argument("--image-size", type=positive_int, default=WorkflowConfig.image_size,
+                     help="image baseline crop side in the report")
+    run.add_argument("--no-report", action="store_true", help="stop after training")
     run.add_argument("--no-resume", action="store_true",
                      help="replace coefficients an earlier run left in OUT (default: skip images done, "
                           "refuse other settings)")
-    run.add_argument("--address", default=None, help="Ray cluster address (default: RAY_ADDRESS or local)")
+    run.add_argument("--address", default=None, help="Ray cluster address (default: RAY_ADDRESS, else a local Ray)")
     run.set_defaults(func=cmd_run)
 
-    mod = sub.add_parser("models", help="list, resolve or download model files")
-    mod.add_argument("action", nargs="?", default="list", choices=("list", "resolve", "download"))
+    mod = command("models", "list, resolve or download model files", ray=False)
+    mod.add_argument("action", nargs="?", default="list", choices=("list", "resolve", "download"),
+                     help="list (default), resolve FILE, or download the pinned files")
     mod.add_argument("file", nargs="?", help="with resolve: e.g. tddfa/mb05_120x120.pth")
-    mod.add_argument("--json", action="store_true")
+    mod.add_argument("--json", action="store_true", help="with list: as JSON")
     mod.set_defaults(func=cmd_models)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
+    from facedist import runtime
+
     parser = build_parser()
     args = parser.parse_args(argv)
+    if getattr(args, "verbose", False):
+        runtime.set_verbose(True)
     try:
         return args.func(args)
     except (assets.ModelNotFoundError, SettingsError) as exc:
         # Missing models, a flag combination no backend takes, an output made with other settings.
         print(f"facedist: {exc}", file=sys.stderr)
         return 2
+    finally:
+        runtime.disconnect()  # a local Ray this command started stops with it
 
 
 if __name__ == "__main__":

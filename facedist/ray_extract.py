@@ -9,7 +9,7 @@ Stages (streamed, so millions of inputs never sit in memory at once):
 
 Parts are named after the batch's (path, hash) keys, so a batch that is retried after its actor
 died rewrites the same part instead of adding a second copy: rows in = rows out, exactly.
-This is the only module under facedist/ that imports Ray.
+Ray itself is started (or joined) by facedist.runtime.
 """
 
 from __future__ import annotations
@@ -28,17 +28,12 @@ from typing import Callable, Sequence
 import numpy as np
 import pyarrow as pa
 
-from facedist import storage
+from facedist import runtime, storage
 from facedist.pipeline import (PART_PREFIX, ExtractConfig, decode_row, discover_records, extract_rows,
                                prepare_output, read_row, record_row, remove_set_aside, summarize, write_previews)
 from facedist.extractors.base import Extractor
+from facedist.progress import progress_bar
 from facedist.schema import LABEL_COLUMNS, STATUS_ERROR, STATUSES, rows_to_table
-
-# Environment the workers need when this module starts Ray itself. (A cluster started elsewhere
-# gets its workers' environment from there, e.g. `ray job submit --runtime-env-json`.)
-_FORWARDED_ENV = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE",
-                  "AWS_REGION", "AWS_DEFAULT_REGION", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3",
-                  "FACEDIST_MODEL_DIR", "FACEDIST_CACHE_DIR", "FACEDIST_S3_MAX_ATTEMPTS")
 
 # Rows between the read/decode tasks and the extraction actors: decoded pixels travel as raw
 # bytes + shape, which avoids Arrow's variable-shape tensor columns (and their null handling).
@@ -70,7 +65,8 @@ class RayExtractConfig:
     rows_per_block: int | None = None    # input block size; None: the extraction batch size
     torch_threads: int | None = None     # per actor; None: its CPU share, at least 1
     dataset: str = "auto"                # how labels are read from file names
-    progress: bool = True                # Ray Data progress bars
+    # Progress while it runs: facedist's own bar on stderr (Ray Data's bars with --verbose).
+    progress: bool = True
     # Builds the extractor inside each actor instead of make_extractor(backend, ...): a hook for
     # custom backends and for plumbing tests. Must be picklable (cloudpickle).
     extractor_factory: Callable[[ExtractConfig], Extractor] | None = None
@@ -174,22 +170,6 @@ class ExtractActor:
 
 # ---- the job -------------------------------------------------------------------------------------
 
-def _worker_env() -> dict[str, str]:
-    return {k: os.environ[k] for k in _FORWARDED_ENV if os.environ.get(k)}
-
-
-def _ensure_ray(address: str | None):
-    import ray
-
-    if not ray.is_initialized():
-        # address None: RAY_ADDRESS (set under `ray job submit`) or else a local cluster here,
-        # whose workers get the S3 settings and model directory of this process.
-        local = address is None and not os.environ.get("RAY_ADDRESS")
-        ray.init(address=address, include_dashboard=False if local else None,
-                 runtime_env={"env_vars": _worker_env()} if local else None)
-    return ray
-
-
 def plan_resources(config: RayExtractConfig, cluster: dict) -> dict:
     """CPU/GPU per actor and threads, from the cluster's resources."""
     cpus = float(cluster.get("CPU", 1.0))
@@ -223,7 +203,7 @@ def run_ray_extraction(inputs, out_uri: str, config: RayExtractConfig | None = N
         inputs = storage.absolute(str(inputs))
     started = time.perf_counter()
     driver_before = storage.stats_snapshot()
-    ray = _ensure_ray(address)
+    ray = runtime.connect(address)
     ray_ready = time.perf_counter()
 
     records = discover_records(inputs, config.dataset, options)
@@ -238,7 +218,8 @@ def run_ray_extraction(inputs, out_uri: str, config: RayExtractConfig | None = N
     run_id = uuid.uuid4().hex[:8]
 
     ctx = ray.data.DataContext.get_current()
-    ctx.enable_progress_bars = config.progress
+    ctx.enable_progress_bars = config.progress and runtime.verbose()
+    bar = progress_bar("images") if config.progress and not runtime.verbose() else None
     ctx.verbose_stats_logs = False
     results = {s: 0 for s in (*STATUSES, SKIPPED)}
     parts: set[str] = set()
@@ -271,6 +252,8 @@ def run_ray_extraction(inputs, out_uri: str, config: RayExtractConfig | None = N
                 parts.update(p for p in batch.column("part").to_pylist() if p)
                 busy += sum(batch.column("extract_seconds").to_pylist())
                 storage.add_stats_json(workers_stats, batch.column("storage_stats").to_pylist())
+                if bar is not None:
+                    bar(sum(results.values()), len(records))
         except Exception as exc:
             failure = storage.find_store_failure(exc)
             if failure is None:
@@ -283,6 +266,8 @@ def run_ray_extraction(inputs, out_uri: str, config: RayExtractConfig | None = N
             # One clear line (not Ray's nested tracebacks): which URI, and what this run had written.
             raise storage.StoreUnavailableError(failure.uri, f"{failure} (this run had written {len(parts)} "
                                                              f"part(s) before it stopped)")
+    if bar is not None:
+        bar.close()
     seconds = time.perf_counter() - started
     skipped = results.pop(SKIPPED)
     written = sum(results.values())

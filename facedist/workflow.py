@@ -12,7 +12,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from facedist import storage
+from facedist import runtime, storage
 from facedist.extractors import DEFAULT_BACKEND
 from facedist.schema import LABEL_COLUMNS
 
@@ -47,12 +47,32 @@ def _labelled(table, column: str) -> int:
     return len(values)
 
 
+def _trained_line(task: str, summary: dict, seconds: float) -> str:
+    from facedist.training.distributed import describe_best
+
+    return f"      {task}: {describe_best(summary['best'])} ({seconds:.0f} s) -> {summary['bundle']}"
+
+
+def report_line(results: dict) -> str:
+    """The report's headline figures on one line (the tables hold the rest)."""
+    s = results["summary"]
+
+    def acc(key: str) -> str:
+        return f"{s[key]['accuracy']['mean']:.3f}" if key in s else "n/a"
+
+    images = f", images {acc('image_identity')}" if "image_identity" in s else ""
+    return (f"identity C-Net {acc('identity_cnet')}, mean {acc('identity_mean')}{images}; expression "
+            f"{acc('expression')}" + (f", images {acc('image_expression')}" if "image_expression" in s else "")
+            + f" (accuracy, {results['folds']}-fold mean; {results['seconds']:.0f} s)")
+
+
 def run_workflow(config: WorkflowConfig, log=print) -> dict:
     from facedist.pipeline import ExtractConfig
     from facedist.ray_extract import RayExtractConfig, run_ray_extraction
     from facedist.training import TrainConfig, run_training
 
     started = time.perf_counter()
+    runtime.connect(config.address)
     coeffs = storage.join(config.out, "coefficients")
     models = storage.join(config.out, "models")
     log(f"[1/3] extracting {config.images} -> {coeffs}")
@@ -67,58 +87,61 @@ def run_workflow(config: WorkflowConfig, log=print) -> dict:
     table = storage.read_table(coeffs, columns=["status", *LABEL_COLUMNS])
     common = dict(data=coeffs, output=models, num_workers=config.workers, cpus_per_worker=config.cpus_per_worker)
     trained = {}
-    log(f"[2/3] training C-Net -> {models}/cnet")
-    trained["cnet"] = run_training(TrainConfig(task="cnet", epochs=config.cnet_epochs, **common))
+    log(f"[2/3] training C-Net and the classifiers on Ray Train -> {models}")
     cnet_dir = storage.join(models, "cnet")
     # Identity and gender aggregate a person's images as TrainConfig.aggregate says (the mean by
     # default); C-Net's bundle is there for --aggregate cnet, and for its per-image confidences.
-    tasks = [("identity", "subject", {"cnet": cnet_dir}),
+    tasks = [("cnet", None, {"epochs": config.cnet_epochs}),
+             ("identity", "subject", {"cnet": cnet_dir}),
              ("expression", "expression", {}),
              ("gender", "gender", {"cnet": cnet_dir})]
     for task, column, extra in tasks:
-        if _labelled(table, column) < 2:
+        if column is not None and _labelled(table, column) < 2:
             log(f"      {task}: skipped, the images carry fewer than 2 {column} labels")
             continue
-        log(f"      training {task} -> {models}/{task}")
-        trained[task] = run_training(TrainConfig(task=task, epochs=config.epochs, **common, **extra))
+        task_started = time.perf_counter()
+        trained[task] = run_training(TrainConfig(task=task, **{"epochs": config.epochs, **common, **extra}))
+        log(_trained_line(task, trained[task], time.perf_counter() - task_started))
 
     report_dir = None
     if config.report:
         report_dir = storage.join(config.out, "report")
         log(f"[3/3] report ({config.report_folds}-fold protocol, coefficients vs images) -> {report_dir}")
-        _write_report(coeffs, report_dir, config)
+        from facedist.report import ReportConfig
+
+        results = write_report_at(report_dir, ReportConfig(
+            data=coeffs, folds=config.report_folds, coeff_epochs=config.epochs, cnet_epochs=config.cnet_epochs,
+            image_epochs=config.image_epochs, image_size=config.image_size, synthetic=config.report_synthetic))
+        log(f"      {report_line(results)}")
 
     result = {"extraction": summary, "coefficients": coeffs, "models": models, "report": report_dir,
               "trained": {k: {"bundle": v["bundle"], "best": {m: v["best"].get(m) for m in
-                                                               ("epoch", "accuracy", "macro_f1", "loo_error")}}
+                                                               ("epoch", "accuracy", "macro_f1", "loo_error_cnet", "loo_gain_vs_mean")}}
                           for k, v in trained.items()},
               "seconds": round(time.perf_counter() - started, 1)}
     counts = summary["counts"]
     log(f"done in {result['seconds']} s: {summary['rows']} images (ok {counts.get('ok', 0)}, "
-        f"no_face {counts.get('no_face', 0)}, error {counts.get('error', 0)})")
-    log(f"  coefficients: {coeffs}")
-    for task, info in result["trained"].items():
-        acc = info["best"].get("accuracy")
-        log(f"  model {task}: {info['bundle']}" + (f" (validation accuracy {acc:.3f})" if acc is not None else ""))
+        f"no_face {counts.get('no_face', 0)}, error {counts.get('error', 0)}); coefficients in {coeffs}")
     if report_dir:
         log(f"  report: {report_dir} (table1_identity.md, table2_expression.md, table3_speed.md, confusion_*.png)")
     log(f"  serve it: facedist serve --models {models}")
     return result
 
 
-def _write_report(coeffs: str, report_dir: str, config: WorkflowConfig) -> None:
-    from facedist.report import ReportConfig, write_report
+def write_report_at(out_uri: str, config, log=None) -> dict:
+    """facedist.report.write_report into out_uri, a local folder or an s3:// prefix (rendered in
+    a temporary folder, then uploaded). config: a ReportConfig; its `out` is replaced. The
+    per-fold lines go to runtime.details() unless log is given."""
+    from dataclasses import replace
 
-    def build(local: str) -> None:
-        write_report(ReportConfig(data=coeffs, out=local, folds=config.report_folds, coeff_epochs=config.epochs,
-                                  cnet_epochs=config.cnet_epochs, image_epochs=config.image_epochs,
-                                  image_size=config.image_size, synthetic=config.report_synthetic))
+    from facedist.report import write_report
 
-    if not storage.is_s3(report_dir):
-        build(report_dir)
-        return
+    log = log or runtime.details()
+    if not storage.is_s3(out_uri):
+        return write_report(replace(config, out=out_uri), log=log)
     with tempfile.TemporaryDirectory() as local:  # the report renders locally, then goes up
-        build(local)
-        for path in Path(local).rglob("*"):
+        results = write_report(replace(config, out=local), log=log)
+        for path in sorted(Path(local).rglob("*")):
             if path.is_file():
-                storage.write_bytes(storage.join(report_dir, str(path.relative_to(local))), path.read_bytes())
+                storage.write_bytes(storage.join(out_uri, str(path.relative_to(local))), path.read_bytes())
+    return results

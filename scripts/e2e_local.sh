@@ -13,7 +13,7 @@ BIN="$REPO/.venv/bin"
 [ -x "$BIN/ray" ] || BIN="$(dirname "$(command -v ray)")"
 export PATH="$BIN:$PATH"   # job entrypoints run `python`: the one facedist is installed in
 export FACEDIST_MODEL_DIR="${FACEDIST_MODEL_DIR:-$(realpath ../shared/models)}"
-export PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}"   # workers import serve.app from the repo
+export PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}"   # workers import facedist from the repo
 free_port() { "$BIN/python" -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 GCS_PORT=$(free_port); DASH_PORT=$(free_port); HTTP_PORT=$(free_port)
 # Every port of its own, so another Ray on this machine (a notebook, a test) cannot collide.
@@ -75,9 +75,9 @@ models, port, out = sys.argv[1], int(sys.argv[2]), sys.argv[3]
 config = yaml.safe_load(open("serve/config.yaml"))
 config["http_options"].update(host="127.0.0.1", port=port)
 app = config["applications"][0]
-app["args"].update(models_uri=models, extractor_num_cpus=0.5)
-for deployment in app["deployments"]:
-    deployment.get("autoscaling_config", {}).update(min_replicas=1, max_replicas=1)
+# One replica of each deployment on this small cluster: ServeSettings fields, like every option.
+app["args"].update(models_uri=models, extractor_num_cpus=0.5, max_replicas=1, recognizer_max_replicas=1,
+                   ingress_max_replicas=1)
 yaml.safe_dump(config, open(out, "w"))
 PY
 "$BIN/serve" deploy "$WORK/serve.yaml" -a "$RAY_ADDRESS"

@@ -1,1 +1,1 @@
-"""Online inference on Ray Serve: `serve.app` holds the deployments and the HTTP API."""
+"""`serve run serve/config.yaml` from the repository root: serve.app re-exports facedist.serving."""

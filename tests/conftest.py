@@ -15,6 +15,12 @@ SHARED = Path(os.environ.get("FACEDIST_SHARED", REPO.parent / "shared"))
 os.environ.setdefault("FACEDIST_MODEL_DIR", str(SHARED / "models"))
 
 
+def pytest_collection_modifyitems(config, items):
+    """Tests that start Ray (marked `ray`) run last and together, each module's in its own order:
+    the quick tests report first, and run with no Ray cluster taking the cores."""
+    items.sort(key=lambda item: item.get_closest_marker("ray") is not None)
+
+
 def _free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))

@@ -11,6 +11,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.mark.slow
+@pytest.mark.ray
 def test_e2e_local_cluster(tmp_path, yale_dir):
     # A few people keep it inside CI's budget; the script itself takes any folder.
     images = tmp_path / "images"

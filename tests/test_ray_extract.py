@@ -61,6 +61,7 @@ def test_resource_plan_leaves_room_for_decoding_and_uses_gpus():
 
 # ---- the command line job (its own local Ray; runs before the shared cluster below starts) -------
 
+@pytest.mark.ray
 def test_job_script_extracts_a_manifest_with_labels(tmp_path, yale_dir):
     images = tmp_path / "images"
     images.mkdir()
@@ -96,7 +97,9 @@ def ray_local(s3_server):
 
     # The test-only extractors below must reach the actors by value: tests/ is not importable there.
     cloudpickle.register_pickle_by_value(sys.modules[__name__])
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    from facedist import runtime
+
+    runtime.connect(num_cpus=2)  # the local Ray every command starts, with 2 CPUs
     yield ray
     ray.shutdown()
 
@@ -131,6 +134,7 @@ def _png(array: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
+@pytest.mark.ray
 def test_bucket_to_bucket_on_a_real_s3_server(ray_local, s3_server, s3_bucket, yale_dir):
     import boto3
 
@@ -198,6 +202,7 @@ class _DyingExtractor:
         return self.inner.extract(images)
 
 
+@pytest.mark.ray
 def test_an_actor_killed_mid_batch_is_replaced_and_its_batch_retried(ray_local, tmp_path, yale_dir):
     paths = [str(yale_dir / name) for name in YALE_OK[:8]]
     marker = tmp_path / "died"
@@ -210,6 +215,7 @@ def test_an_actor_killed_mid_batch_is_replaced_and_its_batch_retried(ray_local, 
     assert summary["run"]["written"] == 8 and summary["run"]["unaccounted"] == 0
 
 
+@pytest.mark.ray
 def test_an_interrupted_run_resumes_where_it_stopped(ray_local, tmp_path, yale_dir):
     """Ctrl-C the job script (a second driver on the same cluster) once parts appear, then rerun."""
     import signal
@@ -250,6 +256,7 @@ def test_an_interrupted_run_resumes_where_it_stopped(ray_local, tmp_path, yale_d
     assert again["run"]["written"] == 0 and again["run"]["skipped"] == total
 
 
+@pytest.mark.ray
 def test_other_settings_are_refused_before_any_work_then_replaced(ray_local, tmp_path, yale_dir):
     from facedist.pipeline import OutputSettingsError
 

@@ -19,14 +19,12 @@ import pytest
 httpx = pytest.importorskip("httpx")
 
 REPO = Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:  # `serve` is a top-level folder of the repository, not an installed package
-    sys.path.insert(0, str(REPO))
 TOKEN = "test-token-123"
 MAX_IMAGE_BYTES = 1_000_000
 MAX_IMAGES = 4
 APP_NAME = "facedist-test"
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.ray]
 
 
 def _free_port() -> int:
@@ -109,17 +107,18 @@ def server(models_uri):
     import ray
     from ray import serve
 
-    from serve.app import run_server
+    from facedist import runtime
+    from facedist.serving.app import run_server
 
     saved_token = os.environ.get("FACEDIST_API_TOKEN")
     os.environ["FACEDIST_API_TOKEN"] = TOKEN  # replicas read it when they start
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
-             runtime_env={"env_vars": {"PYTHONPATH": str(REPO),
-                                       "FACEDIST_MODEL_DIR": os.environ["FACEDIST_MODEL_DIR"]}})
+    runtime.connect(num_cpus=2)  # what `facedist serve` would start, with 2 CPUs
     port = _free_port()
     try:
+        # Half a CPU for the extractor: test_web.py adds a second app to this 2-CPU cluster.
         settings = {"models_uri": models_uri, "max_image_bytes": MAX_IMAGE_BYTES, "max_images": MAX_IMAGES,
-                    "max_batch_size": 8, "batch_wait_timeout_s": 0.05, "num_replicas": 1}
+                    "max_batch_size": 8, "batch_wait_timeout_s": 0.05, "num_replicas": 1,
+                    "extractor_num_cpus": 0.5}
         # What `facedist serve` runs (Ray is already up, so it is used as is).
         run_server(settings.pop("models_uri"), host="127.0.0.1", port=port, name=APP_NAME, blocking=False, **settings)
         yield f"http://127.0.0.1:{port}", settings
@@ -298,7 +297,7 @@ def _person_files(yale_dir, names=PERSON):
 
 
 def test_predict_identity_expressions_and_confidences(client, yale_dir, extractor, models_uri):
-    from facedist.training.inference import Recognizer
+    from facedist.recognition import Recognizer
 
     response = client.post("/v1/predict", files=_person_files(yale_dir))
     assert response.status_code == 200, response.text
@@ -351,19 +350,31 @@ def test_models_lists_recognizer_versions(client):
 
 
 def test_config_yaml_is_a_valid_serve_config_that_builds():
-    """serve/config.yaml passes Ray's own schema and its import path builds the app from its args."""
+    """serve/config.yaml passes Ray's own schema, overrides no deployment, and its import path
+    builds the app with every deployment option taken from the one ServeSettings."""
     import importlib
 
     import yaml
     from ray.serve.schema import ServeDeploySchema
 
+    from facedist.serving.app import deployment_options
+    from facedist.serving.settings import ServeSettings
+
     config = ServeDeploySchema.model_validate(yaml.safe_load((REPO / "serve" / "config.yaml").read_text()))
     (app,) = config.applications
+    assert not app.deployments  # a `deployments:` section would override what the settings derive
     module_name, attr = app.import_path.split(":")
-    builder = getattr(importlib.import_module(module_name), attr)
-    built = builder(app.args)
-    deployments = {d.name: d for d in app.deployments}
-    assert {"FaceExtractor", "FaceRecognizer", "FacedistAPI"} == set(deployments)
-    scaling = deployments["FaceExtractor"].autoscaling_config
-    assert scaling["min_replicas"] < scaling["max_replicas"] and scaling["target_ongoing_requests"] > 0
-    assert type(built).__name__ == "Application"
+    built = getattr(importlib.import_module(module_name), attr)(app.args)
+    expected = deployment_options(ServeSettings.from_args(app.args))
+    ingress = built._bound_deployment
+    extractor, recognizer = (child._bound_deployment for child in ingress.init_args[:2])
+    for deployment in (ingress, extractor, recognizer):
+        options = expected[deployment.name]
+        assert deployment.ray_actor_options["num_cpus"] == options["ray_actor_options"]["num_cpus"]
+        assert deployment.max_ongoing_requests == options["max_ongoing_requests"]
+    scaling = expected["FaceExtractor"]["autoscaling_config"]
+    assert scaling["max_replicas"] == ServeSettings().max_replicas > scaling["min_replicas"]
+    # The legacy import path is the same builder.
+    from serve.app import build_app as legacy
+
+    assert legacy is importlib.import_module("facedist.serving.app").build_app

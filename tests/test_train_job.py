@@ -12,15 +12,15 @@ from facedist import storage
 from facedist.training import TrainConfig, load_model_bundle, run_training
 from facedist.training.synthetic import SyntheticConfig, synthetic_table
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.ray]
 EXPRESSIONS = ("happy", "sad", "surprised")
 
 
 @pytest.fixture(scope="module")
 def ray_local():
-    import ray
+    from facedist import runtime
 
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    ray = runtime.connect(num_cpus=2)  # the local Ray every command starts, with 2 CPUs
     yield
     ray.shutdown()
 
@@ -49,7 +49,7 @@ def test_two_workers_checkpoint_and_resume(ray_local, table_file, tmp_path):
     assert first["history"][-1]["n_val"] > 0
     bundle = load_model_bundle(first["bundle"])
     assert bundle["task"] == "expression" and bundle["labels"] == sorted(EXPRESSIONS)
-    assert bundle["model_config"]["arch"] == "resnet32_1d"
+    assert bundle["model_config"]["name"] == "resnet32_1d"
     # Same name + output: continues from the epoch-1 checkpoint instead of starting over.
     second = run_training(_config(table_file, out, epochs=4))
     epochs = [h["epoch"] for h in second["history"]]

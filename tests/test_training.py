@@ -12,7 +12,7 @@ import torch
 from facedist.training import TrainConfig, load_model_bundle, save_model_bundle
 from facedist.training.data import Standardizer, image_folds, group_combinations, table_to_data
 from facedist.training.engine import fit
-from facedist.training.inference import Recognizer
+from facedist.recognition import Recognizer
 from facedist.training.synthetic import SyntheticConfig, synthetic_table
 from facedist.training.tasks import CNetTask, make_classifier_task, metrics_from_confusion
 

@@ -84,6 +84,7 @@ def test_decimated_mesh_is_a_light_valid_wireframe():
 # ---- the mesh flag over plain HTTP -----------------------------------------------------------
 
 @pytest.mark.slow
+@pytest.mark.ray
 def test_extract_mesh_only_when_asked(client, face_bytes):
     plain = client.post("/v1/extract", files={"image": ("subject01.normal", face_bytes)})
     assert plain.status_code == 200, plain.text
@@ -114,6 +115,7 @@ def test_extract_mesh_only_when_asked(client, face_bytes):
 
 
 @pytest.mark.slow
+@pytest.mark.ray
 def test_bad_mesh_flag_is_a_422(client, face_bytes):
     response = client.post("/v1/extract", params={"mesh": "sometimes"}, files={"image": ("a", face_bytes)})
     assert response.status_code == 422 and _error(response)["code"] == "invalid_request"
@@ -160,6 +162,7 @@ def _small_png(png: bytes) -> bytes:
 
 
 @pytest.mark.slow
+@pytest.mark.ray
 def test_page_draws_fits_shows_predictions_and_the_bad_file(browser, server, yale_dir, tmp_path):
     base_url, _ = server
     notes = tmp_path / "notes.txt"
@@ -210,16 +213,17 @@ def test_page_draws_fits_shows_predictions_and_the_bad_file(browser, server, yal
 
 
 @pytest.mark.slow
+@pytest.mark.ray
 def test_page_under_a_route_prefix_without_models(browser, server, yale_dir, tmp_path):
     """The same app mounted at /facedist, no recognizer: relative URLs reach it, predict's 503
     not_configured is shown and the extraction still is."""
     import httpx
     from ray import serve
 
-    from serve.app import build_app
+    from facedist.serving import build_app
 
     base_url, _ = server
-    serve.run(build_app({"num_replicas": 1, "max_batch_size": 4}), name=PREFIX_APP, route_prefix=PREFIX,
+    serve.run(build_app({"num_replicas": 1, "max_batch_size": 4, "extractor_num_cpus": 0.5}), name=PREFIX_APP, route_prefix=PREFIX,
               blocking=False)
     try:
         html = httpx.get(f"{base_url}{PREFIX}", timeout=60, follow_redirects=True).text

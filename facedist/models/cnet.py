@@ -72,6 +72,11 @@ def aggregate_identity(alpha: torch.Tensor, confidence: torch.Tensor | None = No
     return (weight * alpha).sum(-2) / weight.sum(-2).clamp_min(1e-8)
 
 
+def cnet(**config) -> CNet:
+    """create_model("cnet", input_dim=..., n_id=..., ...): CNetConfig's fields as keywords."""
+    return CNet(CNetConfig(**config))
+
+
 def build_cnet(config: dict | CNetConfig) -> CNet:
     if isinstance(config, dict):
         config = CNetConfig(**config)

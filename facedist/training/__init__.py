@@ -10,10 +10,10 @@ from facedist.training.bundle import load_model_bundle, save_model_bundle
 from facedist.training.engine import TrainConfig
 
 
-def run_training(config: TrainConfig) -> dict:
+def run_training(config: TrainConfig, address: str | None = None) -> dict:
     from facedist.training.distributed import run_training as _run
 
-    return _run(config)
+    return _run(config, address=address)
 
 
 def train_in_process(config: TrainConfig, data=None, task=None, on_epoch=None):
@@ -21,7 +21,7 @@ def train_in_process(config: TrainConfig, data=None, task=None, on_epoch=None):
     reading config.data; ``task``: a prebuilt task."""
     from facedist.training.data import load_data
     from facedist.training.engine import fit
-    from facedist.training.tasks import make_task
+    from facedist.training.registry import make_task
 
     if task is None:
         task = make_task(config, data if data is not None else load_data(config.data))

@@ -2,7 +2,7 @@
 
     <dir>/model.pt   torch.save of a dict:
         task          "cnet" | "identity" | "expression" | "gender" | "image_identity" | ...
-        model_config  kwargs that rebuild the module (facedist.models.*.build_*), incl. "family"
+        model_config  {"name": a facedist.models.registry name, **its keyword arguments}
         state_dict    the module's weights (plain, never DDP-prefixed)
         labels        class names in output order ([] for C-Net)
         layout        CoefficientLayout JSON of the table it was trained on
@@ -29,20 +29,20 @@ FORMAT_VERSION = 1
 
 
 def build_model(model_config: dict) -> nn.Module:
-    """Rebuild a module from its bundle config (the 'family' key picks the constructor)."""
+    """Rebuild a module from its bundle config: create_model(name, **kwargs). Bundles written
+    before the registry name a "family" instead; they still load."""
+    from facedist.models.registry import create_model
+
     config = dict(model_config)
-    family = config.pop("family")
-    if family == "cnet":
-        from facedist.models.cnet import build_cnet
-        return build_cnet(config)
-    if family == "resnet1d":
-        from facedist.models.resnet1d import build_resnet1d
-        return build_resnet1d(config)
-    if family == "resnet2d":
-        from facedist.models import resnet
-        arch = config.pop("arch", "resnet34")
-        return getattr(resnet, arch)(**config)
-    raise ValueError(f"unknown model family {family!r}")
+    if "name" not in config:
+        family = config.pop("family")
+        if family == "cnet":
+            config["name"] = "cnet"
+        elif family in ("resnet1d", "resnet2d"):
+            config["name"] = config.pop("arch", "resnet34")
+        else:
+            raise ValueError(f"unknown model family {family!r}")
+    return create_model(**config)
 
 
 def make_bundle(*, task: str, model_config: dict, state_dict: dict, labels: list[str], layout_json: str,

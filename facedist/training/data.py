@@ -1,5 +1,6 @@
 """From a coefficients table to training arrays: quality vectors, per-image cameras, splits by
-image, C(n, r) combinations per subject, and input standardisation."""
+image, C(n, r) combinations per subject. The quality vector and the input standardisation are
+the serving-time ones (facedist.recognition), re-exported here for the training code."""
 
 from __future__ import annotations
 
@@ -9,96 +10,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import pyarrow as pa
 
+from facedist.recognition import Standardizer, quality_vector, within_class_whitening  # noqa: F401
 from facedist.schema import STATUS_OK, CoefficientLayout, layout_from_schema
-
-QUALITY_SCALARS = ("yaw", "pitch", "roll", "abs_yaw", "det_score", "landmark_error", "log_landmark_error")
-
-
-def _floats(value, default: float = 0.0) -> float:
-    return default if value is None or (isinstance(value, float) and np.isnan(value)) else float(value)
-
-
-def quality_vector(row: dict, n_feature: int) -> np.ndarray:
-    """C-Net's per-image input: pose (degrees/90), |yaw|, detection score, landmark residual
-    (and its log), then the regressor's pooled feature (zeros when the backend stores none).
-    ``row`` is a table row or ExtractionResult.to_row()."""
-    yaw, pitch, roll = (_floats(row.get(k)) for k in ("yaw", "pitch", "roll"))
-    residual = _floats(row.get("landmark_error"), 0.05)
-    scalars = [yaw / 90, pitch / 90, roll / 90, abs(yaw) / 90, _floats(row.get("det_score"), 1.0),
-               residual, np.log(max(residual, 1e-4))]
-    feature = np.zeros(n_feature, np.float32)
-    raw = row.get("feature")
-    if raw is not None and n_feature:
-        raw = np.asarray(raw, np.float32).ravel()[:n_feature]
-        feature[: raw.size] = raw
-    return np.concatenate([np.asarray(scalars, np.float32), feature])
-
-
-@dataclass
-class Standardizer:
-    """x -> (x - mean) / std, then optionally @ whiten; fitted on training inputs and stored in
-    every bundle.
-
-    ``whiten`` is within-class whitening (the symmetric inverse square root of the within-class
-    covariance, as in LDA / WCCN): identity coefficients of one person vary with expression and
-    pose along a few correlated directions, and a small classifier does not learn to discount
-    them from a few hundred inputs. On Yale (fit backend) a Mahalanobis nearest-centroid rule on
-    combinations of 3 goes from 0.87 (per-dimension standardisation) to 1.00 with it. Symmetric,
-    so each output dimension stays closest to its own basis dimension (the 1-D ResNet's order)."""
-
-    mean: np.ndarray
-    std: np.ndarray
-    whiten: np.ndarray | None = None
-
-    @classmethod
-    def fit(cls, x: np.ndarray, groups: np.ndarray | None = None, floor: float = 1e-3) -> "Standardizer":
-        """groups: a class per row; when given, also fit within-class whitening. ``floor``: the
-        smallest eigenvalue kept, relative to the mean one (directions with almost no
-        within-class spread would otherwise be blown up)."""
-        x = np.asarray(x, np.float64)
-        norm = cls(x.mean(0).astype(np.float32), np.maximum(x.std(0), 1e-6).astype(np.float32))
-        if groups is not None:
-            norm.whiten = within_class_whitening(norm(x), np.asarray(groups), floor)
-        return norm
-
-    def __call__(self, x: np.ndarray) -> np.ndarray:
-        z = (np.asarray(x, np.float32) - self.mean) / self.std
-        if self.whiten is not None:
-            z = z @ self.whiten
-        return z.astype(np.float32)
-
-    def to_dict(self) -> dict:
-        out = {"mean": self.mean.tolist(), "std": self.std.tolist()}
-        if self.whiten is not None:
-            out["whiten"] = self.whiten.tolist()
-        return out
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "Standardizer":
-        whiten = d.get("whiten")
-        return cls(np.asarray(d["mean"], np.float32), np.asarray(d["std"], np.float32),
-                   None if whiten is None else np.asarray(whiten, np.float32))
-
-
-def within_class_whitening(z: np.ndarray, groups: np.ndarray, floor: float = 1e-3) -> np.ndarray:
-    """(D, D) symmetric W with W Sw W = I, Sw the pooled within-class covariance of z (N, D).
-    Classes with one row add nothing; with no within-class spread at all, the identity."""
-    z = np.asarray(z, np.float64)
-    keys = np.asarray([str(g) for g in groups])
-    centred, dof = [], 0
-    for key in np.unique(keys):
-        members = z[keys == key]
-        if len(members) > 1:
-            centred.append(members - members.mean(0))
-            dof += len(members) - 1
-    if dof == 0:
-        return np.eye(z.shape[1], dtype=np.float32)
-    residual = np.concatenate(centred)
-    scatter = residual.T @ residual / dof
-    values, vectors = np.linalg.eigh(scatter)
-    values = np.maximum(values, max(floor * values.mean(), 1e-12))
-    return ((vectors / np.sqrt(values)) @ vectors.T).astype(np.float32)
-
 
 @dataclass
 class CoefficientData:

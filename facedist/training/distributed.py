@@ -15,13 +15,24 @@ import json
 import os
 import tempfile
 
-from facedist import storage
+from facedist import runtime, storage
 from facedist.training.engine import TrainConfig
 
-# Environment the workers need (model files, S3 endpoint/credentials); propagated explicitly.
-PROPAGATED_ENV = ("FACEDIST_MODEL_DIR", "FACEDIST_CACHE_DIR", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY",
-                  "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_DEFAULT_REGION",
-                  "AWS_REGION", "FACEDIST_S3_MAX_ATTEMPTS")
+
+def describe_best(best: dict) -> str:
+    """A run's best epoch in words, with the metric keys the task reports: accuracy and macro-F1
+    for classifiers, C-Net's leave-one-out errors (vs the plain mean) for cnet."""
+    if best.get("accuracy") is not None:
+        text = f"validation accuracy {best['accuracy']:.3f}"
+        if best.get("macro_f1") is not None:
+            text += f", macro_f1 {best['macro_f1']:.3f}"
+    elif best.get("loo_error_cnet") is not None:
+        nan = float("nan")
+        text = (f"loo_error_cnet {best['loo_error_cnet']:.4f} vs loo_error_mean {best.get('loo_error_mean', nan):.4f}"
+                f" (loo_gain_vs_mean {best.get('loo_gain_vs_mean', nan):+.3f})")
+    else:
+        text = ", ".join(f"{k} {v:.4g}" for k, v in best.items() if isinstance(v, float))
+    return f"{text}; best epoch {best.get('epoch')}"
 
 
 def run_name(config: TrainConfig) -> str:
@@ -35,7 +46,7 @@ def _worker_loop(loop_config: dict) -> None:
 
     from facedist.training.data import load_data
     from facedist.training.engine import fit, load_trainer_state
-    from facedist.training.tasks import make_task
+    from facedist.training.registry import make_task
 
     os.environ.update(loop_config.pop("_env", {}))
     config = TrainConfig(**loop_config)
@@ -63,10 +74,10 @@ def _worker_loop(loop_config: dict) -> None:
         resume=resume, on_epoch=on_epoch)
 
 
-def run_training(config: TrainConfig) -> dict:
-    """Train with Ray Train (connects to a running cluster or starts a local one) and return a
-    summary: final metrics, per-epoch history, where the bundle went."""
-    import ray
+def run_training(config: TrainConfig, address: str | None = None) -> dict:
+    """Train with Ray Train (joins the cluster facedist.runtime.connect picks: address,
+    RAY_ADDRESS, or a local one) and return a summary: final metrics, per-epoch history, where
+    the bundle went."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
@@ -75,12 +86,12 @@ def run_training(config: TrainConfig) -> dict:
     config = dataclasses.replace(config, data=storage.absolute(config.data), output=storage.absolute(config.output),
                                  cnet=storage.absolute(config.cnet))
     storage_before = storage.stats_snapshot()
-    if not ray.is_initialized():
-        ray.init(address=os.environ.get("RAY_ADDRESS") or None, include_dashboard=False)
+    ray = runtime.connect(address)
     use_gpu = config.use_gpu if config.use_gpu is not None else ray.cluster_resources().get("GPU", 0) >= 1
     filesystem, path = storage.filesystem_for(config.output)
     loop_config = config.to_dict()
-    loop_config["_env"] = {k: os.environ[k] for k in PROPAGATED_ENV if k in os.environ}
+    # Also through the loop's config: a cluster started elsewhere did not get this process's environment.
+    loop_config["_env"] = runtime.worker_env()
     trainer = TorchTrainer(
         _worker_loop, train_loop_config=loop_config,
         scaling_config=ScalingConfig(num_workers=config.num_workers, use_gpu=use_gpu,

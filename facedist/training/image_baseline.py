@@ -17,6 +17,7 @@ from facedist.training.data import CoefficientData, encode_labels, group_combina
 from facedist.training.engine import TrainConfig
 from facedist.training.tasks import ClassifierTask, LABEL_COLUMN, _jsonable, _shard, confusion_matrix
 from facedist.training.bundle import make_bundle
+from facedist.models.registry import create_model
 
 
 def face_crop(image: np.ndarray, landmarks: np.ndarray, size: int) -> np.ndarray:
@@ -53,13 +54,13 @@ class ImageTask(ClassifierTask):
         self.val_groups = None if val_groups is None else torch.as_tensor(val_groups)
         self.y_val = torch.as_tensor(y_val)        # one label per validation group (or image)
         self.layout_json = layout_json
-        self.model_config = {"arch": "resnet34", "num_classes": len(labels), "in_channels": 3}
+        self.model_name = "resnet34"  # facedist.models.registry
+        self.model_config = {"num_classes": len(labels), "in_channels": 3}
         self.extra = extra
         self.norm = None
 
     def build_model(self):
-        from facedist.models.resnet import resnet34
-        return resnet34(num_classes=len(self.labels), in_channels=3)
+        return create_model(self.model_name, **self.model_config)
 
     @staticmethod
     def _to_input(crops: torch.Tensor) -> torch.Tensor:
@@ -97,7 +98,7 @@ class ImageTask(ClassifierTask):
         return {"confusion": torch.as_tensor(matrix, dtype=torch.float64), "val_loss": losses}
 
     def bundle(self, state: dict, metrics: dict) -> dict:
-        return make_bundle(task=self.config.task, model_config={"family": "resnet2d", **self.model_config},
+        return make_bundle(task=self.config.task, model_config={"name": self.model_name, **self.model_config},
                            state_dict=state, labels=self.labels, layout_json=self.layout_json, input_norm=None,
                            metrics=_jsonable(metrics), extra=self.extra)
 

@@ -18,8 +18,8 @@ import numpy as np
 import torch
 from torch.nn import functional as F
 
-from facedist.models.cnet import CNetConfig, aggregate_identity, build_cnet
-from facedist.models.resnet1d import ResNet1dConfig, build_resnet1d
+from facedist.models.cnet import CNetConfig, aggregate_identity
+from facedist.models.registry import create_model
 from facedist.training.bundle import make_bundle
 from facedist.training.data import (CoefficientData, Standardizer, encode_labels, group_combinations,
                                     image_folds)
@@ -29,6 +29,7 @@ COEFFICIENT_TASKS = ("identity", "expression", "gender")
 LABEL_COLUMN = {"identity": "subject", "expression": "expression", "gender": "gender",
                 "image_identity": "subject", "image_expression": "expression"}
 INPUT_NORMS = ("within_class", "standard")
+AGGREGATES = ("cnet", "mean")  # how identity combinations are pooled: C-Net confidences or the plain mean
 ARCH = {"identity": "resnet34_1d", "gender": "resnet34_1d", "expression": "resnet32_1d"}
 
 
@@ -82,11 +83,13 @@ class ClassifierTask:
         self.x_val = torch.as_tensor(self.norm(x_val))
         self.y_val = torch.as_tensor(y_val)
         self.layout_json = layout_json
-        self.model_config = ResNet1dConfig(arch, x_train.shape[1], len(labels), config.dropout).to_dict()
+        # facedist.models.registry: the architecture by name, its keyword arguments.
+        self.model_name = arch
+        self.model_config = {"input_dim": x_train.shape[1], "num_classes": len(labels), "dropout": config.dropout}
         self.extra = extra or {}
 
     def build_model(self):
-        return build_resnet1d(self.model_config)
+        return create_model(self.model_name, **self.model_config)
 
     def augment(self, x: torch.Tensor) -> torch.Tensor:
         """Coefficient augmentation: Gaussian noise in the normalised input's units (after
@@ -138,7 +141,7 @@ class ClassifierTask:
         return out
 
     def bundle(self, state: dict, metrics: dict) -> dict:
-        return make_bundle(task=self.config.task, model_config={"family": "resnet1d", **self.model_config},
+        return make_bundle(task=self.config.task, model_config={"name": self.model_name, **self.model_config},
                            state_dict=state, labels=self.labels, layout_json=self.layout_json,
                            input_norm=self.norm.to_dict(), metrics=_jsonable(metrics), extra=self.extra)
 
@@ -253,7 +256,7 @@ class CNetTask:
         self.n_feature = data.n_feature
 
     def build_model(self):
-        return build_cnet(self.model_config)
+        return create_model("cnet", **self.model_config)
 
     def _move_to(self, device) -> None:
         """Sets and basis onto the training device (once; they are built on the CPU)."""
@@ -301,18 +304,7 @@ class CNetTask:
         return out
 
     def bundle(self, state: dict, metrics: dict) -> dict:
-        return make_bundle(task="cnet", model_config={"family": "cnet", **self.model_config}, state_dict=state,
+        return make_bundle(task="cnet", model_config={"name": "cnet", **self.model_config}, state_dict=state,
                            labels=[], layout_json=self.layout_json, input_norm=self.norm.to_dict(),
                            metrics=_jsonable(metrics), extra={"n_feature": self.n_feature, "fold": self.config.fold,
                                                               "folds": self.config.folds})
-
-
-def make_task(config: TrainConfig, data: CoefficientData):
-    if config.task == "cnet":
-        return CNetTask(config, data)
-    if config.task in COEFFICIENT_TASKS:
-        return make_classifier_task(config, data)
-    if config.task.startswith("image_"):
-        from facedist.training.image_baseline import make_image_task
-        return make_image_task(config, data)
-    raise ValueError(f"unknown task {config.task!r}")

@@ -1,0 +1,166 @@
+"""The model deployments: a batched coefficient extractor and a batched recognizer.
+
+Their resources, replica counts and batch sizes are set by the app builder (facedist.serving.app)
+from ServeSettings; the decorators here carry only the names. Each replica gets the app's
+settings as a dict and builds its models once, in __init__.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import hashlib
+import json
+import time
+from collections import Counter
+
+import numpy as np
+from ray import serve
+
+from facedist.serving.settings import DEFAULTS, ServeSettings, resolve_device
+
+
+@serve.deployment(name="FaceExtractor")
+class FaceExtractor:
+    """One extractor per replica; concurrent single-image calls are grouped into batches, and a
+    batch's faces are detected together (FaceBoxes: one batched forward)."""
+
+    def __init__(self, settings: dict):
+        import torch
+
+        from facedist.extractors import make_extractor
+
+        s = ServeSettings(**settings)
+        # The replica's CPU share, whole CPUs, at least 1: FaceBoxes and the regressor use them.
+        torch.set_num_threads(s.extractor_threads)
+        self.torch_threads = torch.get_num_threads()
+        self.max_side = s.max_side  # uploads are downscaled on decode to at most this side
+        self.device = resolve_device(s.device)
+        self.extractor = make_extractor(s.backend, detector=s.detector, landmarks=s.landmarks, device=self.device,
+                                        detect_threads=s.extractor_detect_threads)
+        self.extract.set_max_batch_size(s.max_batch_size)
+        self.extract.set_batch_wait_timeout_s(s.batch_wait_timeout_s)
+        self.batch_sizes: Counter[int] = Counter()
+        self.started = time.time()
+
+    @serve.batch(max_batch_size=DEFAULTS.max_batch_size, batch_wait_timeout_s=DEFAULTS.batch_wait_timeout_s)
+    async def extract(self, items: list[tuple[bytes, bool]]) -> list[dict]:
+        """Per image (encoded upload, with_mesh); a coefficients row per image out. An upload that
+        does not decode comes back as an error row marked decode_error. with_mesh adds the
+        decimated fitted mesh in pixels (mesh2d)."""
+        self.batch_sizes[len(items)] += 1
+        # Decoding and the models run in a worker thread so the replica keeps accepting (and
+        # batching) requests.
+        return await asyncio.to_thread(self._extract_rows, items)
+
+    def _extract_rows(self, items: list[tuple[bytes, bool]]) -> list[dict]:
+        from facedist.mesh import result_mesh2d
+        from facedist.pipeline import decode_row, extract_rows
+
+        # The pipeline's own row functions: a bad upload is its row's error, rows in = rows out.
+        decoded = [decode_row({"path": f"upload-{i}", "bytes": upload}, self.max_side)
+                   for i, (upload, _) in enumerate(items)]
+        finished, results = extract_rows(decoded, self.extractor)
+        # The mesh is computed here, where the camera is known (tddfa/fit; deep3d has none), and
+        # only when asked for: a few thousand numbers per row most requests do not want.
+        model = getattr(self.extractor, "model", None)
+        for row, source, result, (_, with_mesh) in zip(finished, decoded, results, items):
+            if source["image"] is None:
+                row["decode_error"] = True
+            elif with_mesh and row.get("status") == "ok":
+                points = result_mesh2d(result, model)
+                if points is not None:
+                    row["mesh2d"] = np.round(points, 1).tolist()
+        return finished
+
+    def mesh_triangles(self) -> list[list[int]] | None:
+        """The decimated mesh's triangles (one topology for every image), or None without one."""
+        from facedist.mesh import decimated_mesh
+
+        model = getattr(self.extractor, "model", None)
+        return decimated_mesh(model)[1].tolist() if model is not None else None
+
+    def info(self) -> dict:
+        layout = getattr(self.extractor, "layout", None)
+        return {
+            "name": getattr(self.extractor, "name", None),
+            "device": self.device,
+            "layout": dataclasses.asdict(layout) if layout is not None else None,
+            "max_batch_size": self.extract._get_max_batch_size(),
+            "detector": getattr(getattr(self.extractor, "detector", None), "name", None),
+            "detect_threads": getattr(getattr(self.extractor, "detector", None), "threads", 1),
+            "torch_threads": self.torch_threads,
+        }
+
+    def stats(self) -> dict:
+        """Batch sizes seen and, when the extractor keeps them, CPU/wall seconds per stage."""
+        timings = getattr(self.extractor, "timings", None)
+        stages = {kind: dict(getattr(timings, kind)) for kind in ("cpu", "wall") if hasattr(timings, kind)}
+        return {"batch_sizes": dict(self.batch_sizes), "stage_seconds": stages,
+                "images": sum(size * count for size, count in self.batch_sizes.items()),
+                "uptime_s": time.time() - self.started}
+
+    def reset_stats(self) -> None:
+        self.batch_sizes.clear()
+        timings = getattr(self.extractor, "timings", None)
+        if hasattr(timings, "clear"):
+            timings.clear()
+
+
+@serve.deployment(name="FaceRecognizer")
+class FaceRecognizer:
+    """C-Net aggregation + classifiers from the training job's bundles, loaded once per replica."""
+
+    def __init__(self, settings: dict):
+        s = ServeSettings(**settings)
+        self.models_uri = s.models_uri or None
+        self.top_k = s.top_k
+        self.recognizer = None
+        self.versions: dict[str, str] = {}
+        if self.models_uri:
+            from facedist.recognition import Recognizer
+
+            self.recognizer = Recognizer.from_directory(self.models_uri)
+            check_layouts(self.recognizer.bundles, s.backend)
+            self.versions = {task: bundle_version(b) for task, b in self.recognizer.bundles.items()}
+        self.predict.set_max_batch_size(s.predict_max_batch_size)
+        self.predict.set_batch_wait_timeout_s(s.predict_batch_wait_timeout_s)
+
+    @serve.batch(max_batch_size=DEFAULTS.predict_max_batch_size,
+                 batch_wait_timeout_s=DEFAULTS.predict_batch_wait_timeout_s)
+    async def predict(self, people: list[list[dict]]) -> list[dict]:
+        """people: for each request, the extraction rows of one person's images."""
+        return await asyncio.to_thread(self._predict_people, people)
+
+    def _predict_people(self, people: list[list[dict]]) -> list[dict]:
+        # The bundles' models are tiny; a batch saves the per-request thread and RPC hops.
+        return [self.recognizer.predict(rows, top_k=self.top_k) for rows in people]
+
+    def info(self) -> dict | None:
+        if self.recognizer is None:
+            return None
+        models = {}
+        for task, bundle in self.recognizer.bundles.items():
+            layout = json.loads(bundle["layout"]) if bundle.get("layout") else {}
+            models[task] = {"version": self.versions[task], "labels": bundle.get("labels") or [],
+                            "metrics": bundle.get("metrics") or {}, "trained_on": layout,
+                            "format_version": bundle.get("format_version")}
+        return {"models_uri": self.models_uri, "models": models}
+
+
+def bundle_version(bundle: dict) -> str:
+    """12 hex digits of sha256 over the weights: changes exactly when the model does."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(bundle["state_dict"].items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()[:12]
+
+
+def check_layouts(bundles: dict[str, dict], backend: str) -> None:
+    """Classifiers trained on another regressor's coefficients would answer nonsense: refuse."""
+    for task, bundle in bundles.items():
+        layout = json.loads(bundle["layout"]) if bundle.get("layout") else None
+        if layout and layout.get("backend") and layout["backend"] != backend:
+            raise ValueError(f"the {task} model was trained on {layout['backend']} coefficients but the "
+                             f"server extracts with {backend}; start it with backend={layout['backend']}")

@@ -1,0 +1,214 @@
+"""The HTTP ingress: the FastAPI app (page, /v1/health, /v1/models, /v1/extract, /v1/predict)
+behind Ray Serve. With FACEDIST_API_TOKEN set (read when a replica starts), every endpoint but the
+page, /v1/health and the docs needs "Authorization: Bearer <token>"."""
+
+import asyncio
+import functools
+import hmac
+import html
+import os
+
+from fastapi import FastAPI, Request
+from fastapi.responses import HTMLResponse
+from ray import serve
+from starlette.datastructures import UploadFile
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.formparsers import MultiPartException
+
+from facedist.serving.errors import ApiError, decode_error_to_api, install_error_handlers
+from facedist.serving.schemas import (ERROR_RESPONSES, ExtractResponse, PredictResponse, Upload, extraction_response,
+                                      multipart_doc, prediction_response)
+from facedist.serving.settings import API_TOKEN_ENV, API_VERSION, ServeSettings
+
+api = FastAPI(
+    title="facedist",
+    version=API_VERSION,
+    description="3DMM face analysis: coefficients from one photo, identity/gender/expressions "
+                "from one or several photos of a person. Images are multipart uploads. Errors are "
+                '{"error": {"code", "message"}} with a 4xx status.',
+)
+install_error_handlers(api)
+
+
+@functools.lru_cache(maxsize=1)
+def _page_template() -> str:
+    from importlib.resources import files
+
+    return (files("facedist") / "web" / "index.html").read_text(encoding="utf-8")
+
+
+def index_page(root_path: str) -> str:
+    """The web page with <base href> set to where the app is mounted, so its relative fetch URLs
+    (v1/extract, ...) work under any route prefix."""
+    base = html.escape(root_path.rstrip("/") + "/", quote=True)
+    return _page_template().replace('<base href="./">', f'<base href="{base}">', 1)
+
+
+# Note: everything the ingress methods use must be defined above the class: @serve.ingress
+# captures the FastAPI app (with these methods) when the class is made.
+@serve.deployment(name="FacedistAPI")
+@serve.ingress(api)
+class FacedistAPI:
+    """Checks auth and limits, parses the multipart upload, fans single encoded images out to the
+    extractor (images of concurrent requests land in one batch) and answers a bad upload with
+    its own 4xx (what is plainly no image, before any model work)."""
+
+    def __init__(self, extractor, recognizer, settings: dict):
+        self.settings = ServeSettings(**settings)
+        self.extractor = extractor
+        self.recognizer = recognizer if self.settings.models_uri else None
+        # Read once, at replica start: rotating the token means restarting the replicas.
+        self.token = os.environ.get(API_TOKEN_ENV) or None
+
+    # -- checks shared by the endpoints --
+
+    def _authorize(self, request: Request) -> None:
+        if self.token is None:
+            return
+        header = request.headers.get("authorization", "")
+        scheme, _, value = header.partition(" ")
+        if scheme.lower() != "bearer" or not value:
+            raise ApiError(401, "unauthorized", "missing bearer token (Authorization: Bearer <token>)")
+        if not hmac.compare_digest(value.strip().encode(), self.token.encode()):
+            raise ApiError(401, "unauthorized", "wrong bearer token")
+
+    async def _read_uploads(self, request: Request, field_name: str, max_count: int) -> list[Upload]:
+        """The files under one multipart field, with every limit checked before any decoding."""
+        s = self.settings
+        content_type = request.headers.get("content-type", "")
+        if not content_type.startswith("multipart/form-data"):
+            raise ApiError(415, "not_multipart",
+                           f"expected a multipart/form-data upload with field '{field_name}', "
+                           f"got content-type {content_type or 'none'!r}")
+        # Reject an oversized body from its declared length before reading it.
+        max_body = s.max_image_bytes * max_count + 64 * 1024
+        length = request.headers.get("content-length")
+        if length and length.isdigit() and int(length) > max_body:
+            raise ApiError(413, "too_large",
+                           f"request body is {int(length)} bytes; the limit is {max_body} "
+                           f"({max_count} image(s) of at most {s.max_image_bytes} bytes)")
+        try:
+            form = await request.form(max_files=max_count + 8, max_fields=32)
+        except (StarletteHTTPException, MultiPartException) as exc:
+            detail = getattr(exc, "detail", None) or getattr(exc, "message", None) or str(exc)
+            if "Too many files" in str(detail):
+                raise ApiError(413, "too_many_images",
+                               f"too many files; at most {max_count} image(s) per request") from None
+            raise ApiError(400, "bad_multipart", f"could not parse the upload: {detail}") from None
+        try:
+            return await self._collect(form, field_name, max_count)
+        finally:
+            await form.close()  # spooled temporary files go now, also after a rejection
+
+    async def _collect(self, form, field_name: str, max_count: int) -> list[Upload]:
+        s = self.settings
+        items = form.getlist(field_name)
+        if not items:
+            present = sorted(set(form.keys()))
+            raise ApiError(422, "missing_field",
+                           f"missing field '{field_name}' (multipart file upload)"
+                           + (f"; got fields {present}" if present else ""), field=field_name)
+        if len(items) > max_count:
+            raise ApiError(413, "too_many_images",
+                           f"{len(items)} images; at most {max_count} per request", field=field_name)
+        uploads = []
+        for index, item in enumerate(items):
+            if not isinstance(item, UploadFile):
+                raise ApiError(422, "not_a_file",
+                               f"field '{field_name}' #{index} is a text value, not a file upload",
+                               field=field_name, index=index)
+            data = await item.read(s.max_image_bytes + 1)
+            if len(data) > s.max_image_bytes:
+                raise ApiError(413, "too_large",
+                               f"image #{index} ({item.filename}) is larger than {s.max_image_bytes} bytes",
+                               field=field_name, index=index)
+            uploads.append(Upload(index, item.filename, data))
+        return uploads
+
+    @staticmethod
+    def _check_not_image(upload: Upload) -> None:
+        """For an upload whose first bytes are no known image format: the decoder's own 4xx
+        (empty, text, HTML, unrecognised), raised here before any model work for the request."""
+        from facedist.images import ImageDecodeError, decode_image
+
+        try:
+            decode_image(upload.data, max_side=64)  # fails fast on what is not an image
+        except ImageDecodeError as exc:
+            raise decode_error_to_api(f"{exc}", index=upload.index, filename=upload.filename) from None
+
+    async def _extract(self, uploads: list[Upload], mesh: bool = False) -> list[dict]:
+        from facedist.images import sniff_format
+
+        # What is plainly no image is turned away first, so a request with one such file costs
+        # no model work; a truncated or corrupt image is found by the extractor's decoder.
+        for upload in uploads:
+            if sniff_format(upload.data) is None:
+                await asyncio.to_thread(self._check_not_image, upload)
+        # One call per image, all in flight at once: the extractor batches them with other
+        # requests. The encoded bytes travel (several times smaller than the decoded pixels) and
+        # the extractor decodes; an upload that does not decode comes back marked and is answered
+        # here with its 4xx before the request goes on.
+        rows = list(await asyncio.gather(*(self.extractor.extract.remote((u.data, mesh)) for u in uploads)))
+        for upload, row in zip(uploads, rows):
+            if row.get("decode_error"):
+                raise decode_error_to_api(row["message"], index=upload.index, filename=upload.filename)
+        return rows
+
+    async def _mesh_triangles(self) -> list[list[int]] | None:
+        if not hasattr(self, "_triangles"):  # one topology per extractor model: asked for once
+            self._triangles = await self.extractor.mesh_triangles.remote()
+        return self._triangles
+
+    # -- endpoints --
+
+    @api.get("/", response_class=HTMLResponse, include_in_schema=False)
+    async def page(self, request: Request) -> HTMLResponse:
+        # No token: the page asks for one when the API answers 401.
+        return HTMLResponse(index_page(request.scope.get("root_path") or ""))
+
+    @api.get("/v1/health", summary="Liveness and readiness (no token needed)")
+    async def health(self) -> dict:
+        extractor = await self.extractor.info.remote()
+        return {"status": "ok", "extractor": extractor["name"],
+                "recognizer": "ready" if self.recognizer is not None else "not_configured"}
+
+    @api.get("/v1/models", summary="Loaded models: names, versions, labels")
+    async def models(self, request: Request) -> dict:
+        self._authorize(request)
+        extractor = await self.extractor.info.remote()
+        recognizer = await self.recognizer.info.remote() if self.recognizer is not None else None
+        return {"api_version": API_VERSION, "extractor": extractor, "recognizer": recognizer,
+                "limits": {"max_image_bytes": self.settings.max_image_bytes,
+                           "max_images": self.settings.max_images, "max_side": self.settings.max_side}}
+
+    # exclude_unset: "mesh" is left out entirely unless asked for (every other key is always set).
+    @api.post("/v1/extract", response_model=ExtractResponse, response_model_exclude_unset=True, responses=ERROR_RESPONSES,
+              openapi_extra=multipart_doc("image", many=False),
+              summary="3DMM coefficients, landmarks and pose of the main face in one image")
+    async def extract(self, request: Request, mesh: bool = False) -> dict:
+        self._authorize(request)
+        uploads = await self._read_uploads(request, "image", max_count=1)
+        (row,) = await self._extract(uploads, mesh=mesh)
+        if row["status"] != "ok":
+            code = "no_face" if row["status"] == "no_face" else "extraction_failed"
+            raise ApiError(422, code, row.get("message") or code, filename=uploads[0].filename)
+        body = extraction_response(row, uploads[0].filename)
+        if mesh:  # opt-in: the wireframe is a few thousand numbers most clients do not want
+            body["mesh"] = ({"vertices": row["mesh2d"], "triangles": await self._mesh_triangles()}
+                            if row.get("mesh2d") else None)
+        return body
+
+    @api.post("/v1/predict", response_model=PredictResponse, responses=ERROR_RESPONSES,
+              openapi_extra=multipart_doc("images", many=True),
+              summary="Identity (top-k), gender and per-image expressions of one person from 1..K images")
+    async def predict(self, request: Request) -> dict:
+        self._authorize(request)
+        uploads = await self._read_uploads(request, "images", max_count=self.settings.max_images)
+        if self.recognizer is None:
+            raise ApiError(503, "not_configured", "no recognition models: start the server with models_uri")
+        rows = await self._extract(uploads)
+        if not any(row["status"] == "ok" for row in rows):
+            raise ApiError(422, "no_face", "no face found in any of the images: "
+                           + "; ".join(f"#{i}: {row.get('message')}" for i, row in enumerate(rows)))
+        prediction = await self.recognizer.predict.remote(rows)
+        return prediction_response(prediction, rows, uploads)

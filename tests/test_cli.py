@@ -1,0 +1,101 @@
+"""The command line says what it does: real defaults and choices in every help, bad values
+refused before Ray starts, `report --out s3://` writing to S3. No Ray cluster here."""
+
+from __future__ import annotations
+
+import argparse
+
+import pytest
+
+from facedist import storage
+from facedist.cli import build_parser, main
+
+COMMANDS = ("extract", "train", "report", "serve", "run", "models")
+
+
+def _subparsers(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser]:
+    (action,) = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+    return dict(action.choices)
+
+
+def test_every_flag_has_help_with_its_real_default(monkeypatch):
+    from facedist.report import ReportConfig
+    from facedist.serving.settings import ServeSettings
+    from facedist.workflow import WorkflowConfig
+
+    monkeypatch.setenv("COLUMNS", "400")  # one line per flag
+    commands = _subparsers(build_parser())
+    assert set(commands) == set(COMMANDS)
+    for name, command in commands.items():
+        assert "default: ReportConfig" not in command.format_help(), name
+        for action in command._actions:
+            if action.option_strings and action.dest != "help":
+                assert action.help, f"{name} {action.option_strings[0]} has no help"
+    report = commands["report"].format_help()
+    assert f"k-fold split by image (default: {ReportConfig.folds})" in report
+    assert f"(default: {ReportConfig.image_size})" in report
+    assert f"classifier epochs (default: {WorkflowConfig.epochs})" in commands["run"].format_help()
+    assert f"(default: {ServeSettings.max_batch_size})" in commands["serve"].format_help()
+
+
+def test_choices_come_from_the_registries():
+    from facedist.datasets import DATASETS
+    from facedist.detection import DETECTORS
+    from facedist.extractors import BACKENDS
+    from facedist.training.registry import TASKS
+    from facedist.training.tasks import INPUT_NORMS
+
+    commands = _subparsers(build_parser())
+    choices = {(name, a.dest): tuple(a.choices) for name, c in commands.items() for a in c._actions if a.choices}
+    assert choices[("train", "task")] == tuple(TASKS)
+    assert choices[("train", "input_norm")] == tuple(INPUT_NORMS)
+    assert choices[("run", "backend")] == tuple(BACKENDS)
+    assert choices[("serve", "detector")] == tuple(DETECTORS)
+    assert choices[("extract", "dataset")] == choices[("run", "dataset")] == tuple(DATASETS)
+
+
+@pytest.mark.parametrize("argv", [
+    ["train", "--task", "bogus", "--data", "x", "--output", "y"],
+    ["run", "--images", "x", "--out", "y", "--actors", "0"],
+    ["report", "--data", "x", "--folds", "-1"],
+    ["serve", "--max-batch-size", "0"],
+    ["run", "--images", "x", "--out", "y", "--backend", "nope"],
+])
+def test_a_bad_flag_value_is_a_usage_error(argv, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    assert exit_info.value.code == 2
+    assert "error: argument" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv", [
+    ["run", "--images", "{tmp}/missing", "--out", "{tmp}/out"],
+    ["train", "--task", "expression", "--data", "{tmp}/missing", "--output", "{tmp}/out"],
+    ["report", "--data", "{tmp}/missing", "--out", "{tmp}/report"],
+    ["serve", "--models", "{tmp}/missing"],
+    ["run", "--images", "{tmp}", "--out", "{tmp}/out", "--backend", "tddfa", "--landmarks", "dlib"],
+])
+def test_a_bad_value_fails_before_ray_starts(argv, tmp_path, capsys):
+    import ray
+
+    assert main([a.format(tmp=tmp_path) for a in argv]) == 2
+    assert "facedist:" in capsys.readouterr().err
+    assert not ray.is_initialized()
+    assert not (tmp_path / "out").exists()
+
+
+def test_report_out_s3_writes_to_the_bucket(s3_bucket, tmp_path, monkeypatch, capsys):
+    from facedist.schema import YALE_EXPRESSIONS
+    from facedist.training.synthetic import SyntheticConfig, synthetic_table
+
+    monkeypatch.chdir(tmp_path)
+    table, _ = synthetic_table(SyntheticConfig(n_people=6, images_per_person=6, seed=1), expressions=YALE_EXPRESSIONS)
+    storage.write_table(table, str(tmp_path / "coeffs" / "part-0.parquet"))
+    out = f"{s3_bucket}/report"
+    assert main(["report", "--data", str(tmp_path / "coeffs"), "--out", out, "--folds", "2", "--coeff-epochs", "1",
+                 "--cnet-epochs", "1", "--no-images", "--no-synthetic"]) == 0
+    for name in ("table1_identity.md", "table2_expression.md", "results.json", "confusion_identity.png"):
+        assert storage.exists(f"{out}/{name}"), name
+    assert not (tmp_path / "s3:").exists()  # once a local folder named "s3:"
+    printed = capsys.readouterr().out
+    assert "3DMM identity, C-Net aggregate" in printed and f"report written to {out}" in printed
