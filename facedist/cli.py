@@ -340,7 +340,7 @@ def build_parser() -> argparse.ArgumentParser:
     rep.add_argument("--no-synthetic", action="store_true", help="skip the synthetic C-Net check")
     rep.set_defaults(func=cmd_report)
 
-    tex = sub.add_parser("texture", help="fit a PCA texture basis on a table's sampled face colours")
+    tex = command("texture", "fit a PCA texture basis on a table's sampled face colours", ray=False)
     tex.add_argument("action", choices=("fit",))
     tex.add_argument("--data", required=True, help="coefficients table with a texture column (local or s3://)")
     tex.add_argument("--out", required=True, help="where the basis goes (.npz, local or s3://)")

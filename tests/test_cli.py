@@ -10,7 +10,7 @@ import pytest
 from facedist import storage
 from facedist.cli import build_parser, main
 
-COMMANDS = ("extract", "train", "report", "serve", "run", "models")
+COMMANDS = ("extract", "train", "report", "texture", "serve", "run", "models")
 
 
 def _subparsers(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser]:
