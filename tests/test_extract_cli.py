@@ -10,6 +10,7 @@ from PIL import Image
 
 from facedist import storage
 from facedist.cli import main
+from facedist.extractors import DEFAULT_BACKEND
 
 FACES = ["subject01.happy", "subject02.sad", "subject03.normal", "subject04.surprised"]
 
@@ -78,7 +79,7 @@ def test_rerun_with_other_settings_is_refused_then_replaced(tmp_path, yale_dir, 
     out = tmp_path / "coeffs"
     assert main(["extract", str(folder), "--out", str(out)]) == 0
     before = _table(out)
-    assert set(before["backend"]) == {"tddfa"}
+    assert set(before["backend"]) == {DEFAULT_BACKEND}
     capsys.readouterr()
 
     for flags, differs in ((["--backend", "fit"], "backend"), (["--detector", "dlib"], "detector")):
@@ -86,7 +87,7 @@ def test_rerun_with_other_settings_is_refused_then_replaced(tmp_path, yale_dir, 
         err = capsys.readouterr().err
         assert differs in err and "--no-resume" in err, err
         after = _table(out)
-        assert len(after) == len(before) and set(after["backend"]) == {"tddfa"}
+        assert len(after) == len(before) and set(after["backend"]) == {DEFAULT_BACKEND}
         np.testing.assert_array_equal(np.stack(after["id_coeffs"]), np.stack(before["id_coeffs"]))
 
     # A --no-resume run that fails (deep3d without its user-supplied checkpoint) loses no rows:
