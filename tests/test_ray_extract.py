@@ -225,7 +225,7 @@ def test_an_interrupted_run_resumes_where_it_stopped(ray_local, tmp_path, yale_d
 
     out = tmp_path / "out"
     job = subprocess.Popen(
-        [sys.executable, str(REPO / "jobs" / "extract.py"), "--input", str(yale_dir), "--output", str(out),
+        [sys.executable, str(REPO / "jobs" / "extract.py"), "--input", str(yale_dir), "--output", str(out), "--backend", "tddfa",
          "--address", ray_local.get_runtime_context().gcs_address, "--actors", "1", "--batch-size", "2",
          "--no-progress"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:

@@ -10,7 +10,6 @@ import os
 import typing
 from dataclasses import dataclass
 from typing import Any
-from facedist.extractors import DEFAULT_BACKEND
 
 API_TOKEN_ENV = "FACEDIST_API_TOKEN"
 MODELS_URI_ENV = "FACEDIST_MODELS_URI"
@@ -22,7 +21,7 @@ class ServeSettings:
     """Everything the app builder takes (serve/config.yaml `args`, `serve run ... key=value`)."""
 
     models_uri: str | None = None     # training output with the recognizer bundles; None: /v1/predict is 503
-    backend: str = DEFAULT_BACKEND    # facedist.extractors.make_extractor backend
+    backend: str = "tddfa"            # make_extractor backend; `facedist serve` passes the CLI default (tddfa-fit)
     detector: str = "faceboxes"       # face detector: faceboxes (one batched forward per batch) or dlib
     landmarks: str | None = None      # 68-point source for fit/deep3d; None: the backend's own
     device: str = "auto"              # auto: cuda when the replica got a GPU, else cpu
