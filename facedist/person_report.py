@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from facedist.training.data import CoefficientData, within_class_whitening
+from facedist.training.data import CoefficientData, encode_labels, within_class_whitening
 
 PROBE_DIMS = 80          # inputs wider than this are PCA-reduced (on the training rows) first
 PROBE_L2 = 1e-2          # logistic regression's weight decay (on standardised inputs)
@@ -142,11 +142,6 @@ def pixel_descriptor(crops: np.ndarray) -> np.ndarray:
 
 # ------------------------------------------------------------------------------ the protocol
 
-def _labels(values: np.ndarray) -> tuple[np.ndarray, list[str]]:
-    names = sorted({str(v) for v in values if v is not None})
-    return np.array([names.index(str(v)) if v is not None else -1 for v in values]), names
-
-
 def run_seed(data: CoefficientData, seed: int, config: PersonReportConfig, pixels, crops, log=print) -> dict:
     """One seed's accuracies: {task: {descriptor: accuracy}} pooled over the folds."""
     folds = person_folds(data.subject, config.folds, seed)
@@ -154,7 +149,7 @@ def run_seed(data: CoefficientData, seed: int, config: PersonReportConfig, pixel
     gallery_rows = _gallery_rows(data.subject, expr, config.gallery)
     tasks = {}
     for column in ("gender", "expression"):
-        codes, names = _labels(getattr(data, column))
+        codes, names = encode_labels(getattr(data, column))
         if len(names) >= 2:
             tasks[column] = (codes, names)
     hits: dict[str, dict[str, list]] = {t: {} for t in ("identity", *tasks)}
@@ -201,7 +196,7 @@ def _image_baseline(data, crops, train, test, gallery_rows, tasks, config: Perso
     from facedist.training.image_baseline import ImageTask
 
     out = {}
-    subject_codes, people = _labels(data.subject)
+    subject_codes, people = encode_labels(data.subject)
     id_train = np.union1d(train, gallery_rows)
     id_test = np.setdiff1d(test, gallery_rows)
     jobs = {"identity": (subject_codes, people, id_train, id_test)}
