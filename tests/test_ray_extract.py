@@ -3,7 +3,6 @@ a real S3 server (moto on 127.0.0.1), a worker killed mid-batch, an interrupted 
 
 from __future__ import annotations
 
-from facedist.extractors import DEFAULT_BACKEND
 
 import io
 import json
@@ -179,7 +178,7 @@ def test_bucket_to_bucket_on_a_real_s3_server(ray_local, s3_server, s3_bucket, y
     assert json.loads(fs.open_input_stream(f"{target}/run1/{SUMMARY_NAME}").read())["counts"] == counts
     assert summary["counts"] == counts
     assert summary["run"]["unaccounted"] == 0
-    assert summary["layout"]["backend"] == DEFAULT_BACKEND and summary["layout"]["model_version"]
+    assert summary["layout"]["backend"] == "tddfa" and summary["layout"]["model_version"]
 
 
 class _DiesOnce:

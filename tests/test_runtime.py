@@ -80,8 +80,10 @@ def test_a_local_ray_answers_the_state_api_ray_train_polls():
 
         probe = Probe.remote()
         assert ray_module.get(probe.ping.remote()) == 1
-        alive = list_actors(filters=[("state", "=", "ALIVE")], timeout=30)
-        assert any(a.class_name == "Probe" for a in alive)
+        # This cluster's address: without it the state API takes the newest session on the
+        # machine, which may be another test's cluster.
+        actors = list_actors(address=ray_module.get_runtime_context().gcs_address, timeout=30)
+        assert any(a.class_name.endswith("Probe") and a.state == "ALIVE" for a in actors), actors
     finally:
         runtime.disconnect()
     assert not ray.is_initialized()
