@@ -260,7 +260,7 @@ def cmd_run(args) -> int:
 
 # ServeSettings fields `facedist serve` takes as flags (the rest: serve/config.yaml or serve run).
 SERVE_FLAGS = ("max_batch_size", "batch_wait_timeout_s", "extractor_num_cpus", "min_replicas", "max_replicas",
-               "num_replicas", "max_images", "max_image_bytes")
+               "num_replicas", "max_images", "max_image_bytes", "replica_retries")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -11,6 +11,7 @@ import os
 from fastapi import FastAPI, Request
 from fastapi.responses import HTMLResponse
 from ray import serve
+from ray.exceptions import RayActorError
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.formparsers import MultiPartException
@@ -42,6 +43,20 @@ def index_page(root_path: str) -> str:
     (v1/extract, ...) work under any route prefix."""
     base = html.escape(root_path.rstrip("/") + "/", quote=True)
     return _page_template().replace('<base href="./">', f'<base href="{base}">', 1)
+
+
+async def call_with_replica_retries(method, args: tuple, retries: int, backoff_s: float):
+    """method.remote(*args), sent again when the replica it reached was lost. Until Serve's
+    controller sees a dead node's replicas go, the router can still pick them (ActorUnavailable /
+    ActorDied); each failure takes that replica out of the router's choice, so a repeat lands on a
+    live one. Bounded: after `retries` repeats the RayActorError propagates (answered as a 503)."""
+    for attempt in range(retries + 1):
+        try:
+            return await method.remote(*args)
+        except RayActorError:
+            if attempt == retries:
+                raise
+            await asyncio.sleep(backoff_s * (attempt + 1))
 
 
 # Note: everything the ingress methods use must be defined above the class: @serve.ingress
@@ -125,6 +140,10 @@ class FacedistAPI:
             uploads.append(Upload(index, item.filename, data))
         return uploads
 
+    async def _call_model(self, method, *args):
+        return await call_with_replica_retries(method, args, self.settings.replica_retries,
+                                               self.settings.replica_retry_backoff_s)
+
     @staticmethod
     def _check_not_image(upload: Upload) -> None:
         """For an upload whose first bytes are no known image format: the decoder's own 4xx
@@ -148,7 +167,8 @@ class FacedistAPI:
         # requests. The encoded bytes travel (several times smaller than the decoded pixels) and
         # the extractor decodes; an upload that does not decode comes back marked and is answered
         # here with its 4xx before the request goes on.
-        rows = list(await asyncio.gather(*(self.extractor.extract.remote((u.data, mesh)) for u in uploads)))
+        rows = list(await asyncio.gather(*(self._call_model(self.extractor.extract, (u.data, mesh))
+                                           for u in uploads)))
         for upload, row in zip(uploads, rows):
             if row.get("decode_error"):
                 raise decode_error_to_api(row["message"], index=upload.index, filename=upload.filename)
@@ -210,5 +230,5 @@ class FacedistAPI:
         if not any(row["status"] == "ok" for row in rows):
             raise ApiError(422, "no_face", "no face found in any of the images: "
                            + "; ".join(f"#{i}: {row.get('message')}" for i, row in enumerate(rows)))
-        prediction = await self.recognizer.predict.remote(rows)
+        prediction = await self._call_model(self.recognizer.predict, rows)
         return prediction_response(prediction, rows, uploads)

@@ -61,6 +61,10 @@ class ServeSettings:
     ingress_max_replicas: int = 2
     ingress_max_ongoing_requests: int = 256
     ingress_target_ongoing_requests: float = 64.0
+    # A model call whose replica was lost (its node died) is sent again, to a live replica, up to
+    # this many times (extraction and prediction are pure, so a repeat is safe); then 503.
+    replica_retries: int = 3
+    replica_retry_backoff_s: float = 0.5   # the wait before the n-th repeat is n times this
 
     @classmethod
     def from_args(cls, args: dict[str, Any] | None) -> "ServeSettings":
