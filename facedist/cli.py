@@ -150,6 +150,7 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     from dataclasses import MISSING, fields
 
     from facedist.training.engine import TrainConfig
+    from facedist.training.presets import describe_presets
     from facedist.training.registry import TASKS
     from facedist.training.tasks import AGGREGATES, INPUT_NORMS
 
@@ -174,18 +175,21 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
         kind = types.get(str(f.type), str)
         if kind is int and isinstance(default, int) and default > 0:
             kind = positive_int
-        parser.add_argument("--" + f.name.replace("_", "-"), type=kind, default=default, dest=f.name,
-                            choices=choices.get(f.name), help=f"TrainConfig.{f.name}")
+        # Unset flags stay None: preset_config then takes the task's preset (training.presets).
+        parser.add_argument("--" + f.name.replace("_", "-"), type=kind, default=None, dest=f.name,
+                            choices=choices.get(f.name),
+                            help=f"TrainConfig.{f.name} (default: {describe_presets(f.name)})")
 
 
 def cmd_train(args) -> int:
-    from facedist.training import TrainConfig, run_training
+    from facedist.training import run_training
+    from facedist.training.presets import preset_config
 
     check_input(args.data, "--data")
     check_input(args.cnet, "--cnet")
 
-    values = {k: v for k, v in vars(args).items() if k not in ("func", "command", "address", "json", "verbose")}
-    summary = run_training(TrainConfig(**values), address=args.address)
+    values = {k: v for k, v in vars(args).items() if k not in ("func", "command", "address", "json", "verbose", "task")}
+    summary = run_training(preset_config(args.task, **values), address=args.address)
     best = summary["best"]
     if args.json:
         summary["history"] = [{k: v for k, v in h.items() if k != "confusion"} for h in summary["history"]]
@@ -196,6 +200,9 @@ def cmd_train(args) -> int:
         print(f"trained {summary['task']} ({summary['workers']} workers): {describe_best(best)}; "
               f"model bundle at {summary['bundle']}")
     return 0
+
+
+REPORT_TABLES = ("table1_identity.md", "table2_expression.md", "table4_gender.md")
 
 
 def cmd_report(args) -> int:
@@ -213,12 +220,15 @@ def cmd_report(args) -> int:
     from facedist.workflow import report_line, write_report_at
 
     check_input(args.data, "--data")
-    config = ReportConfig(data=args.data, folds=args.folds, seed=args.seed, coeff_epochs=args.coeff_epochs,
-                          cnet_epochs=args.cnet_epochs, image_epochs=args.image_epochs, image_size=args.image_size,
-                          include_images=not args.no_images, synthetic=not args.no_synthetic)
+    config = ReportConfig(data=args.data, folds=args.folds, seed=args.seed, seeds=args.seeds or 1,
+                          coeff_epochs=args.coeff_epochs, cnet_epochs=args.cnet_epochs, image_epochs=args.image_epochs,
+                          image_size=args.image_size, include_images=not args.no_images,
+                          synthetic=not args.no_synthetic)
     # The per-fold lines are this command's progress: on the terminal.
     results = write_report_at(args.out, config, log=print)
-    print(storage.read_bytes(storage.join(args.out, "table1_identity.md")).decode())
+    for table in REPORT_TABLES:  # the accuracy tables; the same seed prints the same tables
+        if storage.exists(storage.join(args.out, table)):
+            print(storage.read_bytes(storage.join(args.out, table)).decode())
     print(f"report written to {args.out}: {report_line(results)}")
     return 0
 
@@ -253,7 +263,7 @@ def cmd_run(args) -> int:
         images=args.images, out=args.out, backend=args.backend, detector=args.detector,
         landmarks=args.landmarks, dataset=args.dataset, resume=not args.no_resume, actors=args.actors,
         epochs=args.epochs, cnet_epochs=args.cnet_epochs, workers=args.workers, report=not args.no_report,
-        report_folds=args.report_folds, image_epochs=args.image_epochs, image_size=args.image_size,
+        report_folds=args.report_folds, report_seeds=args.report_seeds, full_report=args.full_report,
         address=args.address))
     return 0
 
@@ -271,6 +281,7 @@ def build_parser() -> argparse.ArgumentParser:
     from facedist.ray_extract import RayExtractConfig
     from facedist.report import ReportConfig
     from facedist.serving.settings import ServeSettings
+    from facedist.training.presets import describe_presets, preset_value
     from facedist.workflow import WorkflowConfig
 
     parser = argparse.ArgumentParser(prog="facedist", description=__doc__, formatter_class=HelpFormatter)
@@ -321,7 +332,8 @@ def build_parser() -> argparse.ArgumentParser:
     rep.add_argument("--protocol", default="image", choices=("image", "person"),
                      help="image: the paper's k-fold split by image with C-Net; person: people never seen in "
                           "training (5 folds by person), gallery -> probe identity, linear probes on α, τ, β, pixels")
-    rep.add_argument("--seeds", type=positive_int, default=None, help="person protocol: seeds 0..N-1 (default: 5)")
+    rep.add_argument("--seeds", type=positive_int, default=None,
+                     help="repeat every fold over N seeds (default: image protocol 1, from --seed; person protocol 5)")
     rep.add_argument("--gallery", default=None, help="person protocol: expression label of each person's gallery "
                                                      "image (default: neutral; Yale: normal)")
     rep.add_argument("--image-seeds", type=positive_int, default=None,
@@ -330,12 +342,15 @@ def build_parser() -> argparse.ArgumentParser:
     rep.add_argument("--folds", type=positive_int, default=report_defaults["folds"], help="k-fold split by image")
     rep.add_argument("--seed", type=int, default=report_defaults["seed"], help="folds and training seed")
     rep.add_argument("--coeff-epochs", type=positive_int, default=report_defaults["coeff_epochs"],
-                     help="epochs of the coefficient classifiers")
-    rep.add_argument("--cnet-epochs", type=positive_int, default=report_defaults["cnet_epochs"], help="C-Net epochs")
+                     help=f"epochs of the coefficient classifiers (default: the presets', {describe_presets('epochs')})")
+    rep.add_argument("--cnet-epochs", type=positive_int, default=report_defaults["cnet_epochs"],
+                     help=f"C-Net epochs (default: the preset's, {preset_value('cnet', 'epochs')})")
     rep.add_argument("--image-epochs", type=positive_int, default=report_defaults["image_epochs"],
-                     help="epochs of the raw-image baseline")
+                     help=f"epochs of the raw-image baseline (default: the preset's, "
+                          f"{preset_value('image_identity', 'epochs')})")
     rep.add_argument("--image-size", type=positive_int, default=report_defaults["image_size"],
-                     help="the image baseline's crop side in pixels")
+                     help=f"the image baseline's crop side in pixels (default: the preset's, "
+                          f"{preset_value('image_identity', 'image_size')})")
     rep.add_argument("--no-images", action="store_true", help="skip the raw-image baseline")
     rep.add_argument("--no-synthetic", action="store_true", help="skip the synthetic C-Net check")
     rep.set_defaults(func=cmd_report)
@@ -372,15 +387,19 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--dataset", default=WorkflowConfig.dataset, choices=DATASETS,
                      help="how to read labels from file names")
     run.add_argument("--actors", type=positive_int, default=WorkflowConfig.actors, help="extraction actors")
-    run.add_argument("--epochs", type=positive_int, default=WorkflowConfig.epochs, help="classifier epochs")
-    run.add_argument("--cnet-epochs", type=positive_int, default=WorkflowConfig.cnet_epochs, help="C-Net epochs")
+    run.add_argument("--epochs", type=positive_int, default=WorkflowConfig.epochs,
+                     help=f"classifier epochs, in training and report (default: the presets', "
+                          f"{describe_presets('epochs')})")
+    run.add_argument("--cnet-epochs", type=positive_int, default=WorkflowConfig.cnet_epochs,
+                     help=f"C-Net epochs (default: the preset's, {preset_value('cnet', 'epochs')})")
     run.add_argument("--workers", type=positive_int, default=WorkflowConfig.workers, help="Ray Train workers per task")
     run.add_argument("--report-folds", type=positive_int, default=WorkflowConfig.report_folds,
                      help="k of the report's k-fold protocol")
-    run.add_argument("--image-epochs", type=positive_int, default=WorkflowConfig.image_epochs,
-                     help="image baseline epochs in the report")
-    run.add_argument("--image-size", type=positive_int, default=WorkflowConfig.image_size,
-                     help="image baseline crop side in the report")
+    run.add_argument("--report-seeds", type=positive_int, default=WorkflowConfig.report_seeds,
+                     help="repeat the report's folds over this many seeds")
+    run.add_argument("--full-report", action="store_true",
+                     help="the report also trains the raw-image ResNet-34 baseline at "
+                          f"{preset_value('image_identity', 'image_size')} px (slow on CPUs)")
     run.add_argument("--no-report", action="store_true", help="stop after training")
     run.add_argument("--no-resume", action="store_true",
                      help="replace coefficients an earlier run left in OUT (default: skip images done, "

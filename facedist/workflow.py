@@ -28,14 +28,14 @@ class WorkflowConfig:
     resume: bool = True             # False: replace the coefficients an earlier run left in out/
     actors: int = 2
     batch_size: int = 32
-    epochs: int = 40                # classifier epochs (early stopping usually ends sooner)
-    cnet_epochs: int = 20
+    epochs: int | None = None       # classifier epochs; None: the task presets' (training.presets)
+    cnet_epochs: int | None = None
     workers: int = 1                # Ray Train workers per task
     cpus_per_worker: float = 1.0
     report: bool = True
     report_folds: int = 3
-    image_epochs: int = 8           # the raw-image baseline in the report
-    image_size: int = 112           # its crops: smaller than the report's 224 to keep the run short
+    full_report: bool = False       # the report also trains the raw-image ResNet-34 baseline (slow on CPUs)
+    report_seeds: int = 1
     report_synthetic: bool = True   # the report's synthetic C-Net check (known identities)
     address: str | None = None
 
@@ -66,10 +66,30 @@ def report_line(results: dict) -> str:
             + f" (accuracy, {results['folds']}-fold mean; {results['seconds']:.0f} s)")
 
 
+def report_row(task: str, aggregate: str = "mean") -> str:
+    """The report's row that measures a shipped bundle of ``task``."""
+    return {"identity": f"identity_{aggregate}"}.get(task, task)
+
+
+def bundle_checks(trained: dict, results: dict) -> dict:
+    """Each shipped classifier's validation accuracy next to the range of its report row (the
+    bundle is fold 0 of the report's first seed, trained from the same preset)."""
+    checks = {}
+    for task, summary in trained.items():
+        row = report_row(task, summary.get("aggregate", "mean"))
+        accuracy = summary["best"].get("accuracy")
+        if accuracy is None or row not in results["summary"]:
+            continue
+        folds = results["summary"][row]["accuracy"]["folds"]
+        checks[task] = {"bundle": float(accuracy), "row": row, "low": min(folds), "high": max(folds), "n": len(folds)}
+    return checks
+
+
 def run_workflow(config: WorkflowConfig, log=print) -> dict:
     from facedist.pipeline import ExtractConfig
     from facedist.ray_extract import RayExtractConfig, run_ray_extraction
-    from facedist.training import TrainConfig, run_training
+    from facedist.training import run_training
+    from facedist.training.presets import preset_config
 
     started = time.perf_counter()
     runtime.connect(config.address)
@@ -92,15 +112,16 @@ def run_workflow(config: WorkflowConfig, log=print) -> dict:
     # Identity and gender aggregate a person's images as TrainConfig.aggregate says (the mean by
     # default); C-Net's bundle is there for --aggregate cnet, and for its per-image confidences.
     tasks = [("cnet", None, {"epochs": config.cnet_epochs}),
-             ("identity", "subject", {"cnet": cnet_dir}),
-             ("expression", "expression", {}),
-             ("gender", "gender", {"cnet": cnet_dir})]
+             ("identity", "subject", {"cnet": cnet_dir, "epochs": config.epochs}),
+             ("expression", "expression", {"epochs": config.epochs}),
+             ("gender", "gender", {"cnet": cnet_dir, "epochs": config.epochs})]
     for task, column, extra in tasks:
         if column is not None and _labelled(table, column) < 2:
             log(f"      {task}: skipped, the images carry fewer than 2 {column} labels")
             continue
         task_started = time.perf_counter()
-        trained[task] = run_training(TrainConfig(task=task, **{"epochs": config.epochs, **common, **extra}))
+        # The report (below) trains each fold from the same presets: fold 0's row is this bundle.
+        trained[task] = run_training(preset_config(task, **common, **extra))
         log(_trained_line(task, trained[task], time.perf_counter() - task_started))
 
     report_dir = None
@@ -110,15 +131,20 @@ def run_workflow(config: WorkflowConfig, log=print) -> dict:
         from facedist.report import ReportConfig
 
         results = write_report_at(report_dir, ReportConfig(
-            data=coeffs, folds=config.report_folds, coeff_epochs=config.epochs, cnet_epochs=config.cnet_epochs,
-            image_epochs=config.image_epochs, image_size=config.image_size, synthetic=config.report_synthetic))
+            data=coeffs, folds=config.report_folds, seeds=config.report_seeds, coeff_epochs=config.epochs,
+            cnet_epochs=config.cnet_epochs, include_images=config.full_report, synthetic=config.report_synthetic))
         log(f"      {report_line(results)}")
+        for task, check in bundle_checks(trained, results).items():
+            log(f"      {task} bundle: validation accuracy {check['bundle']:.3f}, report {check['row']} "
+                f"{check['low']:.3f}-{check['high']:.3f} over {check['n']} folds")
 
     result = {"extraction": summary, "coefficients": coeffs, "models": models, "report": report_dir,
               "trained": {k: {"bundle": v["bundle"], "best": {m: v["best"].get(m) for m in
                                                                ("epoch", "accuracy", "macro_f1", "loo_error_cnet", "loo_gain_vs_mean")}}
                           for k, v in trained.items()},
               "seconds": round(time.perf_counter() - started, 1)}
+    if report_dir:
+        result["bundle_checks"] = bundle_checks(trained, results)
     counts = summary["counts"]
     log(f"done in {result['seconds']} s: {summary['rows']} images (ok {counts.get('ok', 0)}, "
         f"no_face {counts.get('no_face', 0)}, error {counts.get('error', 0)}); coefficients in {coeffs}")

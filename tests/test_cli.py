@@ -21,7 +21,7 @@ def _subparsers(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentP
 def test_every_flag_has_help_with_its_real_default(monkeypatch):
     from facedist.report import ReportConfig
     from facedist.serving.settings import ServeSettings
-    from facedist.workflow import WorkflowConfig
+    from facedist.training.presets import describe_presets, preset_value
 
     monkeypatch.setenv("COLUMNS", "400")  # one line per flag
     commands = _subparsers(build_parser())
@@ -33,8 +33,10 @@ def test_every_flag_has_help_with_its_real_default(monkeypatch):
                 assert action.help, f"{name} {action.option_strings[0]} has no help"
     report = commands["report"].format_help()
     assert f"k-fold split by image (default: {ReportConfig.folds})" in report
-    assert f"(default: {ReportConfig.image_size})" in report
-    assert f"classifier epochs (default: {WorkflowConfig.epochs})" in commands["run"].format_help()
+    # Training settings left unset come from the task presets, and the help says which.
+    assert f"(default: the preset's, {preset_value('image_identity', 'image_size')})" in report
+    assert f"(default: the presets', {describe_presets('epochs')})" in commands["run"].format_help()
+    assert f"TrainConfig.batch_size (default: {describe_presets('batch_size')})" in commands["train"].format_help()
     assert f"(default: {ServeSettings.max_batch_size})" in commands["serve"].format_help()
 
 

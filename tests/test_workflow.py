@@ -28,7 +28,7 @@ def test_run_extracts_trains_and_reports(few_people, tmp_path, monkeypatch, capf
     out = tmp_path / "out"
     try:
         result = run_workflow(WorkflowConfig(images=str(few_people), out="out", epochs=2, cnet_epochs=2,
-                                             report_folds=2, image_epochs=1, report_synthetic=False))
+                                             report_folds=2, report_synthetic=False))
     finally:
         runtime.disconnect()
     inputs = len(list(few_people.iterdir()))
@@ -43,9 +43,14 @@ def test_run_extracts_trains_and_reports(few_people, tmp_path, monkeypatch, capf
                  "confusion_expression.png", "confusion_identity.png", "confusion_identity.json"):
         assert (report / name).is_file(), name
     results = json.loads((report / "results.json").read_text())
-    assert set(results["summary"]) >= {"identity_cnet", "identity_mean", "image_identity", "expression"}
-    for key in ("identity_cnet", "identity_mean", "image_identity", "expression"):
+    # The quick report: coefficient rows only (--full-report adds the raw-image baseline).
+    assert set(results["summary"]) >= {"identity_cnet", "identity_mean", "expression"}
+    assert "image_identity" not in results["summary"]
+    for key in ("identity_cnet", "identity_mean", "expression"):
         assert 0.0 <= results["summary"][key]["accuracy"]["mean"] <= 1.0
+    # Each shipped classifier is set beside the report row that measures its preset.
+    assert set(result["bundle_checks"]) == {"identity", "expression"}
+    assert result["bundle_checks"]["identity"]["row"] == "identity_mean"
     assert "3DMM identity, C-Net aggregate" in (report / "table1_identity.md").read_text()
     captured = capfd.readouterr()  # file descriptors: Ray's own output to the terminal counts too
     printed = captured.out + captured.err
@@ -55,6 +60,7 @@ def test_run_extracts_trains_and_reports(few_people, tmp_path, monkeypatch, capf
     assert len(lines) <= 40, printed
     assert "Failed to query Ray Train Controller" not in printed
     assert "identity C-Net" in printed  # the report's one summary line
+    assert "expression bundle: validation accuracy" in printed
 
 
 def test_run_command_needs_images():

@@ -5,6 +5,7 @@ the serving-time ones (facedist.recognition), re-exported here for the training 
 from __future__ import annotations
 
 import itertools
+import math
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -120,8 +121,15 @@ def group_combinations(groups: np.ndarray, index: np.ndarray, r: int = 3, max_pe
     combos, owners = [], []
     for g in sorted(set(groups[index].tolist()), key=str):
         members = np.sort(index[groups[index] == g])
+        total = math.comb(len(members), r)
         if len(members) < r:
             chosen = [tuple(members) + (members[-1],) * (r - len(members))]
+        elif max_per_group and total > max(4 * max_per_group, 1000):
+            # Too many to list (C(200, 3) is 1.3M): draw distinct sorted combinations directly.
+            found: set[tuple] = set()
+            while len(found) < max_per_group:
+                found.add(tuple(sorted(rng.choice(members, r, replace=False).tolist())))
+            chosen = sorted(found)
         else:
             chosen = list(itertools.combinations(members.tolist(), r))
             if max_per_group and len(chosen) > max_per_group:

@@ -116,7 +116,7 @@ def run_training(config: TrainConfig, address: str | None = None) -> dict:
         best = state["best_metrics"]
     summary = {"task": config.task, "run": run_name(config), "bundle": bundle_dir,
                "checkpoint": result.checkpoint.path, "best": best, "history": history,
-               "workers": config.num_workers, "use_gpu": use_gpu,
+               "workers": config.num_workers, "use_gpu": use_gpu, "aggregate": config.aggregate,
                # S3 counts (operations, retries per error kind): this driver's, and rank 0's up to
                # its last report (a restarted worker counts from its restart).
                "storage": {"driver": storage.stats_report(storage.stats_since(storage_before)),

@@ -1,0 +1,54 @@
+"""One training preset per task: the settings `facedist train`, `facedist run` and `facedist
+report` all start from, so the report measures the settings that make the shipped bundles.
+
+A preset holds only what differs from TrainConfig's defaults. Callers add what they own (data,
+output, fold, seed, workers) and the user's explicit flags; `preset_config` applies them in
+that order. Changing a preset changes every command at once: that is the point.
+"""
+
+from __future__ import annotations
+
+from dataclasses import fields
+
+from facedist.training.engine import TrainConfig
+from facedist.training.registry import TASKS
+
+TASK_PRESETS: dict[str, dict] = {
+    # C-Net: small sets sampled per step; its loss is noisy, so a higher rate and short patience.
+    "cnet": {"epochs": 30, "lr": 3e-3, "batch_size": 16, "set_size": 6, "steps_per_epoch": 10, "patience": 8},
+    # Identity: C(n, 3) combinations per person, capped so a person with many photos costs a
+    # bounded number of inputs per epoch (70 people x 14 photos: 70 x 40 inputs, not 70 x 364).
+    "identity": {"epochs": 40, "batch_size": 32, "patience": 12, "max_combos_per_subject": 40},
+    "gender": {"epochs": 40, "batch_size": 32, "patience": 12},
+    "expression": {"epochs": 40, "batch_size": 16, "patience": 12},
+    "image_identity": {"epochs": 15, "batch_size": 16, "patience": 8, "image_size": 224},
+    "image_expression": {"epochs": 15, "batch_size": 16, "patience": 8, "image_size": 224},
+}
+assert set(TASK_PRESETS) == set(TASKS), "every task needs a preset"
+
+_FIELDS = {f.name for f in fields(TrainConfig)}
+
+
+def preset_config(task: str, **overrides) -> TrainConfig:
+    """TrainConfig for ``task``: its preset, then ``overrides`` (None values are ignored, so a
+    flag left unset keeps the preset's value)."""
+    if task not in TASK_PRESETS:
+        raise ValueError(f"unknown task {task!r}; choose one of {TASKS}")
+    unknown = set(overrides) - _FIELDS
+    if unknown:
+        raise TypeError(f"not TrainConfig fields: {sorted(unknown)}")
+    values = {**TASK_PRESETS[task], **{k: v for k, v in overrides.items() if v is not None}}
+    return TrainConfig(task=task, **values)
+
+
+def preset_value(task: str, name: str):
+    """The value ``task`` trains with when ``name`` is not given."""
+    return TASK_PRESETS[task].get(name, getattr(TrainConfig, name))
+
+
+def describe_presets(name: str) -> str:
+    """A flag's per-task defaults for --help, e.g. "cnet 30, identity 40, ..."."""
+    values = {task: preset_value(task, name) for task in TASKS}
+    if len(set(map(repr, values.values()))) == 1:
+        return str(next(iter(values.values())))
+    return ", ".join(f"{task} {value}" for task, value in values.items())
