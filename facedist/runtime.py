@@ -11,6 +11,11 @@ connect(), so they agree on:
   state", as with include_dashboard=False).
 * what the workers see: every FACEDIST_* and AWS_* variable of this process (model directory,
   cache, API token, S3 endpoint and credentials), and the same facedist as this process.
+* how Ray Train paces itself: its controller polls the workers every
+  RAY_TRAIN_HEALTH_CHECK_INTERVAL_S (Ray's default 2 s) and each ray.train.report waits for the
+  poll that takes the one before, so every epoch cost at least 2 s however small the model.
+  facedist reports every epoch, so its jobs poll every 0.2 s (RAY_TRAIN_SETTINGS; a value in the
+  environment wins).
 * how quiet: by default Ray's own logging goes to a file (log_file()), worker output is not
   echoed, and the user sees facedist's progress and one summary line per stage; verbose (the
   `--verbose` flag or FACEDIST_VERBOSE=1) shows all of Ray's output as usual.
@@ -33,6 +38,8 @@ WORKER_ENV_PREFIXES = ("FACEDIST_", "AWS_")
 VERBOSE_ENV = "FACEDIST_VERBOSE"
 LOG_FILE_ENV = "FACEDIST_RAY_LOG"
 # Ray's loggers on the driver; in quiet mode they write to the log file only.
+# Ray settings facedist's jobs run with unless the environment sets them (see the docstring).
+RAY_TRAIN_SETTINGS = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.2"}
 _RAY_LOGGERS = ("ray", "ray.data", "ray.train", "ray.tune", "ray.serve")
 # Set by `ray job submit` in the driver's environment: the job's runtime_env then rules.
 _JOB_CONFIG_ENV = "RAY_JOB_CONFIG_JSON_ENV_VAR"
@@ -76,6 +83,12 @@ def worker_env(environ: dict[str, str] | None = None) -> dict[str, str]:
     return {k: v for k, v in environ.items() if k.startswith(WORKER_ENV_PREFIXES) and v}
 
 
+def ray_settings(environ: dict[str, str] | None = None) -> dict[str, str]:
+    """RAY_TRAIN_SETTINGS, each overridden by the environment's value when it has one."""
+    environ = os.environ if environ is None else environ
+    return {name: environ.get(name) or default for name, default in RAY_TRAIN_SETTINGS.items()}
+
+
 def _package_root() -> str:
     return str(Path(__file__).resolve().parents[1])
 
@@ -107,7 +120,7 @@ def runtime_env(local: bool, ship_package: bool = False) -> dict[str, Any] | Non
     `ray job submit --working-dir` or the image)."""
     if os.environ.get(_JOB_CONFIG_ENV):
         return None
-    env: dict[str, Any] = {"env_vars": worker_env()}
+    env: dict[str, Any] = {"env_vars": {**ray_settings(), **worker_env()}}
     if local and not _package_on_default_path():
         current = os.environ.get("PYTHONPATH")
         root = _package_root()
@@ -164,6 +177,9 @@ def connect(address: str | None = None, *, num_cpus: float | None = None, ship_p
     local = target is None
     kwargs: dict[str, Any] = {"runtime_env": runtime_env(local, ship_package), "log_to_driver": verbose()}
     if local:
+        # The local cluster's processes (Train's controller among them) start from this environment.
+        for name, value in ray_settings().items():
+            os.environ.setdefault(name, value)
         # The dashboard process serves the State API Ray Train polls; on loopback, any free port.
         kwargs.update(include_dashboard=True, dashboard_host="127.0.0.1", dashboard_port=_free_port())
         # At least 2 logical CPUs: the defaults (2 extraction actors beside their decode tasks,

@@ -33,6 +33,15 @@ def test_local_workers_import_this_checkout_and_remote_ones_get_the_package(monk
     assert "py_modules" not in runtime.runtime_env(local=False)
 
 
+def test_train_polls_fast_unless_the_environment_says_otherwise(monkeypatch):
+    monkeypatch.delenv("RAY_JOB_CONFIG_JSON_ENV_VAR", raising=False)
+    monkeypatch.delenv("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", raising=False)
+    default = runtime.RAY_TRAIN_SETTINGS["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"]
+    assert runtime.runtime_env(local=False)["env_vars"]["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"] == default
+    monkeypatch.setenv("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "5")
+    assert runtime.runtime_env(local=False)["env_vars"]["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"] == "5"
+
+
 def test_inside_a_submitted_job_the_jobs_runtime_env_rules(monkeypatch):
     # Ray refuses to merge a ray.init runtime_env that repeats the job's variables.
     monkeypatch.setenv("RAY_JOB_CONFIG_JSON_ENV_VAR", "{}")
