@@ -179,18 +179,20 @@ def write_report(config: ReportConfig, log=print) -> dict:
         (out / f"confusion_{name}.json").write_text(json.dumps({"labels": labels, "matrix": matrix.tolist()}))
         _plot_confusion(matrix, labels, f"{name} ({key}), {config.folds}-fold", out / f"confusion_{name}.png")
     s = results["summary"]
-    fmt = lambda k, m: f"{s[k][m]['mean']:.3f} ± {s[k][m]['std']:.3f}" if k in s else "n/a"  # noqa: E731
+    fmt = lambda k, m: f"{s[k][m]['mean']:.3f} ± {s[k][m]['std']:.3f}"  # noqa: E731
+    # Rows of what ran: --no-images leaves the image baseline out of the tables, not as "n/a".
     table1 = ["| identity input | accuracy | macro-F1 |", "|---|---|---|"]
     for key, name in (("identity_cnet", "3DMM identity, C-Net aggregate of 3 images"),
                       ("identity_mean", "3DMM identity, mean of 3 images"),
                       ("image_identity", "images (ResNet-34 2-D), mean logits of the same 3")):
-        table1.append(f"| {name} | {fmt(key, 'accuracy')} | {fmt(key, 'macro_f1')} |")
-    table2 = ["| expression input | accuracy | macro-F1 |", "|---|---|---|",
-              f"| 3DMM expression coefficients (ResNet-32 1-D) | {fmt('expression', 'accuracy')} | "
-              f"{fmt('expression', 'macro_f1')} |",
-              f"| images (ResNet-34 2-D) | {fmt('image_expression', 'accuracy')} | "
-              f"{fmt('image_expression', 'macro_f1')} |",
-              f"\nchance: {1 / len(expressions):.3f}"]
+        if key in s:
+            table1.append(f"| {name} | {fmt(key, 'accuracy')} | {fmt(key, 'macro_f1')} |")
+    table2 = ["| expression input | accuracy | macro-F1 |", "|---|---|---|"]
+    for key, name in (("expression", "3DMM expression coefficients (ResNet-32 1-D)"),
+                      ("image_expression", "images (ResNet-34 2-D)")):
+        if key in s:
+            table2.append(f"| {name} | {fmt(key, 'accuracy')} | {fmt(key, 'macro_f1')} |")
+    table2.append(f"\nchance: {1 / len(expressions):.3f}")
     table3 = ["| model | training seconds per input |", "|---|---|"]
     for key in ("identity_cnet", "expression", "image_identity", "image_expression"):
         if key in s:

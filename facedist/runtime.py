@@ -198,6 +198,13 @@ def connect(address: str | None = None, *, num_cpus: float | None = None, ship_p
     return ray
 
 
+def largest_node_cpus() -> float:
+    """CPUs of the connected cluster's largest live node (what one worker can be given)."""
+    import ray
+
+    return max((node["Resources"].get("CPU", 0.0) for node in ray.nodes() if node.get("Alive")), default=1.0)
+
+
 def disconnect() -> None:
     """Leave the Ray that connect() joined or started (a local cluster stops with it); Ray
     initialised by someone else (a test, a job's driver) is left alone."""

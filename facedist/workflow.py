@@ -31,7 +31,7 @@ class WorkflowConfig:
     epochs: int | None = None       # classifier epochs; None: the task presets' (training.presets)
     cnet_epochs: int | None = None
     workers: int = 1                # Ray Train workers per task
-    cpus_per_worker: float = 1.0
+    cpus_per_worker: float | None = None  # None: the largest node's CPUs split among the workers
     report: bool = True
     report_folds: int = 3
     full_report: bool = False       # the report also trains the raw-image ResNet-34 baseline (slow on CPUs)
@@ -105,7 +105,9 @@ def run_workflow(config: WorkflowConfig, log=print) -> dict:
         address=config.address)
 
     table = storage.read_table(coeffs, columns=["status", *LABEL_COLUMNS])
-    common = dict(data=coeffs, output=models, num_workers=config.workers, cpus_per_worker=config.cpus_per_worker)
+    # Extraction is done by now, so the training workers may have the CPUs (torch threads follow).
+    cpus = config.cpus_per_worker or max(1.0, float(runtime.largest_node_cpus() // config.workers))
+    common = dict(data=coeffs, output=models, num_workers=config.workers, cpus_per_worker=cpus)
     trained = {}
     log(f"[2/3] training C-Net and the classifiers on Ray Train -> {models}")
     cnet_dir = storage.join(models, "cnet")

@@ -18,7 +18,7 @@ TASK_PRESETS: dict[str, dict] = {
     "cnet": {"epochs": 30, "lr": 3e-3, "batch_size": 16, "set_size": 6, "steps_per_epoch": 10, "patience": 8},
     # Identity: C(n, 3) combinations per person, capped so a person with many photos costs a
     # bounded number of inputs per epoch (70 people x 14 photos: 70 x 40 inputs, not 70 x 364).
-    "identity": {"epochs": 40, "batch_size": 32, "patience": 12, "max_combos_per_subject": 40},
+    "identity": {"epochs": 40, "batch_size": 32, "patience": 8, "max_combos_per_subject": 40},
     "gender": {"epochs": 40, "batch_size": 32, "patience": 12},
     "expression": {"epochs": 40, "batch_size": 16, "patience": 12},
     "image_identity": {"epochs": 15, "batch_size": 16, "patience": 8, "image_size": 224},
