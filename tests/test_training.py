@@ -38,6 +38,19 @@ def test_split_by_image_keeps_validation_out_of_training_combinations(synthetic)
     assert set(counts.values()) <= {10, 20}
 
 
+def test_an_epoch_of_identity_combinations_is_bounded_with_many_people(synthetic):
+    from facedist.training.data import combos_per_subject
+
+    _, _, data = synthetic  # 60 people x 8 images
+    train = np.flatnonzero(image_folds(data.subject, 3, seed=0) != 0)
+    assert combos_per_subject(40, None, data.subject[train]) == 40           # no bound asked for
+    assert combos_per_subject(40, 6000, data.subject[train]) == 40           # few people: the cap
+    cap = combos_per_subject(40, 360, data.subject[train])                   # 60 people: 6 each
+    combos, owners = group_combinations(data.subject, train, 3, cap)
+    assert cap == 6 and len(combos) == 60 * 6 and len(set(map(tuple, combos))) == len(combos)
+    assert combos_per_subject(40, 10, data.subject[train]) == 4              # never under 4 each
+
+
 def test_metrics_from_confusion():
     m = metrics_from_confusion(np.array([[3, 1], [0, 4]]))
     assert m["accuracy"] == pytest.approx(7 / 8)

@@ -111,6 +111,15 @@ def image_folds(groups: np.ndarray, k: int, seed: int = 0) -> np.ndarray:
     return folds
 
 
+def combos_per_subject(max_per_subject: int, max_per_epoch: int | None, subjects: np.ndarray) -> int:
+    """The per-person cap on C(n, r) combinations: max_per_subject, lowered so that the people in
+    ``subjects`` make about max_per_epoch combinations in all (never under 4 each)."""
+    if not max_per_epoch:
+        return max_per_subject
+    people = max(1, len(set(subjects.tolist())))
+    return min(max_per_subject, max(4, max_per_epoch // people))
+
+
 def group_combinations(groups: np.ndarray, index: np.ndarray, r: int = 3, max_per_group: int | None = None,
                        seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """All C(n, r) combinations of the images in ``index`` within each group (capped at

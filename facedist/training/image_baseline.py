@@ -13,7 +13,8 @@ import numpy as np
 import torch
 from torch.nn import functional as F
 
-from facedist.training.data import CoefficientData, encode_labels, group_combinations, image_folds
+from facedist.training.data import (CoefficientData, combos_per_subject, encode_labels, group_combinations,
+                                    image_folds)
 from facedist.training.engine import TrainConfig
 from facedist.training.tasks import ClassifierTask, LABEL_COLUMN, _jsonable, _shard, confusion_matrix
 from facedist.training.bundle import make_bundle
@@ -120,8 +121,9 @@ def make_image_task(config: TrainConfig, data: CoefficientData, crops: np.ndarra
     if base == "identity":
         folds = image_folds(data.subject, config.folds, config.seed)
         train_idx, val_idx = np.flatnonzero(folds != config.fold), np.flatnonzero(folds == config.fold)
-        combos, owners = group_combinations(data.subject, val_idx, config.combo_size,
-                                            config.max_combos_per_subject, config.seed + 1)
+        # The identity task's validation combinations (same caps, same seed): the same 3 images.
+        cap = combos_per_subject(config.max_combos_per_subject, config.max_combos_per_epoch, data.subject[val_idx])
+        combos, owners = group_combinations(data.subject, val_idx, config.combo_size, cap, config.seed + 1)
         y_val, _ = encode_labels(owners, labels)
         return ImageTask(config, crops[train_idx], codes[train_idx], crops, y_val, labels, data.layout.to_json(),
                          combos, extra)

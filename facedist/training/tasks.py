@@ -21,7 +21,8 @@ from torch.nn import functional as F
 from facedist.models.cnet import CNetConfig, aggregate_identity
 from facedist.models.registry import create_model
 from facedist.training.bundle import make_bundle
-from facedist.training.data import (CoefficientData, Standardizer, encode_labels, group_combinations,
+from facedist.training.data import (CoefficientData, Standardizer, combos_per_subject, encode_labels,
+                                    group_combinations,
                                     image_folds)
 from facedist.training.engine import TrainConfig
 
@@ -155,7 +156,8 @@ def identity_inputs(data: CoefficientData, index: np.ndarray, config: TrainConfi
     """Aggregated identity per C(n, r) combination of the images in ``index``, per subject.
     Returns (inputs (M, n_id), subject of each, combos (M, r))."""
     combos, owners = group_combinations(data.subject, index, config.combo_size,
-                                        config.max_combos_per_subject, seed)
+                                        combos_per_subject(config.max_combos_per_subject, config.max_combos_per_epoch,
+                                                           data.subject[index]), seed)
     alpha = torch.as_tensor(data.alpha[combos])
     conf = None if confidences is None else torch.as_tensor(confidences[combos])
     return aggregate_identity(alpha, conf).numpy(), owners, combos
