@@ -177,9 +177,6 @@ def connect(address: str | None = None, *, num_cpus: float | None = None, ship_p
     local = target is None
     kwargs: dict[str, Any] = {"runtime_env": runtime_env(local, ship_package), "log_to_driver": verbose()}
     if local:
-        # The local cluster's processes (Train's controller among them) start from this environment.
-        for name, value in ray_settings().items():
-            os.environ.setdefault(name, value)
         # The dashboard process serves the State API Ray Train polls; on loopback, any free port.
         kwargs.update(include_dashboard=True, dashboard_host="127.0.0.1", dashboard_port=_free_port())
         # At least 2 logical CPUs: the defaults (2 extraction actors beside their decode tasks,
