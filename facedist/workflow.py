@@ -129,7 +129,8 @@ def run_workflow(config: WorkflowConfig, log=print) -> dict:
     report_dir = None
     if config.report:
         report_dir = storage.join(config.out, "report")
-        log(f"[3/3] report ({config.report_folds}-fold protocol, coefficients vs images) -> {report_dir}")
+        rows = "coefficients vs images" if config.full_report else "coefficients; --full-report adds images"
+        log(f"[3/3] report ({config.report_folds}-fold protocol, {rows}) -> {report_dir}")
         from facedist.report import ReportConfig
 
         results = write_report_at(report_dir, ReportConfig(
