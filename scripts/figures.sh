@@ -1,0 +1,57 @@
+#!/usr/bin/env bash
+# Regenerates every figure the README shows, each with the command the README names for it.
+# Hours on 2 cores in all; pick parts by name:
+#   scripts/figures.sh [PART ...]      (default: every part, in this order)
+# Parts: quickstart london yale_person cnet_degraded detectors extract_single box_calibration
+#        extract_ray default_speed train_speed report_scale serve_load fault_recovery
+# (cuda_check needs a GPU and an extracted table: benchmarks/cuda_check.py --table TABLE.)
+# Outputs: docs/results/* (reports) and benchmarks/results/*.json (benchmarks); the work
+# folders (extracted tables, run outputs) go under $WORK (default: /tmp/facedist-figures).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export FACEDIST_MODEL_DIR="${FACEDIST_MODEL_DIR:-$(cd .. && pwd)/shared/models}"
+DATA="$(cd .. && pwd)/shared/data"
+WORK="${WORK:-/tmp/facedist-figures}"
+BIN=.venv/bin
+mkdir -p "$WORK"
+parts=("$@")
+[ ${#parts[@]} -gt 0 ] || parts=(quickstart london yale_person cnet_degraded detectors extract_single
+                               box_calibration extract_ray default_speed train_speed report_scale
+                               serve_load fault_recovery)
+step() { printf '\n== %s: %s\n' "$1" "$2"; }
+
+extracted() {  # extracted NAME IMAGES: the default extraction of IMAGES into $WORK/NAME (resumes)
+  [ -d "$WORK/$1" ] || "$BIN/facedist" extract "$2" --out "$WORK/$1"
+}
+
+for part in "${parts[@]}"; do
+  case "$part" in
+    quickstart)  # README: the quick start and its report (docs/results/yale)
+      step "$part" "facedist run --images yalefaces (then copied to docs/results/yale)"
+      rm -rf "$WORK/quickstart"
+      /usr/bin/time -f "%e s" "$BIN/facedist" run --images "$DATA/yalefaces" --out "$WORK/quickstart" \
+          2>&1 | tee "$WORK/quickstart.log"
+      rm -rf docs/results/yale && cp -r "$WORK/quickstart/report" docs/results/yale ;;
+    london)      # README: London, split by person
+      step "$part" "facedist report --protocol person on London"
+      extracted london "$DATA/london/labels.csv"
+      "$BIN/facedist" report --protocol person --no-images --data "$WORK/london" --out docs/results/london ;;
+    yale_person) # README: Yale, split by person
+      step "$part" "facedist report --protocol person --gallery normal on Yale"
+      extracted yale "$DATA/yalefaces"
+      "$BIN/facedist" report --protocol person --no-images --gallery normal --data "$WORK/yale" \
+          --out docs/results/yale_person ;;
+    cnet_degraded)   "$BIN/python" benchmarks/cnet_degraded.py --seeds 5 ;;
+    detectors)       scripts/yale_detectors.sh 0 ;;
+    extract_single)  "$BIN/python" benchmarks/extract_single.py ;;
+    box_calibration) "$BIN/python" benchmarks/box_calibration.py --data "$DATA/yalefaces" "$DATA/london" ;;
+    extract_ray)     "$BIN/python" benchmarks/extract_ray.py --n 2000 --repeats 2 ;;
+    default_speed)   "$BIN/python" benchmarks/default_backend_speed.py ;;
+    train_speed)     extracted yale "$DATA/yalefaces"
+                     "$BIN/python" benchmarks/train_speed.py --data "$WORK/yale" ;;
+    report_scale)    "$BIN/python" benchmarks/report_scale.py ;;
+    serve_load)      "$BIN/python" benchmarks/serve_load.py ;;
+    fault_recovery)  "$BIN/python" benchmarks/fault_recovery.py ;;
+    *) echo "unknown part: $part" >&2; exit 2 ;;
+  esac
+done
