@@ -30,6 +30,13 @@ def positive_int(value: str) -> int:
     return number
 
 
+def non_negative_int(value: str) -> int:
+    number = int(value)
+    if number < 0:
+        raise argparse.ArgumentTypeError(f"{value} is not a non-negative integer")
+    return number
+
+
 def positive_float(value: str) -> float:
     number = float(value)
     if not number > 0:
@@ -167,7 +174,8 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--labels", nargs="+", help="restrict/order the classes (default: every label in the table)")
     parser.add_argument("--address", default=None, help="Ray cluster address (default: RAY_ADDRESS, else a local Ray)")
     choices = {"aggregate": AGGREGATES, "input_norm": INPUT_NORMS}
-    types = {"int": int, "float": float, "str": str, "float | None": float, "str | None": str}
+    types = {"int": int, "float": float, "str": str, "float | None": float, "str | None": str,
+             "int | None": non_negative_int}
     for f in fields(TrainConfig):
         if f.name in {"task", "data", "output", "name", "num_workers", "cpus_per_worker", "use_gpu", "labels"}:
             continue
@@ -282,6 +290,7 @@ def build_parser() -> argparse.ArgumentParser:
     from facedist.report import ReportConfig
     from facedist.serving.settings import ServeSettings
     from facedist.training.presets import describe_presets, preset_value
+    from facedist.training.tasks import COEFFICIENT_TASKS
     from facedist.workflow import WorkflowConfig
 
     parser = argparse.ArgumentParser(prog="facedist", description=__doc__, formatter_class=HelpFormatter)
@@ -342,7 +351,8 @@ def build_parser() -> argparse.ArgumentParser:
     rep.add_argument("--folds", type=positive_int, default=report_defaults["folds"], help="k-fold split by image")
     rep.add_argument("--seed", type=int, default=report_defaults["seed"], help="folds and training seed")
     rep.add_argument("--coeff-epochs", type=positive_int, default=report_defaults["coeff_epochs"],
-                     help=f"epochs of the coefficient classifiers (default: the presets', {describe_presets('epochs')})")
+                     help=f"epochs of the coefficient classifiers (default: the presets', "
+                          f"{describe_presets('epochs', COEFFICIENT_TASKS)})")
     rep.add_argument("--cnet-epochs", type=positive_int, default=report_defaults["cnet_epochs"],
                      help=f"C-Net epochs (default: the preset's, {preset_value('cnet', 'epochs')})")
     rep.add_argument("--image-epochs", type=positive_int, default=report_defaults["image_epochs"],
@@ -375,7 +385,9 @@ def build_parser() -> argparse.ArgumentParser:
     for name in SERVE_FLAGS:
         kind = next(t for t in typing.get_args(serve_fields[name].type) or (serve_fields[name].type,)
                     if t is not type(None))
-        srv.add_argument("--" + name.replace("_", "-"), type={int: positive_int, float: positive_float}[kind],
+        # Counts of retries may be 0 (off); every other serve flag is a size, a count or a time > 0.
+        parse = non_negative_int if name == "replica_retries" else {int: positive_int, float: positive_float}[kind]
+        srv.add_argument("--" + name.replace("_", "-"), type=parse,
                          default=serve_fields[name].default,
                          help=f"ServeSettings.{name}" + (" (default: autoscaling)" if name == "num_replicas" else ""))
     srv.set_defaults(func=cmd_serve)
@@ -389,7 +401,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--actors", type=positive_int, default=WorkflowConfig.actors, help="extraction actors")
     run.add_argument("--epochs", type=positive_int, default=WorkflowConfig.epochs,
                      help=f"classifier epochs, in training and report (default: the presets', "
-                          f"{describe_presets('epochs')})")
+                          f"{describe_presets('epochs', COEFFICIENT_TASKS)})")
     run.add_argument("--cnet-epochs", type=positive_int, default=WorkflowConfig.cnet_epochs,
                      help=f"C-Net epochs (default: the preset's, {preset_value('cnet', 'epochs')})")
     run.add_argument("--workers", type=positive_int, default=WorkflowConfig.workers, help="Ray Train workers per task")

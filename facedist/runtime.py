@@ -195,11 +195,13 @@ def connect(address: str | None = None, *, num_cpus: float | None = None, ship_p
     return ray
 
 
-def largest_node_cpus() -> float:
-    """CPUs of the connected cluster's largest live node (what one worker can be given)."""
+def training_cpus() -> float:
+    """CPUs one training worker can be given now: the largest live node's, but no more than the
+    cluster has free (on a shared cluster other work, a Serve app say, keeps its share)."""
     import ray
 
-    return max((node["Resources"].get("CPU", 0.0) for node in ray.nodes() if node.get("Alive")), default=1.0)
+    largest = max((node["Resources"].get("CPU", 0.0) for node in ray.nodes() if node.get("Alive")), default=1.0)
+    return min(largest, ray.available_resources().get("CPU", 0.0))
 
 
 def disconnect() -> None:

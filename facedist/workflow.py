@@ -88,6 +88,7 @@ def bundle_checks(trained: dict, results: dict) -> dict:
 def run_workflow(config: WorkflowConfig, log=print) -> dict:
     from facedist.pipeline import ExtractConfig
     from facedist.ray_extract import RayExtractConfig, run_ray_extraction
+    from facedist.report import ReportConfig
     from facedist.training import run_training
     from facedist.training.presets import preset_config
 
@@ -106,8 +107,10 @@ def run_workflow(config: WorkflowConfig, log=print) -> dict:
 
     table = storage.read_table(coeffs, columns=["status", *LABEL_COLUMNS])
     # Extraction is done by now, so the training workers may have the CPUs (torch threads follow).
-    cpus = config.cpus_per_worker or max(1.0, float(runtime.largest_node_cpus() // config.workers))
-    common = dict(data=coeffs, output=models, num_workers=config.workers, cpus_per_worker=cpus)
+    cpus = config.cpus_per_worker or max(1.0, float(runtime.training_cpus() // config.workers))
+    # The report's first seed and split: each bundle is the report's fold 0 (bundle_checks).
+    common = dict(data=coeffs, output=models, num_workers=config.workers, cpus_per_worker=cpus,
+                  folds=config.report_folds, seed=ReportConfig.seed)
     trained = {}
     log(f"[2/3] training C-Net and the classifiers on Ray Train -> {models}")
     cnet_dir = storage.join(models, "cnet")
@@ -131,15 +134,14 @@ def run_workflow(config: WorkflowConfig, log=print) -> dict:
         report_dir = storage.join(config.out, "report")
         rows = "coefficients vs images" if config.full_report else "coefficients; --full-report adds images"
         log(f"[3/3] report ({config.report_folds}-fold protocol, {rows}) -> {report_dir}")
-        from facedist.report import ReportConfig
-
         results = write_report_at(report_dir, ReportConfig(
             data=coeffs, folds=config.report_folds, seeds=config.report_seeds, coeff_epochs=config.epochs,
             cnet_epochs=config.cnet_epochs, include_images=config.full_report, synthetic=config.report_synthetic))
         log(f"      {report_line(results)}")
         for task, check in bundle_checks(trained, results).items():
             log(f"      {task} bundle: validation accuracy {check['bundle']:.3f}, report {check['row']} "
-                f"{check['low']:.3f}-{check['high']:.3f} over {check['n']} folds")
+                f"{check['low']:.3f}-{check['high']:.3f} over {config.report_folds} folds"
+                + (f" x {config.report_seeds} seeds" if config.report_seeds > 1 else ""))
 
     result = {"extraction": summary, "coefficients": coeffs, "models": models, "report": report_dir,
               "trained": {k: {"bundle": v["bundle"], "best": {m: v["best"].get(m) for m in

@@ -2,7 +2,7 @@
 # Regenerates every figure the README shows, each with the command the README names for it.
 # Hours on 2 cores in all; pick parts by name:
 #   scripts/figures.sh [PART ...]      (default: every part, in this order)
-# Parts: quickstart london yale_person cnet_degraded detectors extract_single box_calibration
+# Parts: quickstart yale_full london yale_person cnet_degraded detectors extract_single box_calibration
 #        extract_ray default_speed train_speed report_scale serve_load fault_recovery
 # (cuda_check needs a GPU and an extracted table: benchmarks/cuda_check.py --table TABLE.)
 # Outputs: docs/results/* (reports) and benchmarks/results/*.json (benchmarks); the work
@@ -15,13 +15,13 @@ WORK="${WORK:-/tmp/facedist-figures}"
 BIN=.venv/bin
 mkdir -p "$WORK"
 parts=("$@")
-[ ${#parts[@]} -gt 0 ] || parts=(quickstart london yale_person cnet_degraded detectors extract_single
+[ ${#parts[@]} -gt 0 ] || parts=(quickstart yale_full london yale_person cnet_degraded detectors extract_single
                                box_calibration extract_ray default_speed train_speed report_scale
                                serve_load fault_recovery)
 step() { printf '\n== %s: %s\n' "$1" "$2"; }
 
-extracted() {  # extracted NAME IMAGES: the default extraction of IMAGES into $WORK/NAME (resumes)
-  [ -d "$WORK/$1" ] || "$BIN/facedist" extract "$2" --out "$WORK/$1"
+extracted() {  # extracted NAME IMAGES: the default extraction of IMAGES into $WORK/NAME (a rerun resumes)
+  "$BIN/facedist" extract "$2" --out "$WORK/$1"
 }
 
 for part in "${parts[@]}"; do
@@ -31,7 +31,11 @@ for part in "${parts[@]}"; do
       rm -rf "$WORK/quickstart"
       /usr/bin/time -f "%e s" "$BIN/facedist" run --images "$DATA/yalefaces" --out "$WORK/quickstart" \
           2>&1 | tee "$WORK/quickstart.log"
-      rm -rf docs/results/yale && cp -r "$WORK/quickstart/report" docs/results/yale ;;
+      rm -rf docs/results/yale && cp -r "$WORK/quickstart/report" docs/results/yale
+      cp "$WORK/quickstart.log" docs/results/yale/run_output.txt ;;
+    yale_full)   # README: the same protocol with the image baseline (ResNet-34, 224 px)
+      step "$part" "facedist report on the quick start's table, images included"
+      "$BIN/facedist" report --data "$WORK/quickstart/coefficients" --out docs/results/yale_full ;;
     london)      # README: London, split by person
       step "$part" "facedist report --protocol person on London"
       extracted london "$DATA/london/labels.csv"
@@ -48,7 +52,8 @@ for part in "${parts[@]}"; do
     extract_ray)     "$BIN/python" benchmarks/extract_ray.py --n 2000 --repeats 2 ;;
     default_speed)   "$BIN/python" benchmarks/default_backend_speed.py ;;
     train_speed)     extracted yale "$DATA/yalefaces"
-                     "$BIN/python" benchmarks/train_speed.py --data "$WORK/yale" ;;
+                     "$BIN/python" benchmarks/train_speed.py --data "$WORK/yale" \
+                         --out benchmarks/results/train_speed.json ;;
     report_scale)    "$BIN/python" benchmarks/report_scale.py ;;
     serve_load)      "$BIN/python" benchmarks/serve_load.py ;;
     fault_recovery)  "$BIN/python" benchmarks/fault_recovery.py ;;

@@ -35,9 +35,30 @@ def test_every_flag_has_help_with_its_real_default(monkeypatch):
     assert f"k-fold split by image (default: {ReportConfig.folds})" in report
     # Training settings left unset come from the task presets, and the help says which.
     assert f"(default: the preset's, {preset_value('image_identity', 'image_size')})" in report
-    assert f"(default: the presets', {describe_presets('epochs')})" in commands["run"].format_help()
+    from facedist.training.tasks import COEFFICIENT_TASKS
+
+    # --epochs sets the coefficient classifiers only, and its help names only theirs.
+    assert (f"(default: the presets', {describe_presets('epochs', COEFFICIENT_TASKS)})"
+            in commands["run"].format_help())
     assert f"TrainConfig.batch_size (default: {describe_presets('batch_size')})" in commands["train"].format_help()
     assert f"(default: {ServeSettings.max_batch_size})" in commands["serve"].format_help()
+
+
+def test_flags_parse_to_the_types_the_settings_take():
+    parser = build_parser()
+    train = parser.parse_args(["train", "--task", "identity", "--data", "x", "--output", "y",
+                               "--max-combos-per-epoch", "100", "--patience", "3"])
+    assert train.max_combos_per_epoch == 100 and train.patience == 3
+    assert parser.parse_args(["serve", "--replica-retries", "0"]).replica_retries == 0  # 0: off
+
+
+@pytest.mark.parametrize("argv", [["serve", "--replica-retries", "-1"],
+                                  ["train", "--task", "identity", "--data", "x", "--output", "y",
+                                   "--max-combos-per-epoch", "-5"]])
+def test_a_negative_count_is_a_usage_error(argv, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        build_parser().parse_args(argv)
+    assert exit_info.value.code == 2
 
 
 def test_choices_come_from_the_registries():

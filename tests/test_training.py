@@ -51,6 +51,18 @@ def test_an_epoch_of_identity_combinations_is_bounded_with_many_people(synthetic
     assert combos_per_subject(40, 10, data.subject[train]) == 4              # never under 4 each
 
 
+def test_combinations_too_many_to_list_are_drawn_distinct_and_in_the_group():
+    subjects = np.array(["a"] * 200 + ["b"] * 5)
+    index = np.arange(len(subjects))
+    combos, owners = group_combinations(subjects, index, 3, max_per_group=50, seed=0)
+    drawn = combos[owners == "a"]
+    assert len(drawn) == 50 and len({tuple(c) for c in drawn}) == 50   # C(200, 3) is 1.3M: drawn
+    assert all(list(c) == sorted(c) and len(set(c)) == 3 and max(c) < 200 for c in drawn)
+    assert (owners == "b").sum() == 10                                  # C(5, 3) listed whole
+    again, _ = group_combinations(subjects, index, 3, max_per_group=50, seed=0)
+    assert (again == combos).all()                                      # the same seed, the same draw
+
+
 def test_metrics_from_confusion():
     m = metrics_from_confusion(np.array([[3, 1], [0, 4]]))
     assert m["accuracy"] == pytest.approx(7 / 8)

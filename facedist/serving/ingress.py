@@ -11,7 +11,7 @@ import os
 from fastapi import FastAPI, Request
 from fastapi.responses import HTMLResponse
 from ray import serve
-from ray.exceptions import RayActorError
+from ray.exceptions import ActorDiedError, RayActorError
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.formparsers import MultiPartException
@@ -49,12 +49,16 @@ async def call_with_replica_retries(method, args: tuple, retries: int, backoff_s
     """method.remote(*args), sent again when the replica it reached was lost. Until Serve's
     controller sees a dead node's replicas go, the router can still pick them (ActorUnavailable /
     ActorDied); each failure takes that replica out of the router's choice, so a repeat lands on a
-    live one. Bounded: after `retries` repeats the RayActorError propagates (answered as a 503)."""
+    live one. Bounded: after `retries` repeats the RayActorError propagates (answered as a 503),
+    and after an ActorDiedError only one repeat is made (a request that crashed its replica
+    itself must not crash every replica in turn)."""
+    died = 0
     for attempt in range(retries + 1):
         try:
             return await method.remote(*args)
-        except RayActorError:
-            if attempt == retries:
+        except RayActorError as exc:
+            died += isinstance(exc, ActorDiedError)
+            if attempt == retries or died > 1:
                 raise
             await asyncio.sleep(backoff_s * (attempt + 1))
 

@@ -62,9 +62,16 @@ class ServeSettings:
     ingress_max_ongoing_requests: int = 256
     ingress_target_ongoing_requests: float = 64.0
     # A model call whose replica was lost (its node died) is sent again, to a live replica, up to
-    # this many times (extraction and prediction are pure, so a repeat is safe); then 503.
+    # this many times (extraction and prediction are pure, so a repeat is safe); then 503. A call
+    # whose replica died under it is repeated once at most: a request that crashes its replica
+    # itself then takes down two replicas, not replica_retries + 1.
     replica_retries: int = 3
     replica_retry_backoff_s: float = 0.5   # the wait before the n-th repeat is n times this
+
+    def __post_init__(self):
+        if self.replica_retries < 0 or self.replica_retry_backoff_s < 0:
+            raise ValueError(f"replica_retries ({self.replica_retries}) and replica_retry_backoff_s "
+                             f"({self.replica_retry_backoff_s}) must be >= 0")
 
     @classmethod
     def from_args(cls, args: dict[str, Any] | None) -> "ServeSettings":

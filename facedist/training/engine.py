@@ -40,7 +40,7 @@ class TrainConfig:
     combo_size: int = 3                         # identity inputs: C(n, combo_size) per subject
     max_combos_per_subject: int = 120
     # Identity: with many people the per-person cap shrinks so that an epoch holds about this many
-    # combinations (at least 4 per person); None: no bound. Keeps a report on a large table short.
+    # combinations (at least 4 per person); None or 0: no bound. Keeps a report on a large table short.
     max_combos_per_epoch: int | None = None
     cnet: str | None = None                     # C-Net bundle dir for identity aggregation
     # "mean" | "cnet" (needs --cnet). The mean by default: C-Net did not beat it on sets with

@@ -50,9 +50,9 @@ def preset_value(task: str, name: str):
     return TASK_PRESETS[task].get(name, getattr(TrainConfig, name))
 
 
-def describe_presets(name: str) -> str:
-    """A flag's per-task defaults for --help, e.g. "cnet 30, identity 40, ..."."""
-    values = {task: preset_value(task, name) for task in TASKS}
+def describe_presets(name: str, tasks=TASKS) -> str:
+    """A flag's per-task defaults for --help, e.g. "cnet 30, identity 40, ..." (over ``tasks``)."""
+    values = {task: preset_value(task, name) for task in tasks}
     if len(set(map(repr, values.values()))) == 1:
         return str(next(iter(values.values())))
     return ", ".join(f"{task} {value}" for task, value in values.items())
