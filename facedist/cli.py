@@ -210,9 +210,6 @@ def cmd_train(args) -> int:
     return 0
 
 
-REPORT_TABLES = ("table1_identity.md", "table2_expression.md", "table4_gender.md")
-
-
 def cmd_report(args) -> int:
     if args.protocol == "person":
         from facedist.person_report import PersonReportConfig, write_person_report
@@ -224,7 +221,7 @@ def cmd_report(args) -> int:
         print(Path(config.out, "table_person.md").read_text())
         print(f"report written to {config.out} in {results['seconds']:.0f} s")
         return 0
-    from facedist.report import ReportConfig
+    from facedist.report import ACCURACY_TABLES, ReportConfig
     from facedist.workflow import report_line, write_report_at
 
     check_input(args.data, "--data")
@@ -234,7 +231,7 @@ def cmd_report(args) -> int:
                           synthetic=not args.no_synthetic)
     # The per-fold lines are this command's progress: on the terminal.
     results = write_report_at(args.out, config, log=print)
-    for table in REPORT_TABLES:  # the accuracy tables; the same seed prints the same tables
+    for table in ACCURACY_TABLES:  # the same seed prints the same tables
         if storage.exists(storage.join(args.out, table)):
             print(storage.read_bytes(storage.join(args.out, table)).decode())
     print(f"report written to {args.out}: {report_line(results)}")

@@ -28,6 +28,10 @@ import numpy as np
 from facedist.training.engine import TrainConfig, fit
 
 
+# The accuracy tables write_report writes (table3_speed.md holds this machine's seconds).
+ACCURACY_TABLES = ("table1_identity.md", "table2_expression.md", "table4_gender.md")
+
+
 @dataclass
 class ReportConfig:
     """Training settings left None come from the task presets (training.presets): the report

@@ -31,7 +31,7 @@ class WorkflowConfig:
     epochs: int | None = None       # classifier epochs; None: the task presets' (training.presets)
     cnet_epochs: int | None = None
     workers: int = 1                # Ray Train workers per task
-    cpus_per_worker: float | None = None  # None: the largest node's CPUs split among the workers
+    cpus_per_worker: float | None = None  # None: the CPUs free for training split among the workers
     report: bool = True
     report_folds: int = 3
     full_report: bool = False       # the report also trains the raw-image ResNet-34 baseline (slow on CPUs)
@@ -138,7 +138,8 @@ def run_workflow(config: WorkflowConfig, log=print) -> dict:
             data=coeffs, folds=config.report_folds, seeds=config.report_seeds, coeff_epochs=config.epochs,
             cnet_epochs=config.cnet_epochs, include_images=config.full_report, synthetic=config.report_synthetic))
         log(f"      {report_line(results)}")
-        for task, check in bundle_checks(trained, results).items():
+        checks = bundle_checks(trained, results)
+        for task, check in checks.items():
             log(f"      {task} bundle: validation accuracy {check['bundle']:.3f}, report {check['row']} "
                 f"{check['low']:.3f}-{check['high']:.3f} over {config.report_folds} folds"
                 + (f" x {config.report_seeds} seeds" if config.report_seeds > 1 else ""))
@@ -149,7 +150,7 @@ def run_workflow(config: WorkflowConfig, log=print) -> dict:
                           for k, v in trained.items()},
               "seconds": round(time.perf_counter() - started, 1)}
     if report_dir:
-        result["bundle_checks"] = bundle_checks(trained, results)
+        result["bundle_checks"] = checks
     counts = summary["counts"]
     log(f"done in {result['seconds']} s: {summary['rows']} images (ok {counts.get('ok', 0)}, "
         f"no_face {counts.get('no_face', 0)}, error {counts.get('error', 0)}); coefficients in {coeffs}")
