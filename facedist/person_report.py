@@ -9,12 +9,15 @@ the mean ± std over seeds.
   label is ``gallery``: London's neutral photo, Yale's normal one); every other image of the test
   fold's people is a probe, matched by cosine similarity against the gallery of *all* people after
   a within-person whitening learned on the training people (an LDA/WCCN-style metric).
-- gender and expression, per image: multinomial logistic regression on standardised inputs.
+- gender and expression, per image: L2-regularised multinomial logistic regression on the
+  standardised inputs, all dimensions kept (a PCA-whitened probe scored lower on every wide
+  descriptor: whitening lifts the low-variance, noisy directions to the strength of the rest).
 
 Descriptors: α (identity coefficients), τ (texture coefficients on a basis fitted on the training
-folds' samples), α+τ, β (expression coefficients), β+τ; the pixel baseline is the same probe on
-the PCA of the grey landmark-centred crop. Optionally a ResNet-34 trained from scratch on those
-crops (the paper's image CNN), on the same folds.
+folds' samples), α+τ, β (expression coefficients), β+τ, f (the regressor's pooled feature, where
+the backend stores one), β+f; the pixel baseline is the same probe on the grey landmark-centred
+crop. Optionally a ResNet-34 trained from scratch on those crops (the paper's image CNN), on the
+same folds.
 """
 
 from __future__ import annotations
@@ -29,8 +32,8 @@ import torch
 
 from facedist.training.data import CoefficientData, encode_labels, within_class_whitening
 
-PROBE_DIMS = 80          # inputs wider than this are PCA-reduced (on the training rows) first
-PROBE_L2 = 1e-2          # logistic regression's weight decay (on standardised inputs)
+PROBE_DIMS = 80          # identity metric: inputs wider than this are PCA-reduced (on the training rows) first
+PROBE_L2 = 1e-3          # logistic regression's weight decay, on inputs of unit total variance
 METRIC_FLOOR = 1e-2      # within-person whitening: smallest eigenvalue kept, relative to the mean
 PIXEL_SIZE = 64          # the pixel baseline's crop side
 
@@ -74,8 +77,10 @@ def _reduce(train: np.ndarray, rows: np.ndarray, dims: int = PROBE_DIMS) -> tupl
 
 def logistic_probe(x_train: np.ndarray, y_train: np.ndarray, x_test: np.ndarray, n_classes: int,
                    l2: float = PROBE_L2) -> np.ndarray:
-    """Predicted classes of x_test: L2-regularised multinomial logistic regression (L-BFGS)."""
-    a, b = _reduce(np.asarray(x_train, np.float64), np.asarray(x_test, np.float64))
+    """Predicted classes of x_test: L2-regularised multinomial logistic regression (L-BFGS), every
+    dimension kept. The inputs are taken as scaled: pass `weighted` descriptors, so that PROBE_L2
+    means the same whatever their width."""
+    a, b = np.asarray(x_train, np.float64), np.asarray(x_test, np.float64)
     X, y = torch.as_tensor(a), torch.as_tensor(y_train)
     W = torch.zeros(X.shape[1], n_classes, dtype=torch.float64, requires_grad=True)
     bias = torch.zeros(n_classes, dtype=torch.float64, requires_grad=True)
@@ -106,32 +111,42 @@ def identity_matches(x: np.ndarray, subjects: np.ndarray, train: np.ndarray, gal
 # ------------------------------------------------------------------------------ descriptors
 
 def fold_descriptors(data: CoefficientData, train: np.ndarray, pixels: np.ndarray | None) -> dict[str, np.ndarray]:
-    """Every descriptor for all rows, with whatever it learns (the texture basis) from `train`."""
-    out = {"alpha": data.alpha, "beta": data.beta}
+    """Every descriptor for all rows, `weighted` on `train`, with whatever it learns (the texture
+    basis) from `train` alone."""
+    from facedist.recognition import QUALITY_SCALARS
+
+    out = {"alpha": weighted(data.alpha, train), "beta": weighted(data.beta, train)}
     if data.texture is not None:
         from facedist.texture import TextureBasis
 
         basis = TextureBasis.fit(data.texture[train], data.layout.texture.split("+")[0])
         tau = basis.project(data.texture)
-        out.update(tau=tau, **{"alpha+tau": _joint(data.alpha, tau, train), "beta+tau": _joint(data.beta, tau, train)})
+        out.update(tau=weighted(tau, train), **{"alpha+tau": _joint(data.alpha, tau, train),
+                                                "beta+tau": _joint(data.beta, tau, train)})
+    if data.n_feature:
+        feature = data.quality[:, len(QUALITY_SCALARS):]
+        out.update(feature=weighted(feature, train), **{"beta+feature": _joint(data.beta, feature, train)})
     if pixels is not None:
-        out["pixels"] = pixels
+        out["pixels"] = weighted(pixels, train)
     return out
 
 
+def weighted(x: np.ndarray, train: np.ndarray) -> np.ndarray:
+    """Standardised on the training rows, then divided by the square root of its width: unit total
+    variance, so one regularisation strength suits 10 dimensions and 4,096 alike."""
+    x = np.asarray(x, np.float64)
+    return (x - x[train].mean(0)) / (x[train].std(0) + 1e-6) / np.sqrt(x.shape[1])
+
+
 def _joint(a: np.ndarray, b: np.ndarray, train: np.ndarray) -> np.ndarray:
-    """Two descriptors side by side, each standardised on the training rows and weighted by the
-    square root of its width, so neither drowns the other by its number of dimensions."""
-    parts = []
-    for x in (a, b):
-        z = (x - x[train].mean(0)) / (x[train].std(0) + 1e-6)
-        parts.append(z / np.sqrt(x.shape[1]))
-    return np.hstack(parts)
+    """Two descriptors side by side, each `weighted`, so neither drowns the other by its number of
+    dimensions."""
+    return np.hstack([weighted(a, train), weighted(b, train)])
 
 
-TASK_DESCRIPTORS = {"identity": ("alpha", "tau", "alpha+tau", "pixels"),
-                    "gender": ("alpha", "tau", "alpha+tau", "pixels"),
-                    "expression": ("beta", "tau", "beta+tau", "pixels")}
+TASK_DESCRIPTORS = {"identity": ("alpha", "tau", "alpha+tau", "feature", "pixels"),
+                    "gender": ("alpha", "tau", "alpha+tau", "feature", "pixels"),
+                    "expression": ("beta", "tau", "beta+tau", "feature", "beta+feature", "pixels")}
 
 
 def pixel_descriptor(crops: np.ndarray) -> np.ndarray:
@@ -224,7 +239,8 @@ def _summary(values: list[float]) -> dict:
 
 DESCRIPTOR_NAMES = {"alpha": "α (identity coefficients)", "beta": "β (expression coefficients)",
                     "tau": "τ (texture coefficients)", "alpha+tau": "α + τ", "beta+tau": "β + τ",
-                    "pixels": "pixels: crop PCA + same probe", "resnet34_images": "ResNet-34 on crops, from scratch"}
+                    "feature": "f (the regressor's pooled feature)", "beta+feature": "β + f",
+                    "pixels": "pixels: grey 64 px crop, same probe", "resnet34_images": "ResNet-34 on crops, from scratch"}
 
 
 def write_person_report(config: PersonReportConfig, log=print) -> dict:

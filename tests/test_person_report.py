@@ -6,7 +6,7 @@ import json
 
 import numpy as np
 
-from facedist.person_report import (PersonReportConfig, identity_matches, logistic_probe, person_folds,
+from facedist.person_report import (PersonReportConfig, identity_matches, logistic_probe, person_folds, weighted,
                                     write_person_report)
 
 
@@ -41,10 +41,11 @@ def test_identity_metric_discounts_what_varies_within_a_person():
 
 def test_logistic_probe_learns_a_linear_rule():
     rng = np.random.default_rng(1)
-    # wider than the probe's PCA (reduced first): 120 values driven by 5 latent factors + noise
+    # wider than there are training rows: 300 values driven by 5 latent factors + noise
     z = rng.normal(size=(300, 5))
-    x = z @ rng.normal(size=(5, 120)) + 0.3 * rng.normal(size=(300, 120))
+    x = z @ rng.normal(size=(5, 300)) + 0.3 * rng.normal(size=(300, 300))
     y = (z[:, 0] + 0.5 * z[:, 1] > 0).astype(int)
+    x = weighted(x, np.arange(200))
     pred = logistic_probe(x[:200], y[:200], x[200:], 2)
     assert (pred == y[200:]).mean() > 0.85
 
@@ -64,8 +65,8 @@ def test_person_report_on_real_faces(yale_dir, tmp_path):
     results = write_person_report(PersonReportConfig(data=table, out=str(out), folds=3, seeds=2, gallery="normal",
                                                      include_images=False), log=lambda *_: None)
     assert results["people"] == 6 and results["rows_used"] >= 22
-    assert set(results["summary"]["identity"]) == {"alpha", "tau", "alpha+tau", "pixels"}
-    assert set(results["summary"]["expression"]) == {"beta", "tau", "beta+tau", "pixels"}
+    assert set(results["summary"]["identity"]) == {"alpha", "tau", "alpha+tau", "feature", "pixels"}
+    assert set(results["summary"]["expression"]) == {"beta", "tau", "beta+tau", "feature", "beta+feature", "pixels"}
     for rows in results["summary"].values():
         for row in rows.values():
             assert 0.0 <= row["mean"] <= 1.0 and len(row["seeds"]) == 2
