@@ -75,7 +75,7 @@ class ImageTask(ClassifierTask):
         x[flip] = x[flip].flip(-1)
         pad = max(x.shape[-1] // 16, 1)
         padded = F.pad(x, (pad, pad, pad, pad), mode="replicate")
-        dx, dy = np.random.randint(0, 2 * pad + 1, 2)
+        dx, dy = torch.randint(0, 2 * pad + 1, (2,)).tolist()  # torch's generator: fit seeds it
         return padded[..., dy:dy + x.shape[-2], dx:dx + x.shape[-1]]
 
     def evaluate(self, model, rank: int, world: int, device) -> dict:
