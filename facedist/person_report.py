@@ -281,7 +281,8 @@ def _markdown(results: dict) -> str:
     for task, rows in results["summary"].items():
         lines += [f"| {task} | accuracy |", "|---|---|"]
         for name, s in rows.items():
-            lines.append(f"| {DESCRIPTOR_NAMES.get(name, name)} | {s['mean']:.3f} ± {s['std']:.3f} |")
+            spread = f"± {s['std']:.3f}" if len(s["seeds"]) > 1 else "(1 seed)"
+            lines.append(f"| {DESCRIPTOR_NAMES.get(name, name)} | {s['mean']:.3f} {spread} |")
         lines.append("")
     return "\n".join(lines)
 

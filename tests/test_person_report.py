@@ -72,3 +72,14 @@ def test_person_report_on_real_faces(yale_dir, tmp_path):
             assert 0.0 <= row["mean"] <= 1.0 and len(row["seeds"]) == 2
     assert json.loads((out / "results.json").read_text())["protocol"] == "person"
     assert "α + τ" in (out / "table_person.md").read_text() and (out / "person_protocol.png").stat().st_size > 0
+
+
+def test_markdown_marks_a_row_run_on_fewer_seeds():
+    from facedist.person_report import _markdown
+
+    results = {"folds": 5, "seeds": 2, "rows_used": 4, "people": 2, "backend": "fit", "gallery": "neutral",
+               "summary": {"gender": {"tau": {"mean": 0.9, "std": 0.01, "seeds": [0.89, 0.91]},
+                                      "resnet34_images": {"mean": 0.8, "std": 0.0, "seeds": [0.8]}}}}
+    lines = _markdown(results).splitlines()
+    assert any("τ" in line and "0.900 ± 0.010" in line for line in lines)
+    assert any("ResNet-34" in line and "0.800 (1 seed)" in line for line in lines)
