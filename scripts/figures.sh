@@ -39,7 +39,7 @@ for part in "${parts[@]}"; do
     london)      # README: London, split by person
       step "$part" "facedist report --protocol person on London"
       extracted london "$DATA/london/labels.csv"
-      "$BIN/facedist" report --protocol person --image-seeds 1 --data "$WORK/london" --out docs/results/london ;;
+      "$BIN/facedist" report --protocol person --data "$WORK/london" --out docs/results/london ;;
     yale_person) # README: Yale, split by person
       step "$part" "facedist report --protocol person --gallery normal on Yale"
       extracted yale "$DATA/yalefaces"
