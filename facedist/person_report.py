@@ -112,7 +112,8 @@ def identity_matches(x: np.ndarray, subjects: np.ndarray, train: np.ndarray, gal
 
 def fold_descriptors(data: CoefficientData, train: np.ndarray, pixels: np.ndarray | None) -> dict[str, np.ndarray]:
     """Every descriptor for all rows, `weighted` on `train`, with whatever it learns (the texture
-    basis) from `train` alone."""
+    basis) from `train` alone. A pair ("beta+tau") is its two descriptors side by side, each
+    weighted, so neither drowns the other by its number of dimensions."""
     from facedist.recognition import QUALITY_SCALARS
 
     out = {"alpha": weighted(data.alpha, train), "beta": weighted(data.beta, train)}
@@ -120,12 +121,12 @@ def fold_descriptors(data: CoefficientData, train: np.ndarray, pixels: np.ndarra
         from facedist.texture import TextureBasis
 
         basis = TextureBasis.fit(data.texture[train], data.layout.texture.split("+")[0])
-        tau = basis.project(data.texture)
-        out.update(tau=weighted(tau, train), **{"alpha+tau": _joint(data.alpha, tau, train),
-                                                "beta+tau": _joint(data.beta, tau, train)})
+        out["tau"] = weighted(basis.project(data.texture), train)
     if data.n_feature:
-        feature = data.quality[:, len(QUALITY_SCALARS):]
-        out.update(feature=weighted(feature, train), **{"beta+feature": _joint(data.beta, feature, train)})
+        out["feature"] = weighted(data.quality[:, len(QUALITY_SCALARS):], train)
+    for a, b in (("alpha", "tau"), ("beta", "tau"), ("beta", "feature")):
+        if b in out:
+            out[f"{a}+{b}"] = np.hstack([out[a], out[b]])
     if pixels is not None:
         out["pixels"] = weighted(pixels, train)
     return out
@@ -136,12 +137,6 @@ def weighted(x: np.ndarray, train: np.ndarray) -> np.ndarray:
     variance, so one regularisation strength suits 10 dimensions and 4,096 alike."""
     x = np.asarray(x, np.float64)
     return (x - x[train].mean(0)) / (x[train].std(0) + 1e-6) / np.sqrt(x.shape[1])
-
-
-def _joint(a: np.ndarray, b: np.ndarray, train: np.ndarray) -> np.ndarray:
-    """Two descriptors side by side, each `weighted`, so neither drowns the other by its number of
-    dimensions."""
-    return np.hstack([weighted(a, train), weighted(b, train)])
 
 
 TASK_DESCRIPTORS = {"identity": ("alpha", "tau", "alpha+tau", "feature", "pixels"),
