@@ -152,8 +152,14 @@ def pixel_descriptor(crops: np.ndarray) -> np.ndarray:
 
 # ------------------------------------------------------------------------------ the protocol
 
-def run_seed(data: CoefficientData, seed: int, config: PersonReportConfig, pixels, crops, log=print) -> dict:
-    """One seed's accuracies: {task: {descriptor: accuracy}} pooled over the folds."""
+@dataclass
+class SeedResult:
+    accuracy: dict[str, dict[str, float]]     # {task: {descriptor: accuracy}}, pooled over the folds
+    correct: dict[str, dict[str, np.ndarray]]  # {task: {descriptor: per row 1 hit, 0 miss, nan not scored}}
+
+
+def run_seed(data: CoefficientData, seed: int, config: PersonReportConfig, pixels, crops, log=print) -> SeedResult:
+    """One seed: every descriptor's accuracy per task, and which rows each got right."""
     folds = person_folds(data.subject, config.folds, seed)
     expr = np.array([str(v) for v in data.expression])
     gallery_rows = _gallery_rows(data.subject, expr, config.gallery)
@@ -162,7 +168,12 @@ def run_seed(data: CoefficientData, seed: int, config: PersonReportConfig, pixel
         codes, names = encode_labels(getattr(data, column))
         if len(names) >= 2:
             tasks[column] = (codes, names)
-    hits: dict[str, dict[str, list]] = {t: {} for t in ("identity", *tasks)}
+    correct: dict[str, dict[str, np.ndarray]] = {t: {} for t in ("identity", *tasks)}
+
+    def record(task: str, name: str, rows: np.ndarray, hits: np.ndarray) -> None:
+        correct[task].setdefault(name, np.full(len(data), np.nan))[rows] = hits
+
+    image_hits: dict[str, list] = {}   # the ResNet's hits come from a confusion matrix: counts, no rows
     for fold in range(config.folds):
         train = np.flatnonzero(folds != fold)
         test = np.flatnonzero(folds == fold)
@@ -170,8 +181,8 @@ def run_seed(data: CoefficientData, seed: int, config: PersonReportConfig, pixel
         probes = np.setdiff1d(test, gallery_rows)
         for name in TASK_DESCRIPTORS["identity"]:
             if name in desc and len(gallery_rows) and len(probes):
-                hits["identity"].setdefault(name, []).extend(
-                    identity_matches(desc[name], data.subject.astype(str), train, gallery_rows, probes))
+                record("identity", name, probes,
+                       identity_matches(desc[name], data.subject.astype(str), train, gallery_rows, probes))
         for task, (codes, names) in tasks.items():
             tr, te = train[codes[train] >= 0], test[codes[test] >= 0]
             if len(set(codes[tr])) < 2 or not len(te):
@@ -179,14 +190,16 @@ def run_seed(data: CoefficientData, seed: int, config: PersonReportConfig, pixel
             for name in TASK_DESCRIPTORS[task]:
                 if name in desc:
                     pred = logistic_probe(desc[name][tr], codes[tr], desc[name][te], len(names))
-                    hits[task].setdefault(name, []).extend(pred == codes[te])
+                    record(task, name, te, pred == codes[te])
         if crops is not None and (config.image_seeds is None or seed < config.image_seeds):
-            for task, correct in _image_baseline(data, crops, train, test, gallery_rows, tasks, config, seed).items():
-                hits[task].setdefault("resnet34_images", []).extend(correct)
-    result = {task: {name: float(np.mean(v)) for name, v in by.items()} for task, by in hits.items()}
+            for task, hits in _image_baseline(data, crops, train, test, gallery_rows, tasks, config, seed).items():
+                image_hits.setdefault(task, []).extend(hits)
+    accuracy = {task: {name: float(np.nanmean(v)) for name, v in by.items()} for task, by in correct.items()}
+    for task, hits in image_hits.items():
+        accuracy[task]["resnet34_images"] = float(np.mean(hits))
     log(f"seed {seed}: " + "; ".join(f"{t} " + ", ".join(f"{n} {a:.3f}" for n, a in by.items())
-                                     for t, by in result.items()))
-    return result
+                                     for t, by in accuracy.items()))
+    return SeedResult(accuracy, correct)
 
 
 def _gallery_rows(subjects: np.ndarray, expr: np.ndarray, gallery: str) -> np.ndarray:
@@ -255,18 +268,40 @@ def write_person_report(config: PersonReportConfig, log=print) -> dict:
     crops = None
     if config.include_images:
         crops = small if config.image_size == PIXEL_SIZE else load_crops(data, config.image_size)
-    per_seed = [run_seed(data, seed, config, pixels, crops, log) for seed in range(config.seeds)]
+    seed_results = [run_seed(data, seed, config, pixels, crops, log) for seed in range(config.seeds)]
+    per_seed = [r.accuracy for r in seed_results]
     summary = {task: {name: _summary([s[task][name] for s in per_seed if name in s.get(task, {})])
                       for name in per_seed[0][task]} for task in per_seed[0]}
+    hardest = most_missed(data, summary, seed_results)
     results = {"data": config.data, "protocol": "person", "rows_used": len(data),
                "people": len(set(data.subject)), "backend": data.layout.backend, "folds": config.folds,
                "seeds": config.seeds, "gallery": config.gallery, "summary": summary, "per_seed": per_seed,
                "image_size": config.image_size, "image_epochs": config.image_epochs,
-               "seconds": round(time.perf_counter() - started, 1)}
+               "most_missed": hardest, "seconds": round(time.perf_counter() - started, 1)}
     (out / "results.json").write_text(json.dumps(results, indent=2))
     (out / "table_person.md").write_text(_markdown(results))
     _plot(summary, out / "person_protocol.png")
+    _plot_most_missed(hardest, data, small, out / "most_missed.png")
     return results
+
+
+def most_missed(data: CoefficientData, summary: dict, seed_results: list[SeedResult]) -> dict:
+    """Per task, the rows that the best probe descriptor (highest mean) got wrong on at least one
+    seed, most often missed first: where a figure falls short, these are the photos to look at."""
+    out = {}
+    for task, rows in summary.items():
+        scored_names = [n for n in rows if n in seed_results[0].correct.get(task, {})]
+        if not scored_names:
+            continue
+        best = max(scored_names, key=lambda n: rows[n]["mean"])
+        hits = np.stack([r.correct[task][best] for r in seed_results])
+        missed, scored = (hits == 0).sum(0), (~np.isnan(hits)).sum(0)
+        labels = data.subject if task == "identity" else getattr(data, task)
+        order = sorted(np.flatnonzero(missed), key=lambda i: (-missed[i], str(data.path[i])))
+        out[task] = {"descriptor": best, "rows": [
+            {"path": str(data.path[i]), "subject": str(data.subject[i]), "label": str(labels[i]),
+             "missed": int(missed[i]), "scored": int(scored[i])} for i in order]}
+    return out
 
 
 def _markdown(results: dict) -> str:
@@ -302,3 +337,34 @@ def _plot(summary: dict, path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def _plot_most_missed(hardest: dict, data: CoefficientData, crops: np.ndarray, path: Path, per_task: int = 10) -> None:
+    """The crops each task's best descriptor misses most often, captioned with the true label."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    tasks = [t for t, h in hardest.items() if h["rows"]]
+    if not tasks:
+        return
+    row_of = {str(p): i for i, p in enumerate(data.path)}
+    fig, axes = plt.subplots(len(tasks), per_task, figsize=(1.3 * per_task, 1.75 * len(tasks)), squeeze=False)
+    for axes_row, task in zip(axes, tasks):
+        entries = hardest[task]["rows"][:per_task]
+        name = DESCRIPTOR_NAMES.get(hardest[task]["descriptor"], hardest[task]["descriptor"])
+        axes_row[0].set_title(f"{task}, {name}", fontsize=8, loc="left")
+        for ax, entry in zip(axes_row, entries):
+            ax.imshow(crops[row_of[entry["path"]]], cmap="gray", vmin=0, vmax=255)
+            ax.set_xlabel(f"{entry['label'][:12]}\nmissed {entry['missed']}/{entry['scored']}", fontsize=7)
+        for ax in axes_row:
+            ax.set_xticks([])
+            ax.set_yticks([])
+        for ax in axes_row[len(entries):]:
+            ax.axis("off")
+    fig.suptitle("most often missed by each task's best descriptor (true label; seeds missed / seeds scored)",
+                 fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+

@@ -53,6 +53,7 @@ def test_logistic_probe_learns_a_linear_rule():
 def test_person_report_on_real_faces(yale_dir, tmp_path):
     """Yale, 6 people x 4 photos, default extraction: the report's files, every descriptor row."""
     from facedist.pipeline import ExtractConfig, discover_records, run_extraction
+    from facedist.training.data import encode_labels, load_data
 
     names = [f"subject{i:02d}.{c}" for i in range(1, 7) for c in ("normal", "happy", "sad", "glasses")]
     folder = tmp_path / "images"
@@ -72,6 +73,19 @@ def test_person_report_on_real_faces(yale_dir, tmp_path):
             assert 0.0 <= row["mean"] <= 1.0 and len(row["seeds"]) == 2
     assert json.loads((out / "results.json").read_text())["protocol"] == "person"
     assert "α + τ" in (out / "table_person.md").read_text() and (out / "person_protocol.png").stat().st_size > 0
+    # the most-missed rows are the best descriptor's errors, no more and no fewer
+    data = load_data(table)
+    table_paths = {str(p) for p in data.path}
+    assert results["rows_used"] == len(data)
+    # identity: every image but the 6 galleries; expression: the rows with an expression label
+    scored_rows = {"identity": len(data) - 6, "expression": int((encode_labels(data.expression)[0] >= 0).sum())}
+    for task, entry in results["most_missed"].items():
+        row = results["summary"][task][entry["descriptor"]]
+        assert row["mean"] == max(r["mean"] for r in results["summary"][task].values())
+        assert all(1 <= r["missed"] <= r["scored"] == 2 and r["path"] in table_paths for r in entry["rows"])
+        errors = sum(round((1 - a) * scored_rows[task]) for a in row["seeds"])
+        assert sum(r["missed"] for r in entry["rows"]) == errors
+    assert (out / "most_missed.png").stat().st_size > 0
 
 
 def test_markdown_marks_a_row_run_on_fewer_seeds():
