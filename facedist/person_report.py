@@ -10,8 +10,8 @@ the mean ± std over seeds.
   fold's people is a probe, matched by cosine similarity against the gallery of *all* people after
   a within-person whitening learned on the training people (an LDA/WCCN-style metric).
 - gender and expression, per image: L2-regularised multinomial logistic regression on the
-  standardised inputs, all dimensions kept (a PCA-whitened probe scored lower on every wide
-  descriptor: whitening lifts the low-variance, noisy directions to the strength of the rest).
+  standardised inputs, all dimensions kept (no PCA whitening first: that would lift the
+  low-variance, noisy directions to the strength of the rest).
 
 Descriptors: α (identity coefficients), τ (texture coefficients on a basis fitted on the training
 folds' samples), α+τ, β (expression coefficients), β+τ, f (the regressor's pooled feature, where
@@ -78,8 +78,8 @@ def _reduce(train: np.ndarray, rows: np.ndarray, dims: int = PROBE_DIMS) -> tupl
 def logistic_probe(x_train: np.ndarray, y_train: np.ndarray, x_test: np.ndarray, n_classes: int,
                    l2: float = PROBE_L2) -> np.ndarray:
     """Predicted classes of x_test: L2-regularised multinomial logistic regression (L-BFGS), every
-    dimension kept. The inputs are taken as scaled: pass `weighted` descriptors, so that PROBE_L2
-    means the same whatever their width."""
+    dimension kept. The inputs are taken as scaled: pass `unit_total_variance` descriptors (or a
+    pair of them side by side), so that PROBE_L2 means about the same whatever their width."""
     a, b = np.asarray(x_train, np.float64), np.asarray(x_test, np.float64)
     X, y = torch.as_tensor(a), torch.as_tensor(y_train)
     W = torch.zeros(X.shape[1], n_classes, dtype=torch.float64, requires_grad=True)
@@ -111,28 +111,29 @@ def identity_matches(x: np.ndarray, subjects: np.ndarray, train: np.ndarray, gal
 # ------------------------------------------------------------------------------ descriptors
 
 def fold_descriptors(data: CoefficientData, train: np.ndarray, pixels: np.ndarray | None) -> dict[str, np.ndarray]:
-    """Every descriptor for all rows, `weighted` on `train`, with whatever it learns (the texture
-    basis) from `train` alone. A pair ("beta+tau") is its two descriptors side by side, each
-    weighted, so neither drowns the other by its number of dimensions."""
+    """Every descriptor for all rows, scaled by `unit_total_variance` on `train`, with whatever it
+    learns (the texture basis) from `train` alone. A pair ("beta+tau") is its two descriptors side
+    by side, each scaled alone, so in the probes neither drowns the other by its number of
+    dimensions (the identity metric re-standardises and whitens, which undoes that balance)."""
     from facedist.recognition import QUALITY_SCALARS
 
-    out = {"alpha": weighted(data.alpha, train), "beta": weighted(data.beta, train)}
+    out = {"alpha": unit_total_variance(data.alpha, train), "beta": unit_total_variance(data.beta, train)}
     if data.texture is not None:
         from facedist.texture import TextureBasis
 
         basis = TextureBasis.fit(data.texture[train], data.layout.texture.split("+")[0])
-        out["tau"] = weighted(basis.project(data.texture), train)
+        out["tau"] = unit_total_variance(basis.project(data.texture), train)
     if data.n_feature:
-        out["feature"] = weighted(data.quality[:, len(QUALITY_SCALARS):], train)
+        out["feature"] = unit_total_variance(data.quality[:, len(QUALITY_SCALARS):], train)
     for a, b in (("alpha", "tau"), ("beta", "tau"), ("beta", "feature")):
         if b in out:
             out[f"{a}+{b}"] = np.hstack([out[a], out[b]])
     if pixels is not None:
-        out["pixels"] = weighted(pixels, train)
+        out["pixels"] = unit_total_variance(pixels, train)
     return out
 
 
-def weighted(x: np.ndarray, train: np.ndarray) -> np.ndarray:
+def unit_total_variance(x: np.ndarray, train: np.ndarray) -> np.ndarray:
     """Standardised on the training rows, then divided by the square root of its width: unit total
     variance, so one regularisation strength suits 10 dimensions and 4,096 alike."""
     x = np.asarray(x, np.float64)
@@ -263,25 +264,25 @@ def write_person_report(config: PersonReportConfig, log=print) -> dict:
     data = data.subset(keep[np.isfinite(data.landmarks[keep]).all(axis=(1, 2))])
     log(f"person protocol on {len(data)} rows, {len(set(data.subject))} people, {config.folds} folds x "
         f"{config.seeds} seeds")
-    small = load_crops(data, PIXEL_SIZE)
-    pixels = pixel_descriptor(small)
+    grey_crops = load_crops(data, PIXEL_SIZE)
+    pixels = pixel_descriptor(grey_crops)
     crops = None
     if config.include_images:
-        crops = small if config.image_size == PIXEL_SIZE else load_crops(data, config.image_size)
+        crops = grey_crops if config.image_size == PIXEL_SIZE else load_crops(data, config.image_size)
     seed_results = [run_seed(data, seed, config, pixels, crops, log) for seed in range(config.seeds)]
     per_seed = [r.accuracy for r in seed_results]
     summary = {task: {name: _summary([s[task][name] for s in per_seed if name in s.get(task, {})])
                       for name in per_seed[0][task]} for task in per_seed[0]}
-    hardest = most_missed(data, summary, seed_results)
+    missed = most_missed(data, summary, seed_results)
     results = {"data": config.data, "protocol": "person", "rows_used": len(data),
                "people": len(set(data.subject)), "backend": data.layout.backend, "folds": config.folds,
                "seeds": config.seeds, "gallery": config.gallery, "summary": summary, "per_seed": per_seed,
                "image_size": config.image_size, "image_epochs": config.image_epochs,
-               "most_missed": hardest, "seconds": round(time.perf_counter() - started, 1)}
+               "most_missed": missed, "seconds": round(time.perf_counter() - started, 1)}
     (out / "results.json").write_text(json.dumps(results, indent=2))
     (out / "table_person.md").write_text(_markdown(results))
     _plot(summary, out / "person_protocol.png")
-    _plot_most_missed(hardest, data, small, out / "most_missed.png")
+    _plot_most_missed(missed, data, grey_crops, out / "most_missed.png")
     return results
 
 
@@ -290,11 +291,12 @@ def most_missed(data: CoefficientData, summary: dict, seed_results: list[SeedRes
     seed, most often missed first: where a figure falls short, these are the photos to look at."""
     out = {}
     for task, rows in summary.items():
-        scored_names = [n for n in rows if n in seed_results[0].correct.get(task, {})]
+        scored_names = [n for n in rows if any(n in r.correct.get(task, {}) for r in seed_results)]
         if not scored_names:
             continue
         best = max(scored_names, key=lambda n: rows[n]["mean"])
-        hits = np.stack([r.correct[task][best] for r in seed_results])
+        # a seed whose folds could not score this descriptor (too few classes) adds nothing
+        hits = np.stack([r.correct[task].get(best, np.full(len(data.path), np.nan)) for r in seed_results])
         missed, scored = (hits == 0).sum(0), (~np.isnan(hits)).sum(0)
         labels = data.subject if task == "identity" else getattr(data, task)
         order = sorted(np.flatnonzero(missed), key=lambda i: (-missed[i], str(data.path[i])))
@@ -339,20 +341,20 @@ def _plot(summary: dict, path: Path) -> None:
     plt.close(fig)
 
 
-def _plot_most_missed(hardest: dict, data: CoefficientData, crops: np.ndarray, path: Path, per_task: int = 10) -> None:
+def _plot_most_missed(missed: dict, data: CoefficientData, crops: np.ndarray, path: Path, per_task: int = 10) -> None:
     """The crops each task's best descriptor misses most often, captioned with the true label."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    tasks = [t for t, h in hardest.items() if h["rows"]]
+    tasks = [t for t, h in missed.items() if h["rows"]]
     if not tasks:
         return
     row_of = {str(p): i for i, p in enumerate(data.path)}
     fig, axes = plt.subplots(len(tasks), per_task, figsize=(1.3 * per_task, 1.75 * len(tasks)), squeeze=False)
     for axes_row, task in zip(axes, tasks):
-        entries = hardest[task]["rows"][:per_task]
-        name = DESCRIPTOR_NAMES.get(hardest[task]["descriptor"], hardest[task]["descriptor"])
+        entries = missed[task]["rows"][:per_task]
+        name = DESCRIPTOR_NAMES.get(missed[task]["descriptor"], missed[task]["descriptor"])
         axes_row[0].set_title(f"{task}, {name}", fontsize=8, loc="left")
         for ax, entry in zip(axes_row, entries):
             ax.imshow(crops[row_of[entry["path"]]], cmap="gray", vmin=0, vmax=255)
@@ -367,4 +369,3 @@ def _plot_most_missed(hardest: dict, data: CoefficientData, crops: np.ndarray, p
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
-

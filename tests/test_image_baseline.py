@@ -16,9 +16,9 @@ def _train(seed: int) -> list[float]:
     config = TrainConfig(task="image_expression", epochs=2, batch_size=4, patience=2, seed=seed, image_size=32)
     task = ImageTask(config, crops[:8], labels[:8], crops[8:], labels[8:], ["a", "b"],
                      CoefficientLayout(backend="fit", n_id=1, n_exp=1).to_json(), None, {})
-    return [round(m["train_loss"], 10) for m in fit(task, config).history]
+    return [m["train_loss"] for m in fit(task, config).history]
 
 
 def test_same_seed_same_training_and_the_seed_matters():
     assert _train(3) == _train(3)     # augmentation draws come from the seeded generator
-    assert _train(3) != _train(4)
+    assert _train(3) != _train(4)     # and the seed is not ignored

@@ -6,7 +6,7 @@ import json
 
 import numpy as np
 
-from facedist.person_report import (PersonReportConfig, identity_matches, logistic_probe, person_folds, weighted,
+from facedist.person_report import (PersonReportConfig, identity_matches, logistic_probe, person_folds, unit_total_variance,
                                     write_person_report)
 
 
@@ -45,7 +45,7 @@ def test_logistic_probe_learns_a_linear_rule():
     z = rng.normal(size=(300, 5))
     x = z @ rng.normal(size=(5, 300)) + 0.3 * rng.normal(size=(300, 300))
     y = (z[:, 0] + 0.5 * z[:, 1] > 0).astype(int)
-    x = weighted(x, np.arange(200))
+    x = unit_total_variance(x, np.arange(200))
     pred = logistic_probe(x[:200], y[:200], x[200:], 2)
     assert (pred == y[200:]).mean() > 0.85
 
@@ -97,3 +97,24 @@ def test_markdown_marks_a_row_run_on_fewer_seeds():
     lines = _markdown(results).splitlines()
     assert any("τ" in line and "0.900 ± 0.010" in line for line in lines)
     assert any("ResNet-34" in line and "0.800 (1 seed)" in line for line in lines)
+
+
+def test_most_missed_counts_misses_per_row_across_seeds():
+    """Rows ordered by how many seeds missed them; a seed that could not score the best
+    descriptor (too few classes in a fold) adds neither hits nor misses."""
+    from types import SimpleNamespace
+
+    from facedist.person_report import SeedResult, most_missed
+
+    data = SimpleNamespace(path=np.array(["a.jpg", "b.jpg", "c.jpg", "d.jpg"]),
+                           subject=np.array(["p1", "p1", "p2", "p2"]),
+                           expression=np.array(["neutral", "happy", "neutral", "happy"]))
+    nan = np.nan
+    seeds = [SeedResult({}, {"expression": {"beta": np.array([1.0, 0, 0, 1]), "tau": np.array([0.0, 0, 0, 0])}}),
+             SeedResult({}, {"expression": {"beta": np.array([1.0, 0, 1, nan])}}),
+             SeedResult({}, {"expression": {}})]
+    summary = {"expression": {"beta": {"mean": 0.6}, "tau": {"mean": 0.0}}}
+    out = most_missed(data, summary, seeds)["expression"]
+    assert out["descriptor"] == "beta"
+    assert [(r["path"], r["missed"], r["scored"], r["label"]) for r in out["rows"]] == [
+        ("b.jpg", 2, 2, "happy"), ("c.jpg", 1, 2, "neutral")]

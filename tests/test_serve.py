@@ -9,8 +9,6 @@ from __future__ import annotations
 import io
 import os
 import socket
-import sys
-import time
 from pathlib import Path
 
 import numpy as np
