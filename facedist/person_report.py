@@ -351,7 +351,7 @@ def _plot_most_missed(missed: dict, data: CoefficientData, crops: np.ndarray, pa
     if not tasks:
         return
     row_of = {str(p): i for i, p in enumerate(data.path)}
-    fig, axes = plt.subplots(len(tasks), per_task, figsize=(1.3 * per_task, 1.75 * len(tasks)), squeeze=False)
+    fig, axes = plt.subplots(len(tasks), per_task, figsize=(1.3 * per_task, 2.1 * len(tasks)), squeeze=False)
     for axes_row, task in zip(axes, tasks):
         entries = missed[task]["rows"][:per_task]
         name = DESCRIPTOR_NAMES.get(missed[task]["descriptor"], missed[task]["descriptor"])
@@ -366,6 +366,6 @@ def _plot_most_missed(missed: dict, data: CoefficientData, crops: np.ndarray, pa
             ax.axis("off")
     fig.suptitle("most often missed by each task's best descriptor (true label; seeds missed / seeds scored)",
                  fontsize=8)
-    fig.tight_layout()
+    fig.tight_layout(h_pad=1.5)
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -43,8 +43,7 @@ for part in "${parts[@]}"; do
     yale_person) # README: Yale, split by person
       step "$part" "facedist report --protocol person --gallery normal on Yale"
       extracted yale "$DATA/yalefaces"
-      "$BIN/facedist" report --protocol person --no-images --gallery normal --data "$WORK/yale" \
-          --out docs/results/yale_person ;;
+      "$BIN/facedist" report --protocol person --gallery normal --data "$WORK/yale" --out docs/results/yale_person ;;
     cnet_degraded)   "$BIN/python" benchmarks/cnet_degraded.py --seeds 5 ;;
     detectors)       scripts/yale_detectors.sh 0 ;;
     extract_single)  "$BIN/python" benchmarks/extract_single.py ;;
