@@ -249,7 +249,8 @@ def _summary(values: list[float]) -> dict:
 DESCRIPTOR_NAMES = {"alpha": "α (identity coefficients)", "beta": "β (expression coefficients)",
                     "tau": "τ (texture coefficients)", "alpha+tau": "α + τ", "beta+tau": "β + τ",
                     "feature": "f (the regressor's pooled feature)", "beta+feature": "β + f",
-                    "pixels": "pixels: grey 64 px crop, same probe", "resnet34_images": "ResNet-34 on crops, from scratch"}
+                    "pixels": "pixels: grey 64 px crop, same probe",
+                    "resnet34_images": "ResNet-34 on crops, from scratch"}
 
 
 def write_person_report(config: PersonReportConfig, log=print) -> dict:

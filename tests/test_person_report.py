@@ -6,8 +6,8 @@ import json
 
 import numpy as np
 
-from facedist.person_report import (PersonReportConfig, identity_matches, logistic_probe, person_folds, unit_total_variance,
-                                    write_person_report)
+from facedist.person_report import (PersonReportConfig, identity_matches, logistic_probe, person_folds,
+                                    unit_total_variance, write_person_report)
 
 
 def test_person_folds_keep_each_person_in_one_fold():
