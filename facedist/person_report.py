@@ -289,22 +289,37 @@ def write_person_report(config: PersonReportConfig, log=print) -> dict:
 
 def most_missed(data: CoefficientData, summary: dict, seed_results: list[SeedResult]) -> dict:
     """Per task, the rows that the best probe descriptor (highest mean) got wrong on at least one
-    seed, most often missed first: where a figure falls short, these are the photos to look at."""
+    seed, most often missed first: where a figure falls short, these are the photos to look at.
+    Each row also names the other probe descriptors that usually miss it (on more than half of the
+    seeds that scored it), and `missed_by_every_probe` counts the rows that all of them usually
+    miss: a photo no descriptor reads is more likely ambiguous than a descriptor's blind spot.
+    The ResNet keeps no per-row hits, so it is not among them."""
     out = {}
     for task, rows in summary.items():
         scored_names = [n for n in rows if any(n in r.correct.get(task, {}) for r in seed_results)]
         if not scored_names:
             continue
+        # a seed whose folds could not score a descriptor (too few classes) adds nothing
+        hits = {n: np.stack([r.correct[task].get(n, np.full(len(data.path), np.nan)) for r in seed_results])
+                for n in scored_names}
+        usually = {n: _usually_missed(h) for n, h in hits.items()}
         best = max(scored_names, key=lambda n: rows[n]["mean"])
-        # a seed whose folds could not score this descriptor (too few classes) adds nothing
-        hits = np.stack([r.correct[task].get(best, np.full(len(data.path), np.nan)) for r in seed_results])
-        missed, scored = (hits == 0).sum(0), (~np.isnan(hits)).sum(0)
+        missed, scored = (hits[best] == 0).sum(0), (~np.isnan(hits[best])).sum(0)
         labels = data.subject if task == "identity" else getattr(data, task)
         order = sorted(np.flatnonzero(missed), key=lambda i: (-missed[i], str(data.path[i])))
-        out[task] = {"descriptor": best, "rows": [
-            {"path": str(data.path[i]), "subject": str(data.subject[i]), "label": str(labels[i]),
-             "missed": int(missed[i]), "scored": int(scored[i])} for i in order]}
+        out[task] = {"descriptor": best, "probes": scored_names,
+                     "missed_by_every_probe": int(np.logical_and.reduce(list(usually.values())).sum()),
+                     "rows": [{"path": str(data.path[i]), "subject": str(data.subject[i]), "label": str(labels[i]),
+                               "missed": int(missed[i]), "scored": int(scored[i]),
+                               "also_missed_by": [n for n in scored_names if n != best and usually[n][i]]}
+                              for i in order]}
     return out
+
+
+def _usually_missed(hits: np.ndarray) -> np.ndarray:
+    """(seeds, rows) hits, nan where not scored -> rows missed on more than half the seeds that scored them."""
+    missed, scored = (hits == 0).sum(0), (~np.isnan(hits)).sum(0)
+    return (scored > 0) & (2 * missed > scored)
 
 
 def _markdown(results: dict) -> str:
@@ -359,14 +374,16 @@ def _plot_most_missed(missed: dict, data: CoefficientData, crops: np.ndarray, pa
         axes_row[0].set_title(f"{task}, {name}", fontsize=8, loc="left")
         for ax, entry in zip(axes_row, entries):
             ax.imshow(crops[row_of[entry["path"]]], cmap="gray", vmin=0, vmax=255)
-            ax.set_xlabel(f"{entry['label'][:12]}\nmissed {entry['missed']}/{entry['scored']}", fontsize=7)
+            others = len(missed[task]["probes"]) - 1
+            ax.set_xlabel(f"{entry['label'][:12]}\nmissed {entry['missed']}/{entry['scored']}"
+                          f"\n+{len(entry['also_missed_by'])}/{others} others", fontsize=7)
         for ax in axes_row:
             ax.set_xticks([])
             ax.set_yticks([])
         for ax in axes_row[len(entries):]:
             ax.axis("off")
-    fig.suptitle("most often missed by each task's best descriptor (true label; seeds missed / seeds scored)",
-                 fontsize=8)
+    fig.suptitle("most often missed by each task's best descriptor (true label; seeds missed / seeds scored; "
+                 "how many of the other probe descriptors usually miss it too)", fontsize=8)
     fig.tight_layout(h_pad=1.5)
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -85,6 +85,8 @@ def test_person_report_on_real_faces(yale_dir, tmp_path):
         assert all(1 <= r["missed"] <= r["scored"] == 2 and r["path"] in table_paths for r in entry["rows"])
         errors = sum(round((1 - a) * scored_rows[task]) for a in row["seeds"])
         assert sum(r["missed"] for r in entry["rows"]) == errors
+        assert all(set(r["also_missed_by"]) <= set(entry["probes"]) - {entry["descriptor"]} for r in entry["rows"])
+        assert 0 <= entry["missed_by_every_probe"] <= sum(2 * r["missed"] > r["scored"] for r in entry["rows"])
     assert (out / "most_missed.png").stat().st_size > 0
 
 
@@ -118,3 +120,6 @@ def test_most_missed_counts_misses_per_row_across_seeds():
     assert out["descriptor"] == "beta"
     assert [(r["path"], r["missed"], r["scored"], r["label"]) for r in out["rows"]] == [
         ("b.jpg", 2, 2, "happy"), ("c.jpg", 1, 2, "neutral")]
+    # tau misses every row on the one seed that scored it; beta usually misses only b (c: 1 of 2)
+    assert [r["also_missed_by"] for r in out["rows"]] == [["tau"], ["tau"]]
+    assert out["probes"] == ["beta", "tau"] and out["missed_by_every_probe"] == 1
