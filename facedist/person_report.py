@@ -302,7 +302,7 @@ def most_missed(data: CoefficientData, summary: dict, seed_results: list[SeedRes
         # a seed whose folds could not score a descriptor (too few classes) adds nothing
         hits = {n: np.stack([r.correct[task].get(n, np.full(len(data.path), np.nan)) for r in seed_results])
                 for n in scored_names}
-        usually = {n: _usually_missed(h) for n, h in hits.items()}
+        usually = {n: usually_missed(h) for n, h in hits.items()}
         best = max(scored_names, key=lambda n: rows[n]["mean"])
         missed, scored = (hits[best] == 0).sum(0), (~np.isnan(hits[best])).sum(0)
         labels = data.subject if task == "identity" else getattr(data, task)
@@ -316,7 +316,7 @@ def most_missed(data: CoefficientData, summary: dict, seed_results: list[SeedRes
     return out
 
 
-def _usually_missed(hits: np.ndarray) -> np.ndarray:
+def usually_missed(hits: np.ndarray) -> np.ndarray:
     """(seeds, rows) hits, nan where not scored -> rows missed on more than half the seeds that scored them."""
     missed, scored = (hits == 0).sum(0), (~np.isnan(hits)).sum(0)
     return (scored > 0) & (2 * missed > scored)

@@ -2,8 +2,8 @@
 # Regenerates every figure the README shows, each with the command the README names for it.
 # Hours on 2 cores in all; pick parts by name:
 #   scripts/figures.sh [PART ...]      (default: every part, in this order)
-# Parts: quickstart yale_full london yale_person cnet_degraded detectors extract_single box_calibration
-#        extract_ray default_speed train_speed report_scale serve_load fault_recovery
+# Parts: quickstart yale_full london expression_trials yale_person cnet_degraded detectors extract_single
+#        box_calibration extract_ray default_speed train_speed report_scale serve_load fault_recovery
 # (cuda_check needs a GPU and an extracted table: benchmarks/cuda_check.py --table TABLE.)
 # Outputs: docs/results/* (reports) and benchmarks/results/*.json (benchmarks); the work
 # folders (extracted tables, run outputs) go under $WORK (default: /tmp/facedist-figures).
@@ -15,8 +15,8 @@ WORK="${WORK:-/tmp/facedist-figures}"
 BIN=.venv/bin
 mkdir -p "$WORK"
 parts=("$@")
-[ ${#parts[@]} -gt 0 ] || parts=(quickstart yale_full london yale_person cnet_degraded detectors extract_single
-                               box_calibration extract_ray default_speed train_speed report_scale
+[ ${#parts[@]} -gt 0 ] || parts=(quickstart yale_full london expression_trials yale_person cnet_degraded detectors
+                               extract_single box_calibration extract_ray default_speed train_speed report_scale
                                serve_load fault_recovery)
 step() { printf '\n== %s: %s\n' "$1" "$2"; }
 
@@ -40,6 +40,10 @@ for part in "${parts[@]}"; do
       step "$part" "facedist report --protocol person on London"
       extracted london "$DATA/london/labels.csv"
       "$BIN/facedist" report --protocol person --data "$WORK/london" --out docs/results/london ;;
+    expression_trials)  # README: what else was tried for London's expression row
+      step "$part" "scripts/expression_trials.py on London"
+      extracted london "$DATA/london/labels.csv"
+      "$BIN/python" scripts/expression_trials.py --data "$WORK/london" --out docs/results/london ;;
     yale_person) # README: Yale, split by person
       step "$part" "facedist report --protocol person --gallery normal on Yale"
       extracted yale "$DATA/yalefaces"
