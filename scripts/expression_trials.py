@@ -24,7 +24,7 @@ import torch
 from facedist import storage
 from facedist.extractors.tddfa import TDDFARegressor, crop_resize
 from facedist.images import decode_image
-from facedist.person_report import usually_missed, logistic_probe, person_folds, unit_total_variance
+from facedist.person_report import logistic_probe, person_folds, unit_total_variance, usually_missed
 from facedist.recognition import QUALITY_SCALARS
 from facedist.texture import TextureSampler, normalised_colour
 from facedist.training.data import encode_labels, load_data
@@ -36,9 +36,9 @@ MOUTH_POINTS = list(range(48, 68))
 
 def probe_hits(x: np.ndarray, codes: np.ndarray, subjects: np.ndarray, seeds: int, n_classes: int,
                mirror: np.ndarray | None = None) -> np.ndarray:
-    """(seeds, rows) 1 hit / 0 miss of the report's probe on 5 person folds. With `mirror`, the
+    """(seeds, rows) 1 hit / 0 miss (nan: not scored) of the report's probe on 5 person folds. With `mirror`, the
     mirrored crops' descriptors join training and each test row is the mean of the two."""
-    out = np.zeros((seeds, len(x)))
+    out = np.full((seeds, len(x)), np.nan)
     for seed in range(seeds):
         folds = person_folds(subjects, 5, seed)
         for fold in range(5):
@@ -74,7 +74,7 @@ def finetune_hits(crops: np.ndarray, net: torch.nn.Module, codes: np.ndarray, su
 
     x = (torch.from_numpy(np.ascontiguousarray(crops)).permute(0, 3, 1, 2).float() - 127.5) / 128.0
     y = torch.as_tensor(codes)
-    out = np.zeros((seeds, len(crops)))
+    out = np.full((seeds, len(crops)), np.nan)
     for seed in range(seeds):
         folds = person_folds(subjects, 5, seed)
         for fold in range(5):
@@ -115,27 +115,31 @@ def _augment(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
     return x * contrast + (torch.rand(n, 1, 1, 1, generator=g) - 0.5) * 0.3
 
 
-def aligned_landmarks(points: np.ndarray) -> np.ndarray:
-    """(N, 68, 2) landmarks, each mapped by the least-squares similarity that takes its stable
-    points onto their mean (iterated three times, Procrustes style)."""
-    z = points[..., 0] + 1j * points[..., 1]          # a similarity is z -> a z + b
-    ref = z[:, STABLE_POINTS].mean(0)
-    for _ in range(3):
-        src = z[:, STABLE_POINTS]
-        src_c = src - src.mean(1, keepdims=True)
-        a = (np.conj(src_c) * (ref - ref.mean())).sum(1) / (np.abs(src_c) ** 2).sum(1)
-        z_aligned = a[:, None] * (z - src.mean(1, keepdims=True)) + ref.mean()
-        ref = z_aligned[:, STABLE_POINTS].mean(0)
-    return np.stack([z_aligned.real, z_aligned.imag], -1)
+def similarity_coefficients(src: np.ndarray, dst: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The least-squares similarity z -> a z + b taking each (P, 2) point set of src (N, P, 2) onto
+    dst (P, 2), as complex numbers: a (N,), b (N,)."""
+    z = src[..., 0] + 1j * src[..., 1]
+    w = dst[:, 0] + 1j * dst[:, 1]
+    zc = z - z.mean(1, keepdims=True)
+    a = (np.conj(zc) * (w - w.mean())).sum(1) / (np.abs(zc) ** 2).sum(1)
+    return a, w.mean() - a * z.mean(1)
+
+
+def aligned_landmarks(points: np.ndarray, reference: np.ndarray) -> np.ndarray:
+    """(N, 68, 2) landmarks, each mapped by the similarity that best takes its stable points onto
+    the reference's (68, 2): a fixed shape, so no row's alignment depends on the others."""
+    a, b = similarity_coefficients(points[:, STABLE_POINTS], reference[STABLE_POINTS])
+    z = a[:, None] * (points[..., 0] + 1j * points[..., 1]) + b[:, None]
+    return np.stack([z.real, z.imag], -1)
 
 
 def zoomed_crops(images: list[np.ndarray], centres: np.ndarray, half: np.ndarray, size: int = 120) -> np.ndarray:
-    """Square BGR crops of side 2*half around each centre, resized to size."""
+    """Square BGR crops of side 2*half around each centre, resampled bilinearly to size."""
     out = []
     for img, c, r in zip(images, centres, half):
         k = size / (2 * r)
         A = np.float32([[k, 0, (r - c[0]) * k], [0, k, (r - c[1]) * k]])
-        out.append(cv2.warpAffine(img, A, (size, size), flags=cv2.INTER_AREA, borderMode=cv2.BORDER_REPLICATE))
+        out.append(cv2.warpAffine(img, A, (size, size), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE))
     return np.stack(out)[..., ::-1]
 
 
@@ -162,13 +166,15 @@ def hog(grey: np.ndarray, cell: int = 8, bins: int = 9) -> np.ndarray:
 
 def hog_aligned(images: list[np.ndarray], points: np.ndarray, size: int = 96) -> np.ndarray:
     """HOG of a grey crop aligned on the eyes and the mouth."""
-    dst = np.float32([[0.3 * size, 0.35 * size], [0.7 * size, 0.35 * size], [0.5 * size, 0.78 * size]])
+    dst = np.array([[0.3, 0.35], [0.7, 0.35], [0.5, 0.78]]) * size
+    src = np.stack([points[:, 36:42].mean(1), points[:, 42:48].mean(1), points[:, MOUTH_POINTS].mean(1)], 1)
+    a, b = similarity_coefficients(src, dst)   # all three points count: no outlier rejection
     out = []
-    for img, p in zip(images, points):
-        src = np.float32([p[36:42].mean(0), p[42:48].mean(0), p[MOUTH_POINTS].mean(0)])
-        M, _ = cv2.estimateAffinePartial2D(src, dst)
+    for img, ai, bi in zip(images, a, b):
+        M = np.float32([[ai.real, -ai.imag, bi.real], [ai.imag, ai.real, bi.imag]])
         grey = cv2.cvtColor(img, cv2.COLOR_RGB2GRAY)
-        out.append(hog(cv2.warpAffine(grey, M, (size, size), flags=cv2.INTER_AREA, borderMode=cv2.BORDER_REPLICATE)))
+        out.append(hog(cv2.warpAffine(grey, M, (size, size), flags=cv2.INTER_LINEAR,
+                                      borderMode=cv2.BORDER_REPLICATE)))
     return np.asarray(out)
 
 
@@ -184,12 +190,13 @@ def main() -> None:
 
     data = load_data(args.data)
     codes, classes = encode_labels(data.expression)
-    data = data.subset(np.flatnonzero(codes >= 0))
+    # the report's rows (a subject, finite landmarks) that have an expression label
+    keep = [s is not None and c >= 0 for s, c in zip(data.subject, codes)]
+    data = data.subset(np.flatnonzero(np.asarray(keep) & np.isfinite(data.landmarks).all(axis=(1, 2))))
     codes, classes = encode_labels(data.expression)
     subjects = data.subject.astype(str)
     print(f"{len(data)} rows, {len(set(subjects))} people, classes {list(classes)}", flush=True)
     images = [decode_image(storage.read_bytes(str(p))) for p in data.path]
-    images = [np.repeat(i[..., None], 3, 2) if i.ndim == 2 else i for i in images]
 
     regressor = TDDFARegressor()
     fits = regressor.fit(images, data.box)
@@ -198,9 +205,13 @@ def main() -> None:
     rerun = np.stack([f.feature for f in fits])
     # the table's f must be what these crops give, or the mirrored trial compares unlike things
     drift = float(np.abs(rerun - feature).max() / (np.abs(feature).max() + 1e-9))
+    if drift > 1e-3:
+        print(f"warning: f from these crops differs from the table's by {drift:.1%} of its range; "
+              "the mirrored trial is not comparable to the report's f", flush=True)
     mirrored_f = regressor.regress(np.ascontiguousarray(crops[:, :, ::-1]))[1]
 
     points = data.landmarks.astype(np.float64)
+    reference = regressor.model.lm_mean.reshape(-1, 3)[:, :2] * [1.0, -1.0]   # model y is up, image y down
     iod = np.linalg.norm(points[:, 36:42].mean(1) - points[:, 42:48].mean(1), axis=1)
     lower_centre = (points[:, MOUTH_POINTS].mean(1) + points[:, 33]) / 2
     lower = zoomed_crops(images, lower_centre, 1.2 * iod)
@@ -210,10 +221,10 @@ def main() -> None:
     sampler = TextureSampler(regressor.model)
     eye_height = regressor.model.lm_mean.reshape(-1, 3)[36:48, 1].mean()
     below_eyes = regressor.model.mean.reshape(-1, 3)[sampler.indices, 1] < eye_height
-    with warnings.catch_warnings():  # hidden vertices are NaN; a vertex hidden in every row stays 1
+    with warnings.catch_warnings():  # a row with no visible vertex: all NaN
         warnings.simplefilter("ignore", RuntimeWarning)
-        grey = np.nanmean(normalised_colour(data.texture), 2)
-        grey = np.nan_to_num(np.where(np.isnan(grey), np.nanmean(grey, 0), grey), nan=1.0)
+        # hidden vertices are NaN; they get 1, the mean of a normalised colour, learned from no row
+        grey = np.nan_to_num(np.nanmean(normalised_colour(data.texture), 2), nan=1.0)
 
     n = len(classes)
     trials = {
@@ -222,29 +233,29 @@ def main() -> None:
         "f, trained and tested with the mirrored crop": lambda: probe_hits(rerun, codes, subjects, args.seeds, n,
                                                                           mirror=mirrored_f),
         "dlib 68 landmarks, aligned on brows, eyes, nose": lambda: probe_hits(
-            aligned_landmarks(points).reshape(len(data), -1), codes, subjects, args.seeds, n),
+            aligned_landmarks(points, reference).reshape(len(data), -1), codes, subjects, args.seeds, n),
         "grey texture below the eyes (vertex colour)": lambda: probe_hits(grey[:, below_eyes], codes, subjects,
                                                                           args.seeds, n),
-        "f of a 2.4x-zoomed lower-face crop, mirrored too": lambda: probe_hits(
+        "f of a lower-face crop 2.4 eye-distances wide, mirrored too": lambda: probe_hits(
             lower_f, codes, subjects, args.seeds, n, mirror=lower_mirrored),
         "HOG of a 96 px eye-and-mouth-aligned crop": lambda: probe_hits(hog_aligned(images, points), codes,
                                                                         subjects, args.seeds, n),
         f"regressor's last block fine-tuned, {args.finetune_epochs} epochs": lambda: finetune_hits(
             crops, copy.deepcopy(regressor.net).eval(), codes, subjects, args.seeds, n, args.finetune_epochs),
     }
-    hits, rows = {}, []
+    hits, trial_rows = {}, []
     for name, trial in trials.items():
         t0 = time.perf_counter()
         hits[name] = trial()
-        acc = hits[name].mean(1)
-        rows.append({"descriptor": name, "mean": float(acc.mean()), "std": float(acc.std()),
+        acc = np.nanmean(hits[name], 1)
+        trial_rows.append({"descriptor": name, "mean": float(acc.mean()), "std": float(acc.std()),
                      "seeds": [float(a) for a in acc], "seconds": round(time.perf_counter() - t0, 1)})
-        print(f"{name:52s} {acc.mean():.3f} ± {acc.std():.3f}  ({rows[-1]['seconds']} s)", flush=True)
+        print(f"{name:60s} {acc.mean():.3f} ± {acc.std():.3f}  ({trial_rows[-1]['seconds']} s)", flush=True)
 
     usually = {name: usually_missed(h) for name, h in hits.items()}
     every = np.logical_and.reduce(list(usually.values()))
     results = {"data": args.data, "rows": len(data), "people": len(set(subjects)), "classes": list(classes),
-               "folds": 5, "seeds": args.seeds, "table_feature_drift": drift, "trials": rows,
+               "folds": 5, "seeds": args.seeds, "table_feature_drift": drift, "trials": trial_rows,
                "missed_by_every_trial": [{"path": str(data.path[i]), "label": str(data.expression[i])}
                                          for i in np.flatnonzero(every)],
                "seconds": round(time.perf_counter() - started, 1)}
@@ -254,7 +265,7 @@ def main() -> None:
     lines = [f"Expression, {len(data)} rows, {len(set(subjects))} people: 5 folds split by person x {args.seeds} "
              "seeds, the report's probe (mean ± std over seeds). Made by scripts/expression_trials.py.", "",
              "| descriptor | accuracy |", "|---|---|"]
-    lines += [f"| {r['descriptor']} | {r['mean']:.3f} ± {r['std']:.3f} |" for r in rows]
+    lines += [f"| {r['descriptor']} | {r['mean']:.3f} ± {r['std']:.3f} |" for r in trial_rows]
     labels = [str(data.expression[i]) for i in np.flatnonzero(every)]
     lines += ["", f"Rows every trial usually misses (more than half its seeds): {len(labels)} "
               f"({', '.join(f'{labels.count(c)} {c}' for c in classes if labels.count(c))})."]
