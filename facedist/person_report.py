@@ -304,7 +304,7 @@ def most_missed(data: CoefficientData, summary: dict, seed_results: list[SeedRes
                 for n in scored_names}
         usually = {n: usually_missed(h) for n, h in hits.items()}
         best = max(scored_names, key=lambda n: rows[n]["mean"])
-        missed, scored = (hits[best] == 0).sum(0), (~np.isnan(hits[best])).sum(0)
+        missed, scored = miss_counts(hits[best])
         labels = data.subject if task == "identity" else getattr(data, task)
         order = sorted(np.flatnonzero(missed), key=lambda i: (-missed[i], str(data.path[i])))
         out[task] = {"descriptor": best, "probes": scored_names,
@@ -316,9 +316,14 @@ def most_missed(data: CoefficientData, summary: dict, seed_results: list[SeedRes
     return out
 
 
+def miss_counts(hits: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(seeds, rows) 1 hit, 0 miss, nan not scored -> per row, the seeds that missed it and that scored it."""
+    return (hits == 0).sum(0), (~np.isnan(hits)).sum(0)
+
+
 def usually_missed(hits: np.ndarray) -> np.ndarray:
     """(seeds, rows) hits, nan where not scored -> rows missed on more than half the seeds that scored them."""
-    missed, scored = (hits == 0).sum(0), (~np.isnan(hits)).sum(0)
+    missed, scored = miss_counts(hits)
     return (scored > 0) & (2 * missed > scored)
 
 
