@@ -152,6 +152,16 @@ def cmd_models(args) -> int:
     return 0
 
 
+def input_groups(text: str) -> tuple[str, ...]:
+    """--inputs id,tex: descriptor groups (schema.INPUT_GROUPS)."""
+    from facedist.schema import parse_inputs
+
+    try:
+        return parse_inputs(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     """Flags for one training run: every TrainConfig field, so the job and the CLI never drift."""
     from dataclasses import MISSING, fields
@@ -159,7 +169,7 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     from facedist.training.engine import TrainConfig
     from facedist.training.presets import describe_presets
     from facedist.training.registry import TASKS
-    from facedist.training.tasks import AGGREGATES, INPUT_NORMS
+    from facedist.training.tasks import AGGREGATES, HEADS, INPUT_NORMS
 
     parser.add_argument("--task", required=True, choices=TASKS, help="what to train")
     parser.add_argument("--data", required=True, help="coefficients table (local or s3://)")
@@ -173,9 +183,9 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
                         help="use GPUs (default: when the cluster has them)")
     parser.add_argument("--labels", nargs="+", help="restrict/order the classes (default: every label in the table)")
     parser.add_argument("--address", default=None, help="Ray cluster address (default: RAY_ADDRESS, else a local Ray)")
-    choices = {"aggregate": AGGREGATES, "input_norm": INPUT_NORMS}
+    choices = {"aggregate": AGGREGATES, "input_norm": INPUT_NORMS, "head": HEADS}
     types = {"int": int, "float": float, "str": str, "float | None": float, "str | None": str,
-             "int | None": non_negative_int}
+             "int | None": non_negative_int, "tuple[str, ...] | None": input_groups}
     for f in fields(TrainConfig):
         if f.name in {"task", "data", "output", "name", "num_workers", "cpus_per_worker", "use_gpu", "labels"}:
             continue

@@ -49,6 +49,10 @@ class PersonReportConfig:
     image_size: int = 64
     image_epochs: int = 15
     image_seeds: int | None = None         # the ResNet baseline over fewer seeds (None: all)
+    # The trained models (training.presets, through facedist train's code) beside the probes:
+    # every head on each candidate input of MODEL_INPUTS; over the first model_seeds seeds (None: all).
+    heads: tuple[str, ...] = ("linear", "mlp", "resnet")
+    model_seeds: int | None = None
 
 
 # ------------------------------------------------------------------------------ probes
@@ -122,11 +126,12 @@ def fold_descriptors(data: CoefficientData, train: np.ndarray, pixels: np.ndarra
         from facedist.texture import TextureBasis
 
         basis = TextureBasis.fit(data.texture[train], data.layout.texture.split("+")[0])
-        out["tau"] = unit_total_variance(basis.project(data.texture), train)
+        out["tau_raw"] = basis.project(data.texture).astype(np.float32)  # the trained models' τ input
+        out["tau"] = unit_total_variance(out["tau_raw"], train)
     if data.n_feature:
         out["feature"] = unit_total_variance(data.quality[:, len(QUALITY_SCALARS):], train)
     for a, b in (("alpha", "tau"), ("beta", "tau"), ("beta", "feature")):
-        if b in out:
+        if b in out and a in out:
             out[f"{a}+{b}"] = np.hstack([out[a], out[b]])
     if pixels is not None:
         out["pixels"] = unit_total_variance(pixels, train)
@@ -143,6 +148,18 @@ def unit_total_variance(x: np.ndarray, train: np.ndarray) -> np.ndarray:
 TASK_DESCRIPTORS = {"identity": ("alpha", "tau", "alpha+tau", "feature", "pixels"),
                     "gender": ("alpha", "tau", "alpha+tau", "feature", "pixels"),
                     "expression": ("beta", "tau", "beta+tau", "feature", "beta+feature", "pixels")}
+
+
+# The trained models' candidate inputs per task (schema.INPUT_GROUPS), each with every head;
+# a candidate the table cannot give is left out.
+MODEL_INPUTS = {"identity": (("id",), ("tex",), ("id", "tex")),
+                "gender": (("id",), ("tex",), ("id", "tex")),
+                "expression": (("exp",), ("exp", "tex"), ("feature",), ("exp", "feature"))}
+
+
+def model_row_name(head: str, inputs: tuple[str, ...]) -> str:
+    """The summary key of a trained model's row, e.g. "linear:id+tex"."""
+    return f"{head}:{'+'.join(inputs)}"
 
 
 def pixel_descriptor(crops: np.ndarray) -> np.ndarray:
@@ -180,6 +197,12 @@ def run_seed(data: CoefficientData, seed: int, config: PersonReportConfig, pixel
         test = np.flatnonzero(folds == fold)
         desc = fold_descriptors(data, train, pixels)
         probes = np.setdiff1d(test, gallery_rows)
+        if config.heads and (config.model_seeds is None or seed < config.model_seeds):
+            fold_data = replace(data, tex=desc.get("tau_raw"))  # τ from this fold's basis, as the probes
+            for task, by_row in trained_model_hits(fold_data, train, test, gallery_rows, tasks, config,
+                                                   seed).items():
+                for name, (rows, hits) in by_row.items():
+                    record(task, name, rows, hits)
         for name in TASK_DESCRIPTORS["identity"]:
             if name in desc and len(gallery_rows) and len(probes):
                 record("identity", name, probes,
@@ -201,6 +224,58 @@ def run_seed(data: CoefficientData, seed: int, config: PersonReportConfig, pixel
     log(f"seed {seed}: " + "; ".join(f"{t} " + ", ".join(f"{n} {a:.3f}" for n, a in by.items())
                                      for t, by in accuracy.items()))
     return SeedResult(accuracy, correct)
+
+
+def trained_model_hits(data: CoefficientData, train: np.ndarray, test: np.ndarray, gallery_rows: np.ndarray,
+                       tasks: dict, config: PersonReportConfig, seed: int) -> dict:
+    """{task: {row name: (rows scored, hits)}} for every head on every candidate input: each
+    trained from its task preset on the training people alone, as `facedist train` trains it (its
+    own validation split for early stopping), then scored on the test people. Identity: trained on
+    everyone's gallery photo plus the training people's photos, single images (the probes are
+    single photos); with nothing of the test people to validate on, the last epoch is kept."""
+    from facedist.training.bundle import build_model
+    from facedist.training.engine import fit
+    from facedist.training.presets import preset_config
+    from facedist.training.tasks import classifier_from_split, make_classifier_task
+    from facedist.recognition import bundle_logits
+
+    def loaded(task_obj, state) -> dict:
+        bundle = task_obj.bundle(state, {})
+        model = build_model(bundle["model_config"])
+        model.load_state_dict(bundle["state_dict"])
+        return {**bundle, "model": model.eval()}
+
+    available = set(data.available_inputs())
+    out: dict = {}
+    probes = np.setdiff1d(test, gallery_rows)
+    subjects = data.subject.astype(str)
+    for task in ("identity", *tasks):
+        for inputs in MODEL_INPUTS[task]:
+            if not set(inputs) <= available:
+                continue
+            x = data.descriptor(inputs)
+            for head in config.heads:
+                cfg = preset_config(task, inputs=inputs, head=head, seed=seed)
+                if task == "identity":
+                    if not len(gallery_rows) or not len(probes):
+                        continue
+                    id_train = np.union1d(train, gallery_rows)
+                    cfg = replace(cfg, patience=cfg.epochs, aggregate="mean")
+                    task_obj = classifier_from_split(cfg, data, id_train, id_train[:1], combo_size=1)
+                    bundle = loaded(task_obj, fit(task_obj, cfg).last_state)
+                    predicted = np.asarray(bundle["labels"])[bundle_logits(bundle, x[probes]).argmax(1)]
+                    out.setdefault(task, {})[model_row_name(head, inputs)] = (probes, predicted == subjects[probes])
+                    continue
+                codes, names = tasks[task]
+                tr, te = train[codes[train] >= 0], test[codes[test] >= 0]
+                if len(set(codes[tr])) < 2 or not len(te):
+                    continue
+                task_obj = make_classifier_task(cfg, data.subset(tr))
+                bundle = loaded(task_obj, fit(task_obj, cfg).best_state)
+                predicted = np.asarray(bundle["labels"])[bundle_logits(bundle, x[te]).argmax(1)]
+                truth = np.asarray([str(v) for v in getattr(data, task)[te]])
+                out.setdefault(task, {})[model_row_name(head, inputs)] = (te, predicted == truth)
+    return out
 
 
 def _gallery_rows(subjects: np.ndarray, expr: np.ndarray, gallery: str) -> np.ndarray:

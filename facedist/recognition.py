@@ -25,31 +25,40 @@ import numpy as np
 import torch
 
 from facedist import storage
-from facedist.models.cnet import aggregate_identity
-from facedist.schema import STATUS_OK
+from facedist.models.cnet import aggregate_identity, confidence_weights
+from facedist.schema import DEFAULT_INPUTS, INPUT_GROUPS, STATUS_OK, inputs_label
 from facedist.training.bundle import BUNDLE_FILE, load_model_bundle
 
 QUALITY_SCALARS = ("yaw", "pitch", "roll", "abs_yaw", "det_score", "landmark_error", "log_landmark_error")
-
-
-def _floats(value, default: float = 0.0) -> float:
-    return default if value is None or (isinstance(value, float) and np.isnan(value)) else float(value)
 
 
 def quality_vector(row: dict, n_feature: int) -> np.ndarray:
     """C-Net's per-image input: pose (degrees/90), |yaw|, detection score, landmark residual
     (and its log), then the regressor's pooled feature (zeros when the backend stores none).
     ``row`` is a table row or ExtractionResult.to_row()."""
-    yaw, pitch, roll = (_floats(row.get(k)) for k in ("yaw", "pitch", "roll"))
-    residual = _floats(row.get("landmark_error"), 0.05)
-    scalars = [yaw / 90, pitch / 90, roll / 90, abs(yaw) / 90, _floats(row.get("det_score"), 1.0),
-               residual, np.log(max(residual, 1e-4))]
-    feature = np.zeros(n_feature, np.float32)
+    feature = None
     raw = row.get("feature")
     if raw is not None and n_feature:
         raw = np.asarray(raw, np.float32).ravel()[:n_feature]
-        feature[: raw.size] = raw
-    return np.concatenate([np.asarray(scalars, np.float32), feature])
+        feature = np.zeros((1, n_feature), np.float32)
+        feature[0, : raw.size] = raw
+    scalars = [np.array([np.nan if row.get(k) is None else float(row[k])])
+               for k in ("yaw", "pitch", "roll", "det_score", "landmark_error")]
+    return quality_matrix(*scalars, feature, n_feature)[0]
+
+
+def quality_matrix(yaw, pitch, roll, det_score, landmark_error, feature: np.ndarray | None,
+                   n_feature: int) -> np.ndarray:
+    """quality_vector for N rows at once: (N,) float arrays with NaN where a value is missing
+    (pose 0, score 1, residual 0.05 stand in), feature (N, n_feature) or None (zeros)."""
+    fill = lambda v, d: np.where(np.isnan(np.asarray(v, np.float64)), d, v)  # noqa: E731
+    yaw, pitch, roll = fill(yaw, 0.0), fill(pitch, 0.0), fill(roll, 0.0)
+    residual = fill(landmark_error, 0.05)
+    scalars = np.stack([yaw / 90, pitch / 90, roll / 90, np.abs(yaw) / 90, fill(det_score, 1.0), residual,
+                        np.log(np.maximum(residual, 1e-4))], 1).astype(np.float32)
+    if feature is None:
+        feature = np.zeros((len(scalars), n_feature), np.float32)
+    return np.concatenate([scalars, np.asarray(feature, np.float32)], 1)
 
 
 @dataclass
@@ -123,13 +132,48 @@ def within_class_whitening(z: np.ndarray, groups: np.ndarray, floor: float = 1e-
 RECOGNIZER_TASKS = ("cnet", "identity", "gender", "expression")
 
 
+def bundle_inputs(bundle: dict) -> tuple[str, ...]:
+    """The descriptor groups a classifier bundle reads (older bundles: the task's default)."""
+    return tuple(bundle.get("extra", {}).get("inputs") or DEFAULT_INPUTS[bundle["task"]])
+
+
+def row_descriptor(row: dict, inputs: tuple[str, ...], dims: list[int] | None = None) -> np.ndarray | str:
+    """One row's descriptor for ``inputs`` (the groups side by side), or why it has none. ``dims``:
+    each group's width in training; the pooled feature is cut or zero-padded to it, as the
+    training table was, and any other group must match it."""
+    parts = []
+    for k, name in enumerate(inputs):
+        value = row.get(INPUT_GROUPS[name])
+        if value is None or len(value) == 0:
+            return f"no {INPUT_GROUPS[name]} (the model reads {inputs_label(inputs)})"
+        value = np.asarray(value, np.float32).ravel()
+        width = dims[k] if dims else value.size
+        if name == "feature":
+            value = np.pad(value[:width], (0, max(0, width - value.size)))
+        elif value.size != width:
+            return f"{INPUT_GROUPS[name]} has {value.size} values, the model was trained on {width}"
+        parts.append(value)
+    return np.concatenate(parts)
+
+
+def bundle_logits(bundle: dict, x: np.ndarray, norm: Standardizer | None = None) -> np.ndarray:
+    """A loaded bundle's outputs for inputs x (N, D): its input normalisation, then its model."""
+    norm = norm or Standardizer.from_dict(bundle["input_norm"])
+    with torch.no_grad():
+        return bundle["model"](torch.as_tensor(norm(x))).numpy()
+
+
 class Recognizer:
+    """The trained bundles together; predict() is the one copy of the decision logic (the server's
+    /v1/predict and `facedist predict` both call it)."""
+
     def __init__(self, bundles: dict[str, dict]):
         unknown = set(bundles) - set(RECOGNIZER_TASKS)
         if unknown:
             raise ValueError(f"unknown bundles {sorted(unknown)}")
         self.bundles = bundles
         self.norms = {k: Standardizer.from_dict(b["input_norm"]) for k, b in bundles.items() if b.get("input_norm")}
+        self.inputs = {k: bundle_inputs(b) for k, b in bundles.items() if k != "cnet"}
 
     @classmethod
     def from_directory(cls, uri: str) -> "Recognizer":
@@ -139,54 +183,103 @@ class Recognizer:
             raise FileNotFoundError(f"no model bundles ({', '.join(RECOGNIZER_TASKS)}) under {uri}")
         return cls(bundles)
 
+    def describe(self) -> dict:
+        """What each model reads and how it was built: {task: {inputs, head, labels}}."""
+        return {task: {"inputs": list(inputs), "inputs_label": inputs_label(inputs),
+                       "head": self.bundles[task].get("extra", {}).get("head", "resnet"),
+                       "labels": len(self.bundles[task]["labels"])} for task, inputs in self.inputs.items()}
+
     def _run(self, task: str, x: np.ndarray) -> np.ndarray:
-        with torch.no_grad():
-            return self.bundles[task]["model"](torch.as_tensor(self.norms[task](x))).numpy()
+        return bundle_logits(self.bundles[task], x, self.norms.get(task))
 
     @staticmethod
     def _softmax(logits: np.ndarray) -> np.ndarray:
         z = np.exp(logits - logits.max(-1, keepdims=True))
         return z / z.sum(-1, keepdims=True)
 
+    def _descriptors(self, task: str, rows: list[dict], usable: list[int]) -> tuple[np.ndarray, list[int], dict]:
+        """The task's descriptor for each usable row: (X, rows that have it, {row: why not})."""
+        dims = self.bundles[task].get("extra", {}).get("input_dims")
+        got, have, missing = [], [], {}
+        for i in usable:
+            value = row_descriptor(rows[i], self.inputs[task], dims)
+            if isinstance(value, str):
+                missing[i] = value
+            else:
+                got.append(value)
+                have.append(i)
+        return (np.stack(got) if got else np.zeros((0, 0), np.float32)), have, missing
+
     def predict(self, items: list, top_k: int = 5) -> dict:
+        """One person's images (ExtractionResults or table rows) -> identity (top-k), gender, and
+        each image's expression. Identity and gender aggregate the person's usable images as the
+        identity model was trained (the mean, or C-Net's confidences); an image a model cannot
+        read (an error row, or a group its inputs need missing) keeps its slot with the reason."""
         rows = [item.to_row() if hasattr(item, "to_row") else dict(item) for item in items]
-        usable = [i for i, r in enumerate(rows)
-                  if r.get("status", STATUS_OK) == STATUS_OK and r.get("id_coeffs") and r.get("exp_coeffs")]
+        usable = [i for i, r in enumerate(rows) if r.get("status", STATUS_OK) == STATUS_OK]
         images = [{"index": i, "ok": i in usable,
                    "error": None if i in usable else (rows[i].get("message") or rows[i].get("status") or "unusable")}
                   for i in range(len(rows))]
-        out: dict = {"images": images, "n_used": len(usable), "identity": None, "gender": None}
+        out: dict = {"images": images, "n_used": 0, "identity": None, "gender": None}
         if not usable:
             return out
-        alpha = np.array([rows[i]["id_coeffs"] for i in usable], np.float32)
-        beta = np.array([rows[i]["exp_coeffs"] for i in usable], np.float32)
-        confidence = None
+        confidence = {}
         if "cnet" in self.bundles:
             n_feature = int(self.bundles["cnet"]["extra"].get("n_feature", 0))
-            quality = np.stack([quality_vector(rows[i], n_feature) for i in usable])
-            confidence = self._run("cnet", quality)
-            for slot, i in enumerate(usable):
-                images[i]["confidence"] = confidence[slot].tolist()
-                images[i]["confidence_mean"] = float(confidence[slot].mean())
+            with_id = [i for i in usable if rows[i].get("id_coeffs")]
+            if with_id:
+                values = self._run("cnet", np.stack([quality_vector(rows[i], n_feature) for i in with_id]))
+                for slot, i in enumerate(with_id):
+                    confidence[i] = values[slot]
+                    images[i]["confidence"] = values[slot].tolist()
+                    images[i]["confidence_mean"] = float(values[slot].mean())
         # Aggregate as the identity model was trained (C-Net or the mean), so serving matches training.
         trained_with = self.bundles.get("identity", {}).get("extra", {}).get("aggregate", "cnet")
-        weights = confidence if confidence is not None and trained_with == "cnet" else None
-        aggregate = aggregate_identity(torch.as_tensor(alpha)[None],
-                                       None if weights is None else torch.as_tensor(weights)[None])[0].numpy()
-        out["aggregation"] = "cnet" if weights is not None else "mean"
-        out["identity_coeffs"] = aggregate.tolist()
+        use_cnet = bool(confidence) and trained_with == "cnet"
+        out["aggregation"] = "cnet" if use_cnet else "mean"
+        used: set[int] = set()
+        with_alpha = [i for i in usable if rows[i].get("id_coeffs")]
+        if with_alpha:
+            alpha = np.array([rows[i]["id_coeffs"] for i in with_alpha], np.float32)
+            out["identity_coeffs"] = self._aggregate(alpha, with_alpha, confidence if use_cnet else {}).tolist()
         for task in ("identity", "gender"):
-            if task in self.bundles:
-                probs = self._softmax(self._run(task, aggregate[None]))[0]
-                labels = self.bundles[task]["labels"]
-                order = np.argsort(-probs)[: top_k if task == "identity" else len(labels)]
-                ranked = [{"label": labels[j], "score": float(probs[j])} for j in order]
-                out[task] = {"top_k": ranked} if task == "identity" else {"label": ranked[0]["label"],
-                                                                         "scores": {r["label"]: r["score"] for r in ranked}}
+            if task not in self.bundles:
+                continue
+            x, have, missing = self._descriptors(task, rows, usable)
+            for i, why in missing.items():
+                images[i]["error"] = images[i]["error"] or why
+            if not have:
+                continue
+            used.update(have)
+            aggregate = self._aggregate(x, have, confidence if use_cnet else {})
+            probs = self._softmax(self._run(task, aggregate[None]))[0]
+            labels = self.bundles[task]["labels"]
+            order = np.argsort(-probs)[: top_k if task == "identity" else len(labels)]
+            ranked = [{"label": labels[j], "score": float(probs[j])} for j in order]
+            out[task] = {"top_k": ranked} if task == "identity" else {"label": ranked[0]["label"],
+                                                                     "scores": {r["label"]: r["score"] for r in ranked}}
         if "expression" in self.bundles:
-            probs = self._softmax(self._run("expression", beta))
-            labels = self.bundles["expression"]["labels"]
-            for slot, i in enumerate(usable):
-                images[i]["expression"] = {labels[j]: float(probs[slot, j]) for j in range(len(labels))}
-                images[i]["expression_label"] = labels[int(probs[slot].argmax())]
+            x, have, missing = self._descriptors("expression", rows, usable)
+            for i, why in missing.items():
+                images[i]["error"] = images[i]["error"] or why
+            if have:
+                used.update(have)
+                probs = self._softmax(self._run("expression", x))
+                labels = self.bundles["expression"]["labels"]
+                for slot, i in enumerate(have):
+                    images[i]["expression"] = {labels[j]: float(probs[slot, j]) for j in range(len(labels))}
+                    images[i]["expression_label"] = labels[int(probs[slot].argmax())]
+        for i in usable:
+            images[i]["ok"] = i in used or not (set(self.inputs) - {"cnet"})
+        out["n_used"] = sum(1 for i in usable if images[i]["ok"])
         return out
+
+    @staticmethod
+    def _aggregate(x: np.ndarray, rows: list[int], confidence: dict) -> np.ndarray:
+        """The mean of a person's descriptors, weighted by C-Net when ``confidence`` has every row
+        (per dimension for the identity coefficients alone, else each image's mean confidence)."""
+        weights = None
+        if confidence and all(i in confidence for i in rows):
+            weights = confidence_weights(np.stack([confidence[i] for i in rows]), x.shape[1])
+        return aggregate_identity(torch.as_tensor(x)[None],
+                                  None if weights is None else torch.as_tensor(weights)[None])[0].numpy()

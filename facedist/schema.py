@@ -104,6 +104,30 @@ COEFFICIENTS_SCHEMA = pa.schema(
 )
 
 COLUMNS = tuple(COEFFICIENTS_SCHEMA.names)
+
+# Descriptor groups: what a task may take as input (`--inputs id,tex`), short name -> the column
+# that holds it. A model bundle records its task's groups, and every consumer (training, the
+# reports, the Recognizer, /v1/predict, `facedist predict`) builds the input from them.
+INPUT_GROUPS = {"id": "id_coeffs", "exp": "exp_coeffs", "tex": "tex_coeffs", "feature": "feature"}
+# What a task reads when neither its preset nor the user names inputs, and what a model bundle
+# written before bundles recorded their inputs was trained on.
+DEFAULT_INPUTS = {"identity": ("id",), "gender": ("id",), "expression": ("exp",)}
+# The rendered names (tables and plots only).
+INPUT_GROUP_SYMBOLS = {"id": "α", "exp": "β", "tex": "τ", "feature": "f"}
+
+
+def parse_inputs(text: str | tuple | list) -> tuple[str, ...]:
+    """"id,tex" (or a sequence) -> ("id", "tex"), each a known group, none twice."""
+    names = tuple(n.strip() for n in (text.split(",") if isinstance(text, str) else text) if n.strip())
+    unknown = [n for n in names if n not in INPUT_GROUPS]
+    if not names or unknown or len(set(names)) != len(names):
+        raise ValueError(f"inputs {text!r}: give distinct groups from {', '.join(INPUT_GROUPS)} (e.g. id,tex)")
+    return names
+
+
+def inputs_label(inputs: tuple[str, ...]) -> str:
+    """("id", "tex") -> "α + τ"."""
+    return " + ".join(INPUT_GROUP_SYMBOLS.get(n, n) for n in inputs)
 LABEL_COLUMNS = ("subject", "expression", "gender", "view")
 
 METADATA_LAYOUT_KEY = b"facedist.layout"

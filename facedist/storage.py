@@ -402,15 +402,24 @@ def read_table(uri: str, options: S3Options | None = None, columns: list[str] | 
     fs, path = filesystem_for(uri, options)
     info = fs.get_file_info(path)
     if info.type == pafs.FileType.File:
-        return pq.read_table(path, filesystem=fs, columns=columns)
+        return _read_parquet(path, fs, columns)
     root = uri.rstrip("/") + "/"
     files = [f for f in list_files(uri, options) if f.endswith(".parquet")
              and not any(part.startswith(("_", ".")) for part in f[len(root):].split("/"))]
     if not files:
         raise FileNotFoundError(f"no Parquet files under {uri}")
     paths = [filesystem_for(f, options)[1] for f in files]
-    tables = [pq.read_table(p, filesystem=fs, columns=columns) for p in paths]
+    tables = [_read_parquet(p, fs, columns) for p in paths]
     return pa.concat_tables(tables, promote_options="default")
+
+
+def _read_parquet(path: str, fs, columns: list[str] | None) -> pa.Table:
+    """One file; ``columns`` that the file lacks (a table written before a column existed) are
+    left out rather than failing the read."""
+    if columns is not None:
+        present = set(pq.read_schema(path, filesystem=fs).names)
+        columns = [c for c in columns if c in present]
+    return pq.read_table(path, filesystem=fs, columns=columns)
 
 
 def write_table(table: pa.Table, uri: str, options: S3Options | None = None) -> None:

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
+import numpy as np
 import torch
 from torch import nn
 from torch.nn import functional as F
@@ -70,6 +71,16 @@ def aggregate_identity(alpha: torch.Tensor, confidence: torch.Tensor | None = No
     if mask is not None:
         weight = weight * mask.unsqueeze(-1).to(weight.dtype)
     return (weight * alpha).sum(-2) / weight.sum(-2).clamp_min(1e-8)
+
+
+def confidence_weights(confidence: np.ndarray, width: int) -> np.ndarray:
+    """C-Net's (..., n_id) confidences as weights for a descriptor of ``width``: as they are when
+    it is the identity coefficients alone, else each image's mean confidence on every dimension
+    (one weight per image covers any group it is given)."""
+    confidence = np.asarray(confidence)
+    if confidence.shape[-1] == width:
+        return confidence
+    return np.repeat(confidence.mean(-1, keepdims=True), width, -1)
 
 
 def cnet(**config) -> CNet:

@@ -16,6 +16,8 @@ _BUILTIN = {
     "cnet": "facedist.models.cnet:cnet",                    # C-Net: per-image identity confidences
     "resnet34_1d": "facedist.models.resnet1d:resnet34_1d",  # coefficient classifiers
     "resnet32_1d": "facedist.models.resnet1d:resnet32_1d",
+    "linear_head": "facedist.models.heads:linear_head",     # light heads over whitened descriptors
+    "mlp_head": "facedist.models.heads:mlp_head",
     "resnet18": "facedist.models.resnet:resnet18",          # the raw-image baseline (2-D)
     "resnet34": "facedist.models.resnet:resnet34",
     "resnet50": "facedist.models.resnet:resnet50",

@@ -11,8 +11,10 @@ from dataclasses import dataclass, field
 import numpy as np
 import pyarrow as pa
 
-from facedist.recognition import Standardizer, quality_vector, within_class_whitening  # noqa: F401
-from facedist.schema import STATUS_OK, CoefficientLayout, layout_from_schema
+import pyarrow.compute as pc
+
+from facedist.recognition import Standardizer, quality_matrix, quality_vector, within_class_whitening  # noqa: F401
+from facedist.schema import COLUMNS, INPUT_GROUPS, STATUS_OK, CoefficientLayout, layout_from_schema
 
 @dataclass
 class CoefficientData:
@@ -34,6 +36,9 @@ class CoefficientData:
     extra: dict = field(default_factory=dict)
     texture: np.ndarray | None = None  # (N, K, 4) uint8 RGBA samples (facedist.texture), if the table has them
     tex: np.ndarray | None = None      # (N, n_tex) tex_coeffs, if every usable row has them
+    # Other descriptor groups (schema.INPUT_GROUPS beyond id / exp / tex / feature), by group name,
+    # where every usable row has them.
+    groups: dict = field(default_factory=dict)
 
     def __len__(self) -> int:
         return len(self.path)
@@ -45,57 +50,146 @@ class CoefficientData:
                                take(self.alpha), take(self.beta), take(self.quality), take(self.landmarks),
                                take(self.landmarks_fit), take(self.box), self.layout, self.n_feature,
                                texture=None if self.texture is None else take(self.texture),
-                               tex=None if self.tex is None else take(self.tex))
+                               tex=None if self.tex is None else take(self.tex),
+                               groups={k: take(v) for k, v in self.groups.items()})
 
     def labels(self, column: str) -> np.ndarray:
         return getattr(self, column)
 
+    def group(self, name: str) -> np.ndarray | None:
+        """One descriptor group's (N, D) array, None where the table lacks it."""
+        from facedist.recognition import QUALITY_SCALARS
 
-def _points(values, n: int) -> np.ndarray:
-    if values is None or len(values) != n:
-        return np.full((n // 2 if n else 0, 2), np.nan, np.float32) if n else np.zeros((0, 2), np.float32)
-    return np.asarray(values, np.float32).reshape(-1, 2)
+        if name == "id":
+            return self.alpha
+        if name == "exp":
+            return self.beta
+        if name == "tex":
+            return self.tex
+        if name == "feature":
+            return self.quality[:, len(QUALITY_SCALARS):] if self.n_feature else None
+        return self.groups.get(name)
+
+    def available_inputs(self) -> tuple[str, ...]:
+        return tuple(n for n in INPUT_GROUPS if self.group(n) is not None)
+
+    def descriptor(self, inputs: tuple[str, ...]) -> np.ndarray:
+        """The groups side by side, (N, sum of widths) float32; a group the table lacks is a
+        ValueError that says what to do."""
+        parts = []
+        for name in inputs:
+            values = self.group(name)
+            if values is None:
+                hint = (" (extract with a texture basis: the default for the fit backends)" if name == "tex" else "")
+                raise ValueError(f"the table has no {INPUT_GROUPS[name]} for every usable row, so it cannot give "
+                                 f"the {name!r} input{hint}; it has {', '.join(self.available_inputs())}")
+            parts.append(np.asarray(values, np.float32))
+        return np.hstack(parts)
+
+
+def _list_lengths(column: pa.ChunkedArray) -> np.ndarray:
+    lengths = pc.list_value_length(column)
+    return np.asarray(pc.fill_null(lengths, 0).to_numpy(zero_copy_only=False), np.int64)
+
+
+def _fixed_rows(column: pa.ChunkedArray, rows: np.ndarray, width: int, dtype=np.float32,
+                fill=np.nan) -> np.ndarray:
+    """(len(rows), width) from a list column, without a Python object per row; rows whose list
+    is missing or of another length are ``fill``."""
+    taken = column.take(pa.array(rows, pa.int64()))
+    lengths = _list_lengths(taken)
+    out = np.full((len(rows), width), fill, dtype)
+    good = lengths == width
+    if good.any():
+        picked = taken.filter(pa.array(good)) if not good.all() else taken
+        flat = pc.list_flatten(picked).to_numpy(zero_copy_only=False)
+        out[good] = np.asarray(flat, dtype).reshape(-1, width)
+    return out
+
+
+def _scalars(table: pa.Table, name: str, rows: np.ndarray) -> np.ndarray:
+    """A numeric column at ``rows`` as float64, NaN for null or absent."""
+    if name not in table.column_names:
+        return np.full(len(rows), np.nan)
+    taken = table.column(name).take(pa.array(rows, pa.int64()))
+    return np.asarray(pc.fill_null(pc.cast(taken, pa.float64()), np.nan).to_numpy(zero_copy_only=False))
+
+
+def _strings(table: pa.Table, name: str, rows: np.ndarray) -> np.ndarray:
+    if name not in table.column_names:
+        return np.full(len(rows), None, dtype=object)
+    return np.asarray(table.column(name).take(pa.array(rows, pa.int64())).to_pylist(), dtype=object)
 
 
 def table_to_data(table: pa.Table, n_feature: int | None = None) -> CoefficientData:
-    """Keep ok rows with both coefficient vectors; rows in = usable rows + skipped."""
+    """Keep ok rows with both coefficient vectors; rows in = usable rows + skipped. Columns are
+    converted whole (Arrow to numpy), so the cost is in the columns the table holds, not in rows
+    of Python objects: read only the columns you need (load_data)."""
     layout = layout_from_schema(table.schema)
-    rows = table.to_pylist()
-    usable = [r for r in rows if r.get("status") == STATUS_OK and r.get("id_coeffs") and r.get("exp_coeffs")]
-    if not usable:
-        raise ValueError(f"no usable rows (status ok with coefficients) among {len(rows)}")
-    n_id, n_exp = len(usable[0]["id_coeffs"]), len(usable[0]["exp_coeffs"])
-    usable = [r for r in usable if len(r["id_coeffs"]) == n_id and len(r["exp_coeffs"]) == n_exp]
+    ok = np.asarray(pc.fill_null(pc.equal(table.column("status"), STATUS_OK), False).to_numpy(zero_copy_only=False))
+    id_len, exp_len = _list_lengths(table.column("id_coeffs")), _list_lengths(table.column("exp_coeffs"))
+    candidates = np.flatnonzero(ok & (id_len > 0) & (exp_len > 0))
+    if not len(candidates):
+        raise ValueError(f"no usable rows (status ok with coefficients) among {table.num_rows}")
+    n_id, n_exp = int(id_len[candidates[0]]), int(exp_len[candidates[0]])
+    rows = candidates[(id_len[candidates] == n_id) & (exp_len[candidates] == n_exp)]
     if layout is None:
-        layout = CoefficientLayout(backend=str(usable[0].get("backend") or "unknown"), n_id=n_id, n_exp=n_exp)
+        backend = _strings(table, "backend", rows[:1])[0]
+        layout = CoefficientLayout(backend=str(backend or "unknown"), n_id=n_id, n_exp=n_exp)
+    has_feature = "feature" in table.column_names
+    feature_len = _list_lengths(table.column("feature"))[rows] if has_feature else np.zeros(len(rows), np.int64)
     if n_feature is None:
-        lengths = [len(r["feature"]) for r in usable if r.get("feature")]
-        n_feature = max(lengths) if lengths else 0
-    col = lambda k: np.array([r.get(k) for r in usable], dtype=object)  # noqa: E731
-    lm = lambda k: np.stack([_points(r.get(k), 136) for r in usable])  # noqa: E731
-    boxes = np.array([r["box"] if r.get("box") and len(r["box"]) == 4 else [np.nan] * 4 for r in usable],
-                     np.float32)
+        n_feature = int(feature_len.max()) if len(rows) else 0
+    feature = None
+    if n_feature and has_feature:
+        # Shorter features are zero-padded, longer ones cut (quality_vector's rule for one row).
+        feature = np.zeros((len(rows), n_feature), np.float32)
+        for width in np.unique(feature_len[feature_len > 0]):
+            sel = np.flatnonzero(feature_len == width)
+            values = _fixed_rows(table.column("feature"), rows[sel], int(width))
+            feature[sel, :min(int(width), n_feature)] = values[:, :n_feature]
+    quality = quality_matrix(_scalars(table, "yaw", rows), _scalars(table, "pitch", rows),
+                             _scalars(table, "roll", rows), _scalars(table, "det_score", rows),
+                             _scalars(table, "landmark_error", rows), feature, n_feature)
+    points = lambda name: (_fixed_rows(table.column(name), rows, 136).reshape(-1, 68, 2)  # noqa: E731
+                           if name in table.column_names else np.full((len(rows), 68, 2), np.nan, np.float32))
     texture = None
-    if layout.n_texture_vertices:
-        from facedist.texture import texture_array
-        texture = texture_array([r.get("texture") for r in usable], layout.n_texture_vertices)
+    if layout.n_texture_vertices and "texture" in table.column_names:
+        texture = _fixed_rows(table.column("texture"), rows, 4 * layout.n_texture_vertices, np.uint8, 0
+                              ).reshape(len(rows), layout.n_texture_vertices, 4)
     tex = None
-    if layout.n_tex and all(r.get("tex_coeffs") and len(r["tex_coeffs"]) == layout.n_tex for r in usable):
-        tex = np.array([r["tex_coeffs"] for r in usable], np.float32)
+    if layout.n_tex and "tex_coeffs" in table.column_names \
+            and (_list_lengths(table.column("tex_coeffs"))[rows] == layout.n_tex).all():
+        tex = _fixed_rows(table.column("tex_coeffs"), rows, layout.n_tex)
+    groups = {}
+    for name, column in INPUT_GROUPS.items():
+        if name in ("id", "exp", "tex", "feature") or column not in table.column_names:
+            continue
+        lengths = _list_lengths(table.column(column))[rows]
+        if len(rows) and lengths[0] > 0 and (lengths == lengths[0]).all():
+            groups[name] = _fixed_rows(table.column(column), rows, int(lengths[0]))
+    box = (_fixed_rows(table.column("box"), rows, 4) if "box" in table.column_names
+           else np.full((len(rows), 4), np.nan, np.float32))
     return CoefficientData(
-        texture=texture, tex=tex, path=col("path"), subject=col("subject"), expression=col("expression"), gender=col("gender"),
-        alpha=np.array([r["id_coeffs"] for r in usable], np.float32),
-        beta=np.array([r["exp_coeffs"] for r in usable], np.float32),
-        quality=np.stack([quality_vector(r, n_feature) for r in usable]),
-        landmarks=lm("landmarks"), landmarks_fit=lm("landmarks_fit"), box=boxes, layout=layout,
-        n_feature=n_feature, skipped=len(rows) - len(usable))
+        texture=texture, tex=tex, groups=groups, path=_strings(table, "path", rows),
+        subject=_strings(table, "subject", rows), expression=_strings(table, "expression", rows),
+        gender=_strings(table, "gender", rows),
+        alpha=_fixed_rows(table.column("id_coeffs"), rows, n_id), beta=_fixed_rows(table.column("exp_coeffs"), rows, n_exp),
+        quality=quality, landmarks=points("landmarks"), landmarks_fit=points("landmarks_fit"), box=box, layout=layout,
+        n_feature=n_feature, skipped=table.num_rows - len(rows))
 
 
-def load_data(uri: str, n_feature: int | None = None) -> CoefficientData:
-    """Read a coefficients table (local or s3://, file or directory of parts) via facedist.storage."""
+# What a task reads of the table: everything but the sampled texture, which only the person
+# report (its texture basis per fold) and the texture tools need.
+TRAINING_COLUMNS = tuple(c for c in COLUMNS if c != "texture")
+
+
+def load_data(uri: str, n_feature: int | None = None, columns: tuple[str, ...] | None = None) -> CoefficientData:
+    """Read a coefficients table (local or s3://, file or directory of parts) via facedist.storage;
+    ``columns``: read only these (e.g. TRAINING_COLUMNS), None for all."""
     from facedist import storage
 
-    return table_to_data(storage.read_table(uri), n_feature)
+    return table_to_data(storage.read_table(uri, columns=list(columns) if columns else None), n_feature)
 
 
 def image_folds(groups: np.ndarray, k: int, seed: int = 0) -> np.ndarray:

@@ -26,6 +26,9 @@ def describe_best(best: dict) -> str:
         text = f"validation accuracy {best['accuracy']:.3f}"
         if best.get("macro_f1") is not None:
             text += f", macro_f1 {best['macro_f1']:.3f}"
+    elif best.get("degenerate"):
+        text = ("not validated: no validation person has 2 or more photos, so C-Net's leave-one-out error "
+                "has nothing to predict (the classifiers aggregate by the mean unless --aggregate cnet)")
     elif best.get("loo_error_cnet") is not None:
         nan = float("nan")
         text = (f"loo_error_cnet {best['loo_error_cnet']:.4f} vs loo_error_mean {best.get('loo_error_mean', nan):.4f}"

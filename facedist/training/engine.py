@@ -34,6 +34,9 @@ class TrainConfig:
     weight_decay: float = 1e-4
     warmup_epochs: int = 2
     patience: int = 10                          # early stopping, in epochs without improvement
+    # Which epoch's model the bundle keeps: "best" on validation, or "last" (for a head whose
+    # loss has its own regularised optimum: a few hundred validation inputs pick a lucky epoch).
+    select: str = "best"
     seed: int = 0
     folds: int = 3                              # k-fold split by image; this run validates on `fold`
     fold: int = 0
@@ -47,6 +50,13 @@ class TrainConfig:
     # degraded photos over 5 seeds (benchmarks/cnet_degraded.py, docs/results/cnet_degraded).
     aggregate: str = "mean"
     input_norm: str = "within_class"            # classifier inputs: "within_class" whitening | "standard"
+    # The descriptor groups a classifier reads side by side (schema.INPUT_GROUPS: id, exp, tex,
+    # feature, ...); None: the task's default (tasks.DEFAULT_INPUTS). The bundle records them.
+    inputs: tuple[str, ...] | None = None
+    head: str = "resnet"                        # "resnet" (the paper's 1-D ResNet-34 / -32) | "linear" | "mlp"
+    # L2 penalty on the classifier's weight matrices, in the loss (a ridge: AdamW's decoupled decay
+    # barely holds a linear head on a few hundred inputs), per input dimension of the normalised input.
+    l2: float = 0.0
     noise: float = 1.0                          # augmentation: Gaussian noise in input_norm units (with
                                                 # within-class whitening: one within-class std)
     dropout: float = 0.1
@@ -71,6 +81,7 @@ class FitResult:
     best_metrics: dict
     history: list[dict] = field(default_factory=list)
     stopped_early: bool = False
+    last_state: dict | None = None   # the weights after the last epoch run (where no validation may pick one)
 
 
 def world() -> tuple[int, int]:
@@ -167,7 +178,7 @@ def fit(task, config: TrainConfig, *, wrap_model: Callable = lambda m: m, device
         metrics.update(task.summarize(val_sums))
         value = metrics[monitor]
         improved = value > best_value if mode == "max" else value < best_value
-        if improved or best_state is None:
+        if improved or best_state is None or config.select == "last":
             best_value, bad_epochs = value, 0
             best_state = copy.deepcopy({k: v.detach().cpu() for k, v in unwrap(model).state_dict().items()})
             best_metrics = dict(metrics)
@@ -188,7 +199,8 @@ def fit(task, config: TrainConfig, *, wrap_model: Callable = lambda m: m, device
 
         if on_epoch is not None:
             on_epoch(metrics, save)
-    return FitResult(best_state, best_metrics, history, stopped)
+    last_state = {k: v.detach().cpu().clone() for k, v in unwrap(model).state_dict().items()}
+    return FitResult(best_state, best_metrics, history, stopped, last_state)
 
 
 def load_trainer_state(directory: str) -> dict:

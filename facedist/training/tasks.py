@@ -1,15 +1,19 @@
 """The training tasks: what each trains on, its model, and its metrics (see engine.fit).
 
 - cnet: C-Net on sets of one person's *training* images (leave-one-out landmark loss).
-- identity: 1-D ResNet-34 on identity coefficients aggregated over C(n, 3) combinations of a
-  subject's images (by C-Net or the plain mean); the split is by image, so validation combinations
-  use validation images only.
-- gender: 1-D ResNet-34 on each image's identity coefficients; split by subject (a person's gender
-  must not leak through their identity).
-- expression: 1-D ResNet-32 on each image's expression coefficients; split by image.
+- identity: a classifier on a person's descriptor aggregated over C(n, 3) combinations of their
+  images (by C-Net or the plain mean); the split is by image, so validation combinations use
+  validation images only. People with fewer photos than the combination size get smaller sets
+  (combo_size_for).
+- gender: a classifier on each image's descriptor; split by subject (a person's gender must not
+  leak through their identity).
+- expression: a classifier on each image's descriptor; split by image.
 
-Classifier inputs are whitened within class on the training split (``input_norm``, see
-data.Standardizer), and the whitening travels in the bundle with the weights.
+A classifier's input is a descriptor: the groups of ``config.inputs`` side by side (id, exp,
+tex, feature, ...; schema.INPUT_GROUPS). Its head is the paper's 1-D ResNet (34 for identity and
+gender, 32 for expression), a linear layer or a small MLP (``config.head``). Inputs are whitened
+within class on the training split (``input_norm``, see data.Standardizer), and the whitening,
+the groups and the head travel in the bundle with the weights.
 """
 
 from __future__ import annotations
@@ -18,7 +22,7 @@ import numpy as np
 import torch
 from torch.nn import functional as F
 
-from facedist.models.cnet import CNetConfig, aggregate_identity
+from facedist.models.cnet import CNetConfig, aggregate_identity, confidence_weights
 from facedist.models.registry import create_model
 from facedist.training.bundle import make_bundle
 from facedist.training.data import (CoefficientData, Standardizer, combos_per_subject, encode_labels,
@@ -31,7 +35,44 @@ LABEL_COLUMN = {"identity": "subject", "expression": "expression", "gender": "ge
                 "image_identity": "subject", "image_expression": "expression"}
 INPUT_NORMS = ("within_class", "standard")
 AGGREGATES = ("cnet", "mean")  # how identity combinations are pooled: C-Net confidences or the plain mean
-ARCH = {"identity": "resnet34_1d", "gender": "resnet34_1d", "expression": "resnet32_1d"}
+HEADS = ("resnet", "linear", "mlp")
+# The paper's 1-D ResNet per task; the light heads are one architecture for every task.
+RESNET_ARCH = {"identity": "resnet34_1d", "gender": "resnet34_1d", "expression": "resnet32_1d"}
+LIGHT_HEADS = {"linear": "linear_head", "mlp": "mlp_head"}
+
+
+def head_model(task: str, head: str) -> str:
+    """The registry name of a task's head."""
+    if head not in HEADS:
+        raise ValueError(f"head {head!r}: choose one of {', '.join(HEADS)}")
+    return RESNET_ARCH[task] if head == "resnet" else LIGHT_HEADS[head]
+
+
+def task_inputs(config: TrainConfig) -> tuple[str, ...]:
+    from facedist.schema import DEFAULT_INPUTS, parse_inputs
+
+    return parse_inputs(config.inputs) if config.inputs else DEFAULT_INPUTS[config.task]
+
+
+def combo_size_for(subjects: np.ndarray, config: TrainConfig) -> tuple[int, str | None]:
+    """The identity combination size this data supports, and a one-line note when it is smaller
+    than config.combo_size: with k folds by image a person keeps about (k-1)/k of their photos for
+    training, and a combination padded by repeating a photo teaches nothing about aggregation."""
+    counts = np.array(list(_counts(subjects).values()))
+    if not len(counts):
+        return config.combo_size, None
+    per_person = float(np.median(counts)) * (config.folds - 1) / config.folds
+    size = int(max(1, min(config.combo_size, np.floor(per_person))))
+    if size >= config.combo_size:
+        return config.combo_size, None
+    what = "single images" if size == 1 else f"sets of {size}"
+    return size, (f"people have {int(np.median(counts))} photos (median), fewer than a {config.combo_size}-photo "
+                  f"combination leaves for training: identity trains and validates on {what}")
+
+
+def _counts(values: np.ndarray) -> dict:
+    keys, counts = np.unique(np.asarray([str(v) for v in values if v is not None]), return_counts=True)
+    return dict(zip(keys.tolist(), counts.tolist()))
 
 
 # ------------------------------------------------------------------------------ metrics
@@ -68,12 +109,13 @@ def _shard(n: int, rank: int, world: int, generator: torch.Generator | None = No
 # ------------------------------------------------------------------------------ classifiers
 
 class ClassifierTask:
-    """A classifier over fixed input vectors (coefficients or aggregates)."""
+    """A classifier over fixed input vectors (descriptors or their aggregates)."""
 
     monitor = ("accuracy", "max")
 
     def __init__(self, config: TrainConfig, x_train: np.ndarray, y_train: np.ndarray, x_val: np.ndarray,
-                 y_val: np.ndarray, labels: list[str], layout_json: str, arch: str, extra: dict | None = None):
+                 y_val: np.ndarray, labels: list[str], layout_json: str, arch: str, extra: dict | None = None,
+                 model_kwargs: dict | None = None):
         self.config = config
         self.labels = labels
         if config.input_norm not in INPUT_NORMS:
@@ -86,7 +128,8 @@ class ClassifierTask:
         self.layout_json = layout_json
         # facedist.models.registry: the architecture by name, its keyword arguments.
         self.model_name = arch
-        self.model_config = {"input_dim": x_train.shape[1], "num_classes": len(labels), "dropout": config.dropout}
+        self.model_config = {"input_dim": x_train.shape[1], "num_classes": len(labels), "dropout": config.dropout,
+                             **(model_kwargs or {})}
         self.extra = extra or {}
 
     def build_model(self):
@@ -102,6 +145,13 @@ class ClassifierTask:
         gain = 1 + 0.1 * self.config.noise * torch.randn(x.shape[0], 1)
         return x * gain + self.config.noise * torch.randn_like(x)
 
+    def ridge(self, model) -> torch.Tensor:
+        """config.l2 x the input width x the sum of squared weights of every linear layer: on
+        standardised inputs that keeps one l2 meaning the same shrinkage for 10 dimensions and 200."""
+        width = self.model_config["input_dim"]
+        return self.config.l2 * width * sum((p ** 2).sum() for n, p in model.named_parameters()
+                                            if n.endswith("weight") and p.dim() == 2)
+
     def train_epoch(self, model, optimizer, epoch: int, rank: int, world: int, device) -> dict:
         generator = torch.Generator().manual_seed(self.config.seed * 1000 + epoch)
         index = _shard(len(self.y_train), rank, world, generator)
@@ -114,6 +164,8 @@ class ClassifierTask:
             x = self.augment(self.x_train[batch]).to(device)
             y = self.y_train[batch].to(device)
             loss = F.cross_entropy(model(x), y, label_smoothing=0.05)
+            if self.config.l2:
+                loss = loss + self.ridge(model)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -151,16 +203,17 @@ def _jsonable(metrics: dict) -> dict:
     return {k: v for k, v in metrics.items() if isinstance(v, (int, float, str, list, bool))}
 
 
-def identity_inputs(data: CoefficientData, index: np.ndarray, config: TrainConfig, confidences: np.ndarray | None,
-                    seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Aggregated identity per C(n, r) combination of the images in ``index``, per subject.
-    Returns (inputs (M, n_id), subject of each, combos (M, r))."""
-    combos, owners = group_combinations(data.subject, index, config.combo_size,
+def identity_inputs(x: np.ndarray, subjects: np.ndarray, index: np.ndarray, config: TrainConfig,
+                    confidences: np.ndarray | None, seed: int, combo_size: int | None = None
+                    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Aggregated descriptor ``x`` per C(n, r) combination of the images in ``index``, per
+    subject. Returns (inputs (M, D), subject of each, combos (M, r))."""
+    r = combo_size or config.combo_size
+    combos, owners = group_combinations(subjects, index, r,
                                         combos_per_subject(config.max_combos_per_subject, config.max_combos_per_epoch,
-                                                           data.subject[index]), seed)
-    alpha = torch.as_tensor(data.alpha[combos])
-    conf = None if confidences is None else torch.as_tensor(confidences[combos])
-    return aggregate_identity(alpha, conf).numpy(), owners, combos
+                                                           subjects[index]), seed)
+    conf = None if confidences is None else torch.as_tensor(confidence_weights(confidences, x.shape[1])[combos])
+    return aggregate_identity(torch.as_tensor(x[combos]), conf).numpy(), owners, combos
 
 
 def cnet_confidences(data: CoefficientData, cnet_bundle: dict) -> np.ndarray:
@@ -168,6 +221,32 @@ def cnet_confidences(data: CoefficientData, cnet_bundle: dict) -> np.ndarray:
     norm = Standardizer.from_dict(cnet_bundle["input_norm"])
     with torch.no_grad():
         return cnet_bundle["model"](torch.as_tensor(norm(data.quality))).numpy()
+
+
+def classifier_from_split(config: TrainConfig, data: CoefficientData, train_idx: np.ndarray, val_idx: np.ndarray,
+                          confidences: np.ndarray | None = None, labels: list[str] | None = None,
+                          combo_size: int | None = None, extra: dict | None = None) -> ClassifierTask:
+    """The classifier of config.task trained on rows ``train_idx`` and validated on ``val_idx`` of
+    ``data`` (labelled rows only), with the task's inputs, head and identity aggregation. The
+    split-by-person report uses this directly; make_classifier_task picks the split."""
+    inputs = task_inputs(config)
+    column = LABEL_COLUMN[config.task]
+    x = data.descriptor(inputs)
+    codes, labels = encode_labels(data.labels(column), labels if labels is not None else config.labels)
+    extra = {"label_column": column, "fold": config.fold, "folds": config.folds, "seed": config.seed,
+             "inputs": list(inputs), "input_dims": [int(data.group(g).shape[1]) for g in inputs],
+             "head": config.head, **(extra or {})}
+    if config.task == "identity":
+        x_train, y_train, _ = identity_inputs(x, data.subject, train_idx, config, confidences, config.seed, combo_size)
+        x_val, y_val, _ = identity_inputs(x, data.subject, val_idx, config, confidences, config.seed + 1, combo_size)
+        y_train, _ = encode_labels(y_train, labels)
+        y_val, _ = encode_labels(y_val, labels)
+        extra.update(aggregate=config.aggregate, combo_size=combo_size or config.combo_size, cnet=config.cnet)
+    else:
+        x_train, y_train, x_val, y_val = x[train_idx], codes[train_idx], x[val_idx], codes[val_idx]
+    extra.update(n_train_images=int(len(train_idx)), n_val_images=int(len(val_idx)))
+    return ClassifierTask(config, x_train, y_train, x_val, y_val, labels, data.layout.to_json(),
+                          head_model(config.task, config.head), extra)
 
 
 def make_classifier_task(config: TrainConfig, data: CoefficientData,
@@ -181,9 +260,7 @@ def make_classifier_task(config: TrainConfig, data: CoefficientData,
     data = data.subset(np.flatnonzero(has_label))
     if confidences is not None:
         confidences = confidences[np.flatnonzero(has_label)]
-    codes, labels = encode_labels(data.labels(column), config.labels)
-    layout_json = data.layout.to_json()
-    extra = {"label_column": column, "fold": config.fold, "folds": config.folds, "seed": config.seed}
+    _, labels = encode_labels(data.labels(column), config.labels)
     if config.task == "identity":
         folds = image_folds(data.subject, config.folds, config.seed)
         train_idx, val_idx = np.flatnonzero(folds != config.fold), np.flatnonzero(folds == config.fold)
@@ -195,13 +272,9 @@ def make_classifier_task(config: TrainConfig, data: CoefficientData,
                                  "or pass --aggregate mean")
             from facedist.training.bundle import load_model_bundle
             confidences = cnet_confidences(data, load_model_bundle(config.cnet))
-        x_train, y_train, _ = identity_inputs(data, train_idx, config, confidences, config.seed)
-        x_val, y_val, _ = identity_inputs(data, val_idx, config, confidences, config.seed + 1)
-        y_train, _ = encode_labels(y_train, labels)
-        y_val, _ = encode_labels(y_val, labels)
-        extra.update(aggregate=config.aggregate, combo_size=config.combo_size, cnet=config.cnet,
-                     n_train_images=int(len(train_idx)), n_val_images=int(len(val_idx)))
-        return ClassifierTask(config, x_train, y_train, x_val, y_val, labels, layout_json, ARCH["identity"], extra)
+        combo_size, note = combo_size_for(data.subject, config)
+        return classifier_from_split(config, data, train_idx, val_idx, confidences, labels, combo_size,
+                                     {"note": note} if note else None)
     if config.task == "gender":
         # Split by subject: the fold of a subject is the fold of all of its images.
         subjects = np.array(sorted(set(data.subject.astype(str))))
@@ -209,16 +282,12 @@ def make_classifier_task(config: TrainConfig, data: CoefficientData,
             np.array([data.gender[data.subject.astype(str) == s][0] for s in subjects], dtype=object),
             config.folds, config.seed)))
         folds = np.array([subject_fold[s] for s in data.subject.astype(str)])
-        x = data.alpha
     elif config.task == "expression":
         folds = image_folds(data.expression, config.folds, config.seed)
-        x = data.beta
     else:
         raise ValueError(f"unknown coefficient task {config.task!r}")
     train_idx, val_idx = np.flatnonzero(folds != config.fold), np.flatnonzero(folds == config.fold)
-    extra.update(n_train_images=int(len(train_idx)), n_val_images=int(len(val_idx)))
-    return ClassifierTask(config, x[train_idx], codes[train_idx], x[val_idx], codes[val_idx], labels,
-                          layout_json, ARCH[config.task], extra)
+    return classifier_from_split(config, data, train_idx, val_idx, labels=labels)
 
 
 # ------------------------------------------------------------------------------ C-Net
@@ -302,7 +371,12 @@ class CNetTask:
         from facedist.training.cnet import summarize_sets_eval
 
         out = summarize_sets_eval(sums)
-        out["loo_gain_vs_mean"] = 1 - out["loo_error_cnet"] / max(out["loo_error_mean"], 1e-12)
+        if not sums.get("loo_count"):
+            # No validation person has two photos: leave-one-out has nothing to predict, both
+            # errors read 0 and a "gain" would be meaningless.
+            out.update(degenerate=True, loo_gain_vs_mean=float("nan"))
+        else:
+            out["loo_gain_vs_mean"] = 1 - out["loo_error_cnet"] / max(out["loo_error_mean"], 1e-12)
         return out
 
     def bundle(self, state: dict, metrics: dict) -> dict:
