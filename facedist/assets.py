@@ -4,7 +4,10 @@ else a clear error that says how to provide them.
 Layout under a model directory (what ../shared/models holds):
     tddfa/mb05_120x120.pth, tddfa/param_mean_std_62d_120x120.pkl, tddfa/bfm/*.npy,
     deep3d/similarity_Lm3D_all.mat, deep3d/epoch_20.pth (user-supplied), deep3d/BFM_model_front.mat,
-    faceboxes/FaceBoxesProd.pth
+    faceboxes/FaceBoxesProd.pth, texture/texture_basis_london_v1.npz (optional: the package ships it)
+
+A file the package ships (facedist/data/) resolves from the model directory when it holds one,
+else from the package, whose copy must match the pinned sha256.
 """
 
 from __future__ import annotations
@@ -34,6 +37,11 @@ class ModelFile:
     sha256: str | None
     licence: str
     description: str
+    packaged: str | None = None  # its copy inside the package (relative to facedist/), if one ships
+
+
+PACKAGE_DIR = Path(__file__).resolve().parent
+DEFAULT_TEXTURE_BASIS_FILE = "texture/texture_basis_london_v1.npz"
 
 
 MODEL_FILES: dict[str, ModelFile] = {
@@ -73,6 +81,12 @@ MODEL_FILES: dict[str, ModelFile] = {
                   "Deep3DFaceRecon R-Net checkpoint, key 'net_recon'"),
         ModelFile("deep3d/BFM_model_front.mat", None, None, "user-supplied (BFM licence)",
                   "Deep3DFaceRecon's BFM (80 id / 64 exp / 80 tex)"),
+        ModelFile(DEFAULT_TEXTURE_BASIS_FILE, None,
+                  "b95140a5f4645f992f8b5f21401e67b518bd085a1d4a347e74b1e8fe39bbd22d",
+                  "CC BY 4.0 (derived from the Face Research Lab London Set, DeBruine & Jones 2017)",
+                  "default texture basis: 80-component PCA of the tddfa-fit texture samples of the "
+                  "London Set's 204 photos (scripts/make_texture_basis.sh)",
+                  packaged="data/texture_basis_london_v1.npz"),
     )
 }
 
@@ -126,11 +140,28 @@ def download(relpath: str, *, timeout: float = 60.0) -> Path:
     return target
 
 
+def packaged_copy(spec: ModelFile) -> Path:
+    """The package's copy of a file it ships, checked against the pin."""
+    path = PACKAGE_DIR / spec.packaged
+    if not path.is_file():
+        raise ModelNotFoundError(f"{_how_to_provide(spec.relpath)} The package's copy {path} is missing: "
+                                 "reinstall facedist.")
+    got = sha256_of(path)
+    if spec.sha256 and got != spec.sha256:
+        raise ModelNotFoundError(f"The package's copy {path} has sha256 {got}, expected {spec.sha256}; not used. "
+                                 f"Reinstall facedist, or put '{spec.relpath}' under {MODEL_DIR_ENV}.")
+    return path
+
+
 def resolve(relpath: str, *, allow_download: bool = True) -> Path:
-    """Path of a model file: model directory, then cache, then a pinned download."""
+    """Path of a model file: model directory, then the package's copy (files it ships), then
+    cache, then a pinned download."""
     root = model_dir()
     if root is not None and (root / relpath).is_file():
         return root / relpath
+    spec = MODEL_FILES.get(relpath)
+    if spec is not None and spec.packaged:
+        return packaged_copy(spec)
     cached = cache_dir() / relpath
     if cached.is_file():
         return cached
@@ -148,5 +179,6 @@ def status() -> list[dict]:
         except ModelNotFoundError:
             where = None
         rows.append({"file": relpath, "path": where, "downloadable": spec.url is not None,
+                     "packaged": spec.packaged is not None,
                      "sha256": spec.sha256, "licence": spec.licence, "description": spec.description})
     return rows

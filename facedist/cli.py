@@ -44,6 +44,11 @@ def positive_float(value: str) -> float:
     return number
 
 
+def texture_basis_arg(value: str) -> str | None:
+    """--texture-basis: 'none' turns tex_coeffs off (None)."""
+    return None if value.strip().lower() == "none" else value
+
+
 def check_input(uri: str | None, what: str) -> None:
     """A local input that is not there fails here, before Ray or any model starts (s3:// inputs
     are checked by the job that reads them)."""
@@ -65,7 +70,8 @@ def add_extractor_arguments(parser: argparse.ArgumentParser) -> None:
     """The flags that choose an extractor: shared by extract, run, serve and jobs/extract.py."""
     # Cheap imports (no torch): the registries are the choices.
     from facedist.detection import DEFAULT_DETECTOR, DETECTORS
-    from facedist.extractors import BACKENDS, DEFAULT_BACKEND, DEFAULT_LANDMARKS, LANDMARK_SOURCES
+    from facedist.extractors import (BACKENDS, DEFAULT_BACKEND, DEFAULT_LANDMARKS, DEFAULT_TEXTURE_BASIS,
+                                     LANDMARK_SOURCES, TEXTURE_BACKENDS)
 
     parser.add_argument("--backend", default=DEFAULT_BACKEND, choices=BACKENDS,
                         help="coefficient regressor (default: %(default)s)")
@@ -75,9 +81,11 @@ def add_extractor_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--landmarks", default=None, choices=LANDMARK_SOURCES,
                         help=f"where the 68 landmarks come from (default per backend: {defaults}; "
                              "tddfa takes only its own)")
-    parser.add_argument("--texture-basis", default=None, metavar="URI",
-                        help="texture basis (.npz from `facedist texture fit`): also fill tex_coeffs "
-                             "(default: none, the table keeps the sampled texture only)")
+    parser.add_argument("--texture-basis", default=DEFAULT_TEXTURE_BASIS, type=texture_basis_arg, metavar="URI",
+                        help=f"texture basis that fills tex_coeffs with {', '.join(TEXTURE_BACKENDS)}: "
+                             f"'{DEFAULT_TEXTURE_BASIS}' (the shipped London basis, {assets.DEFAULT_TEXTURE_BASIS_FILE}), "
+                             "a .npz from `facedist texture fit`, or 'none' (the sampled texture only) "
+                             "(default: %(default)s)")
     parser.add_argument("--no-texture", action="store_true",
                         help="do not sample face colour on the fitted mesh (default: sample it)")
 
@@ -85,10 +93,12 @@ def add_extractor_arguments(parser: argparse.ArgumentParser) -> None:
 def extract_config_from_args(args, **overrides):
     """ExtractConfig from the flags above (+ overrides); a combination no backend takes fails
     here, before Ray or any model starts."""
-    from facedist.extractors import landmark_source_for
+    from facedist.extractors import landmark_source_for, texture_basis_for
     from facedist.pipeline import ExtractConfig
 
     landmark_source_for(args.backend, args.landmarks)  # SettingsError with what to use instead
+    # The shipped basis resolves here (its sha256 checked), a given one must exist: before any work.
+    check_input(texture_basis_for(args.backend, not args.no_texture, args.texture_basis), "--texture-basis")
     return ExtractConfig(backend=args.backend, detector=args.detector, landmarks=args.landmarks,
                          texture=not args.no_texture, texture_basis=args.texture_basis, **overrides)
 
@@ -147,7 +157,9 @@ def cmd_models(args) -> int:
     print(f"model directory ({assets.MODEL_DIR_ENV}): {assets.model_dir() or '(unset)'}")
     print(f"download cache ({assets.CACHE_DIR_ENV}): {assets.cache_dir()}")
     for row in rows:
-        where = row["path"] or ("missing (downloadable)" if row["downloadable"] else "missing (user-supplied)")
+        where = row["path"] or ("missing (downloadable)" if row["downloadable"] else
+                                "missing (the package's copy is absent or altered)" if row["packaged"] else
+                                "missing (user-supplied)")
         print(f"  {row['file']:40s} {where}  [{row['licence']}]")
     return 0
 
@@ -265,7 +277,7 @@ def cmd_serve(args) -> int:
     settings = {name: getattr(args, name) for name in SERVE_FLAGS if getattr(args, name) is not None}
     run_server(args.models or None, address=args.address, host=args.host, port=args.port,
                route_prefix=args.route_prefix, backend=args.backend, detector=args.detector,
-               landmarks=args.landmarks, **settings)
+               landmarks=args.landmarks, texture=not args.no_texture, texture_basis=args.texture_basis, **settings)
     return 0
 
 
@@ -276,7 +288,8 @@ def cmd_run(args) -> int:
     check_input(args.images, "--images")
     run_workflow(WorkflowConfig(
         images=args.images, out=args.out, backend=args.backend, detector=args.detector,
-        landmarks=args.landmarks, dataset=args.dataset, resume=not args.no_resume, actors=args.actors,
+        landmarks=args.landmarks, texture=not args.no_texture, texture_basis=args.texture_basis,
+        dataset=args.dataset, resume=not args.no_resume, actors=args.actors,
         epochs=args.epochs, cnet_epochs=args.cnet_epochs, workers=args.workers, report=not args.no_report,
         report_folds=args.report_folds, report_seeds=args.report_seeds, full_report=args.full_report,
         address=args.address))

@@ -18,7 +18,7 @@ import numpy as np
 
 from facedist import SettingsError, storage
 from facedist.datasets import ImageRecord
-from facedist.extractors import DEFAULT_BACKEND
+from facedist.extractors import DEFAULT_BACKEND, DEFAULT_TEXTURE_BASIS
 from facedist.extractors.base import ExtractionResult, Extractor
 from facedist.images import ImageDecodeError, content_hash, decode_image
 from facedist.schema import (COLUMNS, LABEL_COLUMNS, METADATA_LAYOUT_KEY, STATUS_ERROR, STATUS_OK, STATUSES,
@@ -46,10 +46,11 @@ class ExtractConfig:
     # Threads for dlib's HOG detection within a batch (it releases the GIL); 0: one
     # per core in a single process, one per CPU of its share in a Ray actor.
     detect_threads: int = 0
-    # Sample each face's colour on the fitted mesh (the table's texture column); with a texture
-    # basis (`facedist texture fit`) also fill tex_coeffs.
+    # Sample each face's colour on the fitted mesh (the table's texture column), and project it
+    # on a texture basis for tex_coeffs: DEFAULT_TEXTURE_BASIS (the shipped one, texture backends
+    # only), a URI (`facedist texture fit`), or None (no tex_coeffs).
     texture: bool = True
-    texture_basis: str | None = None
+    texture_basis: str | None = DEFAULT_TEXTURE_BASIS
 
     def build_extractor(self, device: str | None = None, detect_threads: int | None = None) -> Extractor:
         """The extractor these settings describe; its models load here."""

@@ -24,6 +24,7 @@ import hashlib
 import io
 import json
 import warnings
+import zipfile
 from dataclasses import dataclass
 from functools import cached_property
 
@@ -195,9 +196,16 @@ class TextureBasis:
     def to_bytes(self) -> bytes:
         meta = {"format": BASIS_FORMAT, "sampler_version": self.sampler_version, "n_train": self.n_train,
                 "version": self.version}
+        arrays = {"mean": self.mean, "scale": self.scale, "components": self.components, "std": self.std,
+                  "meta": np.frombuffer(json.dumps(meta).encode(), np.uint8)}
+        # np.savez's layout with a fixed timestamp, so the same basis is the same bytes (its sha256 is pinned).
         buf = io.BytesIO()
-        np.savez_compressed(buf, mean=self.mean, scale=self.scale, components=self.components, std=self.std,
-                            meta=np.frombuffer(json.dumps(meta).encode(), np.uint8))
+        with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as archive:
+            for name, array in arrays.items():
+                entry = zipfile.ZipInfo(f"{name}.npy", date_time=(1980, 1, 1, 0, 0, 0))
+                entry.compress_type = zipfile.ZIP_DEFLATED
+                with archive.open(entry, "w") as fh:
+                    np.lib.format.write_array(fh, np.asarray(array), allow_pickle=False)
         return buf.getvalue()
 
     @classmethod

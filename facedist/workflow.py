@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from facedist import runtime, storage
-from facedist.extractors import DEFAULT_BACKEND
+from facedist.extractors import DEFAULT_BACKEND, DEFAULT_TEXTURE_BASIS
 from facedist.schema import LABEL_COLUMNS
 
 
@@ -24,6 +24,8 @@ class WorkflowConfig:
     backend: str = DEFAULT_BACKEND
     detector: str = "faceboxes"
     landmarks: str | None = None    # None: the backend's own
+    texture: bool = True            # sample face colour on the fitted mesh
+    texture_basis: str | None = DEFAULT_TEXTURE_BASIS  # tex_coeffs' basis (ExtractConfig.texture_basis)
     dataset: str = "auto"
     resume: bool = True             # False: replace the coefficients an earlier run left in out/
     actors: int = 2
@@ -100,7 +102,8 @@ def run_workflow(config: WorkflowConfig, log=print) -> dict:
     summary = run_ray_extraction(
         config.images, coeffs,
         RayExtractConfig(extract=ExtractConfig(backend=config.backend, detector=config.detector,
-                                               landmarks=config.landmarks, batch_size=config.batch_size,
+                                               landmarks=config.landmarks, texture=config.texture,
+                                               texture_basis=config.texture_basis, batch_size=config.batch_size,
                                                resume=config.resume),
                          actors=config.actors, dataset=config.dataset),
         address=config.address)

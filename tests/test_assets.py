@@ -100,3 +100,44 @@ def test_relative_model_dir_is_pinned_for_ray_workers(tmp_path):
     out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True,
                          text=True, check=True).stdout.strip()
     assert out == str(tmp_path / "models")
+
+
+def _empty_model_dir(monkeypatch, tmp_path):
+    """A model dir without texture/ (so the package's copy is the one found) and an empty cache."""
+    monkeypatch.setenv(assets.MODEL_DIR_ENV, str(tmp_path / "models"))
+    monkeypatch.setenv(assets.CACHE_DIR_ENV, str(tmp_path / "cache"))
+
+
+def test_shipped_texture_basis_resolves_to_the_package_and_matches_its_pin(monkeypatch, tmp_path):
+    from facedist.texture import TextureBasis
+
+    _empty_model_dir(monkeypatch, tmp_path)
+    spec = assets.MODEL_FILES[assets.DEFAULT_TEXTURE_BASIS_FILE]
+    path = assets.resolve(spec.relpath, allow_download=False)
+    assert path == assets.PACKAGE_DIR / spec.packaged
+    assert assets.sha256_of(path) == spec.sha256
+    assert spec.licence.startswith("CC BY 4.0") and "DeBruine & Jones 2017" in spec.licence
+    basis = TextureBasis.load(str(path))
+    assert basis.n_components == 80 and basis.n_train == 204  # London's 204 photos
+    # A copy under the model dir overrides the package's.
+    override = tmp_path / "models" / spec.relpath
+    override.parent.mkdir(parents=True)
+    override.write_bytes(path.read_bytes())
+    assert assets.resolve(spec.relpath) == override
+
+
+def test_an_altered_or_missing_packaged_copy_is_refused(monkeypatch, tmp_path):
+    _empty_model_dir(monkeypatch, tmp_path)
+    spec = assets.MODEL_FILES[assets.DEFAULT_TEXTURE_BASIS_FILE]
+    package = tmp_path / "package"
+    altered = package / spec.packaged
+    altered.parent.mkdir(parents=True)
+    data = bytearray((assets.PACKAGE_DIR / spec.packaged).read_bytes())
+    data[-1] ^= 1
+    altered.write_bytes(bytes(data))
+    monkeypatch.setattr(assets, "PACKAGE_DIR", package)
+    with pytest.raises(assets.ModelNotFoundError, match="sha256"):
+        assets.resolve(spec.relpath)
+    altered.unlink()
+    with pytest.raises(assets.ModelNotFoundError, match="missing"):
+        assets.resolve(spec.relpath)

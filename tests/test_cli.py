@@ -97,6 +97,8 @@ def test_a_bad_flag_value_is_a_usage_error(argv, capsys):
     ["report", "--data", "{tmp}/missing", "--out", "{tmp}/report"],
     ["serve", "--models", "{tmp}/missing"],
     ["run", "--images", "{tmp}", "--out", "{tmp}/out", "--backend", "tddfa", "--landmarks", "dlib"],
+    ["serve", "--texture-basis", "{tmp}/missing.npz"],
+    ["run", "--images", "{tmp}", "--out", "{tmp}/out", "--no-texture", "--texture-basis", "{tmp}/basis.npz"],
 ])
 def test_a_bad_value_fails_before_ray_starts(argv, tmp_path, capsys):
     import ray

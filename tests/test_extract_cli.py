@@ -8,9 +8,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from facedist import storage
+from facedist import assets, storage
 from facedist.cli import main
 from facedist.extractors import DEFAULT_BACKEND
+from facedist.schema import layout_from_schema
+from facedist.texture import TextureBasis
 
 FACES = ["subject01.happy", "subject02.sad", "subject03.normal", "subject04.surprised"]
 
@@ -110,3 +112,34 @@ def test_a_landmark_choice_the_backend_cannot_take_fails_before_work(tmp_path, y
     assert main(["extract", str(yale_dir), "--out", str(out), "--backend", "tddfa", "--landmarks", "dlib"]) == 2
     assert "own regression" in capsys.readouterr().err
     assert not out.exists()
+
+
+def test_default_extraction_fills_tex_coeffs_and_none_leaves_them_out(tmp_path, yale_dir, capsys):
+    """With no flag the shipped basis fills tex_coeffs in every ok row; an output made so refuses a
+    resume with --texture-basis none; --texture-basis none keeps the sampled texture only."""
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for name in FACES:
+        shutil.copy(yale_dir / name, folder / name)
+    out = tmp_path / "default"
+    assert main(["extract", str(folder), "--out", str(out)]) == 0
+    table = storage.read_table(str(out))
+    basis = TextureBasis.load(str(assets.resolve(assets.DEFAULT_TEXTURE_BASIS_FILE)))
+    layout = layout_from_schema(table.schema)
+    assert layout.texture.endswith("+" + basis.version) and layout.n_tex == basis.n_components
+    ok = [r for r in table.to_pylist() if r["status"] == "ok"]
+    assert len(ok) == len(FACES)
+    tau = np.array([r["tex_coeffs"] for r in ok], np.float64)  # every ok row has them
+    assert tau.shape == (len(FACES), basis.n_components) and np.isfinite(tau).all()
+    capsys.readouterr()
+
+    assert main(["extract", str(folder), "--out", str(out), "--texture-basis", "none"]) == 2
+    err = capsys.readouterr().err
+    assert "texture:" in err and basis.version in err and "--no-resume" in err, err
+    assert storage.read_table(str(out)).num_rows == len(FACES)
+
+    plain = tmp_path / "none"
+    assert main(["extract", str(folder), "--out", str(plain), "--texture-basis", "none"]) == 0
+    rows = [r for r in storage.read_table(str(plain)).to_pylist() if r["status"] == "ok"]
+    assert len(rows) == len(FACES)
+    assert all(r["tex_coeffs"] is None and len(r["texture"]) == 4 * layout.n_texture_vertices for r in rows)

@@ -179,6 +179,7 @@ def test_extract_returns_coefficients_landmarks_and_pose(client, face_bytes):
     assert 0 <= x0 < x1 <= 320 and 0 <= y0 < y1 <= 243
     assert face["landmark_error"] < 0.2
     assert len(body["coefficients"]["id"]) == 40 and len(body["coefficients"]["exp"]) == 10
+    assert len(body["coefficients"]["tex"]) == 80  # the shipped texture basis, by default
     # A frontal Yale photo: small head rotation.
     assert abs(body["pose"]["yaw"]) < 30 and abs(body["pose"]["roll"]) < 30
 

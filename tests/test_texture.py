@@ -97,6 +97,27 @@ def test_a_basis_from_other_samples_is_refused(sampler):
         make_extractor("tddfa-fit", texture_basis=basis)
     with pytest.raises(SettingsError, match="does not sample texture"):
         make_extractor("deep3d", texture_basis=basis)
+    with pytest.raises(SettingsError, match="--no-texture"):
+        make_extractor("tddfa-fit", texture=False, texture_basis=basis)
+
+
+def test_the_default_basis_goes_only_where_texture_is_sampled():
+    """deep3d regresses its own texture and --no-texture samples none: the default basis is
+    left out there instead of failing; the texture backends get the shipped file."""
+    from facedist import assets
+    from facedist.cli import build_parser, extract_config_from_args
+    from facedist.extractors import DEFAULT_TEXTURE_BASIS, TEXTURE_BACKENDS, texture_basis_for
+
+    shipped = str(assets.resolve(assets.DEFAULT_TEXTURE_BASIS_FILE))
+    assert all(texture_basis_for(b, True, DEFAULT_TEXTURE_BASIS) == shipped for b in TEXTURE_BACKENDS)
+    assert texture_basis_for("deep3d", True, DEFAULT_TEXTURE_BASIS) is None
+    assert texture_basis_for("tddfa-fit", False, DEFAULT_TEXTURE_BASIS) is None
+    assert texture_basis_for("tddfa-fit", True, None) is None
+    parser = build_parser()
+    for argv, expected in ((["--backend", "deep3d"], DEFAULT_TEXTURE_BASIS), (["--texture-basis", "none"], None),
+                           (["--texture-basis", "NONE"], None), ([], DEFAULT_TEXTURE_BASIS)):
+        args = parser.parse_args(["extract", "images", "--out", "out", *argv])
+        assert extract_config_from_args(args).texture_basis == expected, argv
 
 
 def test_extract_fit_basis_then_extract_with_tex_coeffs(yale_dir, tmp_path, capsys):
@@ -110,7 +131,7 @@ def test_extract_fit_basis_then_extract_with_tex_coeffs(yale_dir, tmp_path, caps
     for p in images:
         (folder / p.name).write_bytes(p.read_bytes())
     first, basis_uri, second = tmp_path / "t1", str(tmp_path / "basis.npz"), tmp_path / "t2"
-    assert cli_main(["extract", str(folder), "--out", str(first)]) == 0
+    assert cli_main(["extract", str(folder), "--out", str(first), "--texture-basis", "none"]) == 0
     table = storage.read_table(str(first))
     ok = [r for r in table.to_pylist() if r["status"] == STATUS_OK]
     assert len(ok) >= 22
@@ -126,7 +147,7 @@ def test_extract_fit_basis_then_extract_with_tex_coeffs(yale_dir, tmp_path, caps
     basis = TextureBasis.load(basis_uri)
     textures = texture_array([r["texture"] for r in rows], basis.n_vertices)
     np.testing.assert_allclose(basis.project(textures), tau, rtol=1e-4, atol=1e-4)
-    # resuming into the same output with no basis is another layout: refused before any work
+    # resuming into the same output with another basis (the default) is another layout: refused before any work
     assert cli_main(["extract", str(folder), "--out", str(second)]) == 2
 
 

@@ -88,6 +88,23 @@ def test_installed_package_is_the_wheel_not_the_checkout(venv, tmp_path):
     assert not [e for e in entries if Path(e).resolve().is_relative_to(REPO)], entries
 
 
+def test_the_wheel_ships_the_default_texture_basis(wheel, venv, tmp_path):
+    """The basis is package data: in the wheel, and what the installed package resolves (from
+    its own folder, the sha256 pin checked) when the model dir holds no texture/."""
+    import zipfile
+
+    from facedist import assets
+
+    spec = assets.MODEL_FILES[assets.DEFAULT_TEXTURE_BASIS_FILE]
+    with zipfile.ZipFile(wheel) as archive:
+        assert {f"facedist/{spec.packaged}", "facedist/data/README.md"} <= set(archive.namelist())  # + its credit
+    env = {**_clean_env(), assets.MODEL_DIR_ENV: str(tmp_path), assets.CACHE_DIR_ENV: str(tmp_path / "cache")}
+    code = "from facedist import assets; print(assets.resolve(assets.DEFAULT_TEXTURE_BASIS_FILE))"
+    found = Path(subprocess.run([str(venv / "bin" / "python"), "-c", code], capture_output=True, text=True,
+                                cwd=tmp_path, env=env, check=True).stdout.strip())
+    assert found.is_relative_to(venv) and assets.sha256_of(found) == spec.sha256
+
+
 def test_facedist_serve_from_the_wheel_answers_health(venv, tmp_path):
     port = _free_port()
     log = tmp_path / "serve.log"

@@ -12,6 +12,10 @@ DEFAULT_BACKEND = "tddfa-fit"
 # Backends fitted in 3DDFA's basis, whose faces are sampled for texture (facedist.texture);
 # deep3d regresses its own texture coefficients.
 TEXTURE_BACKENDS = ("tddfa-fit", "tddfa", "fit")
+# The texture basis unless told: "default" is the basis the package ships (facedist.assets
+# DEFAULT_TEXTURE_BASIS_FILE), taken by the texture backends only; None (flag value "none"): no
+# tex_coeffs, the sampled texture only.
+DEFAULT_TEXTURE_BASIS = "default"
 # Where each backend's 68 landmarks come from unless told: tddfa regresses its own; the others
 # run dlib's predictor on the detector's box.
 DEFAULT_LANDMARKS = {"tddfa-fit": "dlib", "tddfa": "tddfa", "deep3d": "dlib", "fit": "dlib"}
@@ -32,14 +36,13 @@ def landmark_source_for(backend: str, landmarks: str | None) -> str:
 
 
 def make_extractor(backend: str, *, detector=DEFAULT_DETECTOR, landmarks: str | None = None,
-                   device: str = "cpu", texture: bool = True, texture_basis=None, **kwargs) -> FaceExtractor:
+                   device: str = "cpu", texture: bool = True, texture_basis=DEFAULT_TEXTURE_BASIS,
+                   **kwargs) -> FaceExtractor:
     """Build an extractor; its models load here, once (call this once per worker). detector and
     landmarks may also be ready objects (shared between extractors). texture: sample each face's
-    colour on the fitted 3DDFA mesh (facedist.texture); texture_basis (a TextureBasis or its URI)
-    also fills tex_coeffs."""
-    if texture_basis is not None and backend not in TEXTURE_BACKENDS:
-        raise SettingsError(f"the {backend} backend does not sample texture on the 3DDFA mesh; "
-                            f"a texture basis needs one of {', '.join(TEXTURE_BACKENDS)}")
+    colour on the fitted 3DDFA mesh (facedist.texture); texture_basis (a TextureBasis, its URI,
+    DEFAULT_TEXTURE_BASIS or None) also fills tex_coeffs."""
+    texture_basis = texture_basis_for(backend, texture, texture_basis)
     if isinstance(texture_basis, str):
         from facedist.texture import TextureBasis
         texture_basis = TextureBasis.load(texture_basis)
@@ -51,6 +54,28 @@ def make_extractor(backend: str, *, detector=DEFAULT_DETECTOR, landmarks: str | 
         except ValueError as exc:
             raise SettingsError(str(exc)) from None
     return extractor
+
+
+def texture_basis_for(backend: str, texture: bool, basis):
+    """The basis an extractor will project on (a TextureBasis or its URI), or None; nothing loads.
+    The default applies where texture is sampled (deep3d regresses its own); a basis asked for
+    by name where none can apply is a SettingsError (raised before any model loads)."""
+    if isinstance(basis, str) and basis.strip().lower() == "none":
+        return None
+    if isinstance(basis, str) and basis == DEFAULT_TEXTURE_BASIS:
+        if not (texture and backend in TEXTURE_BACKENDS):
+            return None
+        from facedist import assets
+        return str(assets.resolve(assets.DEFAULT_TEXTURE_BASIS_FILE))
+    if basis is None:
+        return None
+    if backend not in TEXTURE_BACKENDS:
+        raise SettingsError(f"the {backend} backend does not sample texture on the 3DDFA mesh; "
+                            f"a texture basis needs one of {', '.join(TEXTURE_BACKENDS)}")
+    if not texture:
+        raise SettingsError("a texture basis projects the sampled texture: drop --no-texture, "
+                            "or use --texture-basis none")
+    return basis
 
 
 def _make_regressor(backend, detector, landmarks, device, **kwargs) -> FaceExtractor:
@@ -71,5 +96,6 @@ def _make_regressor(backend, detector, landmarks, device, **kwargs) -> FaceExtra
     return LandmarkFitExtractor(detector=detector, device=device, landmarks=source, **kwargs)
 
 
-__all__ = ["BACKENDS", "DEFAULT_BACKEND", "DEFAULT_LANDMARKS", "DETECTORS", "TEXTURE_BACKENDS", "ExtractionResult", "Extractor", "FaceExtractor",
-           "LANDMARK_SOURCES", "landmark_source_for", "make_extractor"]
+__all__ = ["BACKENDS", "DEFAULT_BACKEND", "DEFAULT_LANDMARKS", "DEFAULT_TEXTURE_BASIS", "DETECTORS", "TEXTURE_BACKENDS", "ExtractionResult", "Extractor", "FaceExtractor",
+           "LANDMARK_SOURCES", "landmark_source_for", "make_extractor",
+           "texture_basis_for"]

@@ -70,10 +70,12 @@ def deployment_options(s: ServeSettings) -> dict[str, dict[str, Any]]:
 
 def build_app(args: dict[str, Any] | None = None) -> serve.Application:
     """The application for `serve run facedist.serving:build_app key=value ...` and serve/config.yaml."""
-    from facedist.extractors import landmark_source_for
+    from facedist.extractors import landmark_source_for, texture_basis_for
 
     s = ServeSettings.from_args(args)
-    landmark_source_for(s.backend, s.landmarks)  # a combination no backend takes fails here, not in replicas
+    # A combination no backend takes fails here, not in replicas.
+    landmark_source_for(s.backend, s.landmarks)
+    texture_basis_for(s.backend, s.texture, s.texture_basis)
     options = deployment_options(s)
     settings = dataclasses.asdict(s)
     extractor = FaceExtractor.options(**options["FaceExtractor"]).bind(settings)

@@ -37,6 +37,7 @@ class FaceExtractor:
         self.max_side = s.max_side  # uploads are downscaled on decode to at most this side
         self.device = resolve_device(s.device)
         self.extractor = make_extractor(s.backend, detector=s.detector, landmarks=s.landmarks, device=self.device,
+                                        texture=s.texture, texture_basis=s.texture_basis,
                                         detect_threads=s.extractor_detect_threads)
         self.extract.set_max_batch_size(s.max_batch_size)
         self.extract.set_batch_wait_timeout_s(s.batch_wait_timeout_s)

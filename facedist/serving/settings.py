@@ -11,6 +11,8 @@ import typing
 from dataclasses import dataclass
 from typing import Any
 
+from facedist.extractors import DEFAULT_TEXTURE_BASIS
+
 API_TOKEN_ENV = "FACEDIST_API_TOKEN"
 MODELS_URI_ENV = "FACEDIST_MODELS_URI"
 API_VERSION = "1"
@@ -24,6 +26,9 @@ class ServeSettings:
     backend: str = "tddfa"            # make_extractor backend; `facedist serve` passes the CLI default (tddfa-fit)
     detector: str = "faceboxes"       # face detector: faceboxes (one batched forward per batch) or dlib
     landmarks: str | None = None      # 68-point source for fit/deep3d; None: the backend's own
+    texture: bool = True              # sample face colour on the fitted mesh (texture backends)
+    # tex_coeffs' basis: the shipped one, a .npz URI, or None/"none" (no tex_coeffs)
+    texture_basis: str | None = DEFAULT_TEXTURE_BASIS
     device: str = "auto"              # auto: cuda when the replica got a GPU, else cpu
     max_image_bytes: int = 10 * 1024 * 1024
     max_images: int = 16              # per /v1/predict request
@@ -108,6 +113,12 @@ def _coerce(value: Any, annotation: Any, name: str) -> Any:
     options = typing.get_args(annotation) or (annotation,)  # no `from __future__ import annotations` here
     if type(None) in options and value.strip().lower() in ("", "none", "null"):
         return None
+    if bool in options:
+        if value.strip().lower() in ("true", "1", "yes"):
+            return True
+        if value.strip().lower() in ("false", "0", "no"):
+            return False
+        raise ValueError(f"serve setting {name}={value!r} is not true or false")
     for kind in (int, float):
         if kind in options:
             try:
