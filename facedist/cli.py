@@ -80,6 +80,9 @@ def add_extractor_arguments(parser: argparse.ArgumentParser) -> None:
                              "(default: none, the table keeps the sampled texture only)")
     parser.add_argument("--no-texture", action="store_true",
                         help="do not sample face colour on the fitted mesh (default: sample it)")
+    parser.add_argument("--no-face-embedding", action="store_true",
+                        help="do not fill face_embedding, dlib's 128-d face descriptor of each face "
+                             "(default: fill it)")
 
 
 def extract_config_from_args(args, **overrides):
@@ -90,7 +93,8 @@ def extract_config_from_args(args, **overrides):
 
     landmark_source_for(args.backend, args.landmarks)  # SettingsError with what to use instead
     return ExtractConfig(backend=args.backend, detector=args.detector, landmarks=args.landmarks,
-                         texture=not args.no_texture, texture_basis=args.texture_basis, **overrides)
+                         texture=not args.no_texture, texture_basis=args.texture_basis,
+                         face_embedding=not args.no_face_embedding, **overrides)
 
 
 def cmd_extract(args) -> int:

@@ -51,12 +51,17 @@ class CoefficientLayout:
     # The texture sampler's vertex set (+ the texture basis tex_coeffs were projected on).
     texture: str = ""
     n_texture_vertices: int = 0
+    # The face descriptor that filled face_embedding (facedist.face_descriptor's version: model,
+    # weights, chip); "" when the column was not filled.
+    face_embedding: str = ""
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), sort_keys=True)
 
     @classmethod
     def from_json(cls, text: str | bytes) -> "CoefficientLayout":
+        """Fields a layout was written without take their defaults: tables from before a field
+        existed read as made without it."""
         return cls(**json.loads(text))
 
 
@@ -99,6 +104,8 @@ COEFFICIENTS_SCHEMA = pa.schema(
         pa.field("feature", _f32_list),                 # the regressor's pooled feature (C-Net input)
         pa.field("texture", pa.list_(pa.uint8())),      # RGBA at the layout's n_texture_vertices vertices,
                                                         # A = 255 where visible (facedist.texture)
+        pa.field("face_embedding", _f32_list),          # 128 numbers, L2-normalised: dlib's face descriptor
+                                                        # (facedist.face_descriptor); null when not computed
         pa.field("backend", pa.string()),
     ]
 )

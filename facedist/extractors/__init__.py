@@ -32,11 +32,13 @@ def landmark_source_for(backend: str, landmarks: str | None) -> str:
 
 
 def make_extractor(backend: str, *, detector=DEFAULT_DETECTOR, landmarks: str | None = None,
-                   device: str = "cpu", texture: bool = True, texture_basis=None, **kwargs) -> FaceExtractor:
+                   device: str = "cpu", texture: bool = True, texture_basis=None, face_embedding=True,
+                   **kwargs) -> FaceExtractor:
     """Build an extractor; its models load here, once (call this once per worker). detector and
     landmarks may also be ready objects (shared between extractors). texture: sample each face's
     colour on the fitted 3DDFA mesh (facedist.texture); texture_basis (a TextureBasis or its URI)
-    also fills tex_coeffs."""
+    also fills tex_coeffs. face_embedding: fill each ok row's face_embedding with dlib's face
+    descriptor (facedist.face_descriptor), True or a ready FaceDescriptor (shared), False: not."""
     if texture_basis is not None and backend not in TEXTURE_BACKENDS:
         raise SettingsError(f"the {backend} backend does not sample texture on the 3DDFA mesh; "
                             f"a texture basis needs one of {', '.join(TEXTURE_BACKENDS)}")
@@ -50,6 +52,9 @@ def make_extractor(backend: str, *, detector=DEFAULT_DETECTOR, landmarks: str | 
             extractor.enable_texture(TextureSampler(extractor.model), texture_basis)
         except ValueError as exc:
             raise SettingsError(str(exc)) from None
+    if face_embedding:
+        from facedist.face_descriptor import FaceDescriptor
+        extractor.enable_face_embedding(FaceDescriptor(device=device) if face_embedding is True else face_embedding)
     return extractor
 
 
