@@ -105,3 +105,42 @@ def test_cuda_gives_the_cpu_embeddings(descriptor):
     chips = committed_chips()
     on_gpu = FaceDescriptor(device="cuda").embed_chips(chips)
     assert (np.sum(on_gpu * descriptor.embed_chips(chips), axis=1) >= 0.9999).all()
+
+
+class _FailsOnce:
+    """A FaceDescriptor whose batched call fails, and whose face-by-face call fails on the second
+    face: the extractor must fall back to single faces and turn only that face into an error."""
+
+    def __init__(self, inner):
+        self.inner, self.version, self.calls = inner, inner.version, 0
+
+    def embed(self, images, landmarks):
+        self.calls += 1
+        if len(images) > 1 or self.calls == 3:
+            raise RuntimeError("scripted failure")
+        return self.inner.embed(images, landmarks)
+
+
+def test_extractor_embeds_each_ok_face_on_its_landmarks(descriptor, yale_dir):
+    from facedist.extractors import make_extractor
+
+    images = [decode_image((yale_dir / name).read_bytes())
+              for name in ("subject01.happy", "subject02.sad", "subject03.normal")]
+    extractor = make_extractor("tddfa", face_embedding=descriptor, texture=False)
+    assert extractor.layout.face_embedding == descriptor.version
+    results = extractor.extract(images)
+    assert all(r.ok for r in results)
+    for image, result in zip(images, results):
+        expected = descriptor.embed([image], [result.landmarks])[0]
+        np.testing.assert_allclose(result.face_embedding, expected, atol=1e-6)
+        assert len(result.to_row()["face_embedding"]) == 128
+
+    extractor.enable_face_embedding(_FailsOnce(descriptor))
+    results = extractor.extract(images)
+    assert [r.ok for r in results] == [True, False, True]
+    assert "face embedding failed: RuntimeError: scripted failure" in results[1].message
+    assert results[1].box is not None and results[1].face_embedding is None
+    assert results[2].face_embedding.shape == (128,)
+
+    plain = make_extractor("tddfa", face_embedding=False, texture=False)
+    assert plain.layout.face_embedding == "" and plain.extract(images[:1])[0].face_embedding is None
