@@ -56,7 +56,7 @@ TEMPLATE_INDICES = np.array([i for i in range(17, NUM_LANDMARKS)
                              if not (17 <= i <= 26 or 55 <= i <= 59 or 65 <= i <= 67)])
 # pyramid_down<2>'s point map (image_pyramid.h: p / 2 - (1.25, 0.75)).
 _PYRAMID_OFFSET = np.array([1.25, 0.75])
-_BINOMIAL = np.array([1, 4, 6, 4, 1], np.int32)
+_BINOMIAL = (1, 4, 6, 4, 1)
 
 
 def template_points(size: int = CHIP_SIZE, padding: float = CHIP_PADDING) -> np.ndarray:
@@ -141,26 +141,27 @@ def pyramid_down(image: np.ndarray) -> np.ndarray:
     division), output pixel (r, c) centred on input (2r + 2, 2c + 2), ((h - 3) // 2, (w - 3) // 2)."""
     h, w = image.shape[:2]
     out_h, out_w = (h - 3) // 2, (w - 3) // 2
-    x = image.astype(np.int32)
+    x = image.astype(np.uint16)  # dlib's accumulator: 16 x 16 x 255 = 65280 fits
     rows = sum(k * x[:, j:j + 2 * out_w:2] for j, k in enumerate(_BINOMIAL))
     both = sum(k * rows[i:i + 2 * out_h:2] for i, k in enumerate(_BINOMIAL))
-    return (both // 256).astype(np.uint8)
+    return (both >> 8).astype(np.uint8)
 
 
 def _bilinear(image: np.ndarray, xy: np.ndarray) -> np.ndarray:
-    """Bilinear samples of image at xy (..., 2); black where the 2x2 neighbourhood leaves it."""
-    h, w = image.shape[:2]
+    """Bilinear samples of image at xy (..., 2); black where the 2x2 neighbourhood leaves it.
+    Values are truncated to uint8, as dlib's assign_pixel does (a convex mix of uint8 stays in range)."""
+    h, w, channels = image.shape
     x, y = xy[..., 0], xy[..., 1]
     left, top = np.floor(x), np.floor(y)
-    inside = (left >= 0) & (top >= 0) & (left + 1 < w) & (top + 1 < h)
-    li = np.clip(left, 0, w - 2).astype(np.intp)
-    ti = np.clip(top, 0, h - 2).astype(np.intp)
-    fx, fy = (x - left)[..., None], (y - top)[..., None]
-    img = image.astype(np.float64)
-    top_row = (1 - fx) * img[ti, li] + fx * img[ti, li + 1]
-    bottom_row = (1 - fx) * img[ti + 1, li] + fx * img[ti + 1, li + 1]
-    value = (1 - fy) * top_row + fy * bottom_row
-    return np.where(inside[..., None], np.clip(value, 0, 255), 0).astype(np.uint8)  # truncates, as dlib
+    inside = ((left >= 0) & (top >= 0) & (left + 1 < w) & (top + 1 < h)).ravel()
+    # Flat indices and take(): far cheaper than 2-D fancy indexing here.
+    idx = (np.clip(top, 0, h - 2).astype(np.intp) * w + np.clip(left, 0, w - 2).astype(np.intp)).ravel()
+    flat = image.reshape(-1, channels)
+    fx, fy = (x - left).reshape(-1, 1), (y - top).reshape(-1, 1)
+    tl, tr, bl, br = (flat.take(idx + offset, axis=0) for offset in (0, 1, w, w + 1))
+    value = (1 - fy) * ((1 - fx) * tl + fx * tr) + fy * ((1 - fx) * bl + fx * br)
+    value[~inside] = 0
+    return value.reshape(*x.shape, channels).astype(np.uint8)
 
 
 def extract_chip(image: np.ndarray, rect: np.ndarray, angle: float, size: int = CHIP_SIZE) -> np.ndarray:
@@ -175,10 +176,9 @@ def extract_chip(image: np.ndarray, rect: np.ndarray, angle: float, size: int = 
         down, depth, grow = _rect_down(down), depth + 1, grow * 2 + 2
     l, t, r, b = details.rect[0]
     centre = np.array([(l + r) / 2, (t + b) / 2])
-    rotated = details.corners()[0]
-    br = centre * 2 - rotated[0]  # the fourth corner, opposite the top-left one
-    xs = np.append(rotated[:, 0], br[0])
-    ys = np.append(rotated[:, 1], br[1])
+    br = centre * 2 - corners[0]  # the fourth corner, opposite the top-left one
+    xs = np.append(corners[:, 0], br[0])
+    ys = np.append(corners[:, 1], br[1])
     box = np.array([max(xs.min() - grow, 0), max(ys.min() - grow, 0),
                     min(xs.max() + grow, w - 1), min(ys.max() + grow, h - 1)])
     box = np.floor(box + 0.5).astype(np.int64)  # dlib's drectangle -> rectangle
