@@ -140,6 +140,8 @@ def pyramid_down(image: np.ndarray) -> np.ndarray:
     """dlib's pyramid_down<2> on an RGB uint8 image: 5x5 binomial filter (sum 256, integer
     division), output pixel (r, c) centred on input (2r + 2, 2c + 2), ((h - 3) // 2, (w - 3) // 2)."""
     h, w = image.shape[:2]
+    if h <= 8 or w <= 8:  # dlib's pyramid gives nothing below 9 px
+        return np.zeros((0, 0, *image.shape[2:]), np.uint8)
     out_h, out_w = (h - 3) // 2, (w - 3) // 2
     x = image.astype(np.uint16)  # dlib's accumulator: 16 x 16 x 255 = 65280 fits
     rows = sum(k * x[:, j:j + 2 * out_w:2] for j, k in enumerate(_BINOMIAL))
@@ -151,6 +153,8 @@ def _bilinear(image: np.ndarray, xy: np.ndarray) -> np.ndarray:
     """Bilinear samples of image at xy (..., 2); black where the 2x2 neighbourhood leaves it.
     Values are truncated to uint8, as dlib's assign_pixel does (a convex mix of uint8 stays in range)."""
     h, w, channels = image.shape
+    if h < 2 or w < 2:
+        return np.zeros((*xy.shape[:-1], channels), np.uint8)
     x, y = xy[..., 0], xy[..., 1]
     left, top = np.floor(x), np.floor(y)
     inside = ((left >= 0) & (top >= 0) & (left + 1 < w) & (top + 1 < h)).ravel()
@@ -166,6 +170,8 @@ def _bilinear(image: np.ndarray, xy: np.ndarray) -> np.ndarray:
 
 def extract_chip(image: np.ndarray, rect: np.ndarray, angle: float, size: int = CHIP_SIZE) -> np.ndarray:
     """One chip (size, size, 3) uint8 from an RGB uint8 image: dlib's extract_image_chip."""
+    if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
+        raise ValueError(f"expected an RGB uint8 image (H, W, 3), got {image.dtype} {image.shape}")
     h, w = image.shape[:2]
     details = ChipDetails(rect=np.asarray(rect, np.float64)[None], angle=np.array([angle]), size=size)
     corners = details.corners()[0]

@@ -93,3 +93,13 @@ def test_pyramid_down_keeps_a_flat_image_flat_and_halves_its_size():
     down = pyramid_down(flat)
     assert down.shape == (19, 13, 3)  # (h - 3) // 2, (w - 3) // 2: dlib's sizes
     assert (down == 200).all()
+
+
+def test_a_face_almost_wholly_outside_the_image_gives_a_black_chip_not_an_error():
+    image, points = london_face("001_03.jpg")
+    far = points + np.array([image.shape[1] - points[:, 0].min() - 3, 0])  # only a sliver overlaps
+    chip = face_chip(image, far)
+    assert chip.shape == (150, 150, 3) and (chip.reshape(-1, 3).sum(1) == 0).mean() > 0.75
+    np.testing.assert_array_equal(chip, dlib_chip(image, far))
+    with pytest.raises(ValueError, match="RGB uint8"):
+        face_chip(image[..., 0], points)
