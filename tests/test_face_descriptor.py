@@ -1,9 +1,11 @@
 """dlib's face descriptor on torch (face-api's weights from FACEDIST_MODEL_DIR) against dlib's own
 float model's outputs, committed in tests/data/face_descriptor (scripts/face_descriptor_reference.py).
 
-On all 204 London faces the port's cosine with dlib's descriptor is 0.99957 at worst
-(benchmarks/results/face_descriptor_check.json); 0.995 leaves room for other CPUs' arithmetic and
-is still far above a different face's cosine (0.88 for the two committed people).
+The port's cosine with dlib's descriptor is 0.9997 on the two committed faces and 0.99957 at worst
+on all 204 London faces (benchmarks/results/face_descriptor_check.json); the gap to dlib comes
+from face-api's uint8 weights, and float arithmetic on another CPU moves it by about 1e-6. The
+descriptor is forgiving, so the bar sits close: 0.999 still fails swapped colour channels
+(measured 0.994 / 0.996) and a chip shifted by one pixel (0.998).
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from facedist.images import decode_image
 DATA = Path(__file__).parent / "data" / "face_descriptor"
 REFERENCE = json.loads((DATA / "reference.json").read_text())
 NAMES = list(REFERENCE["faces"])
-MIN_COSINE = 0.995
+MIN_COSINE = 0.999
 
 
 def unit(x: np.ndarray) -> np.ndarray:
