@@ -4,7 +4,8 @@ else a clear error that says how to provide them.
 Layout under a model directory (what ../shared/models holds):
     tddfa/mb05_120x120.pth, tddfa/param_mean_std_62d_120x120.pkl, tddfa/bfm/*.npy,
     deep3d/similarity_Lm3D_all.mat, deep3d/epoch_20.pth (user-supplied), deep3d/BFM_model_front.mat,
-    faceboxes/FaceBoxesProd.pth, texture/texture_basis_london_v1.npz (optional: the package ships it)
+    faceboxes/FaceBoxesProd.pth, texture/texture_basis_london_v1.npz (optional: the package ships it),
+    faceapi/*-weights_manifest.json + faceapi/*.bin (face-api's nets)
 
 A file the package ships (facedist/data/) resolves from the model directory when it holds one,
 else from the package, whose copy must match the pinned sha256.
@@ -26,6 +27,11 @@ CACHE_DIR_ENV = "FACEDIST_CACHE_DIR"
 _TDDFA_V2 = "https://github.com/cleardusk/3DDFA_V2/raw/master"
 _TDDFA_V1 = "https://github.com/cleardusk/3DDFA/raw/master/train.configs"
 _DEEP3D = "https://github.com/sicxu/Deep3DFaceRecon_pytorch/raw/master/BFM"
+# face-api's models as the npm package @vladmandic/face-api 1.7.15 ships them (model/), pinned by version.
+_FACEAPI = "https://cdn.jsdelivr.net/npm/@vladmandic/face-api@1.7.15/model"
+# The face descriptor's weights are dlib's (davisking/dlib-models: released into the public domain;
+# face_recognition_models ships them under CC0 1.0), ported to TF.js and uint8-quantised by face-api (MIT).
+_FACEAPI_DESCRIPTOR_LICENCE = "MIT (face-api port); weights dlib's: public domain / CC0 1.0 (dlib-models)"
 
 
 @dataclass(frozen=True)
@@ -87,6 +93,15 @@ MODEL_FILES: dict[str, ModelFile] = {
                   "default texture basis: 80-component PCA of the tddfa-fit texture samples of the "
                   "London Set's 204 photos (scripts/make_texture_basis.sh)",
                   packaged="data/texture_basis_london_v1.npz"),
+        ModelFile("faceapi/face_recognition_model-weights_manifest.json",
+                  f"{_FACEAPI}/face_recognition_model-weights_manifest.json",
+                  "cbaffa501b0b9275a12b63357a6843e7e30c054e1c9151e1a5f879b26e32986b",
+                  _FACEAPI_DESCRIPTOR_LICENCE,
+                  "face-api's FaceRecognitionNet (dlib's ResNet face descriptor): TF.js manifest"),
+        ModelFile("faceapi/face_recognition_model.bin", f"{_FACEAPI}/face_recognition_model.bin",
+                  "b413e420d6840b2775fba32008db6f3cddb07d485967fb42cfcf379c16a8c589",
+                  _FACEAPI_DESCRIPTOR_LICENCE,
+                  "face-api's FaceRecognitionNet weights (uint8-quantised), read through the manifest"),
     )
 }
 

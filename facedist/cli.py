@@ -88,6 +88,9 @@ def add_extractor_arguments(parser: argparse.ArgumentParser) -> None:
                              "(default: %(default)s)")
     parser.add_argument("--no-texture", action="store_true",
                         help="do not sample face colour on the fitted mesh (default: sample it)")
+    parser.add_argument("--no-face-embedding", action="store_true",
+                        help="do not fill face_embedding, dlib's 128-d face descriptor of each face "
+                             "(default: fill it)")
 
 
 def extract_config_from_args(args, **overrides):
@@ -100,7 +103,8 @@ def extract_config_from_args(args, **overrides):
     # The shipped basis resolves here (its sha256 checked), a given one must exist: before any work.
     check_input(texture_basis_for(args.backend, not args.no_texture, args.texture_basis), "--texture-basis")
     return ExtractConfig(backend=args.backend, detector=args.detector, landmarks=args.landmarks,
-                         texture=not args.no_texture, texture_basis=args.texture_basis, **overrides)
+                         texture=not args.no_texture, texture_basis=args.texture_basis,
+                         face_embedding=not args.no_face_embedding, **overrides)
 
 
 def cmd_extract(args) -> int:
@@ -277,7 +281,8 @@ def cmd_serve(args) -> int:
     settings = {name: getattr(args, name) for name in SERVE_FLAGS if getattr(args, name) is not None}
     run_server(args.models or None, address=args.address, host=args.host, port=args.port,
                route_prefix=args.route_prefix, backend=args.backend, detector=args.detector,
-               landmarks=args.landmarks, texture=not args.no_texture, texture_basis=args.texture_basis, **settings)
+               landmarks=args.landmarks, texture=not args.no_texture, texture_basis=args.texture_basis,
+               face_embedding=not args.no_face_embedding, **settings)
     return 0
 
 
@@ -289,7 +294,7 @@ def cmd_run(args) -> int:
     run_workflow(WorkflowConfig(
         images=args.images, out=args.out, backend=args.backend, detector=args.detector,
         landmarks=args.landmarks, texture=not args.no_texture, texture_basis=args.texture_basis,
-        dataset=args.dataset, resume=not args.no_resume, actors=args.actors,
+        face_embedding=not args.no_face_embedding, dataset=args.dataset, resume=not args.no_resume, actors=args.actors,
         epochs=args.epochs, cnet_epochs=args.cnet_epochs, workers=args.workers, report=not args.no_report,
         report_folds=args.report_folds, report_seeds=args.report_seeds, full_report=args.full_report,
         address=args.address))

@@ -51,6 +51,8 @@ class ExtractConfig:
     # only), a URI (`facedist texture fit`), or None (no tex_coeffs).
     texture: bool = True
     texture_basis: str | None = DEFAULT_TEXTURE_BASIS
+    # Fill face_embedding: dlib's 128-d face descriptor of each ok face (facedist.face_descriptor).
+    face_embedding: bool = True
 
     def build_extractor(self, device: str | None = None, detect_threads: int | None = None) -> Extractor:
         """The extractor these settings describe; its models load here."""
@@ -58,6 +60,7 @@ class ExtractConfig:
 
         return make_extractor(self.backend, detector=self.detector, landmarks=self.landmarks,
                               device=device or self.device, texture=self.texture, texture_basis=self.texture_basis,
+                              face_embedding=self.face_embedding,
                               detect_threads=detect_threads or self.detect_threads or os.cpu_count() or 1)
 
 
@@ -198,7 +201,7 @@ def check_output_settings(out_uri: str, layout: CoefficientLayout, options: stor
     """Raise OutputSettingsError when out_uri holds parts made with another layout (backend,
     detector, landmarks, model version): a resumed run must never mix them."""
     expected = layout.to_json()
-    others = {raw: parts for raw, parts in output_layouts(out_uri, options).items() if raw != expected}
+    others = {raw: parts for raw, parts in output_layouts(out_uri, options).items() if not _same_layout(raw, layout)}
     if not others:
         return
     raw, parts = next(iter(others.items()))
@@ -209,6 +212,15 @@ def check_output_settings(out_uri: str, layout: CoefficientLayout, options: stor
         f"{out_uri} already holds {sum(len(p) for p in others.values())} part(s) extracted with other settings "
         f"({'; '.join(differ) or 'no layout recorded'}). Write to another output, or rerun with --no-resume "
         f"to replace them.")
+
+
+def _same_layout(raw: str, layout: CoefficientLayout) -> bool:
+    """A part's recorded layout is this one; fields it was written without count as their defaults
+    (a table from before face_embedding existed matches a run that does not fill it)."""
+    try:
+        return bool(raw) and CoefficientLayout.from_json(raw) == layout
+    except (TypeError, ValueError):  # a field this version does not know: another layout
+        return False
 
 
 REPLACED_DIR = "_replaced"

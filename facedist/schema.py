@@ -51,12 +51,17 @@ class CoefficientLayout:
     # The texture sampler's vertex set (+ the texture basis tex_coeffs were projected on).
     texture: str = ""
     n_texture_vertices: int = 0
+    # The face descriptor that filled face_embedding (facedist.face_descriptor's version: model,
+    # weights, chip); "" when the column was not filled.
+    face_embedding: str = ""
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), sort_keys=True)
 
     @classmethod
     def from_json(cls, text: str | bytes) -> "CoefficientLayout":
+        """Fields a layout was written without take their defaults: tables from before a field
+        existed read as made without it."""
         return cls(**json.loads(text))
 
 
@@ -99,6 +104,8 @@ COEFFICIENTS_SCHEMA = pa.schema(
         pa.field("feature", _f32_list),                 # the regressor's pooled feature (C-Net input)
         pa.field("texture", pa.list_(pa.uint8())),      # RGBA at the layout's n_texture_vertices vertices,
                                                         # A = 255 where visible (facedist.texture)
+        pa.field("face_embedding", _f32_list),          # 128 numbers, L2-normalised: dlib's face descriptor
+                                                        # (facedist.face_descriptor); null when not computed
         pa.field("backend", pa.string()),
     ]
 )
@@ -108,12 +115,13 @@ COLUMNS = tuple(COEFFICIENTS_SCHEMA.names)
 # Descriptor groups: what a task may take as input (`--inputs id,tex`), short name -> the column
 # that holds it. A model bundle records its task's groups, and every consumer (training, the
 # reports, the Recognizer, /v1/predict, `facedist predict`) builds the input from them.
-INPUT_GROUPS = {"id": "id_coeffs", "exp": "exp_coeffs", "tex": "tex_coeffs", "feature": "feature"}
+INPUT_GROUPS = {"id": "id_coeffs", "exp": "exp_coeffs", "tex": "tex_coeffs", "feature": "feature",
+                "emb": "face_embedding"}
 # What a task reads when neither its preset nor the user names inputs, and what a model bundle
 # written before bundles recorded their inputs was trained on.
 DEFAULT_INPUTS = {"identity": ("id",), "gender": ("id",), "expression": ("exp",)}
 # The rendered names (tables and plots only).
-INPUT_GROUP_SYMBOLS = {"id": "α", "exp": "β", "tex": "τ", "feature": "f"}
+INPUT_GROUP_SYMBOLS = {"id": "α", "exp": "β", "tex": "τ", "feature": "f", "emb": "e"}
 
 
 def parse_inputs(text: str | tuple | list) -> tuple[str, ...]:

@@ -26,6 +26,7 @@ class WorkflowConfig:
     landmarks: str | None = None    # None: the backend's own
     texture: bool = True            # sample face colour on the fitted mesh
     texture_basis: str | None = DEFAULT_TEXTURE_BASIS  # tex_coeffs' basis (ExtractConfig.texture_basis)
+    face_embedding: bool = True     # ExtractConfig.face_embedding
     dataset: str = "auto"
     resume: bool = True             # False: replace the coefficients an earlier run left in out/
     actors: int = 2
@@ -104,6 +105,7 @@ def run_workflow(config: WorkflowConfig, log=print) -> dict:
         RayExtractConfig(extract=ExtractConfig(backend=config.backend, detector=config.detector,
                                                landmarks=config.landmarks, texture=config.texture,
                                                texture_basis=config.texture_basis, batch_size=config.batch_size,
+                                               face_embedding=config.face_embedding,
                                                resume=config.resume),
                          actors=config.actors, dataset=config.dataset),
         address=config.address)

@@ -57,6 +57,10 @@ def test_extract_mixed_folder_then_resume(mixed_folder, tmp_path, capsys):
     assert ok["id_coeffs"].map(len).eq(40).all() and ok["exp_coeffs"].map(len).eq(10).all()
     assert ok["feature"].map(len).eq(512).all() and ok["landmarks"].map(len).eq(136).all()
     assert (ok["landmark_error"] < 0.15).all()
+    embeddings = np.stack(ok["face_embedding"])  # dlib's face descriptor, on by default
+    assert embeddings.shape == (4, 128)
+    np.testing.assert_allclose(np.linalg.norm(embeddings, axis=1), 1.0, atol=1e-5)
+    assert table[table.status != "ok"]["face_embedding"].isna().all()
     assert set(ok["subject"]) == {"subject01", "subject02", "subject03", "subject04"}
     assert len(storage.list_files(str(out / "previews"))) == 2
     assert "ok 4, no_face 1, error 4" in capsys.readouterr().out
@@ -143,3 +147,48 @@ def test_default_extraction_fills_tex_coeffs_and_none_leaves_them_out(tmp_path, 
     rows = [r for r in storage.read_table(str(plain)).to_pylist() if r["status"] == "ok"]
     assert len(rows) == len(FACES)
     assert all(r["tex_coeffs"] is None and len(r["texture"]) == 4 * layout.n_texture_vertices for r in rows)
+
+
+def _drop_face_embedding(part):
+    """Rewrite a part as facedist wrote it before face_embedding existed: no column, no layout key."""
+    import json
+
+    import pyarrow.parquet as pq
+
+    table = pq.read_table(part)
+    meta = dict(table.schema.metadata)
+    layout = json.loads(meta[b"facedist.layout"])
+    del layout["face_embedding"]
+    meta[b"facedist.layout"] = json.dumps(layout, sort_keys=True).encode()
+    table = table.drop_columns(["face_embedding"])
+    pq.write_table(table.replace_schema_metadata(meta), part)
+
+
+def test_face_embedding_is_part_of_the_settings_and_old_tables_still_read(tmp_path, yale_dir, capsys):
+    """--no-face-embedding leaves the column null; an output made with embeddings refuses a run
+    without (and the other way round); a table written before the column existed reads, trains,
+    and resumes with --no-face-embedding."""
+    from facedist.training.data import load_data
+
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for name in FACES[:2]:
+        shutil.copy(yale_dir / name, folder / name)
+    out = tmp_path / "coeffs"
+    assert main(["extract", str(folder), "--out", str(out), "--backend", "tddfa", "--no-face-embedding"]) == 0
+    table = _table(out)
+    assert (table.status == "ok").all() and table["face_embedding"].isna().all()
+    capsys.readouterr()
+    assert main(["extract", str(folder), "--out", str(out), "--backend", "tddfa"]) == 2
+    err = capsys.readouterr().err
+    assert "face_embedding" in err and "--no-resume" in err, err
+
+    parts = [p for p in storage.list_files(str(out)) if p.endswith(".parquet")]
+    for part in parts:
+        _drop_face_embedding(part)
+    assert "face_embedding" not in storage.read_table(str(out)).column_names
+    assert len(load_data(str(out))) == 2
+    assert main(["extract", str(folder), "--out", str(out), "--backend", "tddfa", "--no-face-embedding"]) == 0
+    assert "wrote 0 and skipped 2" in capsys.readouterr().out
+    assert main(["extract", str(folder), "--out", str(out), "--backend", "tddfa"]) == 2
+    assert "face_embedding" in capsys.readouterr().err

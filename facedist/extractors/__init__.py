@@ -37,11 +37,13 @@ def landmark_source_for(backend: str, landmarks: str | None) -> str:
 
 def make_extractor(backend: str, *, detector=DEFAULT_DETECTOR, landmarks: str | None = None,
                    device: str = "cpu", texture: bool = True, texture_basis=DEFAULT_TEXTURE_BASIS,
-                   **kwargs) -> FaceExtractor:
+                   face_embedding=True, **kwargs) -> FaceExtractor:
     """Build an extractor; its models load here, once (call this once per worker). detector and
     landmarks may also be ready objects (shared between extractors). texture: sample each face's
     colour on the fitted 3DDFA mesh (facedist.texture); texture_basis (a TextureBasis, its URI,
-    DEFAULT_TEXTURE_BASIS or None) also fills tex_coeffs."""
+    DEFAULT_TEXTURE_BASIS or None) also fills tex_coeffs. face_embedding: fill each ok row's
+    face_embedding with dlib's face descriptor (facedist.face_descriptor), True or a ready
+    FaceDescriptor (shared), False: not."""
     texture_basis = texture_basis_for(backend, texture, texture_basis)
     if isinstance(texture_basis, str):
         from facedist.texture import TextureBasis
@@ -53,6 +55,9 @@ def make_extractor(backend: str, *, detector=DEFAULT_DETECTOR, landmarks: str | 
             extractor.enable_texture(TextureSampler(extractor.model), texture_basis)
         except ValueError as exc:
             raise SettingsError(str(exc)) from None
+    if face_embedding:
+        from facedist.face_descriptor import FaceDescriptor
+        extractor.enable_face_embedding(FaceDescriptor(device=device) if face_embedding is True else face_embedding)
     return extractor
 
 

@@ -17,7 +17,7 @@ import numpy as np
 
 from facedist.detection import FaceBox, FaceDetector
 from facedist.images import as_rgb_uint8
-from facedist.schema import STATUS_ERROR, STATUS_NO_FACE, STATUS_OK, CoefficientLayout
+from facedist.schema import NUM_LANDMARKS, STATUS_ERROR, STATUS_NO_FACE, STATUS_OK, CoefficientLayout
 
 MIN_FACE_SIDE = 8  # px; smaller boxes give degenerate crops and no usable landmarks
 
@@ -47,6 +47,7 @@ class ExtractionResult:
     translation: np.ndarray | None = None      # (3,)
     feature: np.ndarray | None = None          # pooled regressor feature
     texture: np.ndarray | None = None          # (K, 4) uint8 RGBA at the texture sampler's vertices
+    face_embedding: np.ndarray | None = None   # (128,) L2-normalised (facedist.face_descriptor)
     extras: dict = field(default_factory=dict)  # backend-specific, not stored (e.g. vertices for previews)
 
     @property
@@ -132,6 +133,7 @@ class FaceExtractor:
         self.timings = StageTimer()  # seconds per stage (detect, landmarks, crop, regress, ...)
         self.texture_sampler = None  # facedist.texture.TextureSampler: fills each result's texture
         self.texture_basis = None    # facedist.texture.TextureBasis: and its tex_coeffs
+        self.face_descriptor = None  # facedist.face_descriptor.FaceDescriptor: fills face_embedding
 
     def enable_texture(self, sampler, basis=None) -> None:
         """Sample each fitted face's colour (and project it on a texture basis); both are part of
@@ -145,6 +147,14 @@ class FaceExtractor:
         self.layout = replace(self.layout, n_tex=basis.n_components if basis else self.layout.n_tex,
                               texture=sampler.version + (f"+{basis.version}" if basis else ""),
                               n_texture_vertices=sampler.n_vertices)
+
+    def enable_face_embedding(self, descriptor) -> None:
+        """Embed each ok face with a FaceDescriptor (from its 68 landmarks); the descriptor's
+        version is part of the layout, so a resumed output never mixes rows with and without it."""
+        from dataclasses import replace
+
+        self.face_descriptor = descriptor
+        self.layout = replace(self.layout, face_embedding=descriptor.version)
 
     def fit_faces(self, faces: list[DetectedFace]) -> list[ExtractionResult]:
         """One result per face with the backend's parts (coefficients, landmarks, pose, feature);
@@ -188,7 +198,44 @@ class FaceExtractor:
                 if self.texture_sampler is not None and results[i].ok:
                     with self.timings.stage("texture"):
                         results[i] = self._add_texture(face, results[i])
+            if self.face_descriptor is not None:
+                with self.timings.stage("embed"):
+                    self._add_face_embeddings([(i, face) for i, face in zip(face_rows, faces)], results)
         return results  # type: ignore[return-value]
+
+    def _add_face_embeddings(self, faces: list[tuple[int, DetectedFace]], results: list) -> None:
+        """Each ok face's embedding, in one batched call on its detected landmarks; if the batch
+        fails, face by face, and a face that still fails becomes an error row (ok rows always
+        carry an embedding)."""
+        todo = [(i, face) for i, face in faces if results[i].ok]
+        for i, _ in todo:
+            if results[i].landmarks is None or np.shape(results[i].landmarks) != (NUM_LANDMARKS, 2):
+                results[i] = self._embedding_error(results[i], f"no {NUM_LANDMARKS} landmarks to align the face by")
+        todo = [(i, face) for i, face in todo if results[i].ok]
+        if not todo:
+            return
+        try:
+            embeddings = list(self.face_descriptor.embed([face.image for _, face in todo],
+                                                         [results[i].landmarks for i, _ in todo]))
+        except Exception:
+            embeddings = []
+            for i, face in todo:
+                try:
+                    embeddings.append(self.face_descriptor.embed([face.image], [results[i].landmarks])[0])
+                except Exception as exc:  # this face's error, not the batch's
+                    embeddings.append(exc)
+        for (i, _), embedding in zip(todo, embeddings):
+            if isinstance(embedding, Exception):
+                results[i] = self._embedding_error(results[i], f"{type(embedding).__name__}: {embedding}")
+            elif not np.all(np.isfinite(embedding)):
+                results[i] = self._embedding_error(results[i], "not finite")
+            else:
+                results[i].face_embedding = np.asarray(embedding, np.float32)
+
+    @staticmethod
+    def _embedding_error(result: ExtractionResult, message: str) -> ExtractionResult:
+        return ExtractionResult.error(f"face embedding failed: {message}", width=result.width, height=result.height,
+                                      num_faces=result.num_faces, box=result.box, det_score=result.det_score)
 
     def _add_texture(self, face: DetectedFace, result: ExtractionResult) -> ExtractionResult:
         """The face's colour at the sampler's vertices (and tex_coeffs), from the fitted mesh."""

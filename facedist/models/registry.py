@@ -21,6 +21,8 @@ _BUILTIN = {
     "resnet18": "facedist.models.resnet:resnet18",          # the raw-image baseline (2-D)
     "resnet34": "facedist.models.resnet:resnet34",
     "resnet50": "facedist.models.resnet:resnet50",
+    # dlib's 128-d face descriptor on 150x150 chips (face-api's weights)
+    "dlib_resnet_descriptor": "facedist.models.face_descriptor:dlib_resnet_descriptor",
 }
 _REGISTERED: dict[str, Callable[..., nn.Module]] = {}
 

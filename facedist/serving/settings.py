@@ -29,6 +29,7 @@ class ServeSettings:
     texture: bool = True              # sample face colour on the fitted mesh (texture backends)
     # tex_coeffs' basis: the shipped one, a .npz URI, or None/"none" (no tex_coeffs)
     texture_basis: str | None = DEFAULT_TEXTURE_BASIS
+    face_embedding: bool = True       # dlib's face descriptor of each face (ExtractConfig.face_embedding)
     device: str = "auto"              # auto: cuda when the replica got a GPU, else cpu
     max_image_bytes: int = 10 * 1024 * 1024
     max_images: int = 16              # per /v1/predict request
