@@ -19,6 +19,8 @@ _BUILTIN = {
     "resnet18": "facedist.models.resnet:resnet18",          # the raw-image baseline (2-D)
     "resnet34": "facedist.models.resnet:resnet34",
     "resnet50": "facedist.models.resnet:resnet50",
+    "faceapi_expression": "facedist.models.faceapi:faceapi_expression",  # face-api's nets (TF.js weights)
+    "faceapi_age_gender": "facedist.models.faceapi:faceapi_age_gender",
 }
 _REGISTERED: dict[str, Callable[..., nn.Module]] = {}
 
