@@ -114,6 +114,18 @@ def test_strict_loading_refuses_a_missing_or_renamed_tensor(tmp_path):
         load_faceapi_weights(FaceExpressionNet(), path)
 
 
+def test_the_registry_builds_both_nets_with_their_weights():
+    from facedist.models.registry import create_model
+    from facedist.models.tfjs import load_tfjs_weights
+
+    for name, manifest in (("faceapi_expression", EXPRESSION_MANIFEST), ("faceapi_age_gender", AGE_GENDER_MANIFEST)):
+        model = create_model(name, pretrained=True)
+        weights = load_tfjs_weights(resolve_manifest(manifest))
+        assert len(model.state_dict()) == len(weights) and not model.training
+        bias = "fc.bias" if name == "faceapi_expression" else "fc.gender.bias"
+        np.testing.assert_array_equal(model.state_dict()[bias].numpy(), weights[bias.replace(".", "/")])
+
+
 def test_one_nets_weights_do_not_load_into_the_other():
     with pytest.raises(RuntimeError, match="Missing key"):
         load_faceapi_weights(AgeGenderNet(), resolve_manifest(EXPRESSION_MANIFEST))
