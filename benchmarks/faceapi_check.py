@@ -128,7 +128,8 @@ def timings(nets: FaceAttributeNets, images: list[np.ndarray], boxes: np.ndarray
     out = {}
     with torch.inference_mode():
         for batch in (1, 16):
-            x = torch.from_numpy(faceapi_inputs(images[:batch], boxes[:batch]))
+            x = torch.from_numpy(faceapi_inputs(images[:batch], boxes[:batch])).contiguous(
+                memory_format=torch.channels_last)  # as FaceAttributeNets runs them
             out[f"expression_net_batch_{batch}"] = measure(lambda: nets.expression_net(x), batch)
             out[f"age_gender_net_batch_{batch}"] = measure(lambda: nets.age_gender_net(x), batch)
     out["crop_per_image"] = measure(lambda: faceapi_inputs(images[:16], boxes[:16]), 16)

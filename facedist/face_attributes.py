@@ -21,7 +21,7 @@ from typing import Sequence
 import numpy as np
 
 from facedist.images import as_rgb_uint8
-from facedist.models.faceapi import EXPRESSIONS, INPUT_SIZE
+from facedist.models.faceapi import EXPRESSIONS, GENDERS, INPUT_SIZE
 
 SQUARE_MODES = ("pad", "box")
 
@@ -116,8 +116,9 @@ class FaceAttributeNets:
         self.device = torch.device(device)
         self.square = square
         self.batch_size = batch_size or (32 if self.device.type == "cpu" else 256)
-        self.expression_net = faceapi_expression(pretrained=True).to(self.device)
-        self.age_gender_net = faceapi_age_gender(pretrained=True).to(self.device)
+        # Channels-last: torch's depthwise and 1x1 convs run faster that way, most at batch > 1.
+        self.expression_net = faceapi_expression(pretrained=True).to(self.device, memory_format=torch.channels_last)
+        self.age_gender_net = faceapi_age_gender(pretrained=True).to(self.device, memory_format=torch.channels_last)
 
     def predict_inputs(self, inputs: np.ndarray) -> dict[str, np.ndarray]:
         """The nets on prepared inputs, (N, 3, 112, 112) float RGB 0..255 (see faceapi_inputs)."""
@@ -125,27 +126,27 @@ class FaceAttributeNets:
 
         from facedist.models.layers import full_precision
 
-        inputs = np.asarray(inputs, dtype=np.float32)
-        parts: dict[str, list[np.ndarray]] = {k: [] for k in
-                                              ("expression_feature", "expression_logits", "age", "gender_logits")}
+        inputs = np.asarray(inputs, dtype=np.float32)  # the nets check the shape
+        features, logits, ages, genders = [], [], [], []
         with torch.inference_mode(), full_precision():  # the same outputs on a GPU as on a CPU
             for start in range(0, len(inputs), self.batch_size):
-                x = torch.from_numpy(inputs[start:start + self.batch_size]).to(self.device)
+                x = torch.from_numpy(inputs[start:start + self.batch_size]).to(
+                    self.device, memory_format=torch.channels_last)
                 feature = self.expression_net.forward_features(x)
                 age, gender = self.age_gender_net(x)
-                for key, value in (("expression_feature", feature),
-                                   ("expression_logits", self.expression_net.forward_head(feature)),
-                                   ("age", age), ("gender_logits", gender)):
-                    parts[key].append(value.float().cpu().numpy())
-        empty = {"expression_feature": (0, 256), "expression_logits": (0, 7), "age": (0,), "gender_logits": (0, 2)}
-        out = {k: (np.concatenate(v) if v else np.zeros(empty[k], np.float32)) for k, v in parts.items()}
-        gender_logits = out.pop("gender_logits")
+                features.append(feature.cpu().numpy())
+                logits.append(self.expression_net.forward_head(feature).cpu().numpy())
+                ages.append(age.cpu().numpy())
+                genders.append(gender.cpu().numpy())
+        n_features, n_classes = self.expression_net.num_features, len(EXPRESSIONS)
+        logits = np.concatenate(logits) if logits else np.zeros((0, n_classes), np.float32)
+        gender_logits = np.concatenate(genders) if genders else np.zeros((0, 2), np.float32)
         return {
-            "expression_feature": out["expression_feature"],
-            "expression_logits": out["expression_logits"],
-            "expression_probs": _softmax(out["expression_logits"]),
-            "age": out["age"],
-            "gender_prob_male": _softmax(gender_logits)[:, 0],
+            "expression_feature": np.concatenate(features) if features else np.zeros((0, n_features), np.float32),
+            "expression_logits": logits,
+            "expression_probs": _softmax(logits),
+            "age": np.concatenate(ages) if ages else np.zeros(0, np.float32),
+            "gender_prob_male": _softmax(gender_logits)[:, GENDERS.index("male")],
         }
 
     def predict(self, images: Sequence[np.ndarray], boxes) -> dict[str, np.ndarray]:

@@ -9,7 +9,6 @@ feature 1e-5, probabilities 5e-7, age 7e-5 years).
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -89,27 +88,23 @@ def test_box_mode_fills_the_input_where_face_api_pads(reference, face):
         faceapi_inputs([face], [[500, 500, 600, 600]])
 
 
-def _copy_model(tmp_path: Path, relpath: str) -> tuple[Path, list, bytes]:
-    manifest = resolve_manifest(relpath)
-    shutil.copy(manifest.with_name(manifest.name.replace("-weights_manifest.json", ".bin")), tmp_path)
-    return tmp_path / manifest.name, json.loads(manifest.read_text()), (tmp_path / manifest.name.replace(
-        "-weights_manifest.json", ".bin")).read_bytes()
-
-
 def test_strict_loading_refuses_a_missing_or_renamed_tensor(tmp_path):
-    path, groups, data = _copy_model(tmp_path, EXPRESSION_MANIFEST)
+    manifest = resolve_manifest(EXPRESSION_MANIFEST)
+    groups = json.loads(manifest.read_text())
+    data = (manifest.parent / groups[0]["paths"][0]).read_bytes()
+    path, binary = tmp_path / manifest.name, tmp_path / groups[0]["paths"][0]
     last = groups[0]["weights"][-1]
     assert last["name"] == "fc/bias" and last["dtype"] == "float32"  # 7 raw float32, packed last
     # Missing: the last tensor dropped from the manifest and its bytes from the .bin.
     groups[0]["weights"] = groups[0]["weights"][:-1]
     path.write_text(json.dumps(groups))
-    path.with_name("face_expression_model.bin").write_bytes(data[:-7 * 4])
+    binary.write_bytes(data[:-7 * 4])
     with pytest.raises(RuntimeError, match=r"Missing key\(s\).*fc\.bias"):
         load_faceapi_weights(FaceExpressionNet(), path)
     # Renamed: every byte in place, one name the net does not have.
     groups[0]["weights"].append({**last, "name": "fc2/bias"})
     path.write_text(json.dumps(groups))
-    path.with_name("face_expression_model.bin").write_bytes(data)
+    binary.write_bytes(data)
     with pytest.raises(RuntimeError, match=r"Unexpected key\(s\).*fc2\.bias"):
         load_faceapi_weights(FaceExpressionNet(), path)
 

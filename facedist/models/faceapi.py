@@ -54,11 +54,14 @@ class Conv2dSame(nn.Conv2d):
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size: int, stride: int = 1,
                  groups: int = 1, bias: bool = True):
-        super().__init__(in_channels, out_channels, kernel_size, stride=stride, padding=0,
-                         groups=groups, bias=bias)
+        # At stride 1 'same' is symmetric and torch pads inside the conv (no extra copy).
+        super().__init__(in_channels, out_channels, kernel_size, stride=stride,
+                         padding=(kernel_size - 1) // 2 if stride == 1 else 0, groups=groups, bias=bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return super().forward(_pad_same(x, self.kernel_size[0], self.stride[0]))
+        if self.stride[0] != 1:
+            x = _pad_same(x, self.kernel_size[0], self.stride[0])
+        return super().forward(x)
 
 
 class SeparableConv2d(nn.Module):
