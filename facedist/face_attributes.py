@@ -3,8 +3,9 @@
   * faceapi_inputs      images + one face box each -> the nets' 112x112 input, batched
   * FaceAttributeNets   both nets loaded once (model files via facedist.assets), predict()
 
-The boxes are facedist's detector's (FaceBoxes by default, x0, y0, x1, y1 in pixels); face-api
-itself runs its own detector, then crops the same way as ``square="pad"`` here: the box clipped to
+The boxes are facedist's detector's (FaceBoxes by default, x0, y0, x1, y1 in pixels). face-api
+itself runs its own detector and, when no landmarks were asked for (with them it crops the box
+around its 68 points instead), crops as ``square="pad"`` does here: the box clipped to
 the image and floored (Box.clipAtImageBorders), the crop padded with black to a square, equally on
 both sides of the short axis (padToSquare with centring; an odd pixel goes after), and resized to 112
 with TF's bilinear resize (no half-pixel centres, no antialiasing: tf.image.resizeBilinear's
@@ -19,9 +20,12 @@ import math
 from typing import Sequence
 
 import numpy as np
+import torch
 
 from facedist.images import as_rgb_uint8
-from facedist.models.faceapi import EXPRESSIONS, GENDERS, INPUT_SIZE
+from facedist.models.faceapi import (EXPRESSIONS, GENDERS, INPUT_SIZE, faceapi_age_gender,
+                                     faceapi_expression)
+from facedist.models.layers import full_precision
 
 SQUARE_MODES = ("pad", "box")
 
@@ -107,10 +111,6 @@ class FaceAttributeNets:
     expressions = EXPRESSIONS
 
     def __init__(self, device: str = "cpu", *, square: str = "pad", batch_size: int | None = None):
-        import torch
-
-        from facedist.models.faceapi import faceapi_age_gender, faceapi_expression
-
         if square not in SQUARE_MODES:
             raise ValueError(f"unknown square mode {square!r}; choose one of {SQUARE_MODES}")
         self.device = torch.device(device)
@@ -122,10 +122,6 @@ class FaceAttributeNets:
 
     def predict_inputs(self, inputs: np.ndarray) -> dict[str, np.ndarray]:
         """The nets on prepared inputs, (N, 3, 112, 112) float RGB 0..255 (see faceapi_inputs)."""
-        import torch
-
-        from facedist.models.layers import full_precision
-
         inputs = np.asarray(inputs, dtype=np.float32)  # the nets check the shape
         features, logits, ages, genders = [], [], [], []
         with torch.inference_mode(), full_precision():  # the same outputs on a GPU as on a CPU
