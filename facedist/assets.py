@@ -32,6 +32,7 @@ _FACEAPI = "https://cdn.jsdelivr.net/npm/@vladmandic/face-api@1.7.15/model"
 # The face descriptor's weights are dlib's (davisking/dlib-models: released into the public domain;
 # face_recognition_models ships them under CC0 1.0), ported to TF.js and uint8-quantised by face-api (MIT).
 _FACEAPI_DESCRIPTOR_LICENCE = "MIT (face-api port); weights dlib's: public domain / CC0 1.0 (dlib-models)"
+_FACEAPI_LICENCE = "MIT (@vladmandic/face-api 1.7.15, from face-api.js)"
 
 
 @dataclass(frozen=True)
@@ -80,6 +81,20 @@ MODEL_FILES: dict[str, ModelFile] = {
         ModelFile("faceboxes/FaceBoxesProd.pth", f"{_TDDFA_V2}/FaceBoxes/weights/FaceBoxesProd.pth",
                   "c0cb2b1e40710c0aa5fc32a8759b1496a0fe0a126c907ca0ffe35b4bd0709d09",
                   "MIT (3DDFA_V2)", "FaceBoxes face detector (3DDFA_V2's copy)"),
+        ModelFile("faceapi/face_expression_model-weights_manifest.json",
+                  f"{_FACEAPI}/face_expression_model-weights_manifest.json",
+                  "5b349c17c7836da506e03422cd6461c74085d8bb2713ad4114647dc5d28174c8",
+                  _FACEAPI_LICENCE, "face-api FaceExpressionNet: TF.js manifest (names, shapes, uint8 scales)"),
+        ModelFile("faceapi/face_expression_model.bin", f"{_FACEAPI}/face_expression_model.bin",
+                  "9a9840f2cf1f4c7eab95f197512569345c00d2426754d4608b92af30e0300f3d",
+                  _FACEAPI_LICENCE, "face-api FaceExpressionNet weights (7 expressions, 256-d feature)"),
+        ModelFile("faceapi/age_gender_model-weights_manifest.json",
+                  f"{_FACEAPI}/age_gender_model-weights_manifest.json",
+                  "74b60bf3ebf981bf4e661e9cca3a185614e10b25d797118b62e2a68d3ff2569f",
+                  _FACEAPI_LICENCE, "face-api AgeGenderNet: TF.js manifest (names, shapes, uint8 scales)"),
+        ModelFile("faceapi/age_gender_model.bin", f"{_FACEAPI}/age_gender_model.bin",
+                  "49f92bbc0afef2342c4385e4a2b0acb6d7a727c6f0aa539499719a81acf9abaa",
+                  _FACEAPI_LICENCE, "face-api AgeGenderNet weights (TinyXception, age + gender heads)"),
         ModelFile("deep3d/similarity_Lm3D_all.mat", f"{_DEEP3D}/similarity_Lm3D_all.mat",
                   "53b83ce6e35c50ddc3e97603650cef4970320c157e75c241c844f29c1dcba65a",
                   "MIT (Deep3DFaceRecon_pytorch)", "standard 3D landmarks for 5-point alignment"),

@@ -4,6 +4,7 @@
 #   scripts/figures.sh [PART ...]      (default: every part, in this order)
 # Parts: quickstart yale_full london expression_trials yale_person cnet_degraded detectors extract_single
 #        box_calibration extract_ray default_speed train_speed report_scale serve_load fault_recovery
+#        faceapi_check
 # (cuda_check needs a GPU and an extracted table: benchmarks/cuda_check.py --table TABLE.)
 # Outputs: docs/results/* (reports) and benchmarks/results/*.json (benchmarks); the work
 # folders (extracted tables, run outputs) go under $WORK (default: /tmp/facedist-figures).
@@ -17,7 +18,7 @@ mkdir -p "$WORK"
 parts=("$@")
 [ ${#parts[@]} -gt 0 ] || parts=(quickstart yale_full london expression_trials yale_person cnet_degraded detectors
                                extract_single box_calibration extract_ray default_speed train_speed report_scale
-                               serve_load fault_recovery)
+                               serve_load fault_recovery faceapi_check)
 step() { printf '\n== %s: %s\n' "$1" "$2"; }
 
 extracted() {  # extracted NAME IMAGES: the default extraction of IMAGES into $WORK/NAME (a rerun resumes)
@@ -60,6 +61,7 @@ for part in "${parts[@]}"; do
     report_scale)    "$BIN/python" benchmarks/report_scale.py ;;
     serve_load)      "$BIN/python" benchmarks/serve_load.py ;;
     fault_recovery)  "$BIN/python" benchmarks/fault_recovery.py ;;
+    faceapi_check)   "$BIN/python" benchmarks/faceapi_check.py --london "$DATA/london" --yale "$DATA/yalefaces" ;;
     *) echo "unknown part: $part" >&2; exit 2 ;;
   esac
 done

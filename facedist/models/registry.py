@@ -23,6 +23,8 @@ _BUILTIN = {
     "resnet50": "facedist.models.resnet:resnet50",
     # dlib's 128-d face descriptor on 150x150 chips (face-api's weights)
     "dlib_resnet_descriptor": "facedist.models.face_descriptor:dlib_resnet_descriptor",
+    "faceapi_expression": "facedist.models.faceapi:faceapi_expression",  # face-api's nets (TF.js weights)
+    "faceapi_age_gender": "facedist.models.faceapi:faceapi_age_gender",
 }
 _REGISTERED: dict[str, Callable[..., nn.Module]] = {}
 
