@@ -223,7 +223,14 @@ def cmd_train(args) -> int:
     check_input(args.cnet, "--cnet")
 
     values = {k: v for k, v in vars(args).items() if k not in ("func", "command", "address", "json", "verbose", "task")}
-    summary = run_training(preset_config(args.task, **values), address=args.address)
+    config = preset_config(args.task, **values)
+    if args.task == "identity":
+        from facedist.workflow import few_photos_note
+
+        note = few_photos_note(storage.read_table(args.data, columns=["subject", "status"]), config.folds)
+        if note:
+            print(f"note: {note}")
+    summary = run_training(config, address=args.address)
     best = summary["best"]
     if args.json:
         summary["history"] = [{k: v for k, v in h.items() if k != "confusion"} for h in summary["history"]]

@@ -152,9 +152,9 @@ TASK_DESCRIPTORS = {"identity": ("alpha", "tau", "alpha+tau", "feature", "pixels
 
 # The trained models' candidate inputs per task (schema.INPUT_GROUPS), each with every head;
 # a candidate the table cannot give is left out.
-MODEL_INPUTS = {"identity": (("id",), ("tex",), ("id", "tex")),
-                "gender": (("id",), ("tex",), ("id", "tex")),
-                "expression": (("exp",), ("exp", "tex"), ("feature",), ("exp", "feature"))}
+MODEL_INPUTS = {"identity": (("id",), ("tex",), ("id", "tex"), ("emb",), ("emb", "id", "tex")),
+                "gender": (("id",), ("tex",), ("id", "tex"), ("emb",), ("emb", "tex")),
+                "expression": (("exp",), ("exp", "tex"), ("feature",), ("exp", "feature"), ("emb", "exp", "tex"))}
 
 
 def model_row_name(head: str, inputs: tuple[str, ...]) -> str:

@@ -77,14 +77,19 @@ class Standardizer:
     mean: np.ndarray
     std: np.ndarray
     whiten: np.ndarray | None = None
+    # Scale every output vector to the same length, sqrt(D) (after whitening; each dimension then
+    # keeps about unit spread): a linear head scores by cosine, which is what matches a person
+    # seen in one photo to their other photos.
+    unit_length: bool = False
 
     @classmethod
-    def fit(cls, x: np.ndarray, groups: np.ndarray | None = None, floor: float = 1e-3) -> "Standardizer":
+    def fit(cls, x: np.ndarray, groups: np.ndarray | None = None, floor: float = 1e-3,
+            unit_length: bool = False) -> "Standardizer":
         """groups: a class per row; when given, also fit within-class whitening. ``floor``: the
         smallest eigenvalue kept, relative to the mean one (directions with almost no
         within-class spread would otherwise be blown up)."""
         x = np.asarray(x, np.float64)
-        norm = cls(x.mean(0).astype(np.float32), np.maximum(x.std(0), 1e-6).astype(np.float32))
+        norm = cls(x.mean(0).astype(np.float32), np.maximum(x.std(0), 1e-6).astype(np.float32), unit_length=unit_length)
         if groups is not None:
             norm.whiten = within_class_whitening(norm(x), np.asarray(groups), floor)
         return norm
@@ -93,19 +98,23 @@ class Standardizer:
         z = (np.asarray(x, np.float32) - self.mean) / self.std
         if self.whiten is not None:
             z = z @ self.whiten
+        if self.unit_length:
+            z = z * np.sqrt(z.shape[-1]) / np.maximum(np.linalg.norm(z, axis=-1, keepdims=True), 1e-12)
         return z.astype(np.float32)
 
     def to_dict(self) -> dict:
         out = {"mean": self.mean.tolist(), "std": self.std.tolist()}
         if self.whiten is not None:
             out["whiten"] = self.whiten.tolist()
+        if self.unit_length:
+            out["unit_length"] = True
         return out
 
     @classmethod
     def from_dict(cls, d: dict) -> "Standardizer":
         whiten = d.get("whiten")
         return cls(np.asarray(d["mean"], np.float32), np.asarray(d["std"], np.float32),
-                   None if whiten is None else np.asarray(whiten, np.float32))
+                   None if whiten is None else np.asarray(whiten, np.float32), bool(d.get("unit_length", False)))
 
 
 def within_class_whitening(z: np.ndarray, groups: np.ndarray, floor: float = 1e-3) -> np.ndarray:

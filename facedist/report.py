@@ -65,7 +65,8 @@ def _row(result) -> dict:
 def run_fold(data, fold: int, config: ReportConfig, crops=None, log=print, seed: int | None = None) -> dict:
     from facedist.training.bundle import build_model
     from facedist.training.presets import preset_config
-    from facedist.training.tasks import CNetTask, cnet_confidences, make_classifier_task
+    from facedist.schema import DEFAULT_INPUTS, inputs_label
+    from facedist.training.tasks import CNetTask, cnet_confidences, make_classifier_task, task_inputs
 
     seed = config.seed if seed is None else seed
     split = {"folds": config.folds, "fold": fold, "seed": seed}
@@ -81,19 +82,32 @@ def run_fold(data, fold: int, config: ReportConfig, crops=None, log=print, seed:
     confidences = cnet_confidences(data, {"model": model.eval(), "input_norm": bundle["input_norm"]})
     log(f"fold {fold} cnet {out['cnet']}")
 
+    # The paper's rows: its 1-D ResNets on the coefficients alone (α for identity and gender, β
+    # for expression), whatever the presets ship.
+    paper = lambda task: {"head": "resnet", "inputs": DEFAULT_INPUTS[task]}  # noqa: E731
     for name, conf in (("identity_cnet", confidences), ("identity_mean", None)):
         cfg = preset_config("identity", epochs=config.coeff_epochs, aggregate="cnet" if conf is not None else "mean",
-                            **split)
+                            **paper("identity"), **split)
         out[name] = _row(fit(make_classifier_task(cfg, data, conf), cfg))
         log(f"fold {fold} {name} acc={out[name]['accuracy']:.3f}")
     expressions = list(config.expressions) if config.expressions else None
-    expr_cfg = preset_config("expression", epochs=config.coeff_epochs, labels=expressions, **split)
-    out["expression"] = _row(fit(make_classifier_task(expr_cfg, data), expr_cfg))
-    log(f"fold {fold} expression acc={out['expression']['accuracy']:.3f}")
+    tasks = ["expression"]
     if data.gender is not None and len({g for g in data.gender if g is not None}) >= 2:
-        gender_cfg = preset_config("gender", epochs=config.coeff_epochs, **split)
-        out["gender"] = _row(fit(make_classifier_task(gender_cfg, data), gender_cfg))
-        log(f"fold {fold} gender acc={out['gender']['accuracy']:.3f}")
+        tasks.append("gender")
+    for task in tasks:
+        cfg = preset_config(task, epochs=config.coeff_epochs, labels=expressions if task == "expression" else None,
+                            **paper(task), **split)
+        out[task] = _row(fit(make_classifier_task(cfg, data), cfg))
+        log(f"fold {fold} {task} acc={out[task]['accuracy']:.3f}")
+    # The shipped models: each task's preset (its inputs and head), where it differs from the paper's row.
+    for task in ("identity", *tasks):
+        cfg = preset_config(task, labels=expressions if task == "expression" else None, **split)
+        if (cfg.head, task_inputs(cfg)) == ("resnet", DEFAULT_INPUTS[task]):
+            continue
+        key = f"{task}_shipped"
+        out[key] = {**_row(fit(make_classifier_task(cfg, data, confidences if cfg.aggregate == "cnet" else None),
+                               cfg)), "inputs": list(task_inputs(cfg)), "head": cfg.head}
+        log(f"fold {fold} {key} ({inputs_label(task_inputs(cfg))}, {cfg.head}) acc={out[key]['accuracy']:.3f}")
     if config.include_images:
         from facedist.training.image_baseline import make_image_task
 
@@ -185,17 +199,33 @@ def write_report(config: ReportConfig, log=print) -> dict:
     s = results["summary"]
     fmt = lambda k, m: f"{s[k][m]['mean']:.3f} ± {s[k][m]['std']:.3f}"  # noqa: E731
     # Rows of what ran: --no-images leaves the image baseline out of the tables, not as "n/a".
+    from facedist.schema import inputs_label
+    from facedist.training.presets import preset_config
+    from facedist.training.tasks import combo_size_for
+
+    size, note = combo_size_for(data.subject, preset_config("identity", folds=config.folds))
+    if note:
+        log(f"note: {note}")
+        results["note"] = note
+    of = "single images" if size == 1 else f"{size} images"
+
+    def shipped(task: str) -> str:
+        f = folds[0][f"{task}_shipped"]
+        return f"shipped model: {inputs_label(tuple(f['inputs']))}, {f['head']} head"
+
     table1 = ["| identity input | accuracy | macro-F1 |", "|---|---|---|"]
-    for key, name in (("identity_cnet", "3DMM identity, C-Net aggregate of 3 images"),
-                      ("identity_mean", "3DMM identity, mean of 3 images"),
-                      ("image_identity", "images (ResNet-34 2-D), mean logits of the same 3")):
+    for key, name in (("identity_cnet", f"3DMM identity, C-Net aggregate of {of}"),
+                      ("identity_mean", f"3DMM identity, mean of {of}"),
+                      ("identity_shipped", lambda: f"{shipped('identity')}, mean of {of}"),
+                      ("image_identity", f"images (ResNet-34 2-D), mean logits of the same {of}")):
         if key in s:
-            table1.append(f"| {name} | {fmt(key, 'accuracy')} | {fmt(key, 'macro_f1')} |")
+            table1.append(f"| {name() if callable(name) else name} | {fmt(key, 'accuracy')} | {fmt(key, 'macro_f1')} |")
     table2 = ["| expression input | accuracy | macro-F1 |", "|---|---|---|"]
     for key, name in (("expression", "3DMM expression coefficients (ResNet-32 1-D)"),
+                      ("expression_shipped", lambda: shipped("expression")),
                       ("image_expression", "images (ResNet-34 2-D)")):
         if key in s:
-            table2.append(f"| {name} | {fmt(key, 'accuracy')} | {fmt(key, 'macro_f1')} |")
+            table2.append(f"| {name() if callable(name) else name} | {fmt(key, 'accuracy')} | {fmt(key, 'macro_f1')} |")
     table2.append(f"\nchance: {1 / len(expressions):.3f}")
     table3 = ["| model | training seconds per input |", "|---|---|"]
     for key in ("identity_cnet", "expression", "image_identity", "image_expression"):
@@ -214,6 +244,9 @@ def write_report(config: ReportConfig, log=print) -> dict:
         table4 = ["| gender input | accuracy | macro-F1 |", "|---|---|---|",
                   f"| 3DMM identity coefficients (ResNet-34 1-D), people split | {fmt('gender', 'accuracy')} | "
                   f"{fmt('gender', 'macro_f1')} |"]
+        if "gender_shipped" in s:
+            table4.append(f"| {shipped('gender')}, people split | {fmt('gender_shipped', 'accuracy')} | "
+                          f"{fmt('gender_shipped', 'macro_f1')} |")
         (out / "table4_gender.md").write_text(header.replace("split by image", "split by person") +
                                                "\n".join(table4) + "\n")
     # Seconds are a measurement of this machine: the one table a rerun does not reproduce.

@@ -131,6 +131,9 @@ class FaceExtractor:
     def __init__(self, detector: FaceDetector):
         self.detector = detector
         self.timings = StageTimer()  # seconds per stage (detect, landmarks, crop, regress, ...)
+        # Each coefficient group's prior standard deviation where the backend knows it ({"id": (n_id,),
+        # "exp": (n_exp,)}): in_prior_units shows coefficients in those units.
+        self.prior_std: dict[str, np.ndarray] = {}
         self.texture_sampler = None  # facedist.texture.TextureSampler: fills each result's texture
         self.texture_basis = None    # facedist.texture.TextureBasis: and its tex_coeffs
         self.face_descriptor = None  # facedist.face_descriptor.FaceDescriptor: fills face_embedding
@@ -155,6 +158,18 @@ class FaceExtractor:
 
         self.face_descriptor = descriptor
         self.layout = replace(self.layout, face_embedding=descriptor.version)
+
+    def in_prior_units(self, row: dict) -> dict:
+        """A row's identity, expression and texture coefficients in standard deviations of the
+        model's prior ({"id", "exp", "tex"}; None where the row has none or the backend states no
+        prior). tex_coeffs are already in standard deviations of the texture basis."""
+        out = {}
+        for group, column in (("id", "id_coeffs"), ("exp", "exp_coeffs")):
+            value, std = row.get(column), self.prior_std.get(group)
+            out[group] = (None if value is None or std is None or len(value) != len(std)
+                          else (np.asarray(value, np.float64) / std).round(4).tolist())
+        out["tex"] = row.get("tex_coeffs")
+        return out
 
     def fit_faces(self, faces: list[DetectedFace]) -> list[ExtractionResult]:
         """One result per face with the backend's parts (coefficients, landmarks, pose, feature);

@@ -190,6 +190,7 @@ class LandmarkFitExtractor(FaceExtractor):
         # 3DDFA's basis comes with coefficient statistics; another basis gets an isotropic prior.
         self.prior = prior or (CoefficientPrior.tddfa() if self.model.name == "tddfa_bfm"
                                else CoefficientPrior.isotropic(self.model))
+        self.prior_std = {"id": self.prior.std[:self.model.n_shape], "exp": self.prior.std[self.model.n_shape:]}
         self.config = FitConfig(iterations=iterations, reg=reg)
         self.with_vertices = with_vertices
         self.layout = CoefficientLayout(

@@ -211,6 +211,10 @@ class TDDFAExtractor(FaceExtractor):
         self.regressor = TDDFARegressor(device, checkpoint=checkpoint, batch_size=batch_size, passes=passes,
                                         num_threads=num_threads, timings=self.timings)
         self.model = self.regressor.model
+        from facedist.extractors.fit import CoefficientPrior  # the statistics the regressor de-normalises with
+
+        std = CoefficientPrior.tddfa().std
+        self.prior_std = {"id": std[:self.model.n_shape], "exp": std[self.model.n_shape:]}
         self.with_vertices = with_vertices
         self.layout = CoefficientLayout(
             backend="tddfa", n_id=self.model.n_shape, n_exp=self.model.n_exp,

@@ -67,6 +67,8 @@ class FaceExtractor:
         # only when asked for: a few thousand numbers per row most requests do not want.
         model = getattr(self.extractor, "model", None)
         for row, source, result, (_, with_mesh) in zip(finished, decoded, results, items):
+            if row.get("status") == "ok":
+                row["coefficients_sd"] = self.extractor.in_prior_units(row)
             if source["image"] is None:
                 row["decode_error"] = True
             elif with_mesh and row.get("status") == "ok":

@@ -59,6 +59,8 @@ class ExtractResponse(BaseModel):
     face: Face
     pose: Pose
     coefficients: Coefficients
+    coefficients_sd: Coefficients | None = Field(None, description="id, exp and tex in standard deviations of "
+                                                                   "the model's prior (null where it states none)")
     mesh: Mesh2D | None = Field(None, description="only with ?mesh=true: the fitted face's wireframe projected "
                                                   "into the image; null where the backend has no camera (deep3d)")
 
@@ -116,6 +118,8 @@ def extraction_response(row: dict, filename: str | None = None) -> dict:
             "landmark_error": row.get("landmark_error"),
         },
         "pose": pose_of(row),
+        # The same in standard deviations of the model's prior: comparable across dimensions.
+        "coefficients_sd": row.get("coefficients_sd"),
         "coefficients": {
             "id": row.get("id_coeffs"),
             "exp": row.get("exp_coeffs"),

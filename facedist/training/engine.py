@@ -54,6 +54,10 @@ class TrainConfig:
     # feature, ...); None: the task's default (tasks.DEFAULT_INPUTS). The bundle records them.
     inputs: tuple[str, ...] | None = None
     head: str = "resnet"                        # "resnet" (the paper's 1-D ResNet-34 / -32) | "linear" | "mlp"
+    # A linear head starts from the class means of its normalised training inputs (a nearest-
+    # class-mean classifier, by cosine with within_class_cosine) instead of random weights: a
+    # class seen in one photo then starts where its photo is, not behind the classes seen twice.
+    prototype_init: bool = False
     # L2 penalty on the classifier's weight matrices, in the loss (a ridge: AdamW's decoupled decay
     # barely holds a linear head on a few hundred inputs), per input dimension of the normalised input.
     l2: float = 0.0

@@ -33,7 +33,9 @@ from facedist.training.engine import TrainConfig
 COEFFICIENT_TASKS = ("identity", "expression", "gender")
 LABEL_COLUMN = {"identity": "subject", "expression": "expression", "gender": "gender",
                 "image_identity": "subject", "image_expression": "expression"}
-INPUT_NORMS = ("within_class", "standard")
+# within_class: standardise, then whiten by the within-class covariance; within_class_cosine: and
+# scale to unit length; standard: standardise only.
+INPUT_NORMS = ("within_class", "within_class_cosine", "standard")
 AGGREGATES = ("cnet", "mean")  # how identity combinations are pooled: C-Net confidences or the plain mean
 HEADS = ("resnet", "linear", "mlp")
 # The paper's 1-D ResNet per task; the light heads are one architecture for every task.
@@ -120,7 +122,8 @@ class ClassifierTask:
         self.labels = labels
         if config.input_norm not in INPUT_NORMS:
             raise ValueError(f"input_norm {config.input_norm!r}: choose one of {INPUT_NORMS}")
-        self.norm = Standardizer.fit(x_train, y_train if config.input_norm == "within_class" else None)
+        self.norm = Standardizer.fit(x_train, y_train if config.input_norm.startswith("within_class") else None,
+                                     unit_length=config.input_norm == "within_class_cosine")
         self.x_train = torch.as_tensor(self.norm(x_train))
         self.y_train = torch.as_tensor(y_train)
         self.x_val = torch.as_tensor(self.norm(x_val))
@@ -133,7 +136,24 @@ class ClassifierTask:
         self.extra = extra or {}
 
     def build_model(self):
-        return create_model(self.model_name, **self.model_config)
+        model = create_model(self.model_name, **self.model_config)
+        if self.config.prototype_init:
+            self._init_prototypes(model)
+        return model
+
+    PROTOTYPE_SCALE = 10.0  # logits of a prototype head: this times the cosine (a softmax temperature)
+
+    def _init_prototypes(self, model) -> None:
+        """fc = the unit-length mean of each class's normalised training inputs (scaled so a
+        logit is PROTOTYPE_SCALE x cosine for inputs of norm sqrt(D)); bias 0."""
+        if self.model_name != LIGHT_HEADS["linear"]:
+            raise ValueError("prototype_init needs the linear head")
+        x, y = self.x_train.double(), self.y_train
+        means = torch.zeros(len(self.labels), x.shape[1], dtype=torch.float64).index_add_(0, y, x)
+        means = means / means.norm(dim=1, keepdim=True).clamp_min(1e-12)
+        with torch.no_grad():
+            model.fc.weight.copy_(means * self.PROTOTYPE_SCALE / x.shape[1] ** 0.5)
+            model.fc.bias.zero_()
 
     def augment(self, x: torch.Tensor) -> torch.Tensor:
         """Coefficient augmentation: Gaussian noise in the normalised input's units (after
