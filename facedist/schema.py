@@ -30,6 +30,8 @@ YALE_CONDITIONS = (
 # Yale conditions that are facial expressions (the rest are lighting / accessories).
 YALE_EXPRESSIONS = ("happy", "normal", "sad", "sleepy", "surprised", "wink")
 GENDERS = ("female", "male")
+# face-api's expression classes, in the order of its expression net's outputs (expression_probs).
+FACEAPI_EXPRESSIONS = ("neutral", "happy", "sad", "angry", "fearful", "disgusted", "surprised")
 
 
 @dataclass(frozen=True)

@@ -61,7 +61,7 @@ def test_the_nets_give_face_apis_outputs(reference, face, nets):
         np.testing.assert_allclose(out["expression_feature"][i], case["expression_feature"], atol=1e-3)
         np.testing.assert_allclose(out["expression_probs"][i], case["expression_probs"], atol=5e-5)
         np.testing.assert_allclose(out["age"][i], case["age"], atol=1e-2)
-        np.testing.assert_allclose(out["gender_prob_male"][i], case["gender_prob_male"], atol=5e-5)
+        np.testing.assert_allclose(out["gender_male"][i], case["gender_prob_male"], atol=5e-5)
     np.testing.assert_allclose(out["expression_probs"].sum(axis=1), 1.0, atol=1e-5)
 
 
