@@ -34,12 +34,12 @@ from facedist.datasets import parse_yale_name
 from facedist.detection import make_face_detector
 from facedist.face_attributes import SQUARE_MODES, FaceAttributeNets, faceapi_inputs
 from facedist.images import decode_image
-from facedist.models.faceapi import EXPRESSIONS
+from facedist.schema import FACEAPI_EXPRESSIONS
 from facedist.person_report import logistic_probe, person_folds, unit_total_variance
 
 SHARED = Path(os.environ.get("FACEDIST_SHARED", Path(__file__).resolve().parents[2] / "shared"))
 YALE_TO_FACEAPI = {"happy": "happy", "sad": "sad", "surprised": "surprised", "normal": "neutral"}
-NEUTRAL, HAPPY = EXPRESSIONS.index("neutral"), EXPRESSIONS.index("happy")
+NEUTRAL, HAPPY = FACEAPI_EXPRESSIONS.index("neutral"), FACEAPI_EXPRESSIONS.index("happy")
 
 
 def auc(scores: np.ndarray, positive: np.ndarray) -> float:
@@ -64,7 +64,7 @@ def london_metrics(out: dict, rows: list[dict], probe_seeds: int) -> dict:
     happy = truth == "happy"
     logits = out["expression_logits"]
     two = np.where(logits[:, HAPPY] > logits[:, NEUTRAL], "happy", "neutral")
-    seven = np.array([EXPRESSIONS[k] for k in logits.argmax(1)])
+    seven = np.array([FACEAPI_EXPRESSIONS[k] for k in logits.argmax(1)])
     codes, subjects = happy.astype(np.int64), np.array([r["subject"] for r in rows])
     feature, hits = out["expression_feature"], []
     for seed in range(probe_seeds):
@@ -82,11 +82,11 @@ def london_metrics(out: dict, rows: list[dict], probe_seeds: int) -> dict:
         "zero_shot_accuracy_argmax_of_7": round(float((seven == truth).mean()), 4),
         "smiling_called_neutral_of_2": int(((two == "neutral") & happy).sum()),
         "neutral_called_happy_of_2": int(((two == "happy") & ~happy).sum()),
-        "argmax_of_7_by_truth": {t: {e: int(((seven == e) & (truth == t)).sum()) for e in EXPRESSIONS
+        "argmax_of_7_by_truth": {t: {e: int(((seven == e) & (truth == t)).sum()) for e in FACEAPI_EXPRESSIONS
                                      if ((seven == e) & (truth == t)).any()} for t in ("neutral", "happy")},
         "auc_happy_minus_neutral_logit": round(auc(logits[:, HAPPY] - logits[:, NEUTRAL], happy), 4),
         "probe_256d_accuracy": round(float(np.concatenate(hits).mean()), 4),
-        "gender_accuracy": round(float(((out["gender_prob_male"] > 0.5) == male).mean()), 4),
+        "gender_accuracy": round(float(((out["gender_male"] > 0.5) == male).mean()), 4),
         "age_photos": int(aged.sum()),
         "age_mae": round(float(np.abs(pred_age - age).mean()), 2),
         "age_mean_error": round(float((pred_age - age).mean()), 2),
@@ -98,15 +98,15 @@ def london_metrics(out: dict, rows: list[dict], probe_seeds: int) -> dict:
 def yale_metrics(out: dict, truth: list[str]) -> dict:
     truth = np.array(truth)
     logits = out["expression_logits"]
-    seven = np.array([EXPRESSIONS[k] for k in logits.argmax(1)])
-    kept = [EXPRESSIONS.index(e) for e in ("neutral", "happy", "sad", "surprised")]
-    four = np.array([EXPRESSIONS[kept[k]] for k in logits[:, kept].argmax(1)])
+    seven = np.array([FACEAPI_EXPRESSIONS[k] for k in logits.argmax(1)])
+    kept = [FACEAPI_EXPRESSIONS.index(e) for e in ("neutral", "happy", "sad", "surprised")]
+    four = np.array([FACEAPI_EXPRESSIONS[kept[k]] for k in logits[:, kept].argmax(1)])
     return {
         "zero_shot_accuracy_argmax_of_7": round(float((seven == truth).mean()), 4),
         "zero_shot_accuracy_argmax_of_4": round(float((four == truth).mean()), 4),
         "per_class_accuracy_of_4": {e: round(float((four[truth == e] == e).mean()), 4)
                                     for e in ("neutral", "happy", "sad", "surprised")},
-        "argmax_of_7_by_truth": {t: {e: int(((seven == e) & (truth == t)).sum()) for e in EXPRESSIONS
+        "argmax_of_7_by_truth": {t: {e: int(((seven == e) & (truth == t)).sum()) for e in FACEAPI_EXPRESSIONS
                                      if ((seven == e) & (truth == t)).any()}
                                  for t in ("neutral", "happy", "sad", "surprised")},
     }

@@ -91,6 +91,9 @@ def add_extractor_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-face-embedding", action="store_true",
                         help="do not fill face_embedding, dlib's 128-d face descriptor of each face "
                              "(default: fill it)")
+    parser.add_argument("--no-face-attributes", action="store_true",
+                        help="do not fill expression_feature, expression_probs, age and gender_male, "
+                             "face-api's expression and age/gender nets on each face (default: fill them)")
 
 
 def extract_config_from_args(args, **overrides):
@@ -104,7 +107,8 @@ def extract_config_from_args(args, **overrides):
     check_input(texture_basis_for(args.backend, not args.no_texture, args.texture_basis), "--texture-basis")
     return ExtractConfig(backend=args.backend, detector=args.detector, landmarks=args.landmarks,
                          texture=not args.no_texture, texture_basis=args.texture_basis,
-                         face_embedding=not args.no_face_embedding, **overrides)
+                         face_embedding=not args.no_face_embedding,
+                         face_attributes=not args.no_face_attributes, **overrides)
 
 
 def cmd_extract(args) -> int:
@@ -289,7 +293,8 @@ def cmd_serve(args) -> int:
     run_server(args.models or None, address=args.address, host=args.host, port=args.port,
                route_prefix=args.route_prefix, backend=args.backend, detector=args.detector,
                landmarks=args.landmarks, texture=not args.no_texture, texture_basis=args.texture_basis,
-               face_embedding=not args.no_face_embedding, **settings)
+               face_embedding=not args.no_face_embedding, face_attributes=not args.no_face_attributes,
+               **settings)
     return 0
 
 
@@ -301,7 +306,8 @@ def cmd_run(args) -> int:
     run_workflow(WorkflowConfig(
         images=args.images, out=args.out, backend=args.backend, detector=args.detector,
         landmarks=args.landmarks, texture=not args.no_texture, texture_basis=args.texture_basis,
-        face_embedding=not args.no_face_embedding, dataset=args.dataset, resume=not args.no_resume, actors=args.actors,
+        face_embedding=not args.no_face_embedding, face_attributes=not args.no_face_attributes,
+        dataset=args.dataset, resume=not args.no_resume, actors=args.actors,
         epochs=args.epochs, cnet_epochs=args.cnet_epochs, workers=args.workers, report=not args.no_report,
         report_folds=args.report_folds, report_seeds=args.report_seeds, full_report=args.full_report,
         address=args.address))

@@ -22,10 +22,12 @@ from typing import Sequence
 import numpy as np
 import torch
 
+from facedist import assets
 from facedist.images import as_rgb_uint8
-from facedist.models.faceapi import (EXPRESSIONS, GENDERS, INPUT_SIZE, faceapi_age_gender,
-                                     faceapi_expression)
+from facedist.models.faceapi import (AGE_GENDER_MANIFEST, EXPRESSION_MANIFEST, GENDERS, INPUT_SIZE,
+                                     faceapi_age_gender, faceapi_expression, weights_of)
 from facedist.models.layers import full_precision
+from facedist.schema import FACEAPI_EXPRESSIONS
 
 SQUARE_MODES = ("pad", "box")
 
@@ -102,13 +104,15 @@ class FaceAttributeNets:
 
     predict(images, boxes) -> dict of numpy arrays:
         expression_feature  (N, 256) the expression net's pooled feature (what its fc reads)
-        expression_logits   (N, 7)   in EXPRESSIONS order
+        expression_logits   (N, 7)   in FACEAPI_EXPRESSIONS order
         expression_probs    (N, 7)   softmax of the logits (face-api's output)
         age                 (N,)     years
-        gender_prob_male    (N,)     softmax of the gender head, male entry (face-api's probMale)
+        gender_male         (N,)     softmax of the gender head, male entry (face-api's probMale)
+
+    version names both nets' weights and the crop (recorded in the coefficients' layout).
     """
 
-    expressions = EXPRESSIONS
+    expressions = FACEAPI_EXPRESSIONS
 
     def __init__(self, device: str = "cpu", *, square: str = "pad", batch_size: int | None = None):
         if square not in SQUARE_MODES:
@@ -119,6 +123,10 @@ class FaceAttributeNets:
         # Channels-last: torch's depthwise and 1x1 convs run faster that way, most at batch > 1.
         self.expression_net = faceapi_expression(pretrained=True).to(self.device, memory_format=torch.channels_last)
         self.age_gender_net = faceapi_age_gender(pretrained=True).to(self.device, memory_format=torch.channels_last)
+        sha = {m: assets.sha256_of(assets.resolve(weights_of(m)))[:12]
+               for m in (EXPRESSION_MANIFEST, AGE_GENDER_MANIFEST)}
+        self.version = (f"faceapi_expression:{sha[EXPRESSION_MANIFEST]}+faceapi_age_gender:{sha[AGE_GENDER_MANIFEST]}"
+                        f":{INPUT_SIZE}{square}")
 
     def predict_inputs(self, inputs: np.ndarray) -> dict[str, np.ndarray]:
         """The nets on prepared inputs, (N, 3, 112, 112) float RGB 0..255 (see faceapi_inputs)."""
@@ -134,7 +142,7 @@ class FaceAttributeNets:
                 logits.append(self.expression_net.forward_head(feature).cpu().numpy())
                 ages.append(age.cpu().numpy())
                 genders.append(gender.cpu().numpy())
-        n_features, n_classes = self.expression_net.num_features, len(EXPRESSIONS)
+        n_features, n_classes = self.expression_net.num_features, len(FACEAPI_EXPRESSIONS)
         logits = np.concatenate(logits) if logits else np.zeros((0, n_classes), np.float32)
         gender_logits = np.concatenate(genders) if genders else np.zeros((0, 2), np.float32)
         return {
@@ -142,7 +150,7 @@ class FaceAttributeNets:
             "expression_logits": logits,
             "expression_probs": _softmax(logits),
             "age": np.concatenate(ages) if ages else np.zeros(0, np.float32),
-            "gender_prob_male": _softmax(gender_logits)[:, GENDERS.index("male")],
+            "gender_male": _softmax(gender_logits)[:, GENDERS.index("male")],
         }
 
     def predict(self, images: Sequence[np.ndarray], boxes) -> dict[str, np.ndarray]:

@@ -53,6 +53,9 @@ class ExtractConfig:
     texture_basis: str | None = DEFAULT_TEXTURE_BASIS
     # Fill face_embedding: dlib's 128-d face descriptor of each ok face (facedist.face_descriptor).
     face_embedding: bool = True
+    # Fill expression_feature, expression_probs, age and gender_male: face-api's nets on each ok
+    # face's detector box (facedist.face_attributes).
+    face_attributes: bool = True
 
     def build_extractor(self, device: str | None = None, detect_threads: int | None = None) -> Extractor:
         """The extractor these settings describe; its models load here."""
@@ -60,7 +63,7 @@ class ExtractConfig:
 
         return make_extractor(self.backend, detector=self.detector, landmarks=self.landmarks,
                               device=device or self.device, texture=self.texture, texture_basis=self.texture_basis,
-                              face_embedding=self.face_embedding,
+                              face_embedding=self.face_embedding, face_attributes=self.face_attributes,
                               detect_threads=detect_threads or self.detect_threads or os.cpu_count() or 1)
 
 

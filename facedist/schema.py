@@ -30,6 +30,8 @@ YALE_CONDITIONS = (
 # Yale conditions that are facial expressions (the rest are lighting / accessories).
 YALE_EXPRESSIONS = ("happy", "normal", "sad", "sleepy", "surprised", "wink")
 GENDERS = ("female", "male")
+# face-api's expression classes, in the order of its expression net's outputs (expression_probs).
+FACEAPI_EXPRESSIONS = ("neutral", "happy", "sad", "angry", "fearful", "disgusted", "surprised")
 
 
 @dataclass(frozen=True)
@@ -54,6 +56,9 @@ class CoefficientLayout:
     # The face descriptor that filled face_embedding (facedist.face_descriptor's version: model,
     # weights, chip); "" when the column was not filled.
     face_embedding: str = ""
+    # face-api's expression and age/gender nets that filled expression_feature, expression_probs,
+    # age and gender_male (facedist.face_attributes' version: weights, crop); "" when not filled.
+    face_attributes: str = ""
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), sort_keys=True)
@@ -106,22 +111,30 @@ COEFFICIENTS_SCHEMA = pa.schema(
                                                         # A = 255 where visible (facedist.texture)
         pa.field("face_embedding", _f32_list),          # 128 numbers, L2-normalised: dlib's face descriptor
                                                         # (facedist.face_descriptor); null when not computed
+        # face-api's nets on the detector's box (facedist.face_attributes); null when not computed:
+        pa.field("expression_feature", _f32_list),      # 256 numbers: the expression net's pooled feature
+        pa.field("expression_probs", _f32_list),        # 7 probabilities in FACEAPI_EXPRESSIONS order
+        pa.field("age", pa.float32()),                  # years (face-api's estimate)
+        pa.field("gender_male", pa.float32()),          # probability that the face is male
         pa.field("backend", pa.string()),
     ]
 )
 
 COLUMNS = tuple(COEFFICIENTS_SCHEMA.names)
+# The columns face-api's nets fill, all or none (CoefficientLayout.face_attributes); the keys of
+# FaceAttributeNets.predict (which also gives expression_logits).
+FACE_ATTRIBUTE_COLUMNS = ("expression_feature", "expression_probs", "age", "gender_male")
 
 # Descriptor groups: what a task may take as input (`--inputs id,tex`), short name -> the column
 # that holds it. A model bundle records its task's groups, and every consumer (training, the
 # reports, the Recognizer, /v1/predict, `facedist predict`) builds the input from them.
 INPUT_GROUPS = {"id": "id_coeffs", "exp": "exp_coeffs", "tex": "tex_coeffs", "feature": "feature",
-                "emb": "face_embedding"}
+                "emb": "face_embedding", "expf": "expression_feature"}
 # What a task reads when neither its preset nor the user names inputs, and what a model bundle
 # written before bundles recorded their inputs was trained on.
 DEFAULT_INPUTS = {"identity": ("id",), "gender": ("id",), "expression": ("exp",)}
 # The rendered names (tables and plots only).
-INPUT_GROUP_SYMBOLS = {"id": "α", "exp": "β", "tex": "τ", "feature": "f", "emb": "e"}
+INPUT_GROUP_SYMBOLS = {"id": "α", "exp": "β", "tex": "τ", "feature": "f", "emb": "e", "expf": "x"}
 
 
 def parse_inputs(text: str | tuple | list) -> tuple[str, ...]:

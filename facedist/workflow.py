@@ -27,6 +27,7 @@ class WorkflowConfig:
     texture: bool = True            # sample face colour on the fitted mesh
     texture_basis: str | None = DEFAULT_TEXTURE_BASIS  # tex_coeffs' basis (ExtractConfig.texture_basis)
     face_embedding: bool = True     # ExtractConfig.face_embedding
+    face_attributes: bool = True    # ExtractConfig.face_attributes
     dataset: str = "auto"
     resume: bool = True             # False: replace the coefficients an earlier run left in out/
     actors: int = 2
@@ -120,6 +121,7 @@ def run_workflow(config: WorkflowConfig, log=print) -> dict:
                                                landmarks=config.landmarks, texture=config.texture,
                                                texture_basis=config.texture_basis, batch_size=config.batch_size,
                                                face_embedding=config.face_embedding,
+                                               face_attributes=config.face_attributes,
                                                resume=config.resume),
                          actors=config.actors, dataset=config.dataset),
         address=config.address)

@@ -11,7 +11,7 @@ from PIL import Image
 from facedist import assets, storage
 from facedist.cli import main
 from facedist.extractors import DEFAULT_BACKEND
-from facedist.schema import layout_from_schema
+from facedist.schema import FACEAPI_EXPRESSIONS, layout_from_schema
 from facedist.texture import TextureBasis
 
 FACES = ["subject01.happy", "subject02.sad", "subject03.normal", "subject04.surprised"]
@@ -61,6 +61,7 @@ def test_extract_mixed_folder_then_resume(mixed_folder, tmp_path, capsys):
     assert embeddings.shape == (4, 128)
     np.testing.assert_allclose(np.linalg.norm(embeddings, axis=1), 1.0, atol=1e-5)
     assert table[table.status != "ok"]["face_embedding"].isna().all()
+    _assert_face_attributes(table)
     assert set(ok["subject"]) == {"subject01", "subject02", "subject03", "subject04"}
     assert len(storage.list_files(str(out / "previews"))) == 2
     assert "ok 4, no_face 1, error 4" in capsys.readouterr().out
@@ -149,8 +150,20 @@ def test_default_extraction_fills_tex_coeffs_and_none_leaves_them_out(tmp_path, 
     assert all(r["tex_coeffs"] is None and len(r["texture"]) == 4 * layout.n_texture_vertices for r in rows)
 
 
-def _drop_face_embedding(part):
-    """Rewrite a part as facedist wrote it before face_embedding existed: no column, no layout key."""
+def _assert_face_attributes(table):
+    """face-api's outputs (on by default) fill every ok row and no other."""
+    ok = table[table.status == "ok"]
+    assert len(ok) and np.stack(ok["expression_feature"]).shape == (len(ok), 256)
+    probs = np.stack(ok["expression_probs"])
+    assert probs.shape == (len(ok), len(FACEAPI_EXPRESSIONS))
+    np.testing.assert_allclose(probs.sum(axis=1), 1.0, atol=1e-4)
+    assert ok["age"].between(1, 100).all() and ok["gender_male"].between(0, 1).all()
+    rest = table[table.status != "ok"]
+    assert rest[["expression_feature", "expression_probs", "age", "gender_male"]].isna().all().all()
+
+
+def _drop_columns(part, layout_key, columns):
+    """Rewrite a part as facedist wrote it before these columns existed: no columns, no layout key."""
     import json
 
     import pyarrow.parquet as pq
@@ -158,10 +171,14 @@ def _drop_face_embedding(part):
     table = pq.read_table(part)
     meta = dict(table.schema.metadata)
     layout = json.loads(meta[b"facedist.layout"])
-    del layout["face_embedding"]
+    del layout[layout_key]
     meta[b"facedist.layout"] = json.dumps(layout, sort_keys=True).encode()
-    table = table.drop_columns(["face_embedding"])
+    table = table.drop_columns(list(columns))
     pq.write_table(table.replace_schema_metadata(meta), part)
+
+
+def _drop_face_embedding(part):
+    _drop_columns(part, "face_embedding", ["face_embedding"])
 
 
 def test_face_embedding_is_part_of_the_settings_and_old_tables_still_read(tmp_path, yale_dir, capsys):
@@ -192,3 +209,49 @@ def test_face_embedding_is_part_of_the_settings_and_old_tables_still_read(tmp_pa
     assert "wrote 0 and skipped 2" in capsys.readouterr().out
     assert main(["extract", str(folder), "--out", str(out), "--backend", "tddfa"]) == 2
     assert "face_embedding" in capsys.readouterr().err
+
+
+def test_face_attributes_are_part_of_the_settings_and_old_tables_still_read(tmp_path, yale_dir, capsys):
+    """Defaults fill face-api's four columns for every ok row (expf is a training input group);
+    --no-face-attributes leaves them null; an output made with them refuses a run without (and the
+    other way round); a table written before the columns existed reads and resumes without them."""
+    from facedist.training.data import load_data
+
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for name in FACES:
+        shutil.copy(yale_dir / name, folder / name)
+    out = tmp_path / "default"
+    assert main(["extract", str(folder), "--out", str(out), "--no-face-embedding"]) == 0
+    table = _table(out)
+    assert (table.status == "ok").all()
+    _assert_face_attributes(table)
+    layout = layout_from_schema(storage.read_table(str(out)).schema)
+    assert layout.face_attributes.startswith("faceapi_expression:")
+    data = load_data(str(out))
+    assert data.group("expf").shape == (len(FACES), 256) and "expf" in data.available_inputs()
+    capsys.readouterr()
+    assert main(["extract", str(folder), "--out", str(out), "--no-face-embedding", "--no-face-attributes"]) == 2
+    err = capsys.readouterr().err
+    assert "face_attributes" in err and "--no-resume" in err, err
+
+    plain = tmp_path / "plain"
+    flags = ["--backend", "tddfa", "--no-face-embedding"]
+    assert main(["extract", str(folder), "--out", str(plain), *flags, "--no-face-attributes"]) == 0
+    table = _table(plain)
+    assert (table.status == "ok").all()
+    assert table[["expression_feature", "expression_probs", "age", "gender_male"]].isna().all().all()
+    assert layout_from_schema(storage.read_table(str(plain)).schema).face_attributes == ""
+    capsys.readouterr()
+    assert main(["extract", str(folder), "--out", str(plain), *flags]) == 2
+    assert "face_attributes" in capsys.readouterr().err
+
+    for part in [p for p in storage.list_files(str(plain)) if p.endswith(".parquet")]:
+        _drop_columns(part, "face_attributes", ["expression_feature", "expression_probs", "age", "gender_male"])
+    assert "expression_feature" not in storage.read_table(str(plain)).column_names
+    old = load_data(str(plain))
+    assert len(old) == len(FACES) and old.group("expf") is None
+    assert main(["extract", str(folder), "--out", str(plain), *flags, "--no-face-attributes"]) == 0
+    assert f"wrote 0 and skipped {len(FACES)}" in capsys.readouterr().out
+    assert main(["extract", str(folder), "--out", str(plain), *flags]) == 2
+    assert "face_attributes" in capsys.readouterr().err

@@ -61,7 +61,7 @@ def test_the_nets_give_face_apis_outputs(reference, face, nets):
         np.testing.assert_allclose(out["expression_feature"][i], case["expression_feature"], atol=1e-3)
         np.testing.assert_allclose(out["expression_probs"][i], case["expression_probs"], atol=5e-5)
         np.testing.assert_allclose(out["age"][i], case["age"], atol=1e-2)
-        np.testing.assert_allclose(out["gender_prob_male"][i], case["gender_prob_male"], atol=5e-5)
+        np.testing.assert_allclose(out["gender_male"][i], case["gender_prob_male"], atol=5e-5)
     np.testing.assert_allclose(out["expression_probs"].sum(axis=1), 1.0, atol=1e-5)
 
 
@@ -126,3 +126,48 @@ def test_one_nets_weights_do_not_load_into_the_other():
         load_faceapi_weights(AgeGenderNet(), resolve_manifest(EXPRESSION_MANIFEST))
     with pytest.raises(RuntimeError, match="Missing key"):
         load_faceapi_weights(FaceExpressionNet(), resolve_manifest(AGE_GENDER_MANIFEST))
+
+
+class _FailsOnce:
+    """FaceAttributeNets whose batched call fails, and whose face-by-face call fails on the second
+    face: the extractor must fall back to single faces and turn only that face into an error."""
+
+    def __init__(self, inner):
+        self.inner, self.version, self.calls = inner, inner.version, 0
+
+    def predict(self, images, boxes):
+        self.calls += 1
+        if len(images) > 1 or self.calls == 3:
+            raise RuntimeError("scripted failure")
+        return self.inner.predict(images, boxes)
+
+
+def test_extractor_fills_each_ok_face_from_its_detector_box(nets, yale_dir):
+    from facedist.extractors import make_extractor
+    from facedist.images import decode_image
+
+    images = [decode_image((yale_dir / name).read_bytes())
+              for name in ("subject01.happy", "subject02.sad", "subject03.normal")]
+    extractor = make_extractor("tddfa", face_attributes=nets, face_embedding=False, texture=False)
+    assert extractor.layout.face_attributes == nets.version
+    results = extractor.extract(images)
+    assert all(r.ok for r in results)
+    expected = nets.predict(images, [r.box for r in results])
+    for i, result in enumerate(results):
+        np.testing.assert_allclose(result.expression_feature, expected["expression_feature"][i], atol=1e-5)
+        np.testing.assert_allclose(result.expression_probs, expected["expression_probs"][i], atol=1e-6)
+        assert result.age == pytest.approx(float(expected["age"][i]), abs=1e-4)
+        assert result.gender_male == pytest.approx(float(expected["gender_male"][i]), abs=1e-6)
+        row = result.to_row()
+        assert len(row["expression_feature"]) == 256 and len(row["expression_probs"]) == 7
+        assert isinstance(row["age"], float) and isinstance(row["gender_male"], float)
+
+    extractor.enable_face_attributes(_FailsOnce(nets))
+    results = extractor.extract(images)
+    assert [r.ok for r in results] == [True, False, True]
+    assert "face attributes failed: RuntimeError: scripted failure" in results[1].message
+    assert results[1].box is not None and results[1].expression_probs is None and results[1].age is None
+    assert results[2].expression_feature.shape == (256,)
+
+    plain = make_extractor("tddfa", face_attributes=False, face_embedding=False, texture=False)
+    assert plain.layout.face_attributes == "" and plain.extract(images[:1])[0].expression_probs is None

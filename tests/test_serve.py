@@ -180,8 +180,32 @@ def test_extract_returns_coefficients_landmarks_and_pose(client, face_bytes):
     assert face["landmark_error"] < 0.2
     assert len(body["coefficients"]["id"]) == 40 and len(body["coefficients"]["exp"]) == 10
     assert len(body["coefficients"]["tex"]) == 80  # the shipped texture basis, by default
+    # face-api's expression, age and gender, on by default.
+    from facedist.schema import FACEAPI_EXPRESSIONS
+
+    attributes = body["attributes"]
+    expression = attributes["expression"]
+    assert list(expression["probabilities"]) == list(FACEAPI_EXPRESSIONS)
+    assert sum(expression["probabilities"].values()) == pytest.approx(1.0, abs=1e-4)
+    assert expression["label"] == max(expression["probabilities"], key=expression["probabilities"].get)
+    assert attributes["age"] > 0
+    assert attributes["gender"]["label"] in ("male", "female") and 0.5 <= attributes["gender"]["probability"] <= 1
     # A frontal Yale photo: small head rotation.
     assert abs(body["pose"]["yaw"]) < 30 and abs(body["pose"]["roll"]) < 30
+
+
+def test_extract_response_attributes_are_null_where_the_row_has_none():
+    """A server started with face_attributes=False (or a row from an old table) answers
+    attributes: null; a low male probability reads as female with its complement."""
+    from facedist.serving.schemas import ExtractResponse, extraction_response
+
+    row = {"status": "ok", "backend": "tddfa", "num_faces": 1}
+    assert extraction_response(row)["attributes"] is None
+    body = extraction_response({**row, "expression_probs": [0.1, 0.0, 0.7, 0.1, 0.0, 0.0, 0.1], "age": 40.0,
+                                "gender_male": 0.25})
+    assert body["attributes"]["expression"]["label"] == "sad"
+    assert body["attributes"]["gender"] == {"label": "female", "probability": 0.75}
+    assert ExtractResponse(**body).attributes.age == 40.0
 
 
 def test_same_image_gives_same_coefficients_under_concurrency(server, client, face_bytes, yale_dir):

@@ -37,13 +37,15 @@ def landmark_source_for(backend: str, landmarks: str | None) -> str:
 
 def make_extractor(backend: str, *, detector=DEFAULT_DETECTOR, landmarks: str | None = None,
                    device: str = "cpu", texture: bool = True, texture_basis=DEFAULT_TEXTURE_BASIS,
-                   face_embedding=True, **kwargs) -> FaceExtractor:
+                   face_embedding=True, face_attributes=True, **kwargs) -> FaceExtractor:
     """Build an extractor; its models load here, once (call this once per worker). detector and
     landmarks may also be ready objects (shared between extractors). texture: sample each face's
     colour on the fitted 3DDFA mesh (facedist.texture); texture_basis (a TextureBasis, its URI,
     DEFAULT_TEXTURE_BASIS or None) also fills tex_coeffs. face_embedding: fill each ok row's
     face_embedding with dlib's face descriptor (facedist.face_descriptor), True or a ready
-    FaceDescriptor (shared), False: not."""
+    FaceDescriptor (shared), False: not. face_attributes: fill each ok row's expression_feature,
+    expression_probs, age and gender_male with face-api's nets on the detector's box
+    (facedist.face_attributes; every backend), True or ready FaceAttributeNets, False: not."""
     texture_basis = texture_basis_for(backend, texture, texture_basis)
     if isinstance(texture_basis, str):
         from facedist.texture import TextureBasis
@@ -58,6 +60,10 @@ def make_extractor(backend: str, *, detector=DEFAULT_DETECTOR, landmarks: str | 
     if face_embedding:
         from facedist.face_descriptor import FaceDescriptor
         extractor.enable_face_embedding(FaceDescriptor(device=device) if face_embedding is True else face_embedding)
+    if face_attributes:
+        from facedist.face_attributes import FaceAttributeNets
+        extractor.enable_face_attributes(FaceAttributeNets(device=device) if face_attributes is True
+                                         else face_attributes)
     return extractor
 
 

@@ -17,7 +17,8 @@ import numpy as np
 
 from facedist.detection import FaceBox, FaceDetector
 from facedist.images import as_rgb_uint8
-from facedist.schema import NUM_LANDMARKS, STATUS_ERROR, STATUS_NO_FACE, STATUS_OK, CoefficientLayout
+from facedist.schema import (FACE_ATTRIBUTE_COLUMNS, NUM_LANDMARKS, STATUS_ERROR, STATUS_NO_FACE, STATUS_OK,
+                             CoefficientLayout)
 
 MIN_FACE_SIDE = 8  # px; smaller boxes give degenerate crops and no usable landmarks
 
@@ -48,6 +49,10 @@ class ExtractionResult:
     feature: np.ndarray | None = None          # pooled regressor feature
     texture: np.ndarray | None = None          # (K, 4) uint8 RGBA at the texture sampler's vertices
     face_embedding: np.ndarray | None = None   # (128,) L2-normalised (facedist.face_descriptor)
+    expression_feature: np.ndarray | None = None  # (256,) face-api's nets (facedist.face_attributes)
+    expression_probs: np.ndarray | None = None    # (7,) in FACEAPI_EXPRESSIONS order
+    age: float | None = None                      # years
+    gender_male: float | None = None              # probability
     extras: dict = field(default_factory=dict)  # backend-specific, not stored (e.g. vertices for previews)
 
     @property
@@ -137,6 +142,7 @@ class FaceExtractor:
         self.texture_sampler = None  # facedist.texture.TextureSampler: fills each result's texture
         self.texture_basis = None    # facedist.texture.TextureBasis: and its tex_coeffs
         self.face_descriptor = None  # facedist.face_descriptor.FaceDescriptor: fills face_embedding
+        self.face_attribute_nets = None  # facedist.face_attributes.FaceAttributeNets: fill FACE_ATTRIBUTE_COLUMNS
 
     def enable_texture(self, sampler, basis=None) -> None:
         """Sample each fitted face's colour (and project it on a texture basis); both are part of
@@ -170,6 +176,15 @@ class FaceExtractor:
                           else (np.asarray(value, np.float64) / std).round(4).tolist())
         out["tex"] = row.get("tex_coeffs")
         return out
+
+    def enable_face_attributes(self, nets) -> None:
+        """Fill each ok face's expression_feature, expression_probs, age and gender_male with
+        face-api's nets (FaceAttributeNets) on the detector's box; their version is part of the
+        layout, so a resumed output never mixes rows with and without them."""
+        from dataclasses import replace
+
+        self.face_attribute_nets = nets
+        self.layout = replace(self.layout, face_attributes=nets.version)
 
     def fit_faces(self, faces: list[DetectedFace]) -> list[ExtractionResult]:
         """One result per face with the backend's parts (coefficients, landmarks, pose, feature);
@@ -216,6 +231,9 @@ class FaceExtractor:
             if self.face_descriptor is not None:
                 with self.timings.stage("embed"):
                     self._add_face_embeddings([(i, face) for i, face in zip(face_rows, faces)], results)
+            if self.face_attribute_nets is not None:
+                with self.timings.stage("attributes"):
+                    self._add_face_attributes([(i, face) for i, face in zip(face_rows, faces)], results)
         return results  # type: ignore[return-value]
 
     def _add_face_embeddings(self, faces: list[tuple[int, DetectedFace]], results: list) -> None:
@@ -250,6 +268,41 @@ class FaceExtractor:
     @staticmethod
     def _embedding_error(result: ExtractionResult, message: str) -> ExtractionResult:
         return ExtractionResult.error(f"face embedding failed: {message}", width=result.width, height=result.height,
+                                      num_faces=result.num_faces, box=result.box, det_score=result.det_score)
+
+    def _add_face_attributes(self, faces: list[tuple[int, DetectedFace]], results: list) -> None:
+        """Each ok face's attributes, in one batched call on the detector's boxes; if the batch
+        fails, face by face, and a face that still fails becomes an error row (ok rows always
+        carry all four)."""
+        todo = [(i, face) for i, face in faces if results[i].ok]
+        if not todo:
+            return
+        nets = self.face_attribute_nets
+        try:
+            out = nets.predict([face.image for _, face in todo], [results[i].box for i, _ in todo])
+            per_face = [{k: v[j] for k, v in out.items()} for j in range(len(todo))]
+        except Exception:
+            per_face = []
+            for i, face in todo:
+                try:
+                    one = nets.predict([face.image], [results[i].box])
+                    per_face.append({k: v[0] for k, v in one.items()})
+                except Exception as exc:  # this face's error, not the batch's
+                    per_face.append(exc)
+        for (i, _), got in zip(todo, per_face):
+            if isinstance(got, Exception):
+                results[i] = self._attributes_error(results[i], f"{type(got).__name__}: {got}")
+                continue
+            values = {name: np.asarray(got[name], np.float32) for name in FACE_ATTRIBUTE_COLUMNS}
+            if not all(np.all(np.isfinite(v)) for v in values.values()):
+                results[i] = self._attributes_error(results[i], "not finite")
+                continue
+            for name, value in values.items():
+                setattr(results[i], name, value if value.ndim else float(value))
+
+    @staticmethod
+    def _attributes_error(result: ExtractionResult, message: str) -> ExtractionResult:
+        return ExtractionResult.error(f"face attributes failed: {message}", width=result.width, height=result.height,
                                       num_faces=result.num_faces, box=result.box, det_score=result.det_score)
 
     def _add_texture(self, face: DetectedFace, result: ExtractionResult) -> ExtractionResult:

@@ -9,7 +9,8 @@ reference the tests hold this port to.)
 
   * FaceExpressionNet: face-api's "FaceFeatureExtractor", four dense blocks of 3x3 depthwise-
     separable convolutions (32, 64, 128, 256 channels, each block halving the resolution), global
-    average pooling to a 256-d feature, then fc 256 -> 7 logits in EXPRESSIONS order.
+    average pooling to a 256-d feature, then fc 256 -> 7 logits in FACEAPI_EXPRESSIONS order
+    (facedist.schema).
   * AgeGenderNet: face-api's TinyXception (entry flow with two reduction blocks, two residual main
     blocks, exit reduction block, separable conv to 512), global average pooling to 512-d, then an
     age regressor (years) and 2 gender logits, index 0 male and 1 female.
@@ -30,9 +31,10 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from facedist.schema import FACEAPI_EXPRESSIONS
+
 INPUT_SIZE = 112
 MEAN_RGB = (122.782, 117.001, 104.298)  # face-api's normalize(): per-channel mean, RGB order
-EXPRESSIONS = ("neutral", "happy", "sad", "angry", "fearful", "disgusted", "surprised")
 GENDERS = ("male", "female")  # order of the gender head's outputs
 
 EXPRESSION_MANIFEST = "faceapi/face_expression_model-weights_manifest.json"
@@ -103,7 +105,7 @@ class DenseBlock(nn.Module):
 
 
 class FaceExpressionNet(nn.Module):
-    """face-api's FaceExpressionNet: (N, 3, 112, 112) RGB 0..255 -> (N, 7) logits (EXPRESSIONS)."""
+    """face-api's FaceExpressionNet: (N, 3, 112, 112) RGB 0..255 -> (N, 7) logits (FACEAPI_EXPRESSIONS)."""
 
     num_features = 256
 
@@ -113,7 +115,7 @@ class FaceExpressionNet(nn.Module):
         self.dense1 = DenseBlock(32, 64)
         self.dense2 = DenseBlock(64, 128)
         self.dense3 = DenseBlock(128, 256)
-        self.fc = nn.Linear(self.num_features, len(EXPRESSIONS))
+        self.fc = nn.Linear(self.num_features, len(FACEAPI_EXPRESSIONS))
         self.register_buffer("mean_rgb", torch.tensor(MEAN_RGB).view(1, 3, 1, 1), persistent=False)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
@@ -249,12 +251,17 @@ def load_faceapi_weights(model: nn.Module, manifest: str | Path) -> nn.Module:
     return model.eval()
 
 
+def weights_of(manifest_relpath: str) -> str:
+    """The .bin a face-api manifest names (face-api's naming: <model>-weights_manifest.json)."""
+    return manifest_relpath.replace("-weights_manifest.json", ".bin")
+
+
 def resolve_manifest(relpath: str) -> Path:
     """A face-api manifest through facedist.assets, with its .bin resolved (and verified) too; the
     two must sit in one directory, because the manifest names its .bin relative to itself."""
     from facedist import assets
 
-    binary = assets.resolve(relpath.replace("-weights_manifest.json", ".bin"))
+    binary = assets.resolve(weights_of(relpath))
     manifest = assets.resolve(relpath)
     if binary.parent != manifest.parent:
         raise assets.ModelNotFoundError(

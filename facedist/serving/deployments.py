@@ -38,7 +38,7 @@ class FaceExtractor:
         self.device = resolve_device(s.device)
         self.extractor = make_extractor(s.backend, detector=s.detector, landmarks=s.landmarks, device=self.device,
                                         texture=s.texture, texture_basis=s.texture_basis,
-                                        face_embedding=s.face_embedding,
+                                        face_embedding=s.face_embedding, face_attributes=s.face_attributes,
                                         detect_threads=s.extractor_detect_threads)
         self.extract.set_max_batch_size(s.max_batch_size)
         self.extract.set_batch_wait_timeout_s(s.batch_wait_timeout_s)

@@ -7,6 +7,8 @@ from dataclasses import dataclass
 
 from pydantic import BaseModel, Field
 
+from facedist.schema import FACEAPI_EXPRESSIONS
+
 
 class ErrorBody(BaseModel):
     code: str = Field(description="not_an_image, invalid_image, too_large, too_many_images, no_face, "
@@ -50,6 +52,13 @@ class Mesh2D(BaseModel):
     triangles: list[list[int]] = Field(description="vertex index triples (the same topology for every image)")
 
 
+class Attributes(BaseModel):
+    expression: dict | None = Field(None, description="{label, probabilities: {label: p}}: face-api's expression "
+                                                      f"net over {', '.join(FACEAPI_EXPRESSIONS)}")
+    age: float | None = Field(None, description="years (face-api's age/gender net)")
+    gender: dict | None = Field(None, description="{label: male or female, probability: of that label}")
+
+
 class ExtractResponse(BaseModel):
     status: str
     backend: str | None
@@ -61,6 +70,8 @@ class ExtractResponse(BaseModel):
     coefficients: Coefficients
     coefficients_sd: Coefficients | None = Field(None, description="id, exp and tex in standard deviations of "
                                                                    "the model's prior (null where it states none)")
+    attributes: Attributes | None = Field(None, description="face-api's expression, age and gender of the face; "
+                                                            "null when the server does not compute them")
     mesh: Mesh2D | None = Field(None, description="only with ?mesh=true: the fitted face's wireframe projected "
                                                   "into the image; null where the backend has no camera (deep3d)")
 
@@ -102,6 +113,22 @@ def pose_of(row: dict) -> dict:
     return {k: row.get(k) for k in ("yaw", "pitch", "roll", "scale", "translation")}
 
 
+def attributes_of(row: dict) -> dict | None:
+    """face-api's outputs of a row as {expression, age, gender}; None when the row has none."""
+    probs, age, male = row.get("expression_probs"), row.get("age"), row.get("gender_male")
+    if probs is None and age is None and male is None:
+        return None
+    expression = None
+    if probs is not None:
+        expression = {"label": FACEAPI_EXPRESSIONS[max(range(len(probs)), key=probs.__getitem__)],
+                      "probabilities": {label: float(p) for label, p in zip(FACEAPI_EXPRESSIONS, probs)}}
+    gender = None
+    if male is not None:
+        gender = {"label": "male", "probability": float(male)} if male >= 0.5 else \
+            {"label": "female", "probability": 1.0 - float(male)}
+    return {"expression": expression, "age": None if age is None else float(age), "gender": gender}
+
+
 def extraction_response(row: dict, filename: str | None = None) -> dict:
     return {
         "status": row.get("status"),
@@ -126,6 +153,7 @@ def extraction_response(row: dict, filename: str | None = None) -> dict:
             "tex": row.get("tex_coeffs"),
             "light": row.get("light_coeffs"),
         },
+        "attributes": attributes_of(row),
     }
 
 

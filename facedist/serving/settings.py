@@ -30,6 +30,7 @@ class ServeSettings:
     # tex_coeffs' basis: the shipped one, a .npz URI, or None/"none" (no tex_coeffs)
     texture_basis: str | None = DEFAULT_TEXTURE_BASIS
     face_embedding: bool = True       # dlib's face descriptor of each face (ExtractConfig.face_embedding)
+    face_attributes: bool = True      # face-api's expression, age, gender (ExtractConfig.face_attributes)
     device: str = "auto"              # auto: cuda when the replica got a GPU, else cpu
     max_image_bytes: int = 10 * 1024 * 1024
     max_images: int = 16              # per /v1/predict request
