@@ -252,7 +252,8 @@ def cmd_report(args) -> int:
         from facedist.person_report import PersonReportConfig, write_person_report
 
         check_input(args.data, "--data")
-        given = {k: getattr(args, k) for k in ("out", "seeds", "gallery", "image_seeds") if getattr(args, k) is not None}
+        given = {k: getattr(args, k) for k in ("out", "seeds", "gallery", "image_seeds", "heads", "model_seeds")
+                 if getattr(args, k) is not None}
         config = PersonReportConfig(data=args.data, include_images=not args.no_images, **given)
         results = write_person_report(config)
         print(Path(config.out, "table_person.md").read_text())
@@ -381,6 +382,11 @@ def build_parser() -> argparse.ArgumentParser:
                           "training (5 folds by person), gallery -> probe identity, linear probes on α, τ, β, pixels")
     rep.add_argument("--seeds", type=positive_int, default=None,
                      help="repeat every fold over N seeds (default: image protocol 1, from --seed; person protocol 5)")
+    rep.add_argument("--heads", default=None, type=lambda v: tuple(h for h in v.split(",") if h),
+                     help="person protocol: the trained models' heads, comma-separated (default: linear,mlp,resnet; "
+                          "'' for none)")
+    rep.add_argument("--model-seeds", type=positive_int, default=None, dest="model_seeds",
+                     help="person protocol: the trained models on the first N seeds only (default: all)")
     rep.add_argument("--gallery", default=None, help="person protocol: expression label of each person's gallery "
                                                      "image (default: neutral; Yale: normal)")
     rep.add_argument("--image-seeds", type=positive_int, default=None,

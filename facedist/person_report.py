@@ -130,6 +130,9 @@ def fold_descriptors(data: CoefficientData, train: np.ndarray, pixels: np.ndarra
         out["tau"] = unit_total_variance(out["tau_raw"], train)
     if data.n_feature:
         out["feature"] = unit_total_variance(data.quality[:, len(QUALITY_SCALARS):], train)
+    for name in ("emb", "expf"):  # the pretrained networks' descriptors, where the table has them
+        if data.group(name) is not None:
+            out[name] = unit_total_variance(data.group(name), train)
     for a, b in (("alpha", "tau"), ("beta", "tau"), ("beta", "feature")):
         if b in out and a in out:
             out[f"{a}+{b}"] = np.hstack([out[a], out[b]])
@@ -145,16 +148,28 @@ def unit_total_variance(x: np.ndarray, train: np.ndarray) -> np.ndarray:
     return (x - x[train].mean(0)) / (x[train].std(0) + 1e-6) / np.sqrt(x.shape[1])
 
 
-TASK_DESCRIPTORS = {"identity": ("alpha", "tau", "alpha+tau", "feature", "pixels"),
-                    "gender": ("alpha", "tau", "alpha+tau", "feature", "pixels"),
-                    "expression": ("beta", "tau", "beta+tau", "feature", "beta+feature", "pixels")}
+TASK_DESCRIPTORS = {"identity": ("alpha", "tau", "alpha+tau", "feature", "emb", "pixels"),
+                    "gender": ("alpha", "tau", "alpha+tau", "feature", "emb", "pixels"),
+                    "expression": ("beta", "tau", "beta+tau", "feature", "beta+feature", "expf", "pixels")}
 
 
 # The trained models' candidate inputs per task (schema.INPUT_GROUPS), each with every head;
 # a candidate the table cannot give is left out.
 MODEL_INPUTS = {"identity": (("id",), ("tex",), ("id", "tex"), ("emb",), ("emb", "id", "tex")),
                 "gender": (("id",), ("tex",), ("id", "tex"), ("emb",), ("emb", "tex")),
-                "expression": (("exp",), ("exp", "tex"), ("feature",), ("exp", "feature"), ("emb", "exp", "tex"))}
+                "expression": (("exp",), ("exp", "tex"), ("exp", "feature"), ("expf",), ("exp", "expf"),
+                               ("exp", "tex", "expf"))}
+# The 1-D ResNets are the slow heads: they run on the coefficients alone (the paper's question) and
+# on the task's shipped inputs; the light heads run on every candidate.
+RESNET_ONLY_ON = "paper and shipped inputs"
+
+
+def model_row_label(name: str) -> str:
+    """"linear:id+tex" -> "linear head on α + τ" (tables and plots)."""
+    from facedist.schema import inputs_label
+
+    head, _, inputs = name.partition(":")
+    return f"{head} head on {inputs_label(tuple(inputs.split('+')))}"
 
 
 def model_row_name(head: str, inputs: tuple[str, ...]) -> str:
@@ -236,8 +251,9 @@ def trained_model_hits(data: CoefficientData, train: np.ndarray, test: np.ndarra
     from facedist.training.bundle import build_model
     from facedist.training.engine import fit
     from facedist.training.presets import preset_config
-    from facedist.training.tasks import classifier_from_split, make_classifier_task
     from facedist.recognition import bundle_logits
+    from facedist.schema import DEFAULT_INPUTS
+    from facedist.training.tasks import classifier_from_split, make_classifier_task, task_inputs
 
     def loaded(task_obj, state) -> dict:
         bundle = task_obj.bundle(state, {})
@@ -255,6 +271,8 @@ def trained_model_hits(data: CoefficientData, train: np.ndarray, test: np.ndarra
                 continue
             x = data.descriptor(inputs)
             for head in config.heads:
+                if head == "resnet" and inputs not in (DEFAULT_INPUTS[task], task_inputs(preset_config(task))):
+                    continue  # RESNET_ONLY_ON
                 cfg = preset_config(task, inputs=inputs, head=head, seed=seed)
                 if task == "identity":
                     if not len(gallery_rows) or not len(probes):
@@ -324,6 +342,7 @@ def _summary(values: list[float]) -> dict:
 DESCRIPTOR_NAMES = {"alpha": "α (identity coefficients)", "beta": "β (expression coefficients)",
                     "tau": "τ (texture coefficients)", "alpha+tau": "α + τ", "beta+tau": "β + τ",
                     "feature": "f (the regressor's pooled feature)", "beta+feature": "β + f",
+                    "emb": "e (dlib's face descriptor)", "expf": "x (face-api's expression feature)",
                     "pixels": "pixels: grey 64 px crop, same probe",
                     "resnet34_images": "ResNet-34 on crops, from scratch"}
 
@@ -402,6 +421,11 @@ def usually_missed(hits: np.ndarray) -> np.ndarray:
     return (scored > 0) & (2 * missed > scored)
 
 
+def label_of(name: str) -> str:
+    """A summary row's name in tables: a probe descriptor's, or a trained model's."""
+    return DESCRIPTOR_NAMES.get(name) or (model_row_label(name) if ":" in name else name)
+
+
 def _markdown(results: dict) -> str:
     lines = [f"{results['folds']} folds split by person x {results['seeds']} seeds (mean ± std over seeds), "
              f"{results['rows_used']} rows, {results['people']} people, backend {results['backend']}; "
@@ -410,7 +434,7 @@ def _markdown(results: dict) -> str:
         lines += [f"| {task} | accuracy |", "|---|---|"]
         for name, s in rows.items():
             spread = f"± {s['std']:.3f}" if len(s["seeds"]) > 1 else "(1 seed)"
-            lines.append(f"| {DESCRIPTOR_NAMES.get(name, name)} | {s['mean']:.3f} {spread} |")
+            lines.append(f"| {label_of(name)} | {s['mean']:.3f} {spread} |")
         lines.append("")
     return "\n".join(lines)
 
@@ -420,12 +444,13 @@ def _plot(summary: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, len(summary), figsize=(4.2 * len(summary), 3.4), squeeze=False)
+    rows = max(len(r) for r in summary.values())
+    fig, axes = plt.subplots(1, len(summary), figsize=(5.2 * len(summary), 1.2 + 0.22 * rows), squeeze=False)
     for ax, (task, rows) in zip(axes[0], summary.items()):
         names = list(rows)
         means = [rows[n]["mean"] for n in names]
         ax.barh(range(len(names)), means, xerr=[rows[n]["std"] for n in names], color="#4a7ab7")
-        ax.set_yticks(range(len(names)), names, fontsize=8)
+        ax.set_yticks(range(len(names)), [n if ":" not in n else model_row_label(n) for n in names], fontsize=8)
         ax.set_xlim(0, 1)
         ax.invert_yaxis()
         ax.set_title(task, fontsize=10)
@@ -450,7 +475,7 @@ def _plot_most_missed(missed: dict, data: CoefficientData, crops: np.ndarray, pa
     fig, axes = plt.subplots(len(tasks), per_task, figsize=(1.3 * per_task, 2.1 * len(tasks)), squeeze=False)
     for axes_row, task in zip(axes, tasks):
         entries = missed[task]["rows"][:per_task]
-        name = DESCRIPTOR_NAMES.get(missed[task]["descriptor"], missed[task]["descriptor"])
+        name = label_of(missed[task]["descriptor"])
         axes_row[0].set_title(f"{task}, {name}", fontsize=8, loc="left")
         for ax, entry in zip(axes_row, entries):
             ax.imshow(crops[row_of[entry["path"]]], cmap="gray", vmin=0, vmax=255)

@@ -89,7 +89,11 @@ class Standardizer:
         smallest eigenvalue kept, relative to the mean one (directions with almost no
         within-class spread would otherwise be blown up)."""
         x = np.asarray(x, np.float64)
-        norm = cls(x.mean(0).astype(np.float32), np.maximum(x.std(0), 1e-6).astype(np.float32), unit_length=unit_length)
+        # A dimension constant on the training rows (a ReLU feature never active there) carries
+        # nothing learned: it maps to 0, where dividing by a tiny spread would blow a new row up.
+        std = x.std(0)
+        norm = cls(x.mean(0).astype(np.float32), np.where(std > 1e-6, std, np.inf).astype(np.float32),
+                   unit_length=unit_length)
         if groups is not None:
             norm.whiten = within_class_whitening(norm(x), np.asarray(groups), floor)
         return norm

@@ -6,7 +6,7 @@ import json
 
 import numpy as np
 
-from facedist.person_report import (PersonReportConfig, identity_matches, logistic_probe, person_folds,
+from facedist.person_report import (MODEL_INPUTS, PersonReportConfig, identity_matches, logistic_probe, person_folds,
                                     unit_total_variance, write_person_report)
 
 
@@ -64,15 +64,19 @@ def test_person_report_on_real_faces(yale_dir, tmp_path):
     run_extraction(discover_records(str(folder)), table, ExtractConfig(), progress=None)
     out = tmp_path / "report"
     results = write_person_report(PersonReportConfig(data=table, out=str(out), folds=3, seeds=2, gallery="normal",
-                                                     include_images=False), log=lambda *_: None)
+                                                     include_images=False, heads=("linear",)), log=lambda *_: None)
     assert results["people"] == 6 and results["rows_used"] >= 22
-    assert set(results["summary"]["identity"]) == {"alpha", "tau", "alpha+tau", "feature", "pixels"}
-    assert set(results["summary"]["expression"]) == {"beta", "tau", "beta+tau", "feature", "beta+feature", "pixels"}
+    # the probes on every descriptor the default table has, and a trained linear head on each candidate input
+    models = lambda task: {f"linear:{'+'.join(i)}" for i in MODEL_INPUTS[task]}  # noqa: E731
+    assert set(results["summary"]["identity"]) == {"alpha", "tau", "alpha+tau", "feature", "emb", "pixels",
+                                                   *models("identity")}
+    assert set(results["summary"]["expression"]) == {"beta", "tau", "beta+tau", "feature", "beta+feature", "expf",
+                                                     "pixels", *models("expression")}
     for rows in results["summary"].values():
         for row in rows.values():
             assert 0.0 <= row["mean"] <= 1.0 and len(row["seeds"]) == 2
     assert json.loads((out / "results.json").read_text())["protocol"] == "person"
-    assert "α + τ" in (out / "table_person.md").read_text() and (out / "person_protocol.png").stat().st_size > 0
+    assert "α + τ" in (out / "table_person.md").read_text() and "linear head on α + τ" in (out / "table_person.md").read_text() and (out / "person_protocol.png").stat().st_size > 0
     # the most-missed rows are the best descriptor's errors, no more and no fewer
     data = load_data(table)
     table_paths = {str(p) for p in data.path}
