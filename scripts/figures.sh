@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Regenerates every figure the README shows, each with the command the README names for it.
+# Regenerates the figures README.md, docs/results.md and docs/benchmarks.md show, each with the command
+# they name for it (benchmarks/cuda_check.py, extract_cost.py and face_descriptor_check.py run by hand).
 # Hours on 2 cores in all; pick parts by name:
 #   scripts/figures.sh [PART ...]      (default: every part, in this order)
 # Parts: quickstart yale_full london expression_trials yale_person cnet_degraded detectors extract_single
@@ -27,25 +28,25 @@ extracted() {  # extracted NAME IMAGES: the default extraction of IMAGES into $W
 
 for part in "${parts[@]}"; do
   case "$part" in
-    quickstart)  # README: the quick start and its report (docs/results/yale)
+    quickstart)  # docs/results.md: the quick start and its report (docs/results/yale)
       step "$part" "facedist run --images yalefaces (then copied to docs/results/yale)"
       rm -rf "$WORK/quickstart"
       /usr/bin/time -f "%e s" "$BIN/facedist" run --images "$DATA/yalefaces" --out "$WORK/quickstart" \
           2>&1 | tee "$WORK/quickstart.log"
       rm -rf docs/results/yale && cp -r "$WORK/quickstart/report" docs/results/yale
       cp "$WORK/quickstart.log" docs/results/yale/run_output.txt ;;
-    yale_full)   # README: the same protocol with the image baseline (ResNet-34, 224 px)
+    yale_full)   # docs/results.md: the same protocol with the image baseline (ResNet-34, 224 px)
       step "$part" "facedist report on the quick start's table, images included"
       "$BIN/facedist" report --data "$WORK/quickstart/coefficients" --out docs/results/yale_full ;;
-    london)      # README: London, split by person
+    london)      # docs/results.md: London, split by person
       step "$part" "facedist report --protocol person on London"
       extracted london "$DATA/london/labels.csv"
       "$BIN/facedist" report --protocol person --data "$WORK/london" --out docs/results/london ;;
-    expression_trials)  # README: what else was tried for London's expression row
+    expression_trials)  # docs/results.md: other descriptors for London's expression row
       step "$part" "scripts/expression_trials.py on London"
       extracted london "$DATA/london/labels.csv"
       "$BIN/python" scripts/expression_trials.py --data "$WORK/london" --out docs/results/london ;;
-    yale_person) # README: Yale, split by person
+    yale_person) # docs/results.md: Yale, split by person
       step "$part" "facedist report --protocol person --gallery normal on Yale"
       extracted yale "$DATA/yalefaces"
       "$BIN/facedist" report --protocol person --gallery normal --data "$WORK/yale" --out docs/results/yale_person ;;
