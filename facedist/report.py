@@ -101,7 +101,8 @@ def run_fold(data, fold: int, config: ReportConfig, crops=None, log=print, seed:
         log(f"fold {fold} {task} acc={out[task]['accuracy']:.3f}")
     # The shipped models: each task's preset (its inputs and head), where it differs from the paper's row.
     for task in ("identity", *tasks):
-        cfg = preset_config(task, labels=expressions if task == "expression" else None, **split)
+        cfg = preset_config(task, labels=expressions if task == "expression" else None,
+                            inputs=shipped_inputs(task, data.available_inputs()), **split)
         if (cfg.head, task_inputs(cfg)) == ("resnet", DEFAULT_INPUTS[task]):
             continue
         key = f"{task}_shipped"

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from facedist import runtime, storage
 from facedist.extractors import DEFAULT_BACKEND, DEFAULT_TEXTURE_BASIS
-from facedist.schema import LABEL_COLUMNS
+from facedist.schema import INPUT_GROUPS, LABEL_COLUMNS
 
 
 @dataclass
@@ -49,6 +49,15 @@ def _labelled(table, column: str) -> int:
     values = {v for v, s in zip(table.column(column).to_pylist(), table.column("status").to_pylist())
               if v is not None and s == "ok"}
     return len(values)
+
+
+def filled_groups(table) -> tuple[str, ...]:
+    """The descriptor groups (schema.INPUT_GROUPS) that every ok row of ``table`` has."""
+    import pyarrow.compute as pc
+
+    ok = pc.equal(table.column("status"), "ok")
+    return tuple(name for name, column in INPUT_GROUPS.items() if column in table.column_names
+                 and pc.sum(ok).as_py() and table.filter(ok).column(column).null_count == 0)
 
 
 def few_photos_note(table, folds: int) -> str | None:
@@ -108,7 +117,7 @@ def run_workflow(config: WorkflowConfig, log=print) -> dict:
     from facedist.ray_extract import RayExtractConfig, run_ray_extraction
     from facedist.report import ReportConfig
     from facedist.training import run_training
-    from facedist.training.presets import preset_config
+    from facedist.training.presets import preset_config, shipped_inputs
 
     started = time.perf_counter()
     runtime.connect(config.address)
@@ -126,7 +135,8 @@ def run_workflow(config: WorkflowConfig, log=print) -> dict:
                          actors=config.actors, dataset=config.dataset),
         address=config.address)
 
-    table = storage.read_table(coeffs, columns=["status", *LABEL_COLUMNS])
+    table = storage.read_table(coeffs, columns=["status", *LABEL_COLUMNS, *INPUT_GROUPS.values()])
+    groups = filled_groups(table)
     # Extraction is done by now, so the training workers may have the CPUs (torch threads follow).
     cpus = config.cpus_per_worker or max(1.0, float(runtime.training_cpus() // config.workers))
     # The report's first seed and split: each bundle is the report's fold 0 (bundle_checks).
@@ -140,10 +150,12 @@ def run_workflow(config: WorkflowConfig, log=print) -> dict:
     cnet_dir = storage.join(models, "cnet")
     # Identity and gender aggregate a person's images as TrainConfig.aggregate says (the mean by
     # default); C-Net's bundle is there for --aggregate cnet, and for its per-image confidences.
+    # Each classifier on its preset's descriptor groups that this table has (shipped_inputs).
     tasks = [("cnet", None, {"epochs": config.cnet_epochs}),
-             ("identity", "subject", {"cnet": cnet_dir, "epochs": config.epochs}),
-             ("expression", "expression", {"epochs": config.epochs}),
-             ("gender", "gender", {"cnet": cnet_dir, "epochs": config.epochs})]
+             ("identity", "subject", {"cnet": cnet_dir, "epochs": config.epochs,
+                                      "inputs": shipped_inputs("identity", groups)}),
+             ("expression", "expression", {"epochs": config.epochs, "inputs": shipped_inputs("expression", groups)}),
+             ("gender", "gender", {"cnet": cnet_dir, "epochs": config.epochs, "inputs": shipped_inputs("gender", groups)})]
     for task, column, extra in tasks:
         if column is not None and _labelled(table, column) < 2:
             log(f"      {task}: skipped, the images carry fewer than 2 {column} labels")

@@ -65,6 +65,17 @@ def preset_config(task: str, **overrides) -> TrainConfig:
     return TrainConfig(task=task, **values)
 
 
+def shipped_inputs(task: str, available) -> tuple[str, ...]:
+    """The preset's descriptor groups that a table has (``available``: CoefficientData.available_inputs()
+    or the groups whose columns it holds); the task's default when it has none of them. A table
+    extracted with --no-face-embedding still trains, on what it has."""
+    from facedist.schema import DEFAULT_INPUTS
+    from facedist.training.tasks import task_inputs
+
+    kept = tuple(g for g in task_inputs(preset_config(task)) if g in set(available))
+    return kept or DEFAULT_INPUTS[task]
+
+
 def preset_value(task: str, name: str):
     """The value ``task`` trains with when ``name`` is not given."""
     return getattr(preset_config(task), name)

@@ -116,8 +116,7 @@ class ClassifierTask:
     monitor = ("accuracy", "max")
 
     def __init__(self, config: TrainConfig, x_train: np.ndarray, y_train: np.ndarray, x_val: np.ndarray,
-                 y_val: np.ndarray, labels: list[str], layout_json: str, arch: str, extra: dict | None = None,
-                 model_kwargs: dict | None = None):
+                 y_val: np.ndarray, labels: list[str], layout_json: str, arch: str, extra: dict | None = None):
         self.config = config
         self.labels = labels
         if config.input_norm not in INPUT_NORMS:
@@ -131,8 +130,7 @@ class ClassifierTask:
         self.layout_json = layout_json
         # facedist.models.registry: the architecture by name, its keyword arguments.
         self.model_name = arch
-        self.model_config = {"input_dim": x_train.shape[1], "num_classes": len(labels), "dropout": config.dropout,
-                             **(model_kwargs or {})}
+        self.model_config = {"input_dim": x_train.shape[1], "num_classes": len(labels), "dropout": config.dropout}
         self.extra = extra or {}
 
     def build_model(self):
