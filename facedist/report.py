@@ -166,12 +166,12 @@ def _plot_confusion(matrix, labels, title, path: Path) -> None:
 
 def write_report(config: ReportConfig, log=print) -> dict:
     """Run the protocol and write results/ (local directory). Returns the results dict."""
-    from facedist.training.data import encode_labels, load_data
+    from facedist.training.data import TRAINING_COLUMNS, encode_labels, load_data
 
     started = time.perf_counter()
     out = Path(config.out)
     out.mkdir(parents=True, exist_ok=True)
-    data = load_data(config.data)
+    data = load_data(config.data, columns=TRAINING_COLUMNS)
     crops = None
     if config.include_images:
         from facedist.training.image_baseline import load_crops

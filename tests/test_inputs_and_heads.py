@@ -98,7 +98,7 @@ def test_a_prototype_head_names_people_seen_in_one_photo(synthetic):
     probes = np.array([i for i in range(len(data)) if subjects[i] in test_people and i != first[subjects[i]]])
     scores = {}
     for prototype in (True, False):
-        cfg = preset_config("identity", head="linear", prototype_init=prototype, epochs=5, patience=5)
+        cfg = preset_config("identity", head="linear", inputs=("id",), prototype_init=prototype, epochs=5, patience=5)
         task = classifier_from_split(cfg, data, train, train[:1], combo_size=1)
         state = fit(task, cfg).last_state
         model = task.build_model()

@@ -207,7 +207,8 @@ def test_page_draws_fits_shows_predictions_and_the_bad_file(browser, server, yal
         confidence = card.locator('[data-field="confidence"] b').inner_text()
         assert float(confidence) > 0, confidence  # mean of the C-Net's positive c_i (not a probability)
         assert "expression" in card.inner_text() and "yaw" in card.inner_text()
-        assert card.locator("canvas.bars").count() == 2  # identity + expression; texture: "none"
+        assert card.locator("canvas.bars").count() == 3  # identity, expression, texture (the default basis)
+        assert "σ" in card.inner_text()  # the bars are in standard deviations of the prior
     _save_screenshot(page, tmp_path)
     page.close()
 

@@ -19,12 +19,12 @@ def run_training(config: TrainConfig, address: str | None = None) -> dict:
 def train_in_process(config: TrainConfig, data=None, task=None, on_epoch=None):
     """engine.fit on one process; returns (task, FitResult). ``data``: a CoefficientData to skip
     reading config.data; ``task``: a prebuilt task."""
-    from facedist.training.data import load_data
+    from facedist.training.data import TRAINING_COLUMNS, load_data
     from facedist.training.engine import fit
     from facedist.training.registry import make_task
 
     if task is None:
-        task = make_task(config, data if data is not None else load_data(config.data))
+        task = make_task(config, data if data is not None else load_data(config.data, columns=TRAINING_COLUMNS))
     return task, fit(task, config, on_epoch=on_epoch)
 
 

@@ -87,6 +87,13 @@ class CoefficientData:
         return np.hstack(parts)
 
 
+def _take(column: pa.ChunkedArray, rows: np.ndarray) -> pa.ChunkedArray:
+    """column[rows]; the column itself when rows is every row in order (the usual case: no copy)."""
+    if len(rows) == len(column) and (len(rows) == 0 or (rows[0] == 0 and rows[-1] == len(rows) - 1)):
+        return column
+    return column.take(pa.array(rows, pa.int64()))
+
+
 def _list_lengths(column: pa.ChunkedArray) -> np.ndarray:
     lengths = pc.list_value_length(column)
     return np.asarray(pc.fill_null(lengths, 0).to_numpy(zero_copy_only=False), np.int64)
@@ -96,7 +103,7 @@ def _fixed_rows(column: pa.ChunkedArray, rows: np.ndarray, width: int, dtype=np.
                 fill=np.nan) -> np.ndarray:
     """(len(rows), width) from a list column, without a Python object per row; rows whose list
     is missing or of another length are ``fill``."""
-    taken = column.take(pa.array(rows, pa.int64()))
+    taken = _take(column, rows)
     lengths = _list_lengths(taken)
     out = np.full((len(rows), width), fill, dtype)
     good = lengths == width
@@ -111,14 +118,14 @@ def _scalars(table: pa.Table, name: str, rows: np.ndarray) -> np.ndarray:
     """A numeric column at ``rows`` as float64, NaN for null or absent."""
     if name not in table.column_names:
         return np.full(len(rows), np.nan)
-    taken = table.column(name).take(pa.array(rows, pa.int64()))
+    taken = _take(table.column(name), rows)
     return np.asarray(pc.fill_null(pc.cast(taken, pa.float64()), np.nan).to_numpy(zero_copy_only=False))
 
 
 def _strings(table: pa.Table, name: str, rows: np.ndarray) -> np.ndarray:
     if name not in table.column_names:
         return np.full(len(rows), None, dtype=object)
-    return np.asarray(table.column(name).take(pa.array(rows, pa.int64())).to_pylist(), dtype=object)
+    return np.asarray(_take(table.column(name), rows).to_pylist(), dtype=object)
 
 
 def table_to_data(table: pa.Table, n_feature: int | None = None) -> CoefficientData:

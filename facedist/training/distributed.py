@@ -47,7 +47,7 @@ def _worker_loop(loop_config: dict) -> None:
     import ray.train.torch
     import torch
 
-    from facedist.training.data import load_data
+    from facedist.training.data import TRAINING_COLUMNS, load_data
     from facedist.training.engine import fit, load_trainer_state
     from facedist.training.registry import make_task
 
@@ -56,7 +56,7 @@ def _worker_loop(loop_config: dict) -> None:
     torch.set_num_threads(max(1, int(round(config.cpus_per_worker))))
     context = ray.train.get_context()
     rank = context.get_world_rank()
-    task = make_task(config, load_data(config.data))
+    task = make_task(config, load_data(config.data, columns=TRAINING_COLUMNS))
     resume = None
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
