@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import logging
+import math
 from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from ray.exceptions import RayActorError
+from ray.serve.exceptions import BackPressureError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 logger = logging.getLogger("ray.serve")
@@ -17,14 +19,23 @@ logger = logging.getLogger("ray.serve")
 class ApiError(Exception):
     """A request problem answered as {"error": {"code", "message", ...}} with an HTTP status."""
 
-    def __init__(self, status: int, code: str, message: str, **details: Any):
+    def __init__(self, status: int, code: str, message: str, retry_after_s: int | None = None, **details: Any):
         super().__init__(message)
         self.status, self.code, self.message, self.details = status, code, message, details
+        self.retry_after_s = retry_after_s  # sent as Retry-After: when the client may try again
 
     def response(self) -> JSONResponse:
-        headers = {"WWW-Authenticate": "Bearer"} if self.status == 401 else None
+        headers = {"WWW-Authenticate": "Bearer"} if self.status == 401 else {}
+        if self.retry_after_s is not None:
+            headers["Retry-After"] = str(self.retry_after_s)
         body = {"error": {"code": self.code, "message": self.message, **self.details}}
-        return JSONResponse(body, status_code=self.status, headers=headers)
+        return JSONResponse(body, status_code=self.status, headers=headers or None)
+
+
+def overloaded(what: str, retry_after_s: int) -> ApiError:
+    """The one answer to every full queue: 503 "overloaded", come back after Retry-After."""
+    return ApiError(503, "overloaded", f"the server is at capacity ({what}); retry after {retry_after_s} s",
+                    retry_after_s=retry_after_s)
 
 
 def decode_error_to_api(message: str, **details: Any) -> ApiError:
@@ -55,10 +66,14 @@ async def _replica_lost(_: Request, exc: RayActorError) -> JSONResponse:
     # A replica died (its node was lost) with this request in it: the next request goes to a live
     # one, so the client is told to retry rather than given a bare 500.
     logger.warning("a replica was lost during a request: %s", exc)
-    body = ApiError(503, "replica_unavailable", "the model replica handling this request was lost "
-                    "(node failure); retry the request").response()
-    body.headers["Retry-After"] = "1"
-    return body
+    return ApiError(503, "replica_unavailable", "the model replica handling this request was lost "
+                    "(node failure); retry the request", retry_after_s=1).response()
+
+
+async def _model_queue_full(_: Request, exc: BackPressureError) -> JSONResponse:
+    # A model deployment's queue (max_queued_requests at this caller) is full: Serve turned the
+    # call away at once, before any model work.
+    return overloaded("model queue full", max(1, math.ceil(exc.retry_after_s or 1))).response()
 
 
 async def _internal_error(_: Request, exc: Exception) -> JSONResponse:
@@ -72,4 +87,5 @@ def install_error_handlers(api: FastAPI) -> None:
     api.add_exception_handler(RequestValidationError, _validation_error)
     api.add_exception_handler(StarletteHTTPException, _http_error)
     api.add_exception_handler(RayActorError, _replica_lost)
+    api.add_exception_handler(BackPressureError, _model_queue_full)
     api.add_exception_handler(Exception, _internal_error)

@@ -3,10 +3,12 @@ behind Ray Serve. With FACEDIST_API_TOKEN set (read when a replica starts), ever
 page, /v1/health and the docs needs "Authorization: Bearer <token>"."""
 
 import asyncio
+import contextlib
 import functools
 import hmac
 import html
 import os
+import time
 
 from fastapi import FastAPI, Request
 from fastapi.responses import HTMLResponse
@@ -16,7 +18,7 @@ from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.formparsers import MultiPartException
 
-from facedist.serving.errors import ApiError, decode_error_to_api, install_error_handlers
+from facedist.serving.errors import ApiError, decode_error_to_api, install_error_handlers, overloaded
 from facedist.serving.schemas import (ERROR_RESPONSES, ExtractResponse, PredictResponse, Upload, extraction_response,
                                       multipart_doc, prediction_response)
 from facedist.serving.settings import API_TOKEN_ENV, API_VERSION, ServeSettings
@@ -29,6 +31,10 @@ api = FastAPI(
                 '{"error": {"code", "message"}} with a 4xx status.',
 )
 install_error_handlers(api)
+
+# The header a client lowers its request's deadline with (seconds; request_timeout_s is the most).
+# Not Ray's x-request-timeout-seconds: that one sets the HTTP proxy's own timeout (and 0 turns it off).
+TIMEOUT_HEADER = "X-Request-Timeout"
 
 
 @functools.lru_cache(maxsize=1)
@@ -54,13 +60,41 @@ async def call_with_replica_retries(method, args: tuple, retries: int, backoff_s
     itself must not crash every replica in turn)."""
     died = 0
     for attempt in range(retries + 1):
+        response = method.remote(*args)
         try:
-            return await method.remote(*args)
+            return await response
+        except asyncio.CancelledError:
+            # The request's deadline passed or a sibling call failed: the call is withdrawn from
+            # the queue (or the replica) rather than computed for nobody.
+            response.cancel()
+            raise
         except RayActorError as exc:
             died += isinstance(exc, ActorDiedError)
             if attempt == retries or died > 1:
                 raise
             await asyncio.sleep(backoff_s * (attempt + 1))
+
+
+async def gather_or_cancel(calls) -> list:
+    """The calls' results in order; when one fails the others are cancelled (gather alone lets
+    them run on, doing work nobody will read)."""
+    tasks = [asyncio.ensure_future(call) for call in calls]
+    try:
+        return list(await asyncio.gather(*tasks))
+    finally:
+        for task in tasks:
+            task.cancel()  # a no-op for the finished ones
+
+
+def request_budget(request: Request, default_s: float) -> float:
+    """Seconds this request may take: request_timeout_s, or less when the client's
+    X-Request-Timeout header asks for less (a larger or malformed value is ignored)."""
+    value = request.headers.get(TIMEOUT_HEADER)
+    try:
+        asked = float(value) if value is not None else default_s
+    except ValueError:
+        return default_s
+    return min(asked, default_s) if asked > 0 else default_s
 
 
 # Note: everything the ingress methods use must be defined above the class: @serve.ingress
@@ -78,6 +112,33 @@ class FacedistAPI:
         self.recognizer = recognizer if self.settings.models_uri else None
         # Read once, at replica start: rotating the token means restarting the replicas.
         self.token = os.environ.get(API_TOKEN_ENV) or None
+        self.accepted = 0  # model requests admitted and not yet answered (this replica)
+        self.max_accepted = self.settings.ingress_max_accepted_requests or self.settings.max_ongoing_requests
+
+    # -- admission and deadline: before any upload is read --
+
+    @contextlib.asynccontextmanager
+    async def _admitted(self, request: Request):
+        """Admit a model request, or turn it away at once (503 overloaded, Retry-After) when
+        this replica already holds max_accepted of them; then bound it by its deadline: past
+        it, 504 deadline_exceeded, and its model calls are cancelled."""
+        if self.accepted >= self.max_accepted:
+            raise overloaded(f"{self.accepted} requests in progress", self.settings.retry_after_s)
+        self.accepted += 1
+        budget = request_budget(request, self.settings.request_timeout_s)
+        try:
+            async with asyncio.timeout(budget) as scope:
+                yield scope
+        except TimeoutError:
+            raise ApiError(504, "deadline_exceeded",
+                           f"no answer within {budget:g} s (request_timeout_s, or the client's "
+                           f"{TIMEOUT_HEADER} header); its queued model work was dropped",
+                           retry_after_s=self.settings.retry_after_s) from None
+        finally:
+            self.accepted -= 1
+
+    def _seconds_left(self, scope) -> float:
+        return max(0.0, scope.when() - asyncio.get_running_loop().time())
 
     # -- checks shared by the endpoints --
 
@@ -159,7 +220,7 @@ class FacedistAPI:
         except ImageDecodeError as exc:
             raise decode_error_to_api(f"{exc}", index=upload.index, filename=upload.filename) from None
 
-    async def _extract(self, uploads: list[Upload], mesh: bool = False) -> list[dict]:
+    async def _extract(self, uploads: list[Upload], budget_s: float, mesh: bool = False) -> list[dict]:
         from facedist.images import sniff_format
 
         # What is plainly no image is turned away first, so a request with one such file costs
@@ -171,8 +232,13 @@ class FacedistAPI:
         # requests. The encoded bytes travel (several times smaller than the decoded pixels) and
         # the extractor decodes; an upload that does not decode comes back marked and is answered
         # here with its 4xx before the request goes on.
-        rows = list(await asyncio.gather(*(self._call_model(self.extractor.extract, (u.data, mesh))
-                                           for u in uploads)))
+        # The deadline travels as wall-clock time: the extractor drops an image still queued
+        # when it passed (clocks of a cluster's nodes agree to far less than a request's budget).
+        deadline = time.time() + budget_s
+        rows = await gather_or_cancel(self._call_model(self.extractor.extract, (u.data, mesh, deadline))
+                                      for u in uploads)
+        if any(row.get("deadline_exceeded") for row in rows):
+            raise asyncio.TimeoutError  # answered 504 by _admitted, like the ingress's own timeout
         for upload, row in zip(uploads, rows):
             if row.get("decode_error"):
                 raise decode_error_to_api(row["message"], index=upload.index, filename=upload.filename)
@@ -211,28 +277,30 @@ class FacedistAPI:
               summary="3DMM coefficients, landmarks and pose of the main face in one image")
     async def extract(self, request: Request, mesh: bool = False) -> dict:
         self._authorize(request)
-        uploads = await self._read_uploads(request, "image", max_count=1)
-        (row,) = await self._extract(uploads, mesh=mesh)
-        if row["status"] != "ok":
-            code = "no_face" if row["status"] == "no_face" else "extraction_failed"
-            raise ApiError(422, code, row.get("message") or code, filename=uploads[0].filename)
-        body = extraction_response(row, uploads[0].filename)
-        if mesh:  # opt-in: the wireframe is a few thousand numbers most clients do not want
-            body["mesh"] = ({"vertices": row["mesh2d"], "triangles": await self._mesh_triangles()}
-                            if row.get("mesh2d") else None)
-        return body
+        async with self._admitted(request) as deadline:
+            uploads = await self._read_uploads(request, "image", max_count=1)
+            (row,) = await self._extract(uploads, self._seconds_left(deadline), mesh=mesh)
+            if row["status"] != "ok":
+                code = "no_face" if row["status"] == "no_face" else "extraction_failed"
+                raise ApiError(422, code, row.get("message") or code, filename=uploads[0].filename)
+            body = extraction_response(row, uploads[0].filename)
+            if mesh:  # opt-in: the wireframe is a few thousand numbers most clients do not want
+                body["mesh"] = ({"vertices": row["mesh2d"], "triangles": await self._mesh_triangles()}
+                                if row.get("mesh2d") else None)
+            return body
 
     @api.post("/v1/predict", response_model=PredictResponse, responses=ERROR_RESPONSES,
               openapi_extra=multipart_doc("images", many=True),
               summary="Identity (top-k), gender and per-image expressions of one person from 1..K images")
     async def predict(self, request: Request) -> dict:
         self._authorize(request)
-        uploads = await self._read_uploads(request, "images", max_count=self.settings.max_images)
-        if self.recognizer is None:
-            raise ApiError(503, "not_configured", "no recognition models: start the server with models_uri")
-        rows = await self._extract(uploads)
-        if not any(row["status"] == "ok" for row in rows):
-            raise ApiError(422, "no_face", "no face found in any of the images: "
-                           + "; ".join(f"#{i}: {row.get('message')}" for i, row in enumerate(rows)))
-        prediction = await self._call_model(self.recognizer.predict, rows)
-        return prediction_response(prediction, rows, uploads)
+        async with self._admitted(request) as deadline:
+            uploads = await self._read_uploads(request, "images", max_count=self.settings.max_images)
+            if self.recognizer is None:
+                raise ApiError(503, "not_configured", "no recognition models: start the server with models_uri")
+            rows = await self._extract(uploads, self._seconds_left(deadline))
+            if not any(row["status"] == "ok" for row in rows):
+                raise ApiError(422, "no_face", "no face found in any of the images: "
+                               + "; ".join(f"#{i}: {row.get('message')}" for i, row in enumerate(rows)))
+            prediction = await self._call_model(self.recognizer.predict, rows)
+            return prediction_response(prediction, rows, uploads)
