@@ -276,9 +276,9 @@ def cmd_run(args) -> int:
 # ServeSettings fields `facedist serve` takes as flags (the rest: serve/config.yaml or serve run).
 SERVE_FLAGS = ("max_batch_size", "batch_wait_timeout_s", "extractor_num_cpus", "min_replicas", "max_replicas",
                "num_replicas", "max_images", "max_image_bytes", "replica_retries", "max_ongoing_requests",
-               "max_queued_requests", "ingress_max_accepted_requests", "request_timeout_s", "shutdown_timeout_s")
+               "max_queued_requests", "ingress_max_accepted_images", "request_timeout_s", "shutdown_timeout_s")
 SERVE_FLAG_DEFAULTS = {"num_replicas": "autoscaling", "max_replicas": "as many as the cluster's CPUs hold",
-                       "ingress_max_accepted_requests": "max-ongoing-requests x the extractor's most replicas"}
+                       "ingress_max_accepted_images": "max-ongoing-requests x the extractor's most replicas"}
 
 
 def build_parser() -> argparse.ArgumentParser:

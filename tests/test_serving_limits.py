@@ -25,11 +25,13 @@ def test_extractor_replicas_follow_the_cpus():
 def test_resolved_settings_fill_every_derived_bound():
     resolved = ServeSettings().resolved(cluster_cpus=2)
     assert resolved.max_replicas == 1
-    assert resolved.ingress_max_accepted_requests == resolved.max_ongoing_requests
+    assert resolved.ingress_max_replicas == 1  # a second front-end would admit twice what one extractor holds
+    assert ServeSettings().resolved(cluster_cpus=16).ingress_max_replicas == ServeSettings().ingress_max_replicas
+    assert resolved.ingress_max_accepted_images == resolved.max_ongoing_requests
     # An explicit value wins over what is derived.
-    explicit = ServeSettings(max_replicas=3, ingress_max_accepted_requests=7).resolved(cluster_cpus=2)
-    assert (explicit.max_replicas, explicit.ingress_max_accepted_requests) == (3, 7)
-    assert ServeSettings(num_replicas=2).resolved(None).ingress_max_accepted_requests == 2 * 32
+    explicit = ServeSettings(max_replicas=3, ingress_max_accepted_images=7).resolved(cluster_cpus=2)
+    assert (explicit.max_replicas, explicit.ingress_max_accepted_images) == (3, 7)
+    assert ServeSettings(num_replicas=2).resolved(None).ingress_max_accepted_images == 2 * 32
     assert ServeSettings().resolved(None).max_replicas == 4  # no cluster known (a config check)
 
 
@@ -48,7 +50,7 @@ def test_every_deployment_gets_bounded_queues_and_a_short_graceful_shutdown():
 
 
 @pytest.mark.parametrize("bad", [{"max_queued_requests": 0}, {"max_ongoing_requests": 0},
-                                 {"ingress_max_accepted_requests": 0}, {"request_timeout_s": 0},
+                                 {"ingress_max_accepted_images": 0}, {"request_timeout_s": 0},
                                  {"max_replicas": 0}, {"retry_after_s": -1}])
 def test_bad_limits_are_refused(bad):
     with pytest.raises(ValueError, match=next(iter(bad))):
@@ -56,9 +58,9 @@ def test_bad_limits_are_refused(bad):
 
 
 def test_limits_come_from_serve_run_strings():
-    s = ServeSettings.from_args({"max_queued_requests": "-1", "ingress_max_accepted_requests": "none",
+    s = ServeSettings.from_args({"max_queued_requests": "-1", "ingress_max_accepted_images": "none",
                                  "request_timeout_s": "2.5"})
-    assert (s.max_queued_requests, s.ingress_max_accepted_requests, s.request_timeout_s) == (-1, None, 2.5)
+    assert (s.max_queued_requests, s.ingress_max_accepted_images, s.request_timeout_s) == (-1, None, 2.5)
 
 
 def _request(headers: dict):
@@ -146,3 +148,44 @@ def test_serving_beyond_loopback_without_a_token_warns(host, environ, warns):
     assert (warning is not None) == warns
     if warns:
         assert "FACEDIST_API_TOKEN" in warning and host in warning
+
+
+def test_admission_counts_images_and_turns_away_past_its_limit():
+    from facedist.serving.errors import ApiError
+    from facedist.serving.ingress import Admission
+
+    admission = Admission(limit=4, min_retry_after_s=1, max_retry_after_s=30, clock=lambda: 0.0)
+    admission.take(1)
+    admission.take(3)  # a parsed request's further images
+    with pytest.raises(ApiError) as full:
+        admission.take(1)
+    assert (full.value.status, full.value.code, full.value.retry_after_s) == (503, "overloaded", 1)
+    assert admission.held == 4  # the refused request holds nothing
+    admission.release(3)
+    admission.take(1)  # room again once work is done
+    assert admission.held == 2
+
+
+def test_retry_after_spreads_the_turned_away_over_the_rate_of_work_done():
+    from facedist.serving.errors import ApiError
+    from facedist.serving.ingress import Admission
+
+    now = [100.0]
+    admission = Admission(limit=2, min_retry_after_s=1, max_retry_after_s=5, clock=lambda: now[0])
+    for _ in range(4):  # 4 requests finished in the last 5 s: 0.8 a second, counted as 1
+        admission.take(1)
+        admission.release(1)
+    admission.take(2)
+
+    def refused() -> int:
+        with pytest.raises(ApiError) as exc:
+            admission.take(1)
+        return exc.value.retry_after_s
+
+    assert [refused() for _ in range(7)] == [1, 2, 3, 4, 5, 5, 5]  # one a second, at most 5
+    now[0] += 10.0  # every one of them came back: the count starts over
+    assert refused() == 1
+    for _ in range(20):  # 20 finished in the last 5 s: 4 a second
+        admission.release(0)
+    # One still waits from before: (waiting + 1) / 4 a second, rounded up.
+    assert [refused() for _ in range(5)] == [1, 1, 1, 2, 2]

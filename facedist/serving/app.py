@@ -53,7 +53,7 @@ def _autoscaling(max_replicas: int, target: float, s: ServeSettings) -> dict[str
 
 def deployment_options(s: ServeSettings) -> dict[str, dict[str, Any]]:
     """Each deployment's .options(), all from the settings (resolved: see ServeSettings.resolved)."""
-    if s.max_replicas is None or s.ingress_max_accepted_requests is None:
+    if s.max_replicas is None or s.ingress_max_accepted_images is None:
         s = s.resolved(_cluster_cpus())
     extractor_actor = {"num_cpus": s.extractor_num_cpus}
     gpus = _gpus_per_replica(s)

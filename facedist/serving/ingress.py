@@ -3,10 +3,12 @@ behind Ray Serve. With FACEDIST_API_TOKEN set (read when a replica starts), ever
 page, /v1/health and the docs needs "Authorization: Bearer <token>"."""
 
 import asyncio
+import collections
 import contextlib
 import functools
 import hmac
 import html
+import math
 import os
 import time
 
@@ -97,6 +99,70 @@ def request_budget(request: Request, default_s: float) -> float:
     return min(asked, default_s) if asked > 0 else default_s
 
 
+class Admission:
+    """The ingress's limit on the work it has accepted, counted in images, so a request of many
+    photos weighs what it costs: a request takes one slot when it arrives (before its upload is
+    read) and one more per further image once the upload is parsed (before any model work).
+
+    Past `limit` a request is turned away: 503 "overloaded" with a Retry-After that hands each
+    turned-away client its own later second, like appointments: the clients already told to wait
+    (whose Retry-After has not run out), this one included, divided by the requests finished per
+    second over the last RATE_WINDOW_S (at least 1), from min to max seconds. They then come back
+    at about the rate work is done instead of all at once: on a small machine answering a 503
+    costs nearly as much HTTP work as an answer, and clients that all retry every second would
+    keep the front end saturated and every 503 slow."""
+
+    RATE_WINDOW_S = 5.0
+
+    def __init__(self, limit: int, min_retry_after_s: int, max_retry_after_s: int, clock=time.monotonic):
+        self.limit, self.min_retry_after_s, self.max_retry_after_s = limit, min_retry_after_s, max_retry_after_s
+        self.held = 0
+        self.clock = clock
+        self._waiting: collections.deque[float] = collections.deque()   # when each told client returns
+        self._finished: collections.deque[float] = collections.deque()  # when requests finished
+
+    def take(self, slots: int) -> None:
+        """Hold `slots` more, or raise the 503 (holding nothing more)."""
+        if self.held + slots > self.limit:
+            raise overloaded(f"{self.held} of {self.limit} image slots in use", self._retry_after())
+        self.held += slots
+
+    def release(self, slots: int) -> None:
+        """A request ended: its slots come back, and it counts toward the rate of work done."""
+        self.held -= slots
+        self._finished.append(self.clock())
+
+    def _retry_after(self) -> int:
+        now = self.clock()
+        while self._waiting and self._waiting[0] <= now:
+            self._waiting.popleft()
+        while self._finished and self._finished[0] < now - self.RATE_WINDOW_S:
+            self._finished.popleft()
+        rate = max(1.0, len(self._finished) / self.RATE_WINDOW_S)
+        wait = math.ceil((len(self._waiting) + 1) / rate)
+        wait = min(self.max_retry_after_s, max(self.min_retry_after_s, wait))
+        # Kept in return order (appointments only grow while the rate holds; a rare earlier one
+        # only makes the count a little high for a while).
+        self._waiting.append(max(now + wait, self._waiting[-1] if self._waiting else 0.0))
+        return wait
+
+
+class Ticket:
+    """One admitted request: the slots it holds and its deadline."""
+
+    def __init__(self, admission: Admission, deadline: asyncio.Timeout):
+        self.admission, self.deadline, self.slots = admission, deadline, 1
+
+    def hold_images(self, count: int) -> None:
+        """The parsed upload has `count` images: hold a slot for each (one is held already)."""
+        if count > self.slots:
+            self.admission.take(count - self.slots)
+            self.slots = count
+
+    def seconds_left(self) -> float:
+        return max(0.0, self.deadline.when() - asyncio.get_running_loop().time())
+
+
 # Note: everything the ingress methods use must be defined above the class: @serve.ingress
 # captures the FastAPI app (with these methods) when the class is made.
 @serve.deployment(name="FacedistAPI")
@@ -112,33 +178,30 @@ class FacedistAPI:
         self.recognizer = recognizer if self.settings.models_uri else None
         # Read once, at replica start: rotating the token means restarting the replicas.
         self.token = os.environ.get(API_TOKEN_ENV) or None
-        self.accepted = 0  # model requests admitted and not yet answered (this replica)
-        self.max_accepted = self.settings.ingress_max_accepted_requests or self.settings.max_ongoing_requests
+        s = self.settings
+        self.admission = Admission(s.ingress_max_accepted_images or s.max_ongoing_requests,
+                                   s.retry_after_s, s.max_retry_after_s)
 
     # -- admission and deadline: before any upload is read --
 
     @contextlib.asynccontextmanager
     async def _admitted(self, request: Request):
-        """Admit a model request, or turn it away at once (503 overloaded, Retry-After) when
-        this replica already holds max_accepted of them; then bound it by its deadline: past
-        it, 504 deadline_exceeded, and its model calls are cancelled."""
-        if self.accepted >= self.max_accepted:
-            raise overloaded(f"{self.accepted} requests in progress", self.settings.retry_after_s)
-        self.accepted += 1
+        """Admit a model request (Admission: or 503 overloaded at once), then bound it by its
+        deadline: past it, 504 deadline_exceeded, and its model calls are cancelled."""
+        self.admission.take(1)
         budget = request_budget(request, self.settings.request_timeout_s)
+        ticket = None
         try:
             async with asyncio.timeout(budget) as scope:
-                yield scope
+                ticket = Ticket(self.admission, scope)
+                yield ticket
         except TimeoutError:
             raise ApiError(504, "deadline_exceeded",
                            f"no answer within {budget:g} s (request_timeout_s, or the client's "
                            f"{TIMEOUT_HEADER} header); its queued model work was dropped",
                            retry_after_s=self.settings.retry_after_s) from None
         finally:
-            self.accepted -= 1
-
-    def _seconds_left(self, scope) -> float:
-        return max(0.0, scope.when() - asyncio.get_running_loop().time())
+            self.admission.release(ticket.slots if ticket is not None else 1)
 
     # -- checks shared by the endpoints --
 
@@ -220,9 +283,10 @@ class FacedistAPI:
         except ImageDecodeError as exc:
             raise decode_error_to_api(f"{exc}", index=upload.index, filename=upload.filename) from None
 
-    async def _extract(self, uploads: list[Upload], budget_s: float, mesh: bool = False) -> list[dict]:
+    async def _extract(self, uploads: list[Upload], ticket: Ticket, mesh: bool = False) -> list[dict]:
         from facedist.images import sniff_format
 
+        ticket.hold_images(len(uploads))
         # What is plainly no image is turned away first, so a request with one such file costs
         # no model work; a truncated or corrupt image is found by the extractor's decoder.
         for upload in uploads:
@@ -234,7 +298,7 @@ class FacedistAPI:
         # here with its 4xx before the request goes on.
         # The deadline travels as wall-clock time: the extractor drops an image still queued
         # when it passed (clocks of a cluster's nodes agree to far less than a request's budget).
-        deadline = time.time() + budget_s
+        deadline = time.time() + ticket.seconds_left()
         rows = await gather_or_cancel(self._call_model(self.extractor.extract, (u.data, mesh, deadline))
                                       for u in uploads)
         if any(row.get("deadline_exceeded") for row in rows):
@@ -277,9 +341,9 @@ class FacedistAPI:
               summary="3DMM coefficients, landmarks and pose of the main face in one image")
     async def extract(self, request: Request, mesh: bool = False) -> dict:
         self._authorize(request)
-        async with self._admitted(request) as deadline:
+        async with self._admitted(request) as ticket:
             uploads = await self._read_uploads(request, "image", max_count=1)
-            (row,) = await self._extract(uploads, self._seconds_left(deadline), mesh=mesh)
+            (row,) = await self._extract(uploads, ticket, mesh=mesh)
             if row["status"] != "ok":
                 code = "no_face" if row["status"] == "no_face" else "extraction_failed"
                 raise ApiError(422, code, row.get("message") or code, filename=uploads[0].filename)
@@ -294,11 +358,11 @@ class FacedistAPI:
               summary="Identity (top-k), gender and per-image expressions of one person from 1..K images")
     async def predict(self, request: Request) -> dict:
         self._authorize(request)
-        async with self._admitted(request) as deadline:
+        async with self._admitted(request) as ticket:
             uploads = await self._read_uploads(request, "images", max_count=self.settings.max_images)
             if self.recognizer is None:
                 raise ApiError(503, "not_configured", "no recognition models: start the server with models_uri")
-            rows = await self._extract(uploads, self._seconds_left(deadline))
+            rows = await self._extract(uploads, ticket)
             if not any(row["status"] == "ok" for row in rows):
                 raise ApiError(422, "no_face", "no face found in any of the images: "
                                + "; ".join(f"#{i}: {row.get('message')}" for i, row in enumerate(rows)))

@@ -78,11 +78,15 @@ class ServeSettings:
     # its Serve limits are wide: the HTTP proxy's own 503 (plain text) is a last resort.
     ingress_max_ongoing_requests: int = 512
     ingress_max_queued_requests: int = 512
-    # Model requests (/v1/extract, /v1/predict) one ingress replica has accepted and not yet
-    # answered; past it a request is answered 503 "overloaded" before its upload is read.
+    # Model work one ingress replica has accepted and not yet answered, in images (a request
+    # holds one from arrival, one per image once parsed); past it a request is answered 503
+    # "overloaded" before its upload is read (or, for its further images, before model work).
     # None: max_ongoing_requests x the extractor's most replicas (what the extractors hold).
-    ingress_max_accepted_requests: int | None = None
-    retry_after_s: int = 1            # the Retry-After of every 503
+    ingress_max_accepted_images: int | None = None
+    # The Retry-After of a 503, in seconds: at least retry_after_s, growing with the rate of 503s
+    # (facedist.serving.ingress.Admission) up to max_retry_after_s.
+    retry_after_s: int = 1
+    max_retry_after_s: int = 30
     # A request not answered this long after the ingress accepted it is answered 504
     # "deadline_exceeded" and its model calls are cancelled (queued images are never extracted).
     # A client may lower it per request with the X-Request-Timeout header (seconds).
@@ -110,11 +114,12 @@ class ServeSettings:
         for name in ("max_queued_requests", "recognizer_max_queued_requests", "ingress_max_queued_requests"):
             if getattr(self, name) < 1 and getattr(self, name) != -1:
                 raise ValueError(f"{name} ({getattr(self, name)}) must be >= 1, or -1 for no limit")
-        for name in ("ingress_max_accepted_requests", "max_replicas"):
+        for name in ("ingress_max_accepted_images", "max_replicas"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ValueError(f"{name} ({getattr(self, name)}) must be >= 1 (or None)")
-        if self.retry_after_s < 0 or self.shutdown_timeout_s < 0:
-            raise ValueError("retry_after_s and shutdown_timeout_s must be >= 0")
+        if self.shutdown_timeout_s < 0 or not 0 <= self.retry_after_s <= self.max_retry_after_s:
+            raise ValueError(f"need shutdown_timeout_s >= 0 ({self.shutdown_timeout_s}) and "
+                             f"0 <= retry_after_s ({self.retry_after_s}) <= max_retry_after_s ({self.max_retry_after_s})")
 
     @classmethod
     def from_args(cls, args: dict[str, Any] | None) -> "ServeSettings":
@@ -150,16 +155,18 @@ class ServeSettings:
 
     def resolved(self, cluster_cpus: float | None) -> "ServeSettings":
         """A copy with every derived bound filled in: max_replicas (what the cluster's CPUs hold;
-        4 when no cluster is known, e.g. a config checked without Ray) and
-        ingress_max_accepted_requests (as many as the extractor replicas work on at once)."""
+        4 when no cluster is known, e.g. a config checked without Ray), ingress_max_replicas (no
+        more than the extractor's: each ingress replica admits what all the extractors hold)
+        and ingress_max_accepted_images (what the extractor replicas work on at once)."""
         max_replicas = self.max_replicas
         if max_replicas is None:
             max_replicas = self.replicas_that_fit(cluster_cpus) if cluster_cpus else 4
         most = self.num_replicas if self.num_replicas is not None else max_replicas
-        accepted = self.ingress_max_accepted_requests
+        accepted = self.ingress_max_accepted_images
         if accepted is None:
             accepted = self.max_ongoing_requests * max(1, most)
-        return dataclasses.replace(self, max_replicas=max_replicas, ingress_max_accepted_requests=accepted)
+        return dataclasses.replace(self, max_replicas=max_replicas, ingress_max_accepted_images=accepted,
+                                   ingress_max_replicas=min(self.ingress_max_replicas, max(1, most)))
 
 
 DEFAULTS = ServeSettings()  # the decorators' batch defaults; replicas set their own from the app's settings
