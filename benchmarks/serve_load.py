@@ -70,6 +70,7 @@ async def closed_loop(url: str, images, concurrency: int, max_requests: int, max
 
     latencies: list[float] = []
     errors: dict[str, int] = {}
+    samples: dict[str, str] = {}  # the first body of each kind of error
     issued = 0
     deadline = time.perf_counter() + max_seconds
 
@@ -368,7 +369,7 @@ def _ms(values: list[float]) -> dict:
 
 
 async def overload_level(url: str, bodies, concurrency: int, max_requests: int, max_seconds: float,
-                         retry: str, client_timeout_s: float, settle_s: float = 5.0) -> dict:
+                         retry: str, client_timeout_s: float, settle_s: float = 10.0) -> dict:
     """`concurrency` closed-loop clients; every request's outcome is counted: an HTTP status, or
     the client-side error that ended it (a timeout, a reset connection)."""
     import random
@@ -378,6 +379,7 @@ async def overload_level(url: str, bodies, concurrency: int, max_requests: int, 
     by_status: dict[str, list[float]] = {}
     timeline: list[tuple[float, str, float]] = []  # (sent at, outcome, latency), seconds
     errors: dict[str, int] = {}
+    samples: dict[str, str] = {}  # the first body of each kind of error
     issued = 0
     waited_s = 0.0
     deadline = time.perf_counter() + max_seconds
@@ -400,6 +402,7 @@ async def overload_level(url: str, bodies, concurrency: int, max_requests: int, 
                     except (ValueError, KeyError, TypeError):
                         code = "not-the-api's-json"
                     errors[f"{outcome} {code}"] = errors.get(f"{outcome} {code}", 0) + 1
+                    samples.setdefault(f"{outcome} {code}", response.text[:200])
             except httpx.HTTPError as exc:
                 outcome = type(exc).__name__
             by_status.setdefault(outcome, []).append(time.perf_counter() - start)
@@ -422,7 +425,7 @@ async def overload_level(url: str, bodies, concurrency: int, max_requests: int, 
     answered = sum(n for k, n in counts.items() if k.isdigit())
     return {
         "concurrency": concurrency, "issued": issued, "answered": answered, "outcomes": counts,
-        "error_codes": errors,
+        "error_codes": errors, "error_samples": samples,
         "wall_s": round(wall, 2),
         "goodput_per_s": round(ok / wall, 2) if wall else None,
         "share_503": round(counts.get("503", 0) / issued, 3) if issued else None,
@@ -430,8 +433,10 @@ async def overload_level(url: str, bodies, concurrency: int, max_requests: int, 
         "latency_ms_503": _ms(by_status.get("503", [])),
         "latency_ms_504": _ms(by_status.get("504", [])),
         "client_wait_after_503_s": round(waited_s, 1),
-        f"after_first_{settle_s:g}_s": {
-            "requests": len(steady),
+        "steady": {
+            "after_s": settle_s, "requests": len(steady),
+            "goodput_per_s": round(sum(o.startswith("2") for o, _ in steady) / (wall - settle_s), 2)
+            if wall > settle_s else None,
             "latency_ms_2xx": _ms([t for o, t in steady if o.startswith("2")]),
             "latency_ms_503": _ms([t for o, t in steady if o == "503"])},
         "per_second": _per_second(timeline),
@@ -479,17 +484,22 @@ def _changes(samples: list[tuple[float, dict]]) -> list:
 
 
 def overload_checks(levels: list[dict]) -> dict:
-    """The issue's figures, as ratios within this run."""
-    by_c = {level["concurrency"]: level for level in levels}
-    top = max(by_c)
-    best_lower = max((level["goodput_per_s"] or 0) for c, level in by_c.items() if c < top)
-    out = {"goodput_top_over_best_lower": round(by_c[top]["goodput_per_s"] / best_lower, 3) if best_lower else None,
-           "every_request_answered": all(level["answered"] == level["issued"] for level in levels)}
-    if 32 in by_c and by_c[32]["latency_ms_2xx"]["p99"]:
-        out["p99_2xx_top_over_c32"] = round(by_c[top]["latency_ms_2xx"]["p99"] / by_c[32]["latency_ms_2xx"]["p99"], 3)
-    p99_503 = [level["latency_ms_503"]["p99"] for level in levels if level["latency_ms_503"]["p99"] is not None]
-    out["max_p99_503_ms"] = max(p99_503) if p99_503 else None
-    return out
+    """The issue's figures, as ratios within this run: over each whole level, and over its
+    steady part (after the first seconds, when every client has started at once)."""
+    def checks(view) -> dict:
+        by_c = {level["concurrency"]: view(level) for level in levels}
+        top = max(by_c)
+        best_lower = max((v["goodput_per_s"] or 0) for c, v in by_c.items() if c < top)
+        out = {"goodput_top_over_best_lower": round(by_c[top]["goodput_per_s"] / best_lower, 3)
+               if best_lower and by_c[top]["goodput_per_s"] is not None else None}
+        if 32 in by_c and by_c[32]["latency_ms_2xx"]["p99"] and by_c[top]["latency_ms_2xx"]["p99"]:
+            out["p99_2xx_top_over_c32"] = round(by_c[top]["latency_ms_2xx"]["p99"] / by_c[32]["latency_ms_2xx"]["p99"], 3)
+        p99_503 = [v["latency_ms_503"]["p99"] for v in by_c.values() if v["latency_ms_503"]["p99"] is not None]
+        out["max_p99_503_ms"] = max(p99_503) if p99_503 else None
+        return out
+
+    return {"every_request_answered": all(level["answered"] == level["issued"] for level in levels),
+            "whole_level": checks(lambda level: level), "steady": checks(lambda level: level["steady"])}
 
 
 def autoscaling_step(port: int, base: dict, bodies, args) -> dict:
@@ -631,13 +641,14 @@ def main(argv=None) -> dict:
     overload.add_argument("--skip-baseline", action="store_true", help="no unbounded-queue baseline")
     overload.add_argument("--step-clients", type=int, default=64)
     overload.add_argument("--step-load-s", type=float, default=40.0)
-    overload.add_argument("--step-idle-s", type=float, default=75.0,
-                          help="idle after the step: longer than downscale_delay_s, to see the scale-down")
+    overload.add_argument("--step-idle-s", type=float, default=110.0,
+                          help="idle after the step: longer than look_back_period_s + downscale_delay_s, "
+                               "to see the scale-down")
     args = parser.parse_args(argv)
     if args.overload and "--levels" not in (argv or sys.argv):
         args.levels = "1,8,32,128,256"
     if args.overload and "--max-seconds" not in (argv or sys.argv):
-        args.max_seconds = 20.0
+        args.max_seconds = 30.0
     if args.quick:
         args.requests_per_client, args.min_requests, args.max_seconds = 1, 8, 8.0 if args.overload else 20.0
         args.autoscale_load_s, args.autoscale_idle_s = 15.0, 30.0

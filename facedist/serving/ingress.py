@@ -107,7 +107,7 @@ class Admission:
     Past `limit` a request is turned away: 503 "overloaded" with a Retry-After that hands each
     turned-away client its own later second, like appointments: the clients already told to wait
     (whose Retry-After has not run out), this one included, divided by the requests finished per
-    second over the last RATE_WINDOW_S (at least 1), from min to max seconds. They then come back
+    second over the last RATE_WINDOW_S (at least `limit` in that window), from min to max seconds. They then come back
     at about the rate work is done instead of all at once: on a small machine answering a 503
     costs nearly as much HTTP work as an answer, and clients that all retry every second would
     keep the front end saturated and every 503 slow."""
@@ -138,7 +138,9 @@ class Admission:
             self._waiting.popleft()
         while self._finished and self._finished[0] < now - self.RATE_WINDOW_S:
             self._finished.popleft()
-        rate = max(1.0, len(self._finished) / self.RATE_WINDOW_S)
+        # Before any request finished (a burst on an idle replica) the rate is unknown: assume
+        # the slots' worth finishes within the window.
+        rate = max(self.limit, len(self._finished)) / self.RATE_WINDOW_S
         wait = math.ceil((len(self._waiting) + 1) / rate)
         wait = min(self.max_retry_after_s, max(self.min_retry_after_s, wait))
         # Kept in return order (appointments only grow while the rate holds; a rare earlier one
