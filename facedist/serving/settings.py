@@ -47,10 +47,10 @@ class ServeSettings:
     # replicas than CPUs slow every replica down. Set it on a cluster that adds nodes under load.
     max_replicas: int | None = None
     target_ongoing_requests: float = 8.0
-    # Up fast, down slowly: a new replica takes ~10 s to load its models, and under a steady load
-    # the ongoing count per replica stays above target while the bounded queues cap it, so a quick
-    # upscale cannot overshoot; a slow downscale keeps a pause in the load from removing a replica
-    # the next burst needs (benchmarks/serve_load.py's step phase counts the changes).
+    # Up after 3 s above target, down only after 60 s below it (on an average over
+    # look_back_period_s): a load step adds replicas once, and a pause in the load shorter than
+    # that removes none the next burst needs, so the count does not swing with the load
+    # (benchmarks/serve_load.py's step phase counts the changes).
     upscale_delay_s: float = 3.0
     downscale_delay_s: float = 60.0
     look_back_period_s: float = 30.0  # window the ongoing-request average is taken over
@@ -74,8 +74,8 @@ class ServeSettings:
     max_queued_requests: int = 16
     recognizer_max_ongoing_requests: int = 32
     recognizer_max_queued_requests: int = 32
-    # The ingress only admits or turns away beyond its own limit, which costs microseconds, so
-    # its Serve limits are wide: the HTTP proxy's own 503 (plain text) is a last resort.
+    # The ingress turns the excess away itself (ingress_max_accepted_images, in the API's JSON),
+    # so its Serve limits are wide: the HTTP proxy's own 503 (plain text) is a last resort.
     ingress_max_ongoing_requests: int = 512
     ingress_max_queued_requests: int = 512
     # Model work one ingress replica has accepted and not yet answered, in images (a request
@@ -83,8 +83,8 @@ class ServeSettings:
     # "overloaded" before its upload is read (or, for its further images, before model work).
     # None: max_ongoing_requests x the extractor's most replicas (what the extractors hold).
     ingress_max_accepted_images: int | None = None
-    # The Retry-After of a 503, in seconds: at least retry_after_s, growing with the rate of 503s
-    # (facedist.serving.ingress.Admission) up to max_retry_after_s.
+    # The Retry-After of a 503, in seconds: at least retry_after_s, growing with the clients
+    # already told to wait (facedist.serving.ingress.Admission), at most max_retry_after_s.
     retry_after_s: int = 1
     max_retry_after_s: int = 30
     # A request not answered this long after the ingress accepted it is answered 504
@@ -155,7 +155,8 @@ class ServeSettings:
 
     def resolved(self, cluster_cpus: float | None) -> "ServeSettings":
         """A copy with every derived bound filled in: max_replicas (what the cluster's CPUs hold;
-        4 when no cluster is known, e.g. a config checked without Ray), ingress_max_replicas (no
+        4 when no CPUs are known: a config checked without Ray, or a CPU-less head whose worker
+        nodes the cluster autoscaler adds later), ingress_max_replicas (no
         more than the extractor's: each ingress replica admits what all the extractors hold)
         and ingress_max_accepted_images (what the extractor replicas work on at once)."""
         max_replicas = self.max_replicas
