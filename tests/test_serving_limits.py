@@ -120,13 +120,29 @@ def _app_raising(exc: Exception):
 
 
 def test_a_full_model_queue_is_503_overloaded_with_retry_after():
+    """Serve raises BackPressureError at the caller when a model's queue is full; the ingress
+    answers it as its own overload (Serve would otherwise answer plain text over any handler)."""
     from ray.serve.exceptions import BackPressureError
 
-    response = _app_raising(BackPressureError(num_queued_requests=16, max_queued_requests=16,
-                                              retry_after_s=2)).get("/x")
-    assert response.status_code == 503
-    assert response.headers["retry-after"] == "2"
-    assert response.json()["error"]["code"] == "overloaded"
+    from facedist.serving.errors import ApiError
+    from facedist.serving.ingress import Admission, call_model
+
+    class FullQueue:
+        calls = 0
+
+        def remote(self, *args):
+            FullQueue.calls += 1
+
+            async def answer():
+                raise BackPressureError(num_queued_requests=16, max_queued_requests=16)
+
+            return answer()
+
+    admission = Admission(limit=4, min_retry_after_s=1, max_retry_after_s=30)
+    with pytest.raises(ApiError) as exc:
+        asyncio.run(call_model(FullQueue(), ("row",), ServeSettings(), admission))
+    assert (exc.value.status, exc.value.code) == (503, "overloaded") and exc.value.retry_after_s >= 1
+    assert FullQueue.calls == 1  # not repeated: a full queue is no lost replica
 
 
 def test_the_ingress_limit_answer_has_the_same_shape():

@@ -61,7 +61,7 @@ def deployment_options(s: ServeSettings) -> dict[str, dict[str, Any]]:
         extractor_actor["num_gpus"] = gpus
     fixed = s.num_replicas is not None
     # Past max_queued_requests a call is turned away at once: the ingress answers 503
-    # "overloaded" (a handle's BackPressureError), the HTTP proxy its own 503 for the ingress.
+    # "overloaded" for a model's (ingress.call_model), the HTTP proxy its own 503 for the ingress.
     backpressure = {"backpressure_config": BackpressureConfig(status_code=503, retry_after_s=s.retry_after_s)}
     # Replicas finish what they hold, for at most shutdown_timeout_s, when the app stops.
     shutdown = {"graceful_shutdown_timeout_s": s.shutdown_timeout_s,

@@ -3,14 +3,12 @@
 from __future__ import annotations
 
 import logging
-import math
 from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from ray.exceptions import RayActorError
-from ray.serve.exceptions import BackPressureError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 logger = logging.getLogger("ray.serve")
@@ -70,12 +68,6 @@ async def _replica_lost(_: Request, exc: RayActorError) -> JSONResponse:
                     "(node failure); retry the request", retry_after_s=1).response()
 
 
-async def _model_queue_full(_: Request, exc: BackPressureError) -> JSONResponse:
-    # A model deployment's queue (max_queued_requests at this caller) is full: Serve turned the
-    # call away at once, before any model work.
-    return overloaded("model queue full", max(1, math.ceil(exc.retry_after_s or 1))).response()
-
-
 async def _internal_error(_: Request, exc: Exception) -> JSONResponse:
     logger.exception("request failed")
     return ApiError(500, "internal", f"{type(exc).__name__}: {exc}").response()
@@ -87,5 +79,4 @@ def install_error_handlers(api: FastAPI) -> None:
     api.add_exception_handler(RequestValidationError, _validation_error)
     api.add_exception_handler(StarletteHTTPException, _http_error)
     api.add_exception_handler(RayActorError, _replica_lost)
-    api.add_exception_handler(BackPressureError, _model_queue_full)
     api.add_exception_handler(Exception, _internal_error)

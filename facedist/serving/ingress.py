@@ -16,6 +16,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import HTMLResponse
 from ray import serve
 from ray.exceptions import ActorDiedError, RayActorError
+from ray.serve.exceptions import BackPressureError
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.formparsers import MultiPartException
@@ -77,6 +78,18 @@ async def call_with_replica_retries(method, args: tuple, retries: int, backoff_s
             await asyncio.sleep(backoff_s * (attempt + 1))
 
 
+async def call_model(method, args: tuple, settings: ServeSettings, admission: "Admission"):
+    """A model call (call_with_replica_retries); a full model queue (the deployment's
+    max_queued_requests at this caller: Serve's BackPressureError, before any model work) is
+    answered 503 overloaded like a full ingress. Converted here: Serve answers a
+    BackPressureError that reaches the app with its own plain-text 503, over any handler."""
+    try:
+        return await call_with_replica_retries(method, args, settings.replica_retries,
+                                               settings.replica_retry_backoff_s)
+    except BackPressureError:
+        raise admission.turn_away("a model's queue is full") from None
+
+
 async def gather_or_cancel(calls) -> list:
     """The calls' results in order; when one fails the others are cancelled (gather alone lets
     them run on, doing work nobody will read)."""
@@ -124,8 +137,12 @@ class Admission:
     def take(self, slots: int) -> None:
         """Hold `slots` more, or raise the 503 (holding nothing more)."""
         if self.held + slots > self.limit:
-            raise overloaded(f"{self.held} of {self.limit} image slots in use", self._retry_after())
+            raise self.turn_away(f"{self.held} of {self.limit} image slots in use")
         self.held += slots
+
+    def turn_away(self, why: str) -> ApiError:
+        """The 503 overloaded for one client, with its Retry-After."""
+        return overloaded(why, self._retry_after())
 
     def release(self, slots: int) -> None:
         """A request ended: its slots come back, and it counts toward the rate of work done."""
@@ -271,8 +288,7 @@ class FacedistAPI:
         return uploads
 
     async def _call_model(self, method, *args):
-        return await call_with_replica_retries(method, args, self.settings.replica_retries,
-                                               self.settings.replica_retry_backoff_s)
+        return await call_model(method, args, self.settings, self.admission)
 
     @staticmethod
     def _check_not_image(upload: Upload) -> None:

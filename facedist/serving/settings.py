@@ -69,9 +69,11 @@ class ServeSettings:
     # Bounded queues (overload answers 503 "overloaded" with Retry-After instead of waiting).
     # max_ongoing_requests: calls one replica works on at once; max_queued_requests: calls each
     # caller (the ingress for the models, the HTTP proxy for the ingress) holds waiting for one.
-    # The extractor: a running batch plus the next one filling (a batch must be able to fill).
+    # The extractor: a running batch plus the next one filling (a batch must be able to fill);
+    # its queue takes up the lag between the ingress freeing a slot and the replica counting
+    # its call done (a whole batch's worth can be in that lag; less turned a few away).
     max_ongoing_requests: int = 32
-    max_queued_requests: int = 16
+    max_queued_requests: int = 32
     recognizer_max_ongoing_requests: int = 32
     recognizer_max_queued_requests: int = 32
     # The ingress turns the excess away itself (ingress_max_accepted_images, in the API's JSON),
