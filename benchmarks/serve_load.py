@@ -17,10 +17,24 @@ Each level is bounded by a request count and a time limit. Clients are asyncio h
 coroutines, each sending its next request when the previous answer arrives (closed loop).
 Output: JSON (requests/s, p50/p99 latency, errors, replicas observed) to
 benchmarks/results/serve_load.json and stdout.
+
+    ... benchmarks/serve_load.py --overload [--quick]
+
+Overload instead (benchmarks/results/serve_overload.json): the app as `facedist serve` builds it
+(the serve settings' defaults, bounded queues, autoscaling bounded by the CPUs) with small
+recognition models trained here on Yale, closed-loop clients at 1, 8, 32, 128, 256 on
+/v1/extract and /v1/predict (3 photos of one person a request). Every request ends in a counted
+answer: goodput (2xx/s), the share of 503s, p50/p99 of the 2xx and of the 503 answers, 504s and
+client errors, and the extractor's replica count sampled throughout. A client that gets a 503
+waits its Retry-After (jittered x0.5-1.5) before its next request, as a well-behaved client does
+(--retry immediate: no wait). In the same run, the baseline: the same app with the queues
+unbounded (the settings before bounded queues) at 32 and 256 clients; and a load step on an
+autoscaling extractor (max 2 replicas) with the default delays, its replica count sampled.
 """
 
 import argparse
 import asyncio
+import dataclasses
 import json
 import os
 import platform
@@ -56,6 +70,7 @@ async def closed_loop(url: str, images, concurrency: int, max_requests: int, max
 
     latencies: list[float] = []
     errors: dict[str, int] = {}
+    samples: dict[str, str] = {}  # the first body of each kind of error
     issued = 0
     deadline = time.perf_counter() + max_seconds
 
@@ -153,6 +168,18 @@ def replica_states(app_name: str) -> dict[str, int]:
             for state, n in app.deployments[EXTRACTOR].replica_states.items() if n}
 
 
+def running_by_deployment(app_name: str) -> dict[str, int]:
+    """RUNNING replicas of every deployment of the app."""
+    from ray import serve
+
+    app = serve.status().applications.get(app_name)
+    if app is None:
+        return {}
+    return {name: int(sum(n for state, n in d.replica_states.items()
+                          if str(getattr(state, "value", state)) == "RUNNING"))
+            for name, d in app.deployments.items()}
+
+
 def running_replicas(app_name: str) -> int:
     return replica_states(app_name).get("RUNNING", 0)
 
@@ -160,10 +187,11 @@ def running_replicas(app_name: str) -> int:
 class ReplicaSampler:
     """Samples the extractor's RUNNING replica count in a background thread."""
 
-    def __init__(self, app_name: str, period_s: float = 0.5):
-        self.app_name, self.period_s = app_name, period_s
+    def __init__(self, app_name: str, period_s: float = 0.5, all_deployments: bool = False):
+        self.app_name, self.period_s, self.all_deployments = app_name, period_s, all_deployments
         self.samples: list[tuple[float, int]] = []           # (t, RUNNING replicas)
         self.states: list[tuple[float, dict]] = []           # (t, replicas by state)
+        self.deployments: list[tuple[float, dict]] = []      # (t, RUNNING replicas by deployment)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
         self.t0 = time.perf_counter()
@@ -174,6 +202,9 @@ class ReplicaSampler:
                 states = replica_states(self.app_name)
                 self.samples.append((round(time.perf_counter() - self.t0, 2), states.get("RUNNING", 0)))
                 self.states.append((round(time.perf_counter() - self.t0, 2), states))
+                if self.all_deployments:
+                    self.deployments.append((round(time.perf_counter() - self.t0, 2),
+                                             running_by_deployment(self.app_name)))
             except Exception:  # a status call failing once must not end the benchmark
                 pass
             self._stop.wait(self.period_s)
@@ -284,6 +315,300 @@ def autoscaling_phase(settings: dict, port: int, images, args, headers) -> dict:
     }
 
 
+# -- overload: bounded queues, goodput, 503s --
+
+UNBOUNDED = {"max_ongoing_requests": 64, "max_queued_requests": -1, "ingress_max_ongoing_requests": 256,
+             "ingress_max_queued_requests": -1, "ingress_max_accepted_images": 1_000_000,
+             "request_timeout_s": 3600.0}  # the queues as they were before: nothing is turned away
+
+
+def train_small_models(images_dir: Path, out: Path) -> str:
+    """C-Net, identity and expression bundles trained for a few epochs on Yale coefficients (as
+    tests/test_serve.py's fixture does, written locally): /v1/predict needs models, the load
+    test needs their cost, not their accuracy."""
+    import torch
+
+    from facedist.datasets import parse_yale_name
+    from facedist.extractors import make_extractor
+    from facedist.images import decode_image
+    from facedist.pipeline import extract_rows
+    from facedist.schema import YALE_EXPRESSIONS, rows_to_table
+    from facedist.training import TrainConfig, save_model_bundle
+    from facedist.training.data import table_to_data
+    from facedist.training.engine import fit
+    from facedist.training.tasks import CNetTask, make_classifier_task
+
+    torch.manual_seed(0)
+    extractor = make_extractor("tddfa")
+    rows = []
+    for path in sorted(p for p in images_dir.iterdir() if p.name.split(".")[-1] in YALE_EXPRESSIONS):
+        labels = parse_yale_name(path.name) or {}
+        rows.append({"path": path.name, "subject": labels.get("subject"), "expression": labels.get("expression"),
+                     "image": decode_image(path.read_bytes())})
+    finished, _ = extract_rows(rows, extractor)
+    data = table_to_data(rows_to_table(finished, extractor.layout))
+    cnet_cfg = TrainConfig(task="cnet", epochs=2, steps_per_epoch=3, batch_size=16)
+    cnet_task = CNetTask(cnet_cfg, data)
+    result = fit(cnet_task, cnet_cfg)
+    save_model_bundle(cnet_task.bundle(result.best_state, result.best_metrics), str(out / "cnet"))
+    for cfg in (TrainConfig(task="identity", epochs=6, batch_size=32, cnet=str(out / "cnet"), aggregate="cnet",
+                            max_combos_per_subject=20),
+                TrainConfig(task="expression", epochs=4, batch_size=32, labels=list(YALE_EXPRESSIONS))):
+        task = make_classifier_task(cfg, data)
+        result = fit(task, cfg)
+        save_model_bundle(task.bundle(result.best_state, result.best_metrics), str(out / cfg.task))
+    return str(out)
+
+
+def _ms(values: list[float]) -> dict:
+    lat = np.asarray(values) * 1000.0
+    if not lat.size:
+        return {"n": 0, "p50": None, "p99": None}
+    return {"n": int(lat.size), "p50": round(float(np.percentile(lat, 50)), 1),
+            "p99": round(float(np.percentile(lat, 99)), 1)}
+
+
+async def overload_level(url: str, bodies, concurrency: int, max_requests: int, max_seconds: float,
+                         retry: str, client_timeout_s: float, settle_s: float = 10.0) -> dict:
+    """`concurrency` closed-loop clients; every request's outcome is counted: an HTTP status, or
+    the client-side error that ended it (a timeout, a reset connection)."""
+    import random
+
+    import httpx
+
+    by_status: dict[str, list[float]] = {}
+    timeline: list[tuple[float, str, float]] = []  # (sent at, outcome, latency), seconds
+    errors: dict[str, int] = {}
+    samples: dict[str, str] = {}  # the first body of each kind of error
+    issued = 0
+    waited_s = 0.0
+    deadline = time.perf_counter() + max_seconds
+    rng = random.Random(concurrency)
+
+    async def client(worker: int, session: httpx.AsyncClient):
+        nonlocal issued, waited_s
+        while issued < max_requests and time.perf_counter() < deadline:
+            files = bodies[(issued + worker) % len(bodies)]
+            issued += 1
+            start = time.perf_counter()
+            retry_after = None
+            try:
+                response = await session.post(url, files=files)
+                outcome = str(response.status_code)
+                retry_after = response.headers.get("retry-after")
+                if response.status_code >= 400:  # which error: the API's code, else Serve's own text
+                    try:
+                        code = response.json()["error"]["code"]
+                    except (ValueError, KeyError, TypeError):
+                        code = "not-the-api's-json"
+                    errors[f"{outcome} {code}"] = errors.get(f"{outcome} {code}", 0) + 1
+                    samples.setdefault(f"{outcome} {code}", response.text[:200])
+            except httpx.HTTPError as exc:
+                outcome = type(exc).__name__
+            by_status.setdefault(outcome, []).append(time.perf_counter() - start)
+            timeline.append((start - started, outcome, time.perf_counter() - start))
+            if outcome == "503" and retry == "honor" and retry_after and retry_after.isdigit():
+                pause = min(int(retry_after) * rng.uniform(0.5, 1.5), max(0.0, deadline - time.perf_counter()))
+                waited_s += pause
+                await asyncio.sleep(pause)
+
+    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+    started = time.perf_counter()
+    async with httpx.AsyncClient(timeout=client_timeout_s, limits=limits) as session:
+        started = time.perf_counter()
+        await asyncio.gather(*(client(w, session) for w in range(concurrency)))
+        wall = time.perf_counter() - started
+    counts = {k: len(v) for k, v in sorted(by_status.items())}
+    # After the first `settle_s` (every client starts at once: the burst), the steady state.
+    steady = [(o, t) for sent, o, t in timeline if sent >= settle_s]
+    ok = sum(n for k, n in counts.items() if k.startswith("2"))
+    answered = sum(n for k, n in counts.items() if k.isdigit())
+    return {
+        "concurrency": concurrency, "issued": issued, "answered": answered, "outcomes": counts,
+        "error_codes": errors, "error_samples": samples,
+        "wall_s": round(wall, 2),
+        "goodput_per_s": round(ok / wall, 2) if wall else None,
+        "share_503": round(counts.get("503", 0) / issued, 3) if issued else None,
+        "latency_ms_2xx": _ms([t for k, v in by_status.items() if k.startswith("2") for t in v]),
+        "latency_ms_503": _ms(by_status.get("503", [])),
+        "latency_ms_504": _ms(by_status.get("504", [])),
+        "client_wait_after_503_s": round(waited_s, 1),
+        "steady": {
+            "after_s": settle_s, "requests": len(steady),
+            "goodput_per_s": round(sum(o.startswith("2") for o, _ in steady) / (wall - settle_s), 2)
+            if wall > settle_s else None,
+            "latency_ms_2xx": _ms([t for o, t in steady if o.startswith("2")]),
+            "latency_ms_503": _ms([t for o, t in steady if o == "503"])},
+        "per_second": _per_second(timeline),
+    }
+
+
+def _per_second(timeline) -> list[dict]:
+    """Requests by the second they were sent in: count by outcome and the slowest answer (ms)."""
+    seconds: dict[int, dict] = {}
+    for sent, outcome, latency in timeline:
+        entry = seconds.setdefault(int(sent), {"t": int(sent), "outcomes": {}, "max_ms": 0.0})
+        entry["outcomes"][outcome] = entry["outcomes"].get(outcome, 0) + 1
+        entry["max_ms"] = max(entry["max_ms"], round(latency * 1000, 1))
+    return [seconds[k] for k in sorted(seconds)]
+
+
+def load_average() -> list[float]:
+    return [round(x, 2) for x in os.getloadavg()]
+
+
+def overload_levels(app_name: str, url: str, bodies, levels, args) -> dict:
+    results = []
+    with ReplicaSampler(app_name, period_s=1.0, all_deployments=True) as sampler:
+        for concurrency in levels:
+            before = load_average()
+            t0 = round(time.perf_counter() - sampler.t0, 1)
+            result = asyncio.run(overload_level(url, bodies, concurrency, args.overload_requests * max(1, concurrency // 8)
+                                                if concurrency > 8 else args.overload_requests,
+                                                args.max_seconds, args.retry, args.client_timeout_s))
+            result["load_average_before"] = before
+            result["load_average_after"] = load_average()
+            result["t_start_s"], result["t_end_s"] = t0, round(time.perf_counter() - sampler.t0, 1)
+            results.append(result)
+            print(f"[{app_name} {url.rsplit('/', 1)[-1]}] c={concurrency}: goodput {result['goodput_per_s']}/s, "
+                  f"503 share {result['share_503']}, 2xx p50/p99 {result['latency_ms_2xx']['p50']}/"
+                  f"{result['latency_ms_2xx']['p99']} ms, 503 p99 {result['latency_ms_503']['p99']} ms, "
+                  f"outcomes {result['outcomes']}, load {result['load_average_after']}", flush=True)
+    return {"levels": results, "replicas_over_time": _changes(sampler.deployments)}
+
+
+def _changes(samples: list[tuple[float, dict]]) -> list:
+    """The samples where the replica counts changed (and the first and last)."""
+    kept = [s for i, s in enumerate(samples) if i == 0 or s[1] != samples[i - 1][1]]
+    return kept + ([samples[-1]] if samples and kept[-1] is not samples[-1] else [])
+
+
+def overload_checks(levels: list[dict]) -> dict:
+    """The issue's figures, as ratios within this run: over each whole level, and over its
+    steady part (after the first seconds, when every client has started at once)."""
+    def checks(view) -> dict:
+        by_c = {level["concurrency"]: view(level) for level in levels}
+        top = max(by_c)
+        best_lower = max((v["goodput_per_s"] or 0) for c, v in by_c.items() if c < top)
+        out = {"goodput_top_over_best_lower": round(by_c[top]["goodput_per_s"] / best_lower, 3)
+               if best_lower and by_c[top]["goodput_per_s"] is not None else None}
+        if 32 in by_c and by_c[32]["latency_ms_2xx"]["p99"] and by_c[top]["latency_ms_2xx"]["p99"]:
+            out["p99_2xx_top_over_c32"] = round(by_c[top]["latency_ms_2xx"]["p99"] / by_c[32]["latency_ms_2xx"]["p99"], 3)
+        p99_503 = [v["latency_ms_503"]["p99"] for v in by_c.values() if v["latency_ms_503"]["p99"] is not None]
+        out["max_p99_503_ms"] = max(p99_503) if p99_503 else None
+        return out
+
+    return {"every_request_answered": all(level["answered"] == level["issued"] for level in levels),
+            "whole_level": checks(lambda level: level), "steady": checks(lambda level: level["steady"])}
+
+
+def autoscaling_step(port: int, base: dict, bodies, args) -> dict:
+    """A load step on an extractor that may scale 1 -> 2 replicas (half a CPU each, so Ray can
+    place the second on these cores), with the default upscale/downscale delays: the replica
+    count sampled every 0.5 s through the step and the idle time after it; `changes` counts how
+    often it moved (one up and, after downscale_delay_s of idle, one down is no oscillation)."""
+    from ray import serve
+
+    app_name = "bench-step"
+    settings = {**base, "extractor_num_cpus": 0.5, "min_replicas": 1, "max_replicas": 2}
+    url = deploy(app_name, settings, port)
+    asyncio.run(overload_level(url, bodies, 2, args.warmup, 120, "honor", args.client_timeout_s))
+    with ReplicaSampler(app_name, all_deployments=True) as sampler:
+        t_load = time.perf_counter() - sampler.t0
+        load = asyncio.run(overload_level(url, bodies, args.step_clients, 1_000_000, args.step_load_s, args.retry,
+                                          args.client_timeout_s))
+        t_idle = time.perf_counter() - sampler.t0
+        time.sleep(args.step_idle_s)
+    counts = [n for _, n in sampler.samples]
+    changes = sum(1 for a, b in zip(counts, counts[1:]) if a != b)
+    serve.delete(app_name)
+    from facedist.serving.settings import ServeSettings
+
+    defaults = ServeSettings()
+    return {"settings": {**settings, "upscale_delay_s": defaults.upscale_delay_s,
+                         "downscale_delay_s": defaults.downscale_delay_s,
+                         "look_back_period_s": defaults.look_back_period_s},
+            "clients": args.step_clients, "load": load, "load_started_at_s": round(t_load, 1),
+            "idle_started_at_s": round(t_idle, 1), "replicas_over_time": _changes(sampler.deployments),
+            "replica_count_changes": changes, "peak_replicas": max(counts) if counts else None,
+            "load_average_after": load_average()}
+
+
+def overload_main(args) -> dict:
+    import tempfile
+
+    import ray
+    from ray import serve
+
+    from facedist.serving.settings import ServeSettings
+
+    os.environ.pop("FACEDIST_API_TOKEN", None)
+    images = load_images(args.data, 32)
+    extract_bodies = [{"image": (name, data)} for name, data in images]
+    people: dict[str, list[tuple[str, bytes]]] = {}
+    for path in sorted(args.data.iterdir()):
+        if path.name.startswith("subject"):
+            people.setdefault(path.name.split(".")[0], []).append((path.name, path.read_bytes()))
+    predict_bodies = [[("images", item) for item in photos[:3]] for photos in people.values()]
+    levels = [int(c) for c in args.levels.split(",")]
+    started = time.perf_counter()
+    models = train_small_models(args.data, Path(tempfile.mkdtemp(prefix="facedist-bench-models-")))
+    # What `facedist serve` starts: a local Ray with the machine's CPUs (at least 2).
+    ray.init(num_cpus=max(2, os.cpu_count() or 1), include_dashboard=False, log_to_driver=False,
+             runtime_env={"env_vars": {"PYTHONPATH": str(REPO),
+                                       "FACEDIST_MODEL_DIR": os.environ["FACEDIST_MODEL_DIR"]}})
+    port = free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    base = {"backend": "tddfa", "models_uri": models}
+    resolved = ServeSettings.from_args(base).resolved(ray.cluster_resources().get("CPU"))
+    report = {"benchmark": "serve_overload",
+              "machine": {"cpus": os.cpu_count(), "platform": platform.platform(),
+                          "python": platform.python_version(), "ray": ray.__version__},
+              "load_average_at_start": load_average(),
+              "client": f"closed loop, asyncio httpx on loopback, in this process; after a 503: {args.retry} "
+                        "(honor: wait Retry-After x0.5-1.5)",
+              "limits_per_level": {"max_requests": f"{args.overload_requests} (x c/8 above 8 clients)",
+                                   "max_seconds": args.max_seconds, "client_timeout_s": args.client_timeout_s},
+              "settings": {k: v for k, v in dataclasses.asdict(resolved).items()
+                           if "request" in k or "replicas" in k or k in ("retry_after_s", "extractor_num_cpus")}}
+    try:
+        app = "bench-bounded"
+        deploy(app, base, port)
+        extract_url, predict_url = (f"http://127.0.0.1:{port}/v1/{e}" for e in ("extract", "predict"))
+        asyncio.run(overload_level(extract_url, extract_bodies, 2, args.warmup, 120, "honor", args.client_timeout_s))
+        asyncio.run(overload_level(predict_url, predict_bodies, 2, args.warmup, 120, "honor", args.client_timeout_s))
+        report["extract"] = overload_levels(app, extract_url, extract_bodies, levels, args)
+        report["extract"]["checks"] = overload_checks(report["extract"]["levels"])
+        report["predict"] = overload_levels(app, predict_url, predict_bodies, levels, args)
+        report["predict"]["checks"] = overload_checks(report["predict"]["levels"])
+        serve.delete(app)
+        if not args.skip_baseline:
+            app = "bench-unbounded"
+            deploy(app, {**base, **UNBOUNDED}, port)
+            asyncio.run(overload_level(extract_url, extract_bodies, 2, args.warmup, 120, "honor", args.client_timeout_s))
+            baseline_levels = [c for c in (32, levels[-1]) if c in levels]
+            report["unbounded_baseline"] = {"settings": UNBOUNDED,
+                                            **overload_levels(app, extract_url, extract_bodies, baseline_levels, args)}
+            serve.delete(app)
+            bounded = {lv["concurrency"]: lv for lv in report["extract"]["levels"]}
+            report["bounded_over_unbounded_goodput"] = {
+                str(lv["concurrency"]): round(bounded[lv["concurrency"]]["goodput_per_s"] / lv["goodput_per_s"], 3)
+                for lv in report["unbounded_baseline"]["levels"] if lv["goodput_per_s"]}
+        if not args.skip_autoscaling:
+            report["autoscaling_step"] = autoscaling_step(port, base, extract_bodies, args)
+            step = report["autoscaling_step"]
+            print(f"[step] peak {step['peak_replicas']} replicas, {step['replica_count_changes']} changes", flush=True)
+    finally:
+        report["total_s"] = round(time.perf_counter() - started, 1)
+        report["load_average_at_end"] = load_average()
+        serve.shutdown()
+        ray.shutdown()
+    args.overload_out.parent.mkdir(parents=True, exist_ok=True)
+    args.overload_out.write_text(json.dumps(report, indent=2))
+    print(json.dumps({k: report[k]["checks"] for k in ("extract", "predict")}, indent=2))
+    return report
+
+
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", type=Path, default=REPO.parent / "shared" / "data" / "yalefaces")
@@ -303,10 +628,34 @@ def main(argv=None) -> dict:
     parser.add_argument("--extractor-cpus", type=float, default=1.0,
                         help="CPUs per extractor replica (rounded: its torch threads) in the throughput phases")
     parser.add_argument("--quick", action="store_true", help="small counts (a smoke run)")
+    overload = parser.add_argument_group("--overload")
+    overload.add_argument("--overload", action="store_true",
+                          help="the overload test instead (bounded queues; see the docstring)")
+    overload.add_argument("--overload-out", type=Path,
+                          default=REPO / "benchmarks" / "results" / "serve_overload.json")
+    overload.add_argument("--overload-requests", type=int, default=400,
+                          help="request cap per level (x c/8 above 8 clients); --max-seconds caps its time")
+    overload.add_argument("--retry", choices=("honor", "immediate"), default="honor",
+                          help="after a 503: wait its Retry-After (jittered), or send the next request at once")
+    overload.add_argument("--client-timeout-s", type=float, default=120.0)
+    overload.add_argument("--skip-baseline", action="store_true", help="no unbounded-queue baseline")
+    overload.add_argument("--step-clients", type=int, default=64)
+    overload.add_argument("--step-load-s", type=float, default=40.0)
+    overload.add_argument("--step-idle-s", type=float, default=110.0,
+                          help="idle after the step: longer than look_back_period_s + downscale_delay_s, "
+                               "to see the scale-down")
     args = parser.parse_args(argv)
+    if args.overload and "--levels" not in (argv or sys.argv):
+        args.levels = "1,8,32,128,256"
+    if args.overload and "--max-seconds" not in (argv or sys.argv):
+        args.max_seconds = 30.0
     if args.quick:
-        args.requests_per_client, args.min_requests, args.max_seconds = 1, 8, 20.0
+        args.requests_per_client, args.min_requests, args.max_seconds = 1, 8, 8.0 if args.overload else 20.0
         args.autoscale_load_s, args.autoscale_idle_s = 15.0, 30.0
+        args.overload_requests, args.step_load_s, args.step_idle_s = 40, 10.0, 10.0
+    if args.overload:
+        os.environ.setdefault("FACEDIST_MODEL_DIR", str(REPO.parent / "shared" / "models"))
+        return overload_main(args)
 
     import ray
     from ray import serve

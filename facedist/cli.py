@@ -317,7 +317,10 @@ def cmd_run(args) -> int:
 
 # ServeSettings fields `facedist serve` takes as flags (the rest: serve/config.yaml or serve run).
 SERVE_FLAGS = ("max_batch_size", "batch_wait_timeout_s", "extractor_num_cpus", "min_replicas", "max_replicas",
-               "num_replicas", "max_images", "max_image_bytes", "replica_retries")
+               "num_replicas", "max_images", "max_image_bytes", "replica_retries", "max_ongoing_requests",
+               "max_queued_requests", "ingress_max_accepted_images", "request_timeout_s", "shutdown_timeout_s")
+SERVE_FLAG_DEFAULTS = {"num_replicas": "autoscaling", "max_replicas": "as many as the cluster's CPUs hold",
+                       "ingress_max_accepted_images": "max-ongoing-requests x the extractor's most replicas"}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -433,7 +436,8 @@ def build_parser() -> argparse.ArgumentParser:
         parse = non_negative_int if name == "replica_retries" else {int: positive_int, float: positive_float}[kind]
         srv.add_argument("--" + name.replace("_", "-"), type=parse,
                          default=serve_fields[name].default,
-                         help=f"ServeSettings.{name}" + (" (default: autoscaling)" if name == "num_replicas" else ""))
+                         help=f"ServeSettings.{name}" + (f" (default: {SERVE_FLAG_DEFAULTS[name]})"
+                                                          if name in SERVE_FLAG_DEFAULTS else ""))
     srv.set_defaults(func=cmd_serve)
 
     run = command("run", "the whole flow: extract, train C-Net and classifiers, report")

@@ -49,3 +49,10 @@ def test_invalid_config_is_rejected(config):
     with pytest.raises(jsonschema.ValidationError):
         jsonschema.validate(broken, json.loads(
             (Path(os.path.dirname(ray.autoscaler.__file__)) / "ray-schema.json").read_text()))
+
+
+def test_the_dashboard_listens_on_loopback_only(config):
+    """The dashboard serves Ray's job API, and a job runs any code: on 0.0.0.0 whoever reaches
+    port 8265 owns the cluster. `ray dashboard cluster.yaml` reaches it over SSH instead."""
+    start = " ".join(config["head_start_ray_commands"])
+    assert "--dashboard-host=127.0.0.1" in start and "0.0.0.0" not in start

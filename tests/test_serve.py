@@ -395,9 +395,116 @@ def test_config_yaml_is_a_valid_serve_config_that_builds():
         options = expected[deployment.name]
         assert deployment.ray_actor_options["num_cpus"] == options["ray_actor_options"]["num_cpus"]
         assert deployment.max_ongoing_requests == options["max_ongoing_requests"]
+        assert deployment._deployment_config.max_queued_requests == options["max_queued_requests"] > 0
+    # The extractor's autoscaling stops at what the cluster's CPUs hold (the test cluster's 2:
+    # one replica; with no Ray up, as `serve build` checks a config, 4).
+    import ray
+
+    cpus = ray.cluster_resources()["CPU"] if ray.is_initialized() else None
     scaling = expected["FaceExtractor"]["autoscaling_config"]
-    assert scaling["max_replicas"] == ServeSettings().max_replicas > scaling["min_replicas"]
+    assert scaling["max_replicas"] == (ServeSettings().replicas_that_fit(cpus) if cpus else 4)
+    assert scaling["max_replicas"] >= scaling["min_replicas"]
     # The legacy import path is the same builder.
     from serve.app import build_app as legacy
 
     assert legacy is importlib.import_module("facedist.serving.app").build_app
+
+
+# -- overload and deadlines (bounded queues: facedist.serving.ingress.Admission) --
+
+LIMITS_PREFIX = "/limits"
+
+
+@pytest.fixture(scope="module")
+def limited_app(server):
+    """A second app on the same Serve instance whose ingress accepts one image at a time: one
+    upload held half-sent fills it, with no timing involved."""
+    from ray import serve
+
+    from facedist.serving.app import build_app
+
+    base_url, _ = server
+    settings = {"ingress_max_accepted_images": 1, "num_replicas": 1, "extractor_num_cpus": 0.25,
+                "recognizer_num_cpus": 0.05, "ingress_num_cpus": 0.05, "max_image_bytes": MAX_IMAGE_BYTES}
+    serve.run(build_app(settings), name="facedist-limits", route_prefix=LIMITS_PREFIX)
+    try:
+        yield f"{base_url}{LIMITS_PREFIX}"
+    finally:
+        serve.delete("facedist-limits")
+
+
+def _multipart(data: bytes, boundary: str = "facedist-test-boundary") -> tuple[bytes, str]:
+    body = (f'--{boundary}\r\nContent-Disposition: form-data; name="image"; filename="held.gif"\r\n'
+            f"Content-Type: application/octet-stream\r\n\r\n").encode() + data + f"\r\n--{boundary}--\r\n".encode()
+    return body, f"multipart/form-data; boundary={boundary}"
+
+
+def test_a_full_ingress_answers_503_overloaded_at_once_and_serves_again_after(limited_app, face_bytes):
+    """An upload sent only in part holds the app's one slot: every other model request is told
+    503 overloaded with Retry-After, before its body is read (a JSON body, which would be a 415
+    once admitted, shows it); once the held upload completes it is answered 200, and new
+    requests are served again."""
+    import socket
+    from urllib.parse import urlsplit
+
+    url = urlsplit(limited_app)
+    body, content_type = _multipart(face_bytes)
+    held = socket.create_connection((url.hostname, url.port), timeout=120)
+    try:
+        held.sendall((f"POST {url.path}/v1/extract HTTP/1.1\r\nHost: {url.netloc}\r\n"
+                      f"Authorization: Bearer {TOKEN}\r\nContent-Type: {content_type}\r\n"
+                      f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n").encode() + body[:100])
+        probe = None
+        with httpx.Client(base_url=limited_app, timeout=60, headers={"Authorization": f"Bearer {TOKEN}"}) as c:
+            for _ in range(600):  # until the held upload has reached the ingress (bounded)
+                probe = c.post("/v1/extract", json={"image": "not multipart"})
+                if probe.status_code == 503:
+                    break
+                assert probe.status_code == 415, probe.text  # admitted: the upload check answers
+            assert probe is not None and probe.status_code == 503, "the held upload never filled the ingress"
+            assert _error(probe)["code"] == "overloaded"
+            assert int(probe.headers["retry-after"]) >= 1
+            # A real photo is turned away the same way, before any model work.
+            turned_away = c.post("/v1/extract", files={"image": ("subject01.normal", face_bytes)})
+            assert turned_away.status_code == 503 and _error(turned_away)["code"] == "overloaded"
+            # The held request completes and is answered; then the app serves again.
+            held.sendall(body[100:])
+            answer = b""
+            while chunk := held.recv(65536):
+                answer += chunk
+            assert answer.startswith(b"HTTP/1.1 200"), answer[:300]
+            again = c.post("/v1/extract", files={"image": ("subject01.normal", face_bytes)})
+            assert again.status_code == 200, again.text
+    finally:
+        held.close()
+
+
+def test_a_request_past_its_deadline_is_504_and_its_model_work_is_not_done(client, face_bytes):
+    """X-Request-Timeout lowers the deadline: one of a nanosecond has passed by the time the
+    upload is read, so the answer is 504 deadline_exceeded and the extractor sees no image."""
+    from ray import serve
+
+    extractor = serve.get_deployment_handle("FaceExtractor", APP_NAME)
+    before = extractor.stats.remote().result()["images"]
+    response = client.post("/v1/extract", files={"image": ("subject01.normal", face_bytes)},
+                           headers={"X-Request-Timeout": "1e-9"})
+    assert response.status_code == 504, response.text
+    assert _error(response)["code"] == "deadline_exceeded"
+    assert extractor.stats.remote().result()["images"] == before
+    _assert_good_extract(client, face_bytes)
+
+
+def test_the_extractor_drops_an_image_whose_deadline_passed_while_it_queued(server, face_bytes):
+    import time
+
+    from ray import serve
+
+    extractor = serve.get_deployment_handle("FaceExtractor", APP_NAME)
+    before = extractor.stats.remote().result()
+    row = extractor.extract.remote((face_bytes, False, time.time() - 1.0)).result()
+    assert row["deadline_exceeded"] and row["status"] == "error"
+    after = extractor.stats.remote().result()
+    assert after["images"] == before["images"]
+    assert after["dropped_past_deadline"] == before["dropped_past_deadline"] + 1
+    # With time left it is extracted.
+    assert extractor.extract.remote((face_bytes, False, time.time() + 600)).result()["status"] == "ok"

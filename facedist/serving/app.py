@@ -11,14 +11,19 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
+import signal
+import sys
+import threading
 import time
 from typing import Any
 
 from ray import serve
+from ray.serve.config import BackpressureConfig
 
 from facedist.serving.deployments import FaceExtractor, FaceRecognizer
 from facedist.serving.ingress import FacedistAPI
-from facedist.serving.settings import ServeSettings
+from facedist.serving.settings import API_TOKEN_ENV, ServeSettings
 
 logger = logging.getLogger("ray.serve")
 
@@ -33,6 +38,12 @@ def _gpus_per_replica(settings: ServeSettings) -> float:
     return 0.0
 
 
+def _cluster_cpus() -> float | None:
+    import ray
+
+    return ray.cluster_resources().get("CPU") if ray.is_initialized() else None
+
+
 def _autoscaling(max_replicas: int, target: float, s: ServeSettings) -> dict[str, Any]:
     return {"autoscaling_config": {
         "min_replicas": min(s.min_replicas, max_replicas), "max_replicas": max_replicas,
@@ -41,28 +52,38 @@ def _autoscaling(max_replicas: int, target: float, s: ServeSettings) -> dict[str
 
 
 def deployment_options(s: ServeSettings) -> dict[str, dict[str, Any]]:
-    """Each deployment's .options(), all from the settings."""
+    """Each deployment's .options(), all from the settings (resolved: see ServeSettings.resolved)."""
+    if s.max_replicas is None or s.ingress_max_accepted_images is None:
+        s = s.resolved(_cluster_cpus())
     extractor_actor = {"num_cpus": s.extractor_num_cpus}
     gpus = _gpus_per_replica(s)
     if gpus:
         extractor_actor["num_gpus"] = gpus
     fixed = s.num_replicas is not None
+    # Past max_queued_requests a call is turned away at once: the ingress answers 503
+    # "overloaded" for a model's (ingress.call_model), the HTTP proxy its own 503 for the ingress.
+    backpressure = {"backpressure_config": BackpressureConfig(status_code=503, retry_after_s=s.retry_after_s)}
+    # Replicas finish what they hold, for at most shutdown_timeout_s, when the app stops.
+    shutdown = {"graceful_shutdown_timeout_s": s.shutdown_timeout_s,
+                "graceful_shutdown_wait_loop_s": min(0.5, s.shutdown_timeout_s) or 0.1}
     return {
         "FaceExtractor": {
             "ray_actor_options": extractor_actor,
-            # Room for a full batch plus the next one queuing, or batches could never fill.
-            "max_ongoing_requests": max(4 * s.max_batch_size, 32),
+            "max_ongoing_requests": s.max_ongoing_requests, "max_queued_requests": s.max_queued_requests,
+            **backpressure, **shutdown,
             **({"num_replicas": s.num_replicas} if fixed else
                _autoscaling(s.max_replicas, s.target_ongoing_requests, s)),
             **({"max_replicas_per_node": s.max_replicas_per_node} if s.max_replicas_per_node is not None else {})},
         "FaceRecognizer": {
             "ray_actor_options": {"num_cpus": s.recognizer_num_cpus},
-            "max_ongoing_requests": max(4 * s.predict_max_batch_size, 32),
+            "max_ongoing_requests": s.recognizer_max_ongoing_requests,
+            "max_queued_requests": s.recognizer_max_queued_requests, **backpressure, **shutdown,
             **({"num_replicas": 1} if fixed else
                _autoscaling(s.recognizer_max_replicas, s.predict_max_batch_size, s))},
         "FacedistAPI": {
             "ray_actor_options": {"num_cpus": s.ingress_num_cpus},
             "max_ongoing_requests": s.ingress_max_ongoing_requests,
+            "max_queued_requests": s.ingress_max_queued_requests, **backpressure, **shutdown,
             **({"num_replicas": 1} if fixed else
                _autoscaling(s.ingress_max_replicas, s.ingress_target_ongoing_requests, s))},
     }
@@ -76,6 +97,7 @@ def build_app(args: dict[str, Any] | None = None) -> serve.Application:
     # A combination no backend takes fails here, not in replicas.
     landmark_source_for(s.backend, s.landmarks)
     texture_basis_for(s.backend, s.texture, s.texture_basis)
+    s = s.resolved(_cluster_cpus())
     options = deployment_options(s)
     settings = dataclasses.asdict(s)
     extractor = FaceExtractor.options(**options["FaceExtractor"]).bind(settings)
@@ -89,25 +111,77 @@ def run_server(models_uri: str | None = None, *, address: str | None = None,
                name: str = "facedist", blocking: bool = True, **settings: Any):
     """`facedist serve`: start the app on a Ray cluster (address) or an embedded local one.
 
-    settings: any ServeSettings field (backend, max_batch_size, max_replicas, ...)."""
+    settings: any ServeSettings field (backend, max_batch_size, max_replicas, ...). With
+    blocking, it serves until SIGINT or SIGTERM, then stops (stop_server) and returns."""
     from facedist import runtime
 
-    app = build_app({"models_uri": models_uri, **settings})  # bad settings fail before Ray starts
+    args = {"models_uri": models_uri, **settings}
+    build_app(args)  # bad settings fail before Ray starts
+    s = ServeSettings.from_args(args)
+    warning = exposure_warning(host, port)
+    if warning:
+        print(f"facedist: warning: {warning}", file=sys.stderr, flush=True)
     runtime.connect(address, ship_package=True)
-    serve.start(http_options={"host": host, "port": port})
-    handle = serve.run(app, name=name, route_prefix=route_prefix, blocking=False)
+    # The proxy's own timeout (a plain-text 408) is a backstop behind the ingress's deadline,
+    # which answers 504 in the API's shape; the proxy's clock also counts its own queue.
+    serve.start(http_options={"host": host, "port": port, "request_timeout_s": 2 * s.request_timeout_s})
+    handle = serve.run(build_app(args), name=name, route_prefix=route_prefix, blocking=False)
     print(f"facedist serving on http://{host}:{port}{route_prefix} (docs at /docs)", flush=True)
     if blocking:
-        import signal
-
-        # SIGTERM (a service manager, `kill`) shuts down like Ctrl-C: no orphaned local Ray.
-        signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
-        try:
-            while True:
-                time.sleep(3600)
-        except KeyboardInterrupt:
-            pass
-        finally:
-            serve.shutdown()
-            runtime.disconnect()  # a local Ray started here stops with it
+        signum = wait_for_stop_signal()
+        started = time.monotonic()
+        stop_server(name)
+        print(f"facedist: {signal.Signals(signum).name}: stopped in {time.monotonic() - started:.1f} s", flush=True)
     return handle
+
+
+LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
+
+
+def exposure_warning(host: str, port: int, environ: dict[str, str] | None = None) -> str | None:
+    """What to tell the user when the API listens beyond this machine with no token; else None."""
+    environ = os.environ if environ is None else environ
+    if host in LOOPBACK_HOSTS or environ.get(API_TOKEN_ENV):
+        return None
+    return (f"serving on {host} without {API_TOKEN_ENV}: anyone who can reach port {port} can use the "
+            f"API (set {API_TOKEN_ENV} to require a bearer token)")
+
+
+def wait_for_stop_signal() -> int:
+    """Block until SIGINT or SIGTERM; return which. A second one exits at once (status 1)."""
+    received: list[int] = []
+    stop = threading.Event()
+
+    def on_signal(signum, _frame):
+        if received:
+            os._exit(1)  # asked twice: the person means now
+        received.append(signum)
+        stop.set()
+
+    previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        while not stop.wait(0.5):  # a bounded wait: the handler runs between waits on any platform
+            pass
+    finally:
+        for sig, handler in previous.items():
+            if sig == signal.SIGINT:
+                # Shutting down: a second Ctrl-C exits at once rather than raising mid-shutdown.
+                signal.signal(sig, lambda *_: os._exit(1))
+            else:
+                signal.signal(sig, handler)
+    return received[0]
+
+
+def stop_server(name: str) -> None:
+    """Stop serving app `name`: Serve stops routing new requests to it, each replica finishes the
+    requests it holds for at most shutdown_timeout_s (Serve's graceful shutdown) and stops; then
+    a local Ray started by connect() shuts down, Serve's controller and proxies with it. On a
+    cluster joined with --address only this app goes (other apps and Serve itself stay).
+    Not serve.shutdown(): its call to the controller is retried when the controller exits, and
+    Ray prints that retry as an error line."""
+    from facedist import runtime
+
+    try:
+        serve.delete(name)
+    finally:
+        runtime.disconnect()

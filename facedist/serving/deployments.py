@@ -43,17 +43,29 @@ class FaceExtractor:
         self.extract.set_max_batch_size(s.max_batch_size)
         self.extract.set_batch_wait_timeout_s(s.batch_wait_timeout_s)
         self.batch_sizes: Counter[int] = Counter()
+        self.dropped = 0  # images whose request's deadline passed before their batch ran
         self.started = time.time()
 
     @serve.batch(max_batch_size=DEFAULTS.max_batch_size, batch_wait_timeout_s=DEFAULTS.batch_wait_timeout_s)
-    async def extract(self, items: list[tuple[bytes, bool]]) -> list[dict]:
-        """Per image (encoded upload, with_mesh); a coefficients row per image out. An upload that
-        does not decode comes back as an error row marked decode_error. with_mesh adds the
-        decimated fitted mesh in pixels (mesh2d)."""
-        self.batch_sizes[len(items)] += 1
-        # Decoding and the models run in a worker thread so the replica keeps accepting (and
-        # batching) requests.
-        return await asyncio.to_thread(self._extract_rows, items)
+    async def extract(self, items: list[tuple]) -> list[dict]:
+        """Per image (encoded upload, with_mesh, deadline); a coefficients row per image out. An
+        upload that does not decode comes back as an error row marked decode_error; one whose
+        deadline (wall-clock time.time(), or None) passed while it queued is not extracted and
+        comes back marked deadline_exceeded. with_mesh adds the decimated fitted mesh in pixels
+        (mesh2d)."""
+        now = time.time()
+        live = [i for i, item in enumerate(items) if len(item) < 3 or item[2] is None or item[2] > now]
+        rows: list[dict] = [{"status": "error", "deadline_exceeded": True,
+                             "message": "deadline passed before extraction"} for _ in items]
+        if live:
+            self.batch_sizes[len(live)] += 1
+            # Decoding and the models run in a worker thread so the replica keeps accepting (and
+            # batching) requests.
+            done = await asyncio.to_thread(self._extract_rows, [items[i][:2] for i in live])
+            for i, row in zip(live, done):
+                rows[i] = row
+        self.dropped += len(items) - len(live)
+        return rows
 
     def _extract_rows(self, items: list[tuple[bytes, bool]]) -> list[dict]:
         from facedist.mesh import result_mesh2d
@@ -102,10 +114,11 @@ class FaceExtractor:
         stages = {kind: dict(getattr(timings, kind)) for kind in ("cpu", "wall") if hasattr(timings, kind)}
         return {"batch_sizes": dict(self.batch_sizes), "stage_seconds": stages,
                 "images": sum(size * count for size, count in self.batch_sizes.items()),
-                "uptime_s": time.time() - self.started}
+                "dropped_past_deadline": self.dropped, "uptime_s": time.time() - self.started}
 
     def reset_stats(self) -> None:
         self.batch_sizes.clear()
+        self.dropped = 0
         timings = getattr(self.extractor, "timings", None)
         if hasattr(timings, "clear"):
             timings.clear()

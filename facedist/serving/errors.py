@@ -17,14 +17,23 @@ logger = logging.getLogger("ray.serve")
 class ApiError(Exception):
     """A request problem answered as {"error": {"code", "message", ...}} with an HTTP status."""
 
-    def __init__(self, status: int, code: str, message: str, **details: Any):
+    def __init__(self, status: int, code: str, message: str, retry_after_s: int | None = None, **details: Any):
         super().__init__(message)
         self.status, self.code, self.message, self.details = status, code, message, details
+        self.retry_after_s = retry_after_s  # sent as Retry-After: when the client may try again
 
     def response(self) -> JSONResponse:
-        headers = {"WWW-Authenticate": "Bearer"} if self.status == 401 else None
+        headers = {"WWW-Authenticate": "Bearer"} if self.status == 401 else {}
+        if self.retry_after_s is not None:
+            headers["Retry-After"] = str(self.retry_after_s)
         body = {"error": {"code": self.code, "message": self.message, **self.details}}
-        return JSONResponse(body, status_code=self.status, headers=headers)
+        return JSONResponse(body, status_code=self.status, headers=headers or None)
+
+
+def overloaded(what: str, retry_after_s: int) -> ApiError:
+    """The one answer to every full queue: 503 "overloaded", come back after Retry-After."""
+    return ApiError(503, "overloaded", f"the server is at capacity ({what}); retry after {retry_after_s} s",
+                    retry_after_s=retry_after_s)
 
 
 def decode_error_to_api(message: str, **details: Any) -> ApiError:
@@ -55,10 +64,8 @@ async def _replica_lost(_: Request, exc: RayActorError) -> JSONResponse:
     # A replica died (its node was lost) with this request in it: the next request goes to a live
     # one, so the client is told to retry rather than given a bare 500.
     logger.warning("a replica was lost during a request: %s", exc)
-    body = ApiError(503, "replica_unavailable", "the model replica handling this request was lost "
-                    "(node failure); retry the request").response()
-    body.headers["Retry-After"] = "1"
-    return body
+    return ApiError(503, "replica_unavailable", "the model replica handling this request was lost "
+                    "(node failure); retry the request", retry_after_s=1).response()
 
 
 async def _internal_error(_: Request, exc: Exception) -> JSONResponse:

@@ -3,20 +3,25 @@ behind Ray Serve. With FACEDIST_API_TOKEN set (read when a replica starts), ever
 page, /v1/health and the docs needs "Authorization: Bearer <token>"."""
 
 import asyncio
+import collections
+import contextlib
 import functools
 import hmac
 import html
+import math
 import os
+import time
 
 from fastapi import FastAPI, Request
 from fastapi.responses import HTMLResponse
 from ray import serve
 from ray.exceptions import ActorDiedError, RayActorError
+from ray.serve.exceptions import BackPressureError
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.formparsers import MultiPartException
 
-from facedist.serving.errors import ApiError, decode_error_to_api, install_error_handlers
+from facedist.serving.errors import ApiError, decode_error_to_api, install_error_handlers, overloaded
 from facedist.serving.schemas import (ERROR_RESPONSES, ExtractResponse, PredictResponse, Upload, extraction_response,
                                       multipart_doc, prediction_response)
 from facedist.serving.settings import API_TOKEN_ENV, API_VERSION, ServeSettings
@@ -29,6 +34,10 @@ api = FastAPI(
                 '{"error": {"code", "message"}} with a 4xx status.',
 )
 install_error_handlers(api)
+
+# The header a client lowers its request's deadline with (seconds; request_timeout_s is the most).
+# Not Ray's x-request-timeout-seconds: that one sets the HTTP proxy's own timeout (and 0 turns it off).
+TIMEOUT_HEADER = "X-Request-Timeout"
 
 
 @functools.lru_cache(maxsize=1)
@@ -54,13 +63,123 @@ async def call_with_replica_retries(method, args: tuple, retries: int, backoff_s
     itself must not crash every replica in turn)."""
     died = 0
     for attempt in range(retries + 1):
+        response = method.remote(*args)
         try:
-            return await method.remote(*args)
+            return await response
+        except asyncio.CancelledError:
+            # The request's deadline passed or a sibling call failed: the call is withdrawn from
+            # the queue (or the replica) rather than computed for nobody.
+            response.cancel()
+            raise
         except RayActorError as exc:
             died += isinstance(exc, ActorDiedError)
             if attempt == retries or died > 1:
                 raise
             await asyncio.sleep(backoff_s * (attempt + 1))
+
+
+async def call_model(method, args: tuple, settings: ServeSettings, admission: "Admission"):
+    """A model call (call_with_replica_retries); a full model queue (the deployment's
+    max_queued_requests at this caller: Serve's BackPressureError, before any model work) is
+    answered 503 overloaded like a full ingress. Converted here: Serve answers a
+    BackPressureError that reaches the app with its own plain-text 503, over any handler."""
+    try:
+        return await call_with_replica_retries(method, args, settings.replica_retries,
+                                               settings.replica_retry_backoff_s)
+    except BackPressureError:
+        raise admission.turn_away("a model's queue is full") from None
+
+
+async def gather_or_cancel(calls) -> list:
+    """The calls' results in order; when one fails the others are cancelled (gather alone lets
+    them run on, doing work nobody will read)."""
+    tasks = [asyncio.ensure_future(call) for call in calls]
+    try:
+        return list(await asyncio.gather(*tasks))
+    finally:
+        for task in tasks:
+            task.cancel()  # a no-op for the finished ones
+
+
+def request_budget(request: Request, default_s: float) -> float:
+    """Seconds this request may take: request_timeout_s, or less when the client's
+    X-Request-Timeout header asks for less (a larger or malformed value is ignored)."""
+    value = request.headers.get(TIMEOUT_HEADER)
+    try:
+        asked = float(value) if value is not None else default_s
+    except ValueError:
+        return default_s
+    return min(asked, default_s) if asked > 0 else default_s
+
+
+class Admission:
+    """The ingress's limit on the work it has accepted, counted in images, so a request of many
+    photos weighs what it costs: a request takes one slot when it arrives (before its upload is
+    read) and one more per further image once the upload is parsed (before any model work).
+
+    Past `limit` a request is turned away: 503 "overloaded" with a Retry-After that hands each
+    turned-away client its own later second, like appointments: the clients already told to wait
+    (whose Retry-After has not run out), this one included, divided by the requests finished per
+    second over the last RATE_WINDOW_S (at least `limit` in that window), from min to max seconds. They then come back
+    at about the rate work is done instead of all at once: on a small machine answering a 503
+    costs nearly as much HTTP work as an answer, and clients that all retry every second would
+    keep the front end saturated and every 503 slow."""
+
+    RATE_WINDOW_S = 5.0
+
+    def __init__(self, limit: int, min_retry_after_s: int, max_retry_after_s: int, clock=time.monotonic):
+        self.limit, self.min_retry_after_s, self.max_retry_after_s = limit, min_retry_after_s, max_retry_after_s
+        self.held = 0
+        self.clock = clock
+        self._waiting: collections.deque[float] = collections.deque()   # when each told client returns
+        self._finished: collections.deque[float] = collections.deque()  # when requests finished
+
+    def take(self, slots: int) -> None:
+        """Hold `slots` more, or raise the 503 (holding nothing more)."""
+        if self.held + slots > self.limit:
+            raise self.turn_away(f"{self.held} of {self.limit} image slots in use")
+        self.held += slots
+
+    def turn_away(self, why: str) -> ApiError:
+        """The 503 overloaded for one client, with its Retry-After."""
+        return overloaded(why, self._retry_after())
+
+    def release(self, slots: int) -> None:
+        """A request ended: its slots come back, and it counts toward the rate of work done."""
+        self.held -= slots
+        self._finished.append(self.clock())
+
+    def _retry_after(self) -> int:
+        now = self.clock()
+        while self._waiting and self._waiting[0] <= now:
+            self._waiting.popleft()
+        while self._finished and self._finished[0] < now - self.RATE_WINDOW_S:
+            self._finished.popleft()
+        # Before any request finished (a burst on an idle replica) the rate is unknown: assume
+        # the slots' worth finishes within the window.
+        rate = max(self.limit, len(self._finished)) / self.RATE_WINDOW_S
+        wait = math.ceil((len(self._waiting) + 1) / rate)
+        wait = min(self.max_retry_after_s, max(self.min_retry_after_s, wait))
+        # Kept in return order (appointments only grow while the rate holds; a rare earlier one
+        # only makes the count a little high for a while).
+        self._waiting.append(max(now + wait, self._waiting[-1] if self._waiting else 0.0))
+        return wait
+
+
+class Ticket:
+    """One admitted request: the slots it holds and its deadline."""
+
+    def __init__(self, admission: Admission, deadline: asyncio.Timeout):
+        self.admission, self.deadline, self.slots = admission, deadline, 1
+
+    def hold_images(self, count: int) -> None:
+        """The parsed upload has `count` images: hold a slot for each (one is held already)."""
+        if count > self.slots:
+            self.admission.take(count - self.slots)
+            self.slots = count
+
+    def seconds_left(self) -> float:
+        return max(0.0, self.deadline.when() - asyncio.get_running_loop().time())
 
 
 # Note: everything the ingress methods use must be defined above the class: @serve.ingress
@@ -78,6 +197,30 @@ class FacedistAPI:
         self.recognizer = recognizer if self.settings.models_uri else None
         # Read once, at replica start: rotating the token means restarting the replicas.
         self.token = os.environ.get(API_TOKEN_ENV) or None
+        s = self.settings
+        self.admission = Admission(s.ingress_max_accepted_images or s.max_ongoing_requests,
+                                   s.retry_after_s, s.max_retry_after_s)
+
+    # -- admission and deadline: before any upload is read --
+
+    @contextlib.asynccontextmanager
+    async def _admitted(self, request: Request):
+        """Admit a model request (Admission: or 503 overloaded at once), then bound it by its
+        deadline: past it, 504 deadline_exceeded, and its model calls are cancelled."""
+        self.admission.take(1)
+        budget = request_budget(request, self.settings.request_timeout_s)
+        ticket = None
+        try:
+            async with asyncio.timeout(budget) as scope:
+                ticket = Ticket(self.admission, scope)
+                yield ticket
+        except TimeoutError:
+            raise ApiError(504, "deadline_exceeded",
+                           f"no answer within {budget:g} s (request_timeout_s, or the client's "
+                           f"{TIMEOUT_HEADER} header); its queued model work was dropped",
+                           retry_after_s=self.settings.retry_after_s) from None
+        finally:
+            self.admission.release(ticket.slots if ticket is not None else 1)
 
     # -- checks shared by the endpoints --
 
@@ -145,8 +288,7 @@ class FacedistAPI:
         return uploads
 
     async def _call_model(self, method, *args):
-        return await call_with_replica_retries(method, args, self.settings.replica_retries,
-                                               self.settings.replica_retry_backoff_s)
+        return await call_model(method, args, self.settings, self.admission)
 
     @staticmethod
     def _check_not_image(upload: Upload) -> None:
@@ -159,9 +301,10 @@ class FacedistAPI:
         except ImageDecodeError as exc:
             raise decode_error_to_api(f"{exc}", index=upload.index, filename=upload.filename) from None
 
-    async def _extract(self, uploads: list[Upload], mesh: bool = False) -> list[dict]:
+    async def _extract(self, uploads: list[Upload], ticket: Ticket, mesh: bool = False) -> list[dict]:
         from facedist.images import sniff_format
 
+        ticket.hold_images(len(uploads))
         # What is plainly no image is turned away first, so a request with one such file costs
         # no model work; a truncated or corrupt image is found by the extractor's decoder.
         for upload in uploads:
@@ -171,8 +314,13 @@ class FacedistAPI:
         # requests. The encoded bytes travel (several times smaller than the decoded pixels) and
         # the extractor decodes; an upload that does not decode comes back marked and is answered
         # here with its 4xx before the request goes on.
-        rows = list(await asyncio.gather(*(self._call_model(self.extractor.extract, (u.data, mesh))
-                                           for u in uploads)))
+        # The deadline travels as wall-clock time: the extractor drops an image still queued
+        # when it passed (clocks of a cluster's nodes agree to far less than a request's budget).
+        deadline = time.time() + ticket.seconds_left()
+        rows = await gather_or_cancel(self._call_model(self.extractor.extract, (u.data, mesh, deadline))
+                                      for u in uploads)
+        if any(row.get("deadline_exceeded") for row in rows):
+            raise asyncio.TimeoutError  # answered 504 by _admitted, like the ingress's own timeout
         for upload, row in zip(uploads, rows):
             if row.get("decode_error"):
                 raise decode_error_to_api(row["message"], index=upload.index, filename=upload.filename)
@@ -211,28 +359,30 @@ class FacedistAPI:
               summary="3DMM coefficients, landmarks and pose of the main face in one image")
     async def extract(self, request: Request, mesh: bool = False) -> dict:
         self._authorize(request)
-        uploads = await self._read_uploads(request, "image", max_count=1)
-        (row,) = await self._extract(uploads, mesh=mesh)
-        if row["status"] != "ok":
-            code = "no_face" if row["status"] == "no_face" else "extraction_failed"
-            raise ApiError(422, code, row.get("message") or code, filename=uploads[0].filename)
-        body = extraction_response(row, uploads[0].filename)
-        if mesh:  # opt-in: the wireframe is a few thousand numbers most clients do not want
-            body["mesh"] = ({"vertices": row["mesh2d"], "triangles": await self._mesh_triangles()}
-                            if row.get("mesh2d") else None)
-        return body
+        async with self._admitted(request) as ticket:
+            uploads = await self._read_uploads(request, "image", max_count=1)
+            (row,) = await self._extract(uploads, ticket, mesh=mesh)
+            if row["status"] != "ok":
+                code = "no_face" if row["status"] == "no_face" else "extraction_failed"
+                raise ApiError(422, code, row.get("message") or code, filename=uploads[0].filename)
+            body = extraction_response(row, uploads[0].filename)
+            if mesh:  # opt-in: the wireframe is a few thousand numbers most clients do not want
+                body["mesh"] = ({"vertices": row["mesh2d"], "triangles": await self._mesh_triangles()}
+                                if row.get("mesh2d") else None)
+            return body
 
     @api.post("/v1/predict", response_model=PredictResponse, responses=ERROR_RESPONSES,
               openapi_extra=multipart_doc("images", many=True),
               summary="Identity (top-k), gender and per-image expressions of one person from 1..K images")
     async def predict(self, request: Request) -> dict:
         self._authorize(request)
-        uploads = await self._read_uploads(request, "images", max_count=self.settings.max_images)
-        if self.recognizer is None:
-            raise ApiError(503, "not_configured", "no recognition models: start the server with models_uri")
-        rows = await self._extract(uploads)
-        if not any(row["status"] == "ok" for row in rows):
-            raise ApiError(422, "no_face", "no face found in any of the images: "
-                           + "; ".join(f"#{i}: {row.get('message')}" for i, row in enumerate(rows)))
-        prediction = await self._call_model(self.recognizer.predict, rows)
-        return prediction_response(prediction, rows, uploads)
+        async with self._admitted(request) as ticket:
+            uploads = await self._read_uploads(request, "images", max_count=self.settings.max_images)
+            if self.recognizer is None:
+                raise ApiError(503, "not_configured", "no recognition models: start the server with models_uri")
+            rows = await self._extract(uploads, ticket)
+            if not any(row["status"] == "ok" for row in rows):
+                raise ApiError(422, "no_face", "no face found in any of the images: "
+                               + "; ".join(f"#{i}: {row.get('message')}" for i, row in enumerate(rows)))
+            prediction = await self._call_model(self.recognizer.predict, rows)
+            return prediction_response(prediction, rows, uploads)

@@ -50,8 +50,14 @@ class ServeSettings:
     detect_threads: int = 0
     num_gpus: float | None = None     # None: 0.5 per extractor replica when the cluster has GPUs
     min_replicas: int = 1
-    max_replicas: int = 4
+    # None: as many as the cluster's CPUs hold when the app is built (replicas_that_fit): more
+    # replicas than CPUs slow every replica down. Set it on a cluster that adds nodes under load.
+    max_replicas: int | None = None
     target_ongoing_requests: float = 8.0
+    # Up after 3 s above target, down only after 60 s below it (on an average over
+    # look_back_period_s): a load step adds replicas once, and a pause in the load shorter than
+    # that removes none the next burst needs, so the count does not swing with the load
+    # (benchmarks/serve_load.py's step phase counts the changes).
     upscale_delay_s: float = 3.0
     downscale_delay_s: float = 60.0
     look_back_period_s: float = 30.0  # window the ongoing-request average is taken over
@@ -66,8 +72,37 @@ class ServeSettings:
     recognizer_max_replicas: int = 2
     ingress_num_cpus: float = 0.25
     ingress_max_replicas: int = 2
-    ingress_max_ongoing_requests: int = 256
     ingress_target_ongoing_requests: float = 64.0
+    # Bounded queues (overload answers 503 "overloaded" with Retry-After instead of waiting).
+    # max_ongoing_requests: calls one replica works on at once; max_queued_requests: calls each
+    # caller (the ingress for the models, the HTTP proxy for the ingress) holds waiting for one.
+    # The extractor: a running batch plus the next one filling (a batch must be able to fill);
+    # its queue takes up the lag between the ingress freeing a slot and the replica counting
+    # its call done (a whole batch's worth can be in that lag; less turned a few away).
+    max_ongoing_requests: int = 32
+    max_queued_requests: int = 32
+    recognizer_max_ongoing_requests: int = 32
+    recognizer_max_queued_requests: int = 32
+    # The ingress turns the excess away itself (ingress_max_accepted_images, in the API's JSON),
+    # so its Serve limits are wide: the HTTP proxy's own 503 (plain text) is a last resort.
+    ingress_max_ongoing_requests: int = 512
+    ingress_max_queued_requests: int = 512
+    # Model work one ingress replica has accepted and not yet answered, in images (a request
+    # holds one from arrival, one per image once parsed); past it a request is answered 503
+    # "overloaded" before its upload is read (or, for its further images, before model work).
+    # None: max_ongoing_requests x the extractor's most replicas (what the extractors hold).
+    ingress_max_accepted_images: int | None = None
+    # The Retry-After of a 503, in seconds: at least retry_after_s, growing with the clients
+    # already told to wait (facedist.serving.ingress.Admission), at most max_retry_after_s.
+    retry_after_s: int = 1
+    max_retry_after_s: int = 30
+    # A request not answered this long after the ingress accepted it is answered 504
+    # "deadline_exceeded" and its model calls are cancelled (queued images are never extracted).
+    # A client may lower it per request with the X-Request-Timeout header (seconds).
+    request_timeout_s: float = 30.0
+    # At shutdown a replica gets this long to finish the requests it holds (Serve's
+    # graceful_shutdown_timeout_s); `facedist serve` must exit within 10 s of SIGINT / SIGTERM.
+    shutdown_timeout_s: float = 3.0
     # A model call whose replica was lost (its node died) is sent again, to a live replica, up to
     # this many times (extraction and prediction are pure, so a repeat is safe); then 503. A call
     # whose replica died under it is repeated once at most: a request that crashes its replica
@@ -79,6 +114,21 @@ class ServeSettings:
         if self.replica_retries < 0 or self.replica_retry_backoff_s < 0:
             raise ValueError(f"replica_retries ({self.replica_retries}) and replica_retry_backoff_s "
                              f"({self.replica_retry_backoff_s}) must be >= 0")
+        positive = ("max_ongoing_requests", "recognizer_max_ongoing_requests", "ingress_max_ongoing_requests",
+                    "request_timeout_s")
+        for name in positive:
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} ({getattr(self, name)}) must be > 0")
+        # -1 is Serve's "no limit" for a queue; 0 would turn every queued call away.
+        for name in ("max_queued_requests", "recognizer_max_queued_requests", "ingress_max_queued_requests"):
+            if getattr(self, name) < 1 and getattr(self, name) != -1:
+                raise ValueError(f"{name} ({getattr(self, name)}) must be >= 1, or -1 for no limit")
+        for name in ("ingress_max_accepted_images", "max_replicas"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise ValueError(f"{name} ({getattr(self, name)}) must be >= 1 (or None)")
+        if self.shutdown_timeout_s < 0 or not 0 <= self.retry_after_s <= self.max_retry_after_s:
+            raise ValueError(f"need shutdown_timeout_s >= 0 ({self.shutdown_timeout_s}) and "
+                             f"0 <= retry_after_s ({self.retry_after_s}) <= max_retry_after_s ({self.max_retry_after_s})")
 
     @classmethod
     def from_args(cls, args: dict[str, Any] | None) -> "ServeSettings":
@@ -104,6 +154,29 @@ class ServeSettings:
     @property
     def extractor_detect_threads(self) -> int:
         return self.detect_threads or max(1, int(self.extractor_num_cpus))
+
+    def replicas_that_fit(self, cluster_cpus: float) -> int:
+        """Extractor replicas the cluster's CPUs hold beside one ingress and one recognizer, each
+        replica counted at its torch threads (whole CPUs): fractional shares of one core give
+        more replicas but no more work done."""
+        spare = cluster_cpus - self.ingress_num_cpus - self.recognizer_num_cpus
+        return max(1, int(spare // self.extractor_threads))
+
+    def resolved(self, cluster_cpus: float | None) -> "ServeSettings":
+        """A copy with every derived bound filled in: max_replicas (what the cluster's CPUs hold;
+        4 when no CPUs are known: a config checked without Ray, or a CPU-less head whose worker
+        nodes the cluster autoscaler adds later), ingress_max_replicas (no
+        more than the extractor's: each ingress replica admits what all the extractors hold)
+        and ingress_max_accepted_images (what the extractor replicas work on at once)."""
+        max_replicas = self.max_replicas
+        if max_replicas is None:
+            max_replicas = self.replicas_that_fit(cluster_cpus) if cluster_cpus else 4
+        most = self.num_replicas if self.num_replicas is not None else max_replicas
+        accepted = self.ingress_max_accepted_images
+        if accepted is None:
+            accepted = self.max_ongoing_requests * max(1, most)
+        return dataclasses.replace(self, max_replicas=max_replicas, ingress_max_accepted_images=accepted,
+                                   ingress_max_replicas=min(self.ingress_max_replicas, max(1, most)))
 
 
 DEFAULTS = ServeSettings()  # the decorators' batch defaults; replicas set their own from the app's settings

@@ -1,0 +1,69 @@
+"""`facedist serve` stops on SIGINT and on SIGTERM: exit 0, one line saying so, no error lines.
+
+Each test starts the real command (a local Ray, the app, real HTTP), has one photo extracted,
+then sends the signal: SIGINT to the whole process group, as Ctrl-C in a terminal does (Ray's
+own processes get it too), SIGTERM to the process alone, as a service manager does. The wait for
+the exit is bounded generously (a hang fails; how fast it stops on this machine is printed, and
+benchmarks/ does not time it: the machine decides that)."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+httpx = pytest.importorskip("httpx")
+
+REPO = Path(__file__).resolve().parents[1]
+pytestmark = [pytest.mark.slow, pytest.mark.ray]
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.mark.parametrize("signum, to_group", [(signal.SIGINT, True), (signal.SIGTERM, False)],
+                         ids=["SIGINT-to-the-group", "SIGTERM-to-the-process"])
+def test_facedist_serve_stops_on_a_signal(signum, to_group, yale_dir, tmp_path):
+    port = _free_port()
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
+           "FACEDIST_RAY_LOG": str(tmp_path / "ray.log")}
+    env.pop("FACEDIST_API_TOKEN", None)
+    env.pop("RAY_ADDRESS", None)
+    command = [sys.executable, "-m", "facedist.cli", "serve", "--port", str(port), "--num-replicas", "1",
+               "--extractor-num-cpus", "0.5"]
+    # Its own session: the group signal reaches it and Ray's processes, not pytest.
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                               start_new_session=True, cwd=tmp_path)
+    try:
+        first = process.stdout.readline()  # "facedist serving on ..." once the app is up
+        assert "serving on" in first, first + process.stderr.read()
+        answer = httpx.post(f"http://127.0.0.1:{port}/v1/extract", timeout=120,
+                            files={"image": ("subject01.normal", (yale_dir / "subject01.normal").read_bytes())})
+        assert answer.status_code == 200, answer.text
+        sent = time.monotonic()
+        if to_group:
+            os.killpg(process.pid, signum)
+        else:
+            process.send_signal(signum)
+        out, err = process.communicate(timeout=60)
+        print(f"{signal.Signals(signum).name}: exited {process.returncode} after {time.monotonic() - sent:.1f} s")
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+    assert process.returncode == 0, (out, err)
+    lines = [line for line in out.splitlines() if line.strip()]
+    assert len(lines) == 1 and re.fullmatch(rf"facedist: {signal.Signals(signum).name}: stopped in [\d.]+ s", lines[0]), out
+    # stderr holds only the start-up line (where Ray's logs go): no error, no traceback, no retry.
+    others = [line for line in err.splitlines() if line.strip() and not line.startswith("facedist: starting a local Ray")]
+    assert not others, err
