@@ -389,7 +389,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="person protocol: the trained models' heads, comma-separated (default: linear,mlp,resnet; "
                           "'' for none)")
     rep.add_argument("--model-seeds", type=positive_int, default=None, dest="model_seeds",
-                     help="person protocol: the trained models on the first N seeds only (default: all)")
+                     help="person protocol: the heads a task does not ship on the first N seeds only "
+                          "(default: all; the shipped head runs on every seed)")
     rep.add_argument("--gallery", default=None, help="person protocol: expression label of each person's gallery "
                                                      "image (default: neutral; Yale: normal)")
     rep.add_argument("--image-seeds", type=positive_int, default=None,

@@ -50,7 +50,8 @@ class PersonReportConfig:
     image_epochs: int = 15
     image_seeds: int | None = None         # the ResNet baseline over fewer seeds (None: all)
     # The trained models (training.presets, through facedist train's code) beside the probes:
-    # every head on each candidate input of MODEL_INPUTS; over the first model_seeds seeds (None: all).
+    # every head on each candidate input of MODEL_INPUTS. The head each task ships runs on every
+    # seed; the others on the first model_seeds seeds (None: all).
     heads: tuple[str, ...] = ("linear", "mlp", "resnet")
     model_seeds: int | None = None
 
@@ -212,7 +213,7 @@ def run_seed(data: CoefficientData, seed: int, config: PersonReportConfig, pixel
         test = np.flatnonzero(folds == fold)
         desc = fold_descriptors(data, train, pixels)
         probes = np.setdiff1d(test, gallery_rows)
-        if config.heads and (config.model_seeds is None or seed < config.model_seeds):
+        if config.heads:
             fold_data = replace(data, tex=desc.get("tau_raw"))  # τ from this fold's basis, as the probes
             for task, by_row in trained_model_hits(fold_data, train, test, gallery_rows, tasks, config,
                                                    seed).items():
@@ -273,6 +274,8 @@ def trained_model_hits(data: CoefficientData, train: np.ndarray, test: np.ndarra
             for head in config.heads:
                 if head == "resnet" and inputs not in (DEFAULT_INPUTS[task], task_inputs(preset_config(task))):
                     continue  # RESNET_ONLY_ON
+                if head != preset_config(task).head and config.model_seeds is not None and seed >= config.model_seeds:
+                    continue
                 cfg = preset_config(task, inputs=inputs, head=head, seed=seed)
                 if task == "identity":
                     if not len(gallery_rows) or not len(probes):
@@ -373,7 +376,7 @@ def write_person_report(config: PersonReportConfig, log=print) -> dict:
                "people": len(set(data.subject)), "backend": data.layout.backend, "folds": config.folds,
                "seeds": config.seeds, "gallery": config.gallery, "summary": summary, "per_seed": per_seed,
                "image_size": config.image_size, "image_epochs": config.image_epochs,
-               "most_missed": missed, "seconds": round(time.perf_counter() - started, 1)}
+               "most_missed": missed, "shipped": shipped_rows(), "seconds": round(time.perf_counter() - started, 1)}
     (out / "results.json").write_text(json.dumps(results, indent=2))
     (out / "table_person.md").write_text(_markdown(results))
     _plot(summary, out / "person_protocol.png")
@@ -421,6 +424,15 @@ def usually_missed(hits: np.ndarray) -> np.ndarray:
     return (scored > 0) & (2 * missed > scored)
 
 
+def shipped_rows() -> dict[str, str]:
+    """Each task's shipped preset as a trained-model row name ("linear:emb+id+tex")."""
+    from facedist.training.presets import preset_config
+    from facedist.training.tasks import task_inputs
+
+    return {task: model_row_name(preset_config(task).head, task_inputs(preset_config(task)))
+            for task in MODEL_INPUTS}
+
+
 def label_of(name: str) -> str:
     """A summary row's name in tables: a probe descriptor's, or a trained model's."""
     return DESCRIPTOR_NAMES.get(name) or (model_row_label(name) if ":" in name else name)
@@ -430,11 +442,30 @@ def _markdown(results: dict) -> str:
     lines = [f"{results['folds']} folds split by person x {results['seeds']} seeds (mean ± std over seeds), "
              f"{results['rows_used']} rows, {results['people']} people, backend {results['backend']}; "
              f"identity = rank-1 of each probe against one '{results['gallery']}' gallery image per person", ""]
+    from facedist.schema import inputs_label
+
+    def cell(s: dict) -> str:
+        return f"{s['mean']:.3f} " + (f"± {s['std']:.3f}" if len(s["seeds"]) > 1 else "(1 seed)")
+
+    shipped = results.get("shipped", {})
     for task, rows in results["summary"].items():
-        lines += [f"| {task} | accuracy |", "|---|---|"]
+        models = {n: r for n, r in rows.items() if ":" in n}
+        if models:
+            heads = [h for h in ("linear", "mlp", "resnet") if any(n.startswith(h + ":") for n in models)]
+            lines += [f"| {task}: trained model, inputs | " + " | ".join(f"{h} head" for h in heads) + " |",
+                      "|---" * (len(heads) + 1) + "|"]
+            for inputs in dict.fromkeys(n.partition(":")[2] for n in models):
+                marks = []
+                for h in heads:
+                    name = f"{h}:{inputs}"
+                    text = cell(models[name]) if name in models else "–"
+                    marks.append(f"**{text}** (shipped)" if shipped.get(task) == name else text)
+                lines.append(f"| {inputs_label(tuple(inputs.split('+')))} | " + " | ".join(marks) + " |")
+            lines.append("")
+        lines += [f"| {task}: probe on a descriptor | accuracy |", "|---|---|"]
         for name, s in rows.items():
-            spread = f"± {s['std']:.3f}" if len(s["seeds"]) > 1 else "(1 seed)"
-            lines.append(f"| {label_of(name)} | {s['mean']:.3f} {spread} |")
+            if ":" not in name:
+                lines.append(f"| {label_of(name)} | {cell(s)} |")
         lines.append("")
     return "\n".join(lines)
 

@@ -85,9 +85,13 @@ def report_line(results: dict) -> str:
     def acc(key: str) -> str:
         return f"{s[key]['accuracy']['mean']:.3f}" if key in s else "n/a"
 
-    images = f", images {acc('image_identity')}" if "image_identity" in s else ""
-    return (f"identity C-Net {acc('identity_cnet')}, mean {acc('identity_mean')}{images}; expression "
-            f"{acc('expression')}" + (f", images {acc('image_expression')}" if "image_expression" in s else "")
+    def extra(key: str, name: str) -> str:
+        return f", {name} {acc(key)}" if key in s else ""
+
+    return (f"identity α C-Net {acc('identity_cnet')}, mean {acc('identity_mean')}"
+            f"{extra('identity_shipped', 'shipped')}{extra('image_identity', 'images')}; expression β {acc('expression')}"
+            f"{extra('expression_shipped', 'shipped')}{extra('image_expression', 'images')}"
+            + (f"; gender α {acc('gender')}{extra('gender_shipped', 'shipped')}" if "gender" in s else "")
             + f" (accuracy, {results['folds']}-fold mean; {results['seconds']:.0f} s)")
 
 

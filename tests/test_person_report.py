@@ -76,7 +76,9 @@ def test_person_report_on_real_faces(yale_dir, tmp_path):
         for row in rows.values():
             assert 0.0 <= row["mean"] <= 1.0 and len(row["seeds"]) == 2
     assert json.loads((out / "results.json").read_text())["protocol"] == "person"
-    assert "α + τ" in (out / "table_person.md").read_text() and "linear head on α + τ" in (out / "table_person.md").read_text() and (out / "person_protocol.png").stat().st_size > 0
+    text = (out / "table_person.md").read_text()
+    assert "| identity: trained model, inputs | linear head |" in text and "| α + τ | " in text
+    assert "(shipped)" in text and results["shipped"]["identity"] in results["summary"]["identity"] and (out / "person_protocol.png").stat().st_size > 0
     # the most-missed rows are the best descriptor's errors, no more and no fewer
     data = load_data(table)
     table_paths = {str(p) for p in data.path}

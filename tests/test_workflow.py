@@ -50,7 +50,9 @@ def test_run_extracts_trains_and_reports(few_people, tmp_path, monkeypatch, capf
         assert 0.0 <= results["summary"][key]["accuracy"]["mean"] <= 1.0
     # Each shipped classifier is set beside the report row that measures its preset.
     assert set(result["bundle_checks"]) == {"identity", "expression"}
-    assert result["bundle_checks"]["identity"]["row"] == "identity_mean"
+    # the shipped presets (their own inputs and heads) have their own rows, beside the paper's
+    assert result["bundle_checks"]["identity"]["row"] == "identity_shipped"
+    assert results["summary"]["identity_shipped"]["accuracy"]["mean"] >= 0.0
     assert "3DMM identity, C-Net aggregate" in (report / "table1_identity.md").read_text()
     captured = capfd.readouterr()  # file descriptors: Ray's own output to the terminal counts too
     printed = captured.out + captured.err
@@ -59,7 +61,7 @@ def test_run_extracts_trains_and_reports(few_people, tmp_path, monkeypatch, capf
     lines = printed.splitlines()
     assert len(lines) <= 40, printed
     assert "Failed to query Ray Train Controller" not in printed
-    assert "identity C-Net" in printed  # the report's one summary line
+    assert "identity α C-Net" in printed and "shipped" in printed  # the report's one summary line
     assert "expression bundle: validation accuracy" in printed
 
 
