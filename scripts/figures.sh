@@ -3,7 +3,8 @@
 # they name for it (benchmarks/cuda_check.py, extract_cost.py and face_descriptor_check.py run by hand).
 # Hours on 2 cores in all; pick parts by name:
 #   scripts/figures.sh [PART ...]      (default: every part, in this order)
-# Parts: quickstart yale_full london expression_trials yale_person cnet_degraded detectors extract_single
+# Parts: quickstart yale_full london_models yale_models london expression_trials yale_person cnet_degraded
+#        detectors extract_single
 #        box_calibration extract_ray default_speed train_speed report_scale serve_load fault_recovery
 #        faceapi_check
 # (cuda_check needs a GPU and an extracted table: benchmarks/cuda_check.py --table TABLE.)
@@ -17,7 +18,8 @@ WORK="${WORK:-/tmp/facedist-figures}"
 BIN=.venv/bin
 mkdir -p "$WORK"
 parts=("$@")
-[ ${#parts[@]} -gt 0 ] || parts=(quickstart yale_full london expression_trials yale_person cnet_degraded detectors
+[ ${#parts[@]} -gt 0 ] || parts=(quickstart yale_full london_models yale_models london expression_trials yale_person
+                               cnet_degraded detectors
                                extract_single box_calibration extract_ray default_speed train_speed report_scale
                                serve_load fault_recovery faceapi_check)
 step() { printf '\n== %s: %s\n' "$1" "$2"; }
@@ -38,10 +40,20 @@ for part in "${parts[@]}"; do
     yale_full)   # docs/results.md: the same protocol with the image baseline (ResNet-34, 224 px)
       step "$part" "facedist report on the quick start's table, images included"
       "$BIN/facedist" report --data "$WORK/quickstart/coefficients" --out docs/results/yale_full ;;
+    london_models)  # docs/results.md: the shipped models, heads and descriptors on unseen people (London)
+      step "$part" "facedist report --protocol person on London: every head, no image baseline"
+      extracted london "$DATA/london/labels.csv"
+      "$BIN/facedist" report --protocol person --data "$WORK/london" --out docs/results/london_models \
+          --no-images --model-seeds 1 ;;
+    yale_models)    # docs/results.md: the same on Yale
+      step "$part" "facedist report --protocol person --gallery normal on Yale: every head, no image baseline"
+      extracted yale "$DATA/yalefaces"
+      "$BIN/facedist" report --protocol person --gallery normal --data "$WORK/yale" --out docs/results/yale_models \
+          --no-images --model-seeds 1 ;;
     london)      # docs/results.md: London, split by person
       step "$part" "facedist report --protocol person on London"
       extracted london "$DATA/london/labels.csv"
-      "$BIN/facedist" report --protocol person --data "$WORK/london" --out docs/results/london ;;
+      "$BIN/facedist" report --protocol person --data "$WORK/london" --out docs/results/london --heads '' ;;
     expression_trials)  # docs/results.md: other descriptors for London's expression row
       step "$part" "scripts/expression_trials.py on London"
       extracted london "$DATA/london/labels.csv"
@@ -49,7 +61,8 @@ for part in "${parts[@]}"; do
     yale_person) # docs/results.md: Yale, split by person
       step "$part" "facedist report --protocol person --gallery normal on Yale"
       extracted yale "$DATA/yalefaces"
-      "$BIN/facedist" report --protocol person --gallery normal --data "$WORK/yale" --out docs/results/yale_person ;;
+      "$BIN/facedist" report --protocol person --gallery normal --data "$WORK/yale" --out docs/results/yale_person \
+          --heads '' ;;
     cnet_degraded)   "$BIN/python" benchmarks/cnet_degraded.py --seeds 5 ;;
     detectors)       scripts/yale_detectors.sh 0 ;;
     extract_single)  "$BIN/python" benchmarks/extract_single.py ;;
