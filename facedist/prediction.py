@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.fs as pafs
 
 from facedist import SettingsError, storage
 from facedist.pipeline import ExtractConfig, list_parts
@@ -137,7 +138,7 @@ def table_parts(uri: str, options: storage.S3Options | None = None) -> list[str]
 
     if uri.endswith(".parquet") and storage.exists(uri, options):
         fs, path = storage.filesystem_for(uri, options)
-        if fs.get_file_info(path).type == pa.fs.FileType.File:
+        if fs.get_file_info(path).type == pafs.FileType.File:
             candidates = [uri]
         else:
             candidates = list_parts(uri, options)

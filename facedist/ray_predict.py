@@ -214,7 +214,7 @@ def run_ray_prediction(inputs: str, out_uri: str, config: PredictConfig, address
            "rows_seconds": round(now - rows_started, 3),
            "rows_per_s": round(written / (now - rows_started), 3) if written else None,
            "input": inputs, "extraction": extraction and extraction.get("run"),
-           "config": {**asdict(config), "extract": asdict(config.extract)}, "resources": plan, "run_id": run_id,
+           "config": asdict(config), "resources": plan, "run_id": run_id,
            "actors": config.actors}
     summary = summarize(out_uri, options, predictions=settings, run=run)
     print(one_line_summary(summary, out_uri), file=sys.stderr, flush=True)
