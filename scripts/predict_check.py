@@ -20,8 +20,9 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from facedist import storage  # noqa: E402
-from facedist.prediction import table_parts  # noqa: E402
+from facedist.prediction import needed_columns, table_layout, table_parts  # noqa: E402
 from facedist.recognition import Recognizer  # noqa: E402
+from facedist.schema import LABEL_COLUMNS  # noqa: E402
 
 
 def accuracy(pairs: list[tuple]) -> float | None:
@@ -37,10 +38,13 @@ def main() -> int:
     parser.add_argument("--json", default=None, help="also write the result here")
     args = parser.parse_args()
 
-    table = [r for part in table_parts(args.table) for r in storage.read_table(part).to_pylist()]
+    recognizer = Recognizer.from_directory(args.models)
+    parts = table_parts(args.table)
+    available, _ = table_layout(parts)
+    columns = needed_columns(recognizer, available) + [c for c in LABEL_COLUMNS if c in available]
+    table = [r for part in parts for r in storage.read_table(part, columns=columns).to_pylist()]
     predicted = storage.read_table(args.predictions).to_pylist()
     by_path = {r["path"]: r for r in predicted}
-    recognizer = Recognizer.from_directory(args.models)
     here = {row["path"]: recognizer.predict([row]) for row in table}
     pairs: dict[str, dict[str, list]] = defaultdict(lambda: defaultdict(list))
     for row in table:
