@@ -1,4 +1,4 @@
-"""`facedist` command line: extract, models, train, report, serve, run."""
+"""`facedist` command line: extract, predict, models, train, report, serve, run."""
 
 from __future__ import annotations
 
@@ -137,6 +137,20 @@ def cmd_extract(args) -> int:
           + (f"; this run wrote {run.get('written')} and skipped {run.get('skipped')} already done"
              f" in {run.get('seconds')} s" if run else ""))
     return 0
+
+
+def cmd_predict(args) -> int:
+    from facedist.prediction import PredictConfig
+    from facedist.ray_predict import run_ray_prediction
+
+    check_input(args.input, "INPUT")
+    check_input(args.models, "--models")
+    extract = extract_config_from_args(args, resume=not args.no_resume)
+    config = PredictConfig(models=args.models, top_k=args.top_k, group_by=args.group_by, batch_size=args.batch_size,
+                           actors=args.actors, resume=not args.no_resume, extract=extract,
+                           coefficients=args.coefficients, dataset=args.dataset)
+    summary = run_ray_prediction(args.input, args.out, config, address=args.address, options=_s3_options(args))
+    return 0 if not summary["run"]["unaccounted"] else 1
 
 
 def cmd_models(args) -> int:
@@ -328,6 +342,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     from facedist.datasets import DATASETS
     from facedist.pipeline import ExtractConfig
+    from facedist.prediction import PredictConfig
     from facedist.ray_extract import RayExtractConfig
     from facedist.report import ReportConfig
     from facedist.serving.settings import ServeSettings
@@ -371,6 +386,30 @@ def build_parser() -> argparse.ArgumentParser:
                      help="GPUs per actor (with --ray; default: 1 when the cluster has GPUs)")
     _add_storage_flags(ext)
     ext.set_defaults(func=cmd_extract)
+
+    pred = command("predict", "batch inference on Ray Data: a coefficients table (or images) -> Parquet predictions")
+    pred.add_argument("input", help="coefficients table (folder of Parquet parts or s3:// prefix), or images: "
+                                    "folder, s3:// prefix or manifest (extracted first)")
+    pred.add_argument("--models", required=True, help="the training output (cnet/, identity/, gender/, expression/)")
+    pred.add_argument("--out", required=True, help="output folder or s3:// prefix")
+    pred.add_argument("--top-k", type=positive_int, default=PredictConfig.top_k, help="identity labels ranked per row")
+    pred.add_argument("--group-by", default=None, metavar="COLUMN",
+                      help="rows with one value of this table column are one person: adds their identity together "
+                           "(group_identity) to each of them")
+    pred.add_argument("--batch-size", type=positive_int, default=PredictConfig.batch_size,
+                      help="rows per actor call and per Parquet part")
+    pred.add_argument("--actors", type=positive_int, default=PredictConfig.actors,
+                      help="prediction actors (and extraction actors for images)")
+    pred.add_argument("--address", default=None, help="Ray cluster address (default: RAY_ADDRESS, else a local Ray)")
+    pred.add_argument("--no-resume", action="store_true",
+                      help="replace what OUT holds (default: skip rows done, refuse other models)")
+    pred.add_argument("--coefficients", default=None, metavar="URI",
+                      help="images: where their coefficients go (default: OUT/_coefficients)")
+    add_extractor_arguments(pred)
+    pred.add_argument("--dataset", default=PredictConfig.dataset, choices=DATASETS,
+                      help="images: how to read labels from file names")
+    _add_storage_flags(pred)
+    pred.set_defaults(func=cmd_predict)
 
     train = command("train", "fit C-Net or a classifier on Ray Train from a coefficients table")
     add_train_arguments(train)

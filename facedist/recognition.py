@@ -21,6 +21,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import hashlib
+import json
+
 import numpy as np
 import torch
 
@@ -30,6 +33,8 @@ from facedist.schema import DEFAULT_INPUTS, INPUT_GROUPS, STATUS_OK, inputs_labe
 from facedist.training.bundle import BUNDLE_FILE, load_model_bundle
 
 QUALITY_SCALARS = ("yaw", "pitch", "roll", "abs_yaw", "det_score", "landmark_error", "log_landmark_error")
+# The row's columns quality_vector reads (the scalars, then the pooled feature).
+QUALITY_COLUMNS = ("yaw", "pitch", "roll", "det_score", "landmark_error", "feature")
 
 
 def quality_vector(row: dict, n_feature: int) -> np.ndarray:
@@ -42,8 +47,7 @@ def quality_vector(row: dict, n_feature: int) -> np.ndarray:
         raw = np.asarray(raw, np.float32).ravel()[:n_feature]
         feature = np.zeros((1, n_feature), np.float32)
         feature[0, : raw.size] = raw
-    scalars = [np.array([np.nan if row.get(k) is None else float(row[k])])
-               for k in ("yaw", "pitch", "roll", "det_score", "landmark_error")]
+    scalars = [np.array([np.nan if row.get(k) is None else float(row[k])]) for k in QUALITY_COLUMNS[:-1]]
     return quality_matrix(*scalars, feature, n_feature)[0]
 
 
@@ -143,6 +147,8 @@ def within_class_whitening(z: np.ndarray, groups: np.ndarray, floor: float = 1e-
 
 
 RECOGNIZER_TASKS = ("cnet", "identity", "gender", "expression")
+# Identity labels ranked per answer, unless the caller asks for another number.
+DEFAULT_TOP_K = 5
 
 
 def bundle_inputs(bundle: dict) -> tuple[str, ...]:
@@ -223,76 +229,132 @@ class Recognizer:
                 have.append(i)
         return (np.stack(got) if got else np.zeros((0, 0), np.float32)), have, missing
 
-    def predict(self, items: list, top_k: int = 5) -> dict:
+    def predict(self, items: list, top_k: int = DEFAULT_TOP_K) -> dict:
         """One person's images (ExtractionResults or table rows) -> identity (top-k), gender, and
         each image's expression. Identity and gender aggregate the person's usable images as the
         identity model was trained (the mean, or C-Net's confidences); an image a model cannot
         read (an error row, or a group its inputs need missing) keeps its slot with the reason."""
-        rows = [item.to_row() if hasattr(item, "to_row") else dict(item) for item in items]
-        usable = [i for i, r in enumerate(rows) if r.get("status", STATUS_OK) == STATUS_OK]
-        images = [{"index": i, "ok": i in usable,
-                   "error": None if i in usable else (rows[i].get("message") or rows[i].get("status") or "unusable")}
-                  for i in range(len(rows))]
-        out: dict = {"images": images, "n_used": 0, "identity": None, "gender": None}
-        if not usable:
-            return out
-        confidence = {}
+        return self.predict_many([items], top_k)[0]
+
+    def predict_many(self, people: list[list], top_k: int = DEFAULT_TOP_K) -> list[dict]:
+        """predict() for many people at once, one answer per person, in order: each model runs
+        once over every person's images (or aggregates), so a batch of people costs a few model
+        calls, not a few per person. predict() is this with one person."""
+        rows, owner, images = [], [], []
+        for p, items in enumerate(people):
+            for i, item in enumerate(items):
+                row = item.to_row() if hasattr(item, "to_row") else dict(item)
+                ok = row.get("status", STATUS_OK) == STATUS_OK
+                rows.append(row)
+                owner.append(p)
+                images.append({"index": i, "ok": ok,
+                               "error": None if ok else (row.get("message") or row.get("status") or "unusable")})
+        usable = [g for g, image in enumerate(images) if image["ok"]]
+        outs: list[dict] = [{"images": [], "n_used": 0, "identity": None, "gender": None} for _ in people]
+        for g, image in enumerate(images):
+            outs[owner[g]]["images"].append(image)
+        confidence: dict[int, np.ndarray] = {}
         if "cnet" in self.bundles:
             n_feature = int(self.bundles["cnet"]["extra"].get("n_feature", 0))
-            with_id = [i for i in usable if rows[i].get("id_coeffs")]
+            with_id = [g for g in usable if _present(rows[g].get("id_coeffs"))]
             if with_id:
-                values = self._run("cnet", np.stack([quality_vector(rows[i], n_feature) for i in with_id]))
-                for slot, i in enumerate(with_id):
-                    confidence[i] = values[slot]
-                    images[i]["confidence"] = values[slot].tolist()
-                    images[i]["confidence_mean"] = float(values[slot].mean())
+                values = self._run("cnet", np.stack([quality_vector(rows[g], n_feature) for g in with_id]))
+                for slot, g in enumerate(with_id):
+                    confidence[g] = values[slot]
+                    images[g]["confidence"] = values[slot].tolist()
+                    images[g]["confidence_mean"] = float(values[slot].mean())
         # Aggregate as the identity model was trained (C-Net or the mean), so serving matches training.
         trained_with = self.bundles.get("identity", {}).get("extra", {}).get("aggregate", "cnet")
-        use_cnet = bool(confidence) and trained_with == "cnet"
-        out["aggregation"] = "cnet" if use_cnet else "mean"
+        has_usable = {owner[g] for g in usable}
+        with_confidence = {owner[g] for g in confidence}
+        use_cnet = [p in with_confidence and trained_with == "cnet" for p in range(len(people))]
+        for p in has_usable:
+            outs[p]["aggregation"] = "cnet" if use_cnet[p] else "mean"
         used: set[int] = set()
-        with_alpha = [i for i in usable if rows[i].get("id_coeffs")]
+        with_alpha = [g for g in usable if _present(rows[g].get("id_coeffs"))]
         if with_alpha:
-            alpha = np.array([rows[i]["id_coeffs"] for i in with_alpha], np.float32)
-            out["identity_coeffs"] = self._aggregate(alpha, with_alpha, confidence if use_cnet else {}).tolist()
+            alpha = np.array([np.asarray(rows[g]["id_coeffs"], np.float32) for g in with_alpha], np.float32)
+            for p, value in self._aggregate_many(alpha, with_alpha, owner, confidence, use_cnet).items():
+                outs[p]["identity_coeffs"] = value.tolist()
         for task in ("identity", "gender"):
             if task not in self.bundles:
                 continue
             x, have, missing = self._descriptors(task, rows, usable)
-            for i, why in missing.items():
-                images[i]["error"] = images[i]["error"] or why
+            for g, why in missing.items():
+                images[g]["error"] = images[g]["error"] or why
             if not have:
                 continue
             used.update(have)
-            aggregate = self._aggregate(x, have, confidence if use_cnet else {})
-            probs = self._softmax(self._run(task, aggregate[None]))[0]
+            aggregates = self._aggregate_many(x, have, owner, confidence, use_cnet)
+            order_people = sorted(aggregates)
+            probs = self._softmax(self._run(task, np.stack([aggregates[p] for p in order_people])))
             labels = self.bundles[task]["labels"]
-            order = np.argsort(-probs)[: top_k if task == "identity" else len(labels)]
-            ranked = [{"label": labels[j], "score": float(probs[j])} for j in order]
-            out[task] = {"top_k": ranked} if task == "identity" else {"label": ranked[0]["label"],
-                                                                     "scores": {r["label"]: r["score"] for r in ranked}}
+            for p, person_probs in zip(order_people, probs):
+                order = np.argsort(-person_probs)[: top_k if task == "identity" else len(labels)]
+                ranked = [{"label": labels[j], "score": float(person_probs[j])} for j in order]
+                outs[p][task] = {"top_k": ranked} if task == "identity" else {
+                    "label": ranked[0]["label"], "scores": {r["label"]: r["score"] for r in ranked}}
         if "expression" in self.bundles:
             x, have, missing = self._descriptors("expression", rows, usable)
-            for i, why in missing.items():
-                images[i]["error"] = images[i]["error"] or why
+            for g, why in missing.items():
+                images[g]["error"] = images[g]["error"] or why
             if have:
                 used.update(have)
                 probs = self._softmax(self._run("expression", x))
                 labels = self.bundles["expression"]["labels"]
-                for slot, i in enumerate(have):
-                    images[i]["expression"] = {labels[j]: float(probs[slot, j]) for j in range(len(labels))}
-                    images[i]["expression_label"] = labels[int(probs[slot].argmax())]
-        for i in usable:
-            images[i]["ok"] = i in used or not (set(self.inputs) - {"cnet"})
-        out["n_used"] = sum(1 for i in usable if images[i]["ok"])
-        return out
+                for slot, g in enumerate(have):
+                    images[g]["expression"] = {labels[j]: float(probs[slot, j]) for j in range(len(labels))}
+                    images[g]["expression_label"] = labels[int(probs[slot].argmax())]
+        for g in usable:
+            images[g]["ok"] = g in used or not (set(self.inputs) - {"cnet"})
+            outs[owner[g]]["n_used"] += int(images[g]["ok"])
+        return outs
 
     @staticmethod
-    def _aggregate(x: np.ndarray, rows: list[int], confidence: dict) -> np.ndarray:
-        """The mean of a person's descriptors, weighted by C-Net when ``confidence`` has every row
-        (per dimension for the identity coefficients alone, else each image's mean confidence)."""
-        weights = None
-        if confidence and all(i in confidence for i in rows):
-            weights = confidence_weights(np.stack([confidence[i] for i in rows]), x.shape[1])
-        return aggregate_identity(torch.as_tensor(x)[None],
-                                  None if weights is None else torch.as_tensor(weights)[None])[0].numpy()
+    def _aggregate_many(x: np.ndarray, rows: list[int], owner: list[int], confidence: dict,
+                        use_cnet: list[bool]) -> dict[int, np.ndarray]:
+        """Each person's aggregate of their rows of x (x[k] is row rows[k]; owner: row -> person):
+        the mean, weighted by C-Net where the person aggregates with it and every one of their
+        rows has a confidence (per dimension for the identity coefficients alone, else each
+        image's mean confidence). People with as many rows go through aggregate_identity together."""
+        members: dict[int, list[int]] = {}
+        for k, g in enumerate(rows):
+            members.setdefault(owner[g], []).append(k)
+        buckets: dict[tuple[int, bool], list[int]] = {}
+        for p, ks in members.items():
+            weighted = use_cnet[p] and all(rows[k] in confidence for k in ks)
+            buckets.setdefault((len(ks), weighted), []).append(p)
+        out = {}
+        for (_, weighted), persons in buckets.items():
+            picked = np.array([members[p] for p in persons])  # (people, images)
+            weights = None
+            if weighted:
+                weights = confidence_weights(np.stack([[confidence[rows[k]] for k in members[p]] for p in persons]),
+                                             x.shape[1])
+            values = aggregate_identity(torch.as_tensor(x[picked]),
+                                        None if weights is None else torch.as_tensor(weights)).numpy()
+            out.update(zip(persons, values))
+        return out
+
+
+def bundle_version(bundle: dict) -> str:
+    """12 hex digits of sha256 over the weights: changes exactly when the model does."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(bundle["state_dict"].items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()[:12]
+
+
+def check_layouts(bundles: dict[str, dict], backend: str) -> None:
+    """Classifiers trained on another regressor's coefficients would answer nonsense: refuse."""
+    for task, bundle in bundles.items():
+        layout = json.loads(bundle["layout"]) if bundle.get("layout") else None
+        if layout and layout.get("backend") and layout["backend"] != backend:
+            raise ValueError(f"the {task} model was trained on {layout['backend']} coefficients, not {backend}; "
+                             f"extract with backend={layout['backend']}")
+
+
+def _present(value) -> bool:
+    """A list column's value is there and not empty (a list or a numpy array)."""
+    return value is not None and len(value) > 0

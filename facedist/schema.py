@@ -173,3 +173,53 @@ def rows_to_table(rows: list[dict], layout: CoefficientLayout | None = None) -> 
     schema = schema_with_layout(layout) if layout else COEFFICIENTS_SCHEMA
     columns = {name: [row.get(name) for row in rows] for name in COLUMNS}
     return pa.Table.from_pydict(columns, schema=schema)
+
+
+# ---- the predictions table (`facedist predict`) ------------------------------------------------
+
+# One row per input row. Scores are the models' probabilities; identity_top_k ranks the identity
+# labels (identity is its first); group_* are set with --group-by COLUMN: group is the row's
+# value of COLUMN, group_identity the identity of the group's rows together (as /v1/predict
+# answers for one person's images), the same on every row of the group.
+LABEL_SCORE = pa.struct([pa.field("label", pa.string()), pa.field("score", pa.float64())])
+PREDICTIONS_SCHEMA = pa.schema(
+    [
+        pa.field("path", pa.string(), nullable=False),
+        pa.field("content_hash", pa.string()),          # the input row's; resume key with path
+        pa.field("status", pa.string(), nullable=False),  # one of STATUSES (image_outcome)
+        pa.field("message", pa.string()),
+        pa.field("identity", pa.string()),
+        pa.field("identity_score", pa.float64()),
+        pa.field("identity_top_k", pa.list_(LABEL_SCORE)),
+        pa.field("gender", pa.string()),
+        pa.field("gender_score", pa.float64()),
+        pa.field("expression", pa.string()),
+        pa.field("expression_score", pa.float64()),
+        pa.field("group", pa.string()),
+        pa.field("group_identity", pa.string()),
+        pa.field("group_identity_score", pa.float64()),
+    ]
+)
+PREDICTION_COLUMNS = tuple(PREDICTIONS_SCHEMA.names)
+# The models and settings a predictions table was made with (JSON in every part's metadata):
+# a resumed run must not mix rows of other models.
+METADATA_PREDICTIONS_KEY = b"facedist.predictions"
+
+
+def image_outcome(row: dict, image: dict) -> tuple[str, str]:
+    """An image's status and message in a prediction (/v1/predict and `facedist predict`): the
+    row's own when extraction did not succeed; "error" with the reason when no model could read
+    an ok row (e.g. a descriptor group its models need is missing). ``image``: the entry of
+    Recognizer.predict's "images"."""
+    status = row.get("status") or STATUS_OK
+    if status == STATUS_OK and not image.get("ok"):
+        status = STATUS_ERROR
+    return status, row.get("message") or image.get("error") or ""
+
+
+def predictions_to_table(rows: list[dict], settings: dict) -> pa.Table:
+    """Prediction rows in PREDICTIONS_SCHEMA, with ``settings`` (models, versions, top-k,
+    grouping) as JSON in the metadata."""
+    schema = PREDICTIONS_SCHEMA.with_metadata({METADATA_PREDICTIONS_KEY: json.dumps(settings, sort_keys=True).encode(),
+                                               METADATA_SCHEMA_KEY: SCHEMA_VERSION.encode()})
+    return pa.Table.from_pydict({name: [row.get(name) for row in rows] for name in PREDICTION_COLUMNS}, schema=schema)

@@ -10,7 +10,7 @@ import pytest
 from facedist import storage
 from facedist.cli import build_parser, main
 
-COMMANDS = ("extract", "train", "report", "texture", "serve", "run", "models")
+COMMANDS = ("extract", "predict", "train", "report", "texture", "serve", "run", "models")
 
 
 def _subparsers(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser]:
@@ -96,6 +96,8 @@ def test_a_bad_flag_value_is_a_usage_error(argv, capsys):
     ["train", "--task", "expression", "--data", "{tmp}/missing", "--output", "{tmp}/out"],
     ["report", "--data", "{tmp}/missing", "--out", "{tmp}/report"],
     ["serve", "--models", "{tmp}/missing"],
+    ["predict", "{tmp}/missing", "--models", "{tmp}", "--out", "{tmp}/out"],
+    ["predict", "{tmp}", "--models", "{tmp}/missing", "--out", "{tmp}/out"],
     ["run", "--images", "{tmp}", "--out", "{tmp}/out", "--backend", "tddfa", "--landmarks", "dlib"],
     ["serve", "--texture-basis", "{tmp}/missing.npz"],
     ["run", "--images", "{tmp}", "--out", "{tmp}/out", "--no-texture", "--texture-basis", "{tmp}/basis.npz"],

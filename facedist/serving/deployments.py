@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import hashlib
 import json
 import time
 from collections import Counter
@@ -17,6 +16,7 @@ from collections import Counter
 import numpy as np
 from ray import serve
 
+from facedist.recognition import bundle_version, check_layouts
 from facedist.serving.settings import DEFAULTS, ServeSettings, resolve_device
 
 
@@ -163,21 +163,3 @@ class FaceRecognizer:
                             "metrics": bundle.get("metrics") or {}, "trained_on": layout,
                             "format_version": bundle.get("format_version")}
         return {"models_uri": self.models_uri, "models": models}
-
-
-def bundle_version(bundle: dict) -> str:
-    """12 hex digits of sha256 over the weights: changes exactly when the model does."""
-    digest = hashlib.sha256()
-    for name, tensor in sorted(bundle["state_dict"].items()):
-        digest.update(name.encode())
-        digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
-    return digest.hexdigest()[:12]
-
-
-def check_layouts(bundles: dict[str, dict], backend: str) -> None:
-    """Classifiers trained on another regressor's coefficients would answer nonsense: refuse."""
-    for task, bundle in bundles.items():
-        layout = json.loads(bundle["layout"]) if bundle.get("layout") else None
-        if layout and layout.get("backend") and layout["backend"] != backend:
-            raise ValueError(f"the {task} model was trained on {layout['backend']} coefficients but the "
-                             f"server extracts with {backend}; start it with backend={layout['backend']}")

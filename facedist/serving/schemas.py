@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 from pydantic import BaseModel, Field
 
-from facedist.schema import FACEAPI_EXPRESSIONS
+from facedist.schema import FACEAPI_EXPRESSIONS, image_outcome
 
 
 class ErrorBody(BaseModel):
@@ -190,10 +190,9 @@ def prediction_response(prediction: dict, rows: list[dict], uploads: list[Upload
     images = []
     for upload, row, entry in zip(uploads, rows, prediction["images"]):
         probabilities = entry.get("expression")
+        status, message = image_outcome(row, entry)
         images.append({
-            "index": upload.index, "filename": upload.filename,
-            "status": row["status"] if row["status"] != "ok" or entry.get("ok") else "error",
-            "message": row.get("message") or entry.get("error") or "",
+            "index": upload.index, "filename": upload.filename, "status": status, "message": message,
             "expression": {"label": entry.get("expression_label"), "probabilities": probabilities}
             if probabilities else None,
             "confidence": entry.get("confidence"), "confidence_mean": entry.get("confidence_mean"),
