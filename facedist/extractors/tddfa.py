@@ -211,9 +211,8 @@ class TDDFAExtractor(FaceExtractor):
         self.regressor = TDDFARegressor(device, checkpoint=checkpoint, batch_size=batch_size, passes=passes,
                                         num_threads=num_threads, timings=self.timings)
         self.model = self.regressor.model
-        from facedist.extractors.fit import CoefficientPrior  # the statistics the regressor de-normalises with
-
-        std = CoefficientPrior.tddfa().std
+        # The 300W-LP statistics the regressor de-normalises with: 12 pose, then shape, then expression.
+        std = self.regressor.param_std.astype(np.float64)[12:]
         self.prior_std = {"id": std[:self.model.n_shape], "exp": std[self.model.n_shape:]}
         self.with_vertices = with_vertices
         self.layout = CoefficientLayout(
