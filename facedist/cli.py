@@ -186,6 +186,14 @@ def cmd_models(args) -> int:
     return 0
 
 
+def boolean(text: str) -> bool:
+    """true / false (also yes / no, 1 / 0)."""
+    value = text.strip().lower()
+    if value not in ("true", "false", "yes", "no", "1", "0"):
+        raise argparse.ArgumentTypeError(f"{text!r}: say true or false")
+    return value in ("true", "yes", "1")
+
+
 def input_groups(text: str) -> tuple[str, ...]:
     """--inputs id,tex: descriptor groups (schema.INPUT_GROUPS)."""
     from facedist.schema import parse_inputs
@@ -200,7 +208,7 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     """Flags for one training run: every TrainConfig field, so the job and the CLI never drift."""
     from dataclasses import MISSING, fields
 
-    from facedist.training.engine import TrainConfig
+    from facedist.training.engine import SELECTS, TrainConfig
     from facedist.training.presets import describe_presets
     from facedist.training.registry import TASKS
     from facedist.training.tasks import AGGREGATES, HEADS, INPUT_NORMS
@@ -217,9 +225,9 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
                         help="use GPUs (default: when the cluster has them)")
     parser.add_argument("--labels", nargs="+", help="restrict/order the classes (default: every label in the table)")
     parser.add_argument("--address", default=None, help="Ray cluster address (default: RAY_ADDRESS, else a local Ray)")
-    choices = {"aggregate": AGGREGATES, "input_norm": INPUT_NORMS, "head": HEADS}
+    choices = {"aggregate": AGGREGATES, "input_norm": INPUT_NORMS, "head": HEADS, "select": SELECTS}
     types = {"int": int, "float": float, "str": str, "float | None": float, "str | None": str,
-             "int | None": non_negative_int, "tuple[str, ...] | None": input_groups}
+             "int | None": non_negative_int, "tuple[str, ...] | None": input_groups, "bool": boolean}
     for f in fields(TrainConfig):
         if f.name in {"task", "data", "output", "name", "num_workers", "cpus_per_worker", "use_gpu", "labels"}:
             continue

@@ -20,6 +20,7 @@ import torch
 import torch.distributed as dist
 
 TRAINER_STATE_FILE = "trainer_state.pt"
+SELECTS = ("best", "last")  # TrainConfig.select
 
 
 @dataclass
@@ -139,6 +140,8 @@ def fit(task, config: TrainConfig, *, wrap_model: Callable = lambda m: m, device
     resume: a trainer state (see ``trainer_state``) to continue from. on_epoch(metrics,
     save) is called after every epoch on every rank; ``save(directory)`` writes the checkpoint
     (bundle of the best model so far + trainer state) and is meant for rank 0."""
+    if config.select not in SELECTS:
+        raise ValueError(f"select {config.select!r}: choose one of {SELECTS}")
     rank, world_size = world()
     torch.manual_seed(config.seed)  # same init on every rank (DDP also broadcasts rank 0's)
     model = task.build_model().to(device)

@@ -84,6 +84,7 @@ def preset_value(task: str, name: str):
 def describe_presets(name: str, tasks=TASKS) -> str:
     """A flag's per-task defaults for --help, e.g. "cnet 30, identity 40, ..." (over ``tasks``)."""
     values = {task: preset_value(task, name) for task in tasks}
+    values = {task: ",".join(v) if isinstance(v, tuple) else v for task, v in values.items()}
     if len(set(map(repr, values.values()))) == 1:
         return str(next(iter(values.values())))
     return ", ".join(f"{task} {value}" for task, value in values.items())
