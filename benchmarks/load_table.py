@@ -23,7 +23,6 @@ import platform
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 _CHILD = r"""
@@ -52,7 +51,7 @@ def _write_repeated(source: str, rows: int, folder: Path) -> str:
     from facedist import storage
 
     table = storage.read_table(source)
-    parts, written, k = [], 0, 0
+    written, k = 0, 0
     while written < rows:
         take = table.slice(0, min(table.num_rows, rows - written))
         paths = pa.array([f"{p}#{k}" for p in take.column("path").to_pylist()])

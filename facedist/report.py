@@ -63,9 +63,9 @@ def _row(result) -> dict:
 
 
 def run_fold(data, fold: int, config: ReportConfig, crops=None, log=print, seed: int | None = None) -> dict:
-    from facedist.training.bundle import build_model
-    from facedist.training.presets import preset_config
     from facedist.schema import DEFAULT_INPUTS, inputs_label
+    from facedist.training.bundle import build_model
+    from facedist.training.presets import preset_config, shipped_inputs
     from facedist.training.tasks import CNetTask, cnet_confidences, make_classifier_task, task_inputs
 
     seed = config.seed if seed is None else seed
