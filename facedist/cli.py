@@ -242,6 +242,7 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def cmd_train(args) -> int:
+    from facedist.schema import DEFAULT_INPUTS
     from facedist.training import run_training
     from facedist.training.presets import preset_config
 
@@ -250,10 +251,18 @@ def cmd_train(args) -> int:
 
     values = {k: v for k, v in vars(args).items() if k not in ("func", "command", "address", "json", "verbose", "task")}
     config = preset_config(args.task, **values)
-    if args.task == "identity":
-        from facedist.workflow import few_photos_note
+    if args.task in DEFAULT_INPUTS:
+        from facedist.schema import INPUT_GROUPS, inputs_label
+        from facedist.training.presets import shipped_inputs
+        from facedist.training.tasks import task_inputs
+        from facedist.workflow import few_photos_note, filled_groups
 
-        note = few_photos_note(storage.read_table(args.data, columns=["subject", "status"]), config.folds)
+        table = storage.read_table(args.data, columns=["subject", "status", *INPUT_GROUPS.values()])
+        if args.inputs is None and shipped_inputs(args.task, filled_groups(table)) != task_inputs(config):
+            # The preset's groups this table lacks (extracted without them) are left out, and said.
+            config = preset_config(args.task, **{**values, "inputs": shipped_inputs(args.task, filled_groups(table))})
+            print(f"note: the table lacks some of the preset's inputs; training on {inputs_label(task_inputs(config))}")
+        note = few_photos_note(table, config.folds) if args.task == "identity" else None
         if note:
             print(f"note: {note}")
     summary = run_training(config, address=args.address)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from facedist.training.engine import TrainConfig
-from facedist.training.presets import TASK_PRESETS, describe_presets, preset_config, preset_value
+from facedist.training.presets import HEAD_PRESETS, TASK_PRESETS, describe_presets, preset_config, preset_value
 from facedist.training.registry import TASKS
 
 
@@ -14,8 +14,17 @@ def test_every_task_has_a_preset_and_it_is_applied():
     for task in TASKS:
         config = preset_config(task)
         assert config.task == task
-        for name, value in TASK_PRESETS[task].items():
+        # the task's preset, then what its head changes (the light heads' ridge, last epoch, ...)
+        head = TASK_PRESETS[task].get("head", TrainConfig.head)
+        for name, value in {**TASK_PRESETS[task], **HEAD_PRESETS.get((task, head), {})}.items():
             assert getattr(config, name) == value, (task, name)
+
+
+def test_another_head_takes_that_heads_settings():
+    linear, resnet = preset_config("gender", head="linear"), preset_config("gender", head="resnet")
+    assert (linear.select, linear.l2) == ("last", HEAD_PRESETS[("gender", "linear")]["l2"])
+    assert (resnet.select, resnet.l2, resnet.epochs) == ("best", 0.0, TASK_PRESETS["gender"]["epochs"])
+    assert preset_config("gender", head="linear", l2=0.5).l2 == 0.5  # a given value still wins
 
 
 def test_given_values_win_and_unset_ones_keep_the_preset():
@@ -32,7 +41,8 @@ def test_unknown_tasks_and_settings_are_refused():
 
 
 def test_help_text_names_each_tasks_default():
-    assert preset_value("expression", "lr") == TrainConfig.lr  # not in the preset: TrainConfig's
+    assert preset_value("expression", "warmup_epochs") == TrainConfig.warmup_epochs  # in no preset: TrainConfig's
     text = describe_presets("epochs", ("identity", "cnet"))
     assert text == f"identity {preset_value('identity', 'epochs')}, cnet {preset_value('cnet', 'epochs')}"
-    assert describe_presets("lr", ("identity", "expression")) == str(TrainConfig.lr)
+    assert describe_presets("warmup_epochs", ("identity", "expression")) == str(TrainConfig.warmup_epochs)
+    assert describe_presets("inputs", ("gender",)) == ",".join(preset_value("gender", "inputs"))
