@@ -149,6 +149,8 @@ def parse_inputs(text: str | tuple | list) -> tuple[str, ...]:
 def inputs_label(inputs: tuple[str, ...]) -> str:
     """("id", "tex") -> "α + τ"."""
     return " + ".join(INPUT_GROUP_SYMBOLS.get(n, n) for n in inputs)
+
+
 LABEL_COLUMNS = ("subject", "expression", "gender", "view")
 
 METADATA_LAYOUT_KEY = b"facedist.layout"
