@@ -70,7 +70,6 @@ async def closed_loop(url: str, images, concurrency: int, max_requests: int, max
 
     latencies: list[float] = []
     errors: dict[str, int] = {}
-    samples: dict[str, str] = {}  # the first body of each kind of error
     issued = 0
     deadline = time.perf_counter() + max_seconds
 
@@ -333,10 +332,8 @@ def train_small_models(images_dir: Path, out: Path) -> str:
     from facedist.images import decode_image
     from facedist.pipeline import extract_rows
     from facedist.schema import YALE_EXPRESSIONS, rows_to_table
-    from facedist.training import TrainConfig, save_model_bundle
+    from facedist.training import TrainConfig, train_and_save
     from facedist.training.data import table_to_data
-    from facedist.training.engine import fit
-    from facedist.training.tasks import CNetTask, make_classifier_task
 
     torch.manual_seed(0)
     extractor = make_extractor("tddfa")
@@ -347,16 +344,11 @@ def train_small_models(images_dir: Path, out: Path) -> str:
                      "image": decode_image(path.read_bytes())})
     finished, _ = extract_rows(rows, extractor)
     data = table_to_data(rows_to_table(finished, extractor.layout))
-    cnet_cfg = TrainConfig(task="cnet", epochs=2, steps_per_epoch=3, batch_size=16)
-    cnet_task = CNetTask(cnet_cfg, data)
-    result = fit(cnet_task, cnet_cfg)
-    save_model_bundle(cnet_task.bundle(result.best_state, result.best_metrics), str(out / "cnet"))
-    for cfg in (TrainConfig(task="identity", epochs=6, batch_size=32, cnet=str(out / "cnet"), aggregate="cnet",
+    for cfg in (TrainConfig(task="cnet", epochs=2, steps_per_epoch=3, batch_size=16),
+                TrainConfig(task="identity", epochs=6, batch_size=32, cnet=str(out / "cnet"), aggregate="cnet",
                             max_combos_per_subject=20),
                 TrainConfig(task="expression", epochs=4, batch_size=32, labels=list(YALE_EXPRESSIONS))):
-        task = make_classifier_task(cfg, data)
-        result = fit(task, cfg)
-        save_model_bundle(task.bundle(result.best_state, result.best_metrics), str(out / cfg.task))
+        train_and_save(cfg, data, str(out / cfg.task))
     return str(out)
 
 

@@ -60,25 +60,18 @@ def models(table, tmp_path_factory) -> str:
     """Small C-Net, identity (C-Net aggregate), gender and expression bundles trained on the table."""
     import torch
 
-    from facedist.training import TrainConfig, save_model_bundle
+    from facedist.training import TrainConfig, train_and_save
     from facedist.training.data import load_data
-    from facedist.training.engine import fit
-    from facedist.training.tasks import CNetTask, make_classifier_task
 
     torch.manual_seed(0)
     data = load_data(str(table))
     out = tmp_path_factory.mktemp("models")
-    cnet_cfg = TrainConfig(task="cnet", epochs=2, steps_per_epoch=2, batch_size=8)
-    cnet_task = CNetTask(cnet_cfg, data)
-    result = fit(cnet_task, cnet_cfg)
-    save_model_bundle(cnet_task.bundle(result.best_state, result.best_metrics), str(out / "cnet"))
-    for cfg in (TrainConfig(task="identity", epochs=3, batch_size=16, cnet=str(out / "cnet"), aggregate="cnet",
+    for cfg in (TrainConfig(task="cnet", epochs=2, steps_per_epoch=2, batch_size=8),
+                TrainConfig(task="identity", epochs=3, batch_size=16, cnet=str(out / "cnet"), aggregate="cnet",
                             max_combos_per_subject=8),
                 TrainConfig(task="gender", epochs=2, batch_size=16),
                 TrainConfig(task="expression", epochs=2, batch_size=16)):
-        task = make_classifier_task(cfg, data)
-        result = fit(task, cfg)
-        save_model_bundle(task.bundle(result.best_state, result.best_metrics), str(out / cfg.task))
+        train_and_save(cfg, data, str(out / cfg.task))
     return str(out)
 
 

@@ -71,10 +71,8 @@ def models_uri(yale_dir, s3_server, extractor, tmp_path_factory):
     import torch
 
     from facedist.schema import YALE_EXPRESSIONS, rows_to_table
-    from facedist.training import TrainConfig, save_model_bundle
+    from facedist.training import TrainConfig, save_model_bundle, train_and_save
     from facedist.training.data import table_to_data
-    from facedist.training.engine import fit
-    from facedist.training.tasks import CNetTask, make_classifier_task
 
     torch.manual_seed(0)
     paths = sorted(p for p in yale_dir.iterdir() if p.name.split(".")[-1] in YALE_EXPRESSIONS)
@@ -84,16 +82,11 @@ def models_uri(yale_dir, s3_server, extractor, tmp_path_factory):
     bucket = "facedist-serve-models"
     boto3.client("s3", endpoint_url=s3_server, region_name="us-east-1").create_bucket(Bucket=bucket)
     uri = f"s3://{bucket}/run1"
-    cnet_cfg = TrainConfig(task="cnet", epochs=2, steps_per_epoch=3, batch_size=16)
-    cnet_task = CNetTask(cnet_cfg, data)
-    result = fit(cnet_task, cnet_cfg)
-    save_model_bundle(cnet_task.bundle(result.best_state, result.best_metrics), str(local / "cnet"))
-    for cfg in (TrainConfig(task="identity", epochs=6, batch_size=32, cnet=str(local / "cnet"), aggregate="cnet",
+    for cfg in (TrainConfig(task="cnet", epochs=2, steps_per_epoch=3, batch_size=16),
+                TrainConfig(task="identity", epochs=6, batch_size=32, cnet=str(local / "cnet"), aggregate="cnet",
                             max_combos_per_subject=20),
                 TrainConfig(task="expression", epochs=4, batch_size=32, labels=list(YALE_EXPRESSIONS))):
-        task = make_classifier_task(cfg, data)
-        result = fit(task, cfg)
-        save_model_bundle(task.bundle(result.best_state, result.best_metrics), str(local / cfg.task))
+        train_and_save(cfg, data, str(local / cfg.task))
     for name in ("cnet", "identity", "expression"):
         save_model_bundle(torch.load(local / name / "model.pt", weights_only=False), f"{uri}/{name}")
     return uri

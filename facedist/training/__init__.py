@@ -28,4 +28,12 @@ def train_in_process(config: TrainConfig, data=None, task=None, on_epoch=None):
     return task, fit(task, config, on_epoch=on_epoch)
 
 
-__all__ = ["TrainConfig", "load_model_bundle", "run_training", "save_model_bundle", "train_in_process"]
+def train_and_save(config: TrainConfig, data, directory: str) -> str:
+    """train_in_process on ``data``, then the best model's bundle into ``directory``; returns the
+    bundle's URI (scripts and tests that need small real bundles)."""
+    task, result = train_in_process(config, data=data)
+    return save_model_bundle(task.bundle(result.best_state, result.best_metrics), directory)
+
+
+__all__ = ["TrainConfig", "load_model_bundle", "run_training", "save_model_bundle", "train_and_save",
+           "train_in_process"]
