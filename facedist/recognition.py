@@ -88,14 +88,20 @@ class Standardizer:
 
     @classmethod
     def fit(cls, x: np.ndarray, groups: np.ndarray | None = None, floor: float = 1e-3,
-            unit_length: bool = False) -> "Standardizer":
+            unit_length: bool = False, group_dims: list[int] | None = None) -> "Standardizer":
         """groups: a class per row; when given, also fit within-class whitening. ``floor``: the
         smallest eigenvalue kept, relative to the mean one (directions with almost no
-        within-class spread would otherwise be blown up)."""
+        within-class spread would otherwise be blown up). ``group_dims``: the widths of the input
+        groups side by side; each group is then scaled to unit total variance (its dimensions'
+        spread times the square root of its width)."""
         x = np.asarray(x, np.float64)
         # A dimension constant on the training rows (a ReLU feature never active there) carries
         # nothing learned: it maps to 0, where dividing by a tiny spread would blow a new row up.
         std = x.std(0)
+        if group_dims is not None:
+            if sum(group_dims) != x.shape[1]:
+                raise ValueError(f"group widths {group_dims} do not add up to {x.shape[1]} dimensions")
+            std = std * np.repeat(np.sqrt(np.asarray(group_dims, np.float64)), group_dims)
         norm = cls(x.mean(0).astype(np.float32), np.where(std > 1e-6, std, np.inf).astype(np.float32),
                    unit_length=unit_length)
         if groups is not None:

@@ -79,7 +79,11 @@ def test_light_heads_learn_and_their_bundles_load_strictly(synthetic, tmp_path, 
     task = make_classifier_task(cfg, data)
     result = fit(task, cfg)
     assert result.best_metrics["accuracy"] > 0.6      # 3 classes: chance 0.33
-    assert result.best_metrics["epoch"] == len(result.history) - 1   # select="last": the last epoch
+    # select="last": the validation run's last epoch; with refit its epochs again on every row
+    runs = 2 if cfg.refit else 1
+    assert len(result.history) == runs * cfg.epochs
+    assert result.best_metrics["epoch"] == cfg.epochs - 1 and "refit" not in result.best_metrics
+    assert all(h.get("refit", False) == (h["epoch"] >= cfg.epochs) for h in result.history)
     save_model_bundle(task.bundle(result.best_state, result.best_metrics), str(tmp_path))
     bundle = load_model_bundle(str(tmp_path))
     assert bundle["extra"]["inputs"] == ["exp"] and bundle["extra"]["head"] == head
@@ -170,3 +174,25 @@ def test_unit_length_standardizer_round_trips():
     np.testing.assert_allclose(np.linalg.norm(z, axis=1), np.sqrt(5), rtol=1e-5)
     np.testing.assert_array_equal(Standardizer.from_dict(norm.to_dict())(x), z)
     assert not Standardizer.from_dict(replace(norm, unit_length=False).to_dict()).unit_length
+
+
+def test_refit_ships_the_recipe_trained_on_every_row_and_per_group_scales_each_group(synthetic):
+    """refit: the bundle's weights and normalisation come from a second run on the training and
+    validation rows together; its metrics stay the validation run's. per_group: each input group
+    has unit total variance on the rows it was fitted on, whatever its width."""
+    _, data = synthetic
+    cfg = preset_config("expression", head="linear", inputs=("id", "exp"), epochs=6, input_norm="per_group")
+    plain, refitted = (make_classifier_task(replace(cfg, refit=r), data) for r in (False, True))
+    n_train, n_val = len(plain.y_train), len(plain.y_val)
+    first, second = fit(plain, replace(cfg, refit=False)), fit(refitted, replace(cfg, refit=True))
+    same = ("epoch", "accuracy", "val_loss", "train_loss")   # the same validation run
+    assert [first.best_metrics[k] for k in same] == [second.best_metrics[k] for k in same]
+    assert not all(torch.equal(first.best_state[k], second.best_state[k]) for k in first.best_state)
+    assert len(refitted.y_train) == n_train + n_val and refitted.extra["refit"] is True
+    assert refitted.extra["n_train_images"] == n_train + n_val
+    z = refitted.x_train.double().numpy()
+    widths = [data.alpha.shape[1], data.beta.shape[1]]
+    for lo, hi in ((0, widths[0]), (widths[0], sum(widths))):
+        assert abs(z[:, lo:hi].var(0).sum() - 1.0) < 1e-3
+    with pytest.raises(ValueError, match="select='last'"):
+        fit(make_classifier_task(replace(cfg, refit=True, select="best"), data), replace(cfg, refit=True, select="best"))

@@ -148,7 +148,7 @@ def test_training_resumes_from_its_last_checkpoint_after_a_node_is_lost(full_clu
     out = tmp_path / "train"
     config = TrainConfig(task="expression", data=table_file, output=str(out), epochs=EPOCHS, batch_size=16,
                          num_workers=2, cpus_per_worker=0.5, use_gpu=False, patience=50, name="expr-node-loss",
-                         keep_checkpoints=EPOCHS)
+                         keep_checkpoints=EPOCHS, checkpoint_every_s=0.0)   # a checkpoint every epoch
     result: dict = {}
     job = threading.Thread(target=lambda: result.update(summary=run_training(config)))
     job.start()

@@ -14,6 +14,7 @@ import dataclasses
 import json
 import os
 import tempfile
+import time
 
 from facedist import runtime, storage
 from facedist.training.engine import TrainConfig
@@ -63,8 +64,12 @@ def _worker_loop(loop_config: dict) -> None:
         with checkpoint.as_directory() as directory:
             resume = load_trainer_state(directory)
 
+    last_checkpoint = [time.monotonic()]
+
     def on_epoch(metrics: dict, save) -> None:
-        if rank == 0:
+        due = metrics["final"] or time.monotonic() - last_checkpoint[0] >= config.checkpoint_every_s
+        if rank == 0 and due:
+            last_checkpoint[0] = time.monotonic()
             with tempfile.TemporaryDirectory() as directory:
                 save(directory)
                 # This worker's S3 counts so far (retries of its checkpoint uploads) for the summary.

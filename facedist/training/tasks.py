@@ -35,7 +35,9 @@ LABEL_COLUMN = {"identity": "subject", "expression": "expression", "gender": "ge
                 "image_identity": "subject", "image_expression": "expression"}
 # within_class: standardise, then whiten by the within-class covariance; within_class_cosine: and
 # scale to unit length; standard: standardise only.
-INPUT_NORMS = ("within_class", "within_class_cosine", "standard")
+# per_group: standardise, then scale each input group to unit total variance, so a group of 256
+# dimensions weighs in as much as one of 10 (what the split-by-person probes do).
+INPUT_NORMS = ("within_class", "within_class_cosine", "standard", "per_group")
 AGGREGATES = ("cnet", "mean")  # how identity combinations are pooled: C-Net confidences or the plain mean
 HEADS = ("resnet", "linear", "mlp")
 # The paper's 1-D ResNet per task; the light heads are one architecture for every task.
@@ -121,17 +123,34 @@ class ClassifierTask:
         self.labels = labels
         if config.input_norm not in INPUT_NORMS:
             raise ValueError(f"input_norm {config.input_norm!r}: choose one of {INPUT_NORMS}")
-        self.norm = Standardizer.fit(x_train, y_train if config.input_norm.startswith("within_class") else None,
-                                     unit_length=config.input_norm == "within_class_cosine")
-        self.x_train = torch.as_tensor(self.norm(x_train))
-        self.y_train = torch.as_tensor(y_train)
-        self.x_val = torch.as_tensor(self.norm(x_val))
-        self.y_val = torch.as_tensor(y_val)
+        self.extra = extra or {}
+        # per_group: the widths of the input groups side by side (one group when not recorded).
+        self.group_dims = list(self.extra.get("input_dims") or [x_train.shape[1]])
+        self._fit_norm(x_train, y_train, x_val, y_val)
         self.layout_json = layout_json
         # facedist.models.registry: the architecture by name, its keyword arguments.
         self.model_name = arch
         self.model_config = {"input_dim": x_train.shape[1], "num_classes": len(labels), "dropout": config.dropout}
-        self.extra = extra or {}
+
+    def _fit_norm(self, x_train, y_train, x_val, y_val) -> None:
+        """The input normalisation, fitted on the training rows, and the normalised tensors."""
+        norm = self.config.input_norm
+        self.raw = (x_train, y_train, x_val, y_val)
+        self.norm = Standardizer.fit(x_train, y_train if norm.startswith("within_class") else None,
+                                     unit_length=norm == "within_class_cosine",
+                                     group_dims=self.group_dims if norm == "per_group" else None)
+        self.x_train = torch.as_tensor(self.norm(x_train))
+        self.y_train = torch.as_tensor(y_train)
+        self.x_val = torch.as_tensor(self.norm(x_val))
+        self.y_val = torch.as_tensor(y_val)
+
+    def use_all_rows(self) -> None:
+        """Train on the training and validation rows together from here on (TrainConfig.refit);
+        the normalisation is fitted again on all of them, and the bundle says so."""
+        x_train, y_train, x_val, y_val = self.raw
+        self._fit_norm(np.concatenate([x_train, x_val]), np.concatenate([y_train, y_val]), x_val, y_val)
+        self.extra = {**self.extra, "refit": True,
+                      "n_train_images": int(self.extra.get("n_train_images", 0) + self.extra.get("n_val_images", 0))}
 
     def build_model(self):
         model = create_model(self.model_name, **self.model_config)
@@ -166,7 +185,8 @@ class ClassifierTask:
     def ridge(self, model) -> torch.Tensor:
         """config.l2 x the input width x the sum of squared weights of every linear layer: on
         standardised inputs that keeps one l2 meaning the same shrinkage for 10 dimensions and 200."""
-        width = self.model_config["input_dim"]
+        # per_group: each group has unit total variance, so the groups count, not their dimensions.
+        width = len(self.group_dims) if self.config.input_norm == "per_group" else self.model_config["input_dim"]
         return self.config.l2 * width * sum((p ** 2).sum() for n, p in model.named_parameters()
                                             if n.endswith("weight") and p.dim() == 2)
 
