@@ -189,7 +189,9 @@ def connect(address: str | None = None, *, num_cpus: float | None = None, ship_p
               f"Ray's logs: {log_file()} and /tmp/ray/session_latest/logs (--verbose shows them)",
               file=sys.stderr, flush=True)
     quiet_ray_logging()
-    ray.init(address=target, **kwargs)
+    # "local": a new cluster of our own. With None, Ray joins any cluster `ray start` left
+    # running on this machine (/tmp/ray/ray_current_cluster), and then refuses num_cpus.
+    ray.init(address="local" if local else target, **kwargs)
     global _started_here
     _started_here = True
     return ray
