@@ -14,7 +14,6 @@ import dataclasses
 import json
 import os
 import tempfile
-import time
 
 from facedist import runtime, storage
 from facedist.training.engine import TrainConfig
@@ -64,12 +63,17 @@ def _worker_loop(loop_config: dict) -> None:
         with checkpoint.as_directory() as directory:
             resume = load_trainer_state(directory)
 
-    last_checkpoint = [time.monotonic()]
+    since_checkpoint = [0.0]
 
     def on_epoch(metrics: dict, save) -> None:
-        due = metrics["final"] or time.monotonic() - last_checkpoint[0] >= config.checkpoint_every_s
-        if rank == 0 and due:
-            last_checkpoint[0] = time.monotonic()
+        # Every rank reports the same epochs (a report waits for all of them): decided on the
+        # slowest rank's training seconds, which every rank has. A report costs a round trip to
+        # the controller, more than a light head's epoch, so epochs between checkpoints send none.
+        since_checkpoint[0] += metrics["train_seconds"]
+        if not (metrics["final"] or since_checkpoint[0] >= config.checkpoint_every_s):
+            return
+        since_checkpoint[0] = 0.0
+        if rank == 0:
             with tempfile.TemporaryDirectory() as directory:
                 save(directory)
                 # This worker's S3 counts so far (retries of its checkpoint uploads) for the summary.

@@ -80,8 +80,8 @@ class TrainConfig:
     keep_checkpoints: int = 2
     max_failures: int = 3                       # worker/node losses recovered from the latest checkpoint
     max_epoch_seconds: float | None = None      # optional cap per epoch (benchmarks)
-    # Ray Train: a checkpoint after the last epoch, and between epochs at most this often (a
-    # checkpoint per epoch of a light head costs more than its epoch).
+    # Ray Train: a checkpoint after the last epoch, and between epochs after at most this many
+    # seconds of training (a checkpoint per epoch of a light head costs more than its epoch).
     checkpoint_every_s: float = 10.0
 
     def to_dict(self) -> dict:
