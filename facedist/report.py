@@ -120,6 +120,10 @@ def run_fold(data, fold: int, config: ReportConfig, crops=None, log=print, seed:
     return out
 
 
+def _quiet(_message: str) -> None:
+    """A fold run elsewhere logs nothing (its lines would interleave); write_report logs its rows."""
+
+
 def synthetic_cnet_check(seed: int = 0, epochs: int = 30) -> dict:
     """(a): C-Net trained weakly (no identities) on synthetic sets; error to the true identity on
     held-out people, in prior-std units, for sets of 3 images: C-Net vs plain mean."""
@@ -164,8 +168,10 @@ def _plot_confusion(matrix, labels, title, path: Path) -> None:
     plt.close(fig)
 
 
-def write_report(config: ReportConfig, log=print) -> dict:
-    """Run the protocol and write results/ (local directory). Returns the results dict."""
+def write_report(config: ReportConfig, log=print, map_folds=None) -> dict:
+    """Run the protocol and write results/ (local directory). Returns the results dict.
+    map_folds(fn, jobs) -> [fn(*job) for job in jobs], in order: how the folds run (here, one
+    after another; `facedist run` passes one that spreads them over its Ray cluster)."""
     from facedist.training.data import TRAINING_COLUMNS, encode_labels, load_data
 
     started = time.perf_counter()
@@ -179,7 +185,14 @@ def write_report(config: ReportConfig, log=print) -> dict:
 
         crops = load_crops(data, config.image_size or preset_value("image_identity", "image_size"))
     seeds = range(config.seed, config.seed + config.seeds)
-    folds = [run_fold(data, k, config, crops, log, seed=seed) for seed in seeds for k in range(config.folds)]
+    jobs = [(k, seed) for seed in seeds for k in range(config.folds)]
+    if map_folds is None:
+        folds = [run_fold(data, k, config, crops, log, seed=seed) for k, seed in jobs]
+    else:
+        folds = map_folds(lambda k, seed: run_fold(data, k, config, crops, _quiet, seed=seed), jobs)
+        for f in folds:
+            log(f"fold {f['fold']} seed {f['seed']}: " + ", ".join(
+                f"{k} {v['accuracy']:.3f}" for k, v in f.items() if isinstance(v, dict) and "accuracy" in v))
     results: dict = {"data": config.data, "rows_used": len(data), "rows_skipped": data.skipped,
                      "backend": data.layout.backend, "folds": config.folds, "seeds": list(seeds), "per_fold": folds}
     keys = [k for k in folds[0] if k not in ("fold", "seed", "cnet")]

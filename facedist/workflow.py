@@ -176,7 +176,8 @@ def run_workflow(config: WorkflowConfig, log=print) -> dict:
         log(f"[3/3] report ({config.report_folds}-fold protocol, {rows}) -> {report_dir}")
         results = write_report_at(report_dir, ReportConfig(
             data=coeffs, folds=config.report_folds, seeds=config.report_seeds, coeff_epochs=config.epochs,
-            cnet_epochs=config.cnet_epochs, include_images=config.full_report, synthetic=config.report_synthetic))
+            cnet_epochs=config.cnet_epochs, include_images=config.full_report, synthetic=config.report_synthetic),
+            map_folds=map_on_ray)
         log(f"      {report_line(results)}")
         checks = bundle_checks(trained, results)
         for task, check in checks.items():
@@ -200,19 +201,29 @@ def run_workflow(config: WorkflowConfig, log=print) -> dict:
     return result
 
 
-def write_report_at(out_uri: str, config, log=None) -> dict:
+def map_on_ray(fn, jobs: list[tuple]) -> list:
+    """[fn(*job) for job in jobs], each job a Ray task of one CPU (one torch thread), in order. The
+    report's folds are independent: on 2 cores two single-threaded folds at once beat one fold
+    on two threads, and on a cluster they spread over its nodes."""
+    ray = runtime.connect()
+    task = ray.remote(num_cpus=1, max_retries=1)(fn)
+    return ray.get([task.remote(*job) for job in jobs])
+
+
+def write_report_at(out_uri: str, config, log=None, map_folds=None) -> dict:
     """facedist.report.write_report into out_uri, a local folder or an s3:// prefix (rendered in
     a temporary folder, then uploaded). config: a ReportConfig; its `out` is replaced. The
-    per-fold lines go to runtime.details() unless log is given."""
+    per-fold lines go to runtime.details() unless log is given. map_folds: write_report's (e.g.
+    map_on_ray); None runs the folds here, one after another."""
     from dataclasses import replace
 
     from facedist.report import write_report
 
     log = log or runtime.details()
     if not storage.is_s3(out_uri):
-        return write_report(replace(config, out=out_uri), log=log)
+        return write_report(replace(config, out=out_uri), log=log, map_folds=map_folds)
     with tempfile.TemporaryDirectory() as local:  # the report renders locally, then goes up
-        results = write_report(replace(config, out=local), log=log)
+        results = write_report(replace(config, out=local), log=log, map_folds=map_folds)
         for path in sorted(Path(local).rglob("*")):
             if path.is_file():
                 storage.write_bytes(storage.join(out_uri, str(path.relative_to(local))), path.read_bytes())
