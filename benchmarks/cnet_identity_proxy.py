@@ -42,9 +42,9 @@ def nearest_mean_accuracy(x_train, y_train, x_val, y_val) -> float:
 
 def aggregates(data, index, confidences, seed: int, max_combos: int = 120):
     combos, owners = group_combinations(data.subject.astype(str), index, 3, max_combos, seed)
-    alpha = torch.as_tensor(data.alpha[combos])
+    id_coeffs = torch.as_tensor(data.id_coeffs[combos])
     conf = None if confidences is None else torch.as_tensor(confidences[combos])
-    return aggregate_identity(alpha, conf).numpy(), owners.astype(str)
+    return aggregate_identity(id_coeffs, conf).numpy(), owners.astype(str)
 
 
 def train_cnet(data, fold: int, folds: int, seed: int, epochs: int, split: str = "image", **task_kwargs):

@@ -271,10 +271,10 @@ class Recognizer:
         for p in has_usable:
             outs[p]["aggregation"] = "cnet" if use_cnet[p] else "mean"
         used: set[int] = set()
-        with_alpha = [g for g in usable if _present(rows[g].get("id_coeffs"))]
-        if with_alpha:
-            alpha = np.array([np.asarray(rows[g]["id_coeffs"], np.float32) for g in with_alpha], np.float32)
-            for p, value in self._aggregate_many(alpha, with_alpha, owner, confidence, use_cnet).items():
+        with_id = [g for g in usable if _present(rows[g].get("id_coeffs"))]
+        if with_id:
+            id_coeffs = np.array([np.asarray(rows[g]["id_coeffs"], np.float32) for g in with_id], np.float32)
+            for p, value in self._aggregate_many(id_coeffs, with_id, owner, confidence, use_cnet).items():
                 outs[p]["identity_coeffs"] = value.tolist()
         for task in ("identity", "gender"):
             if task not in self.bundles:

@@ -129,10 +129,10 @@ def synthetic_cnet_check(seed: int = 0, epochs: int = 30) -> dict:
 
     table, truth = synthetic_table(SyntheticConfig(n_people=120, images_per_person=10, seed=seed))
     data = table_to_data(table)
-    std_id, _ = _tddfa_prior(data.alpha.shape[1], data.beta.shape[1])
+    std_id, _ = _tddfa_prior(data.id_coeffs.shape[1], data.exp_coeffs.shape[1])
     cfg = TrainConfig(task="cnet", epochs=epochs, lr=3e-3, batch_size=32, set_size=6, steps_per_epoch=10,
                       patience=8, folds=4, fold=0, seed=seed)
-    task = CNetTask(cfg, data, alpha_true=truth["alpha_true"], split="person")
+    task = CNetTask(cfg, data, true_id_coeffs=truth["true_id_coeffs"], split="person")
     result = fit(task, cfg)
     m = result.best_metrics
     scale = float(np.sqrt(np.mean(std_id ** 2)))  # report in units of the mean prior std

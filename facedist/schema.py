@@ -73,7 +73,7 @@ class CoefficientLayout:
 # Deep3DFaceRecon's 257 outputs, in order.
 DEEP3D_SPLITS = (("id", 80), ("exp", 64), ("tex", 80), ("angle", 3), ("gamma", 27), ("trans", 3))
 # 3DDFA_V2's 62 outputs, in order.
-TDDFA_SPLITS = (("pose", 12), ("shape", 40), ("exp", 10))
+TDDFA_SPLITS = (("pose", 12), ("id", 40), ("exp", 10))
 
 _f32_list = pa.list_(pa.float32())
 
@@ -97,8 +97,8 @@ COEFFICIENTS_SCHEMA = pa.schema(
                                                         # or tddfa's previous pass), x0, y0, x1, y1, ...
         pa.field("landmarks_fit", _f32_list),           # 68 points reprojected from the coefficients
         pa.field("landmark_error", pa.float32()),       # mean |fit - detected| / inter-ocular distance
-        pa.field("id_coeffs", _f32_list),               # identity alpha
-        pa.field("exp_coeffs", _f32_list),              # expression beta
+        pa.field("id_coeffs", _f32_list),               # identity coefficients (α in tables)
+        pa.field("exp_coeffs", _f32_list),              # expression coefficients (β in tables)
         pa.field("tex_coeffs", _f32_list),
         pa.field("light_coeffs", _f32_list),
         pa.field("yaw", pa.float32()),                  # degrees

@@ -229,7 +229,7 @@ def main() -> None:
     n = len(classes)
     trials = {
         "f (the report's)": lambda: probe_hits(feature, codes, subjects, args.seeds, n),
-        "β (the report's)": lambda: probe_hits(data.beta, codes, subjects, args.seeds, n),
+        "β (the report's)": lambda: probe_hits(data.exp_coeffs, codes, subjects, args.seeds, n),
         "f, trained and tested with the mirrored crop": lambda: probe_hits(rerun, codes, subjects, args.seeds, n,
                                                                           mirror=mirrored_f),
         "dlib 68 landmarks, aligned on brows, eyes, nose": lambda: probe_hits(

@@ -134,8 +134,8 @@ def test_default_extraction_fills_tex_coeffs_and_none_leaves_them_out(tmp_path, 
     assert layout.texture.endswith("+" + basis.version) and layout.n_tex == basis.n_components
     ok = [r for r in table.to_pylist() if r["status"] == "ok"]
     assert len(ok) == len(FACES)
-    tau = np.array([r["tex_coeffs"] for r in ok], np.float64)  # every ok row has them
-    assert tau.shape == (len(FACES), basis.n_components) and np.isfinite(tau).all()
+    tex_coeffs = np.array([r["tex_coeffs"] for r in ok], np.float64)  # every ok row has them
+    assert tex_coeffs.shape == (len(FACES), basis.n_components) and np.isfinite(tex_coeffs).all()
     capsys.readouterr()
 
     assert main(["extract", str(folder), "--out", str(out), "--texture-basis", "none"]) == 2

@@ -35,7 +35,7 @@ def _synthetic(bfm, prior, seed, angles=(25.0, -10.0, 5.0)):
 def test_fit_recovers_known_coefficients_and_pose(bfm, prior, seed, angles):
     coef, pose, points = _synthetic(bfm, prior, seed, angles)
     fit = fit_landmarks(bfm, points, FitConfig(reg=1e-6), prior)  # exact data: (almost) no prior
-    got = np.concatenate([fit.shape, fit.exp])
+    got = np.concatenate([fit.id_coeffs, fit.exp_coeffs])
     # every coefficient within 2% of its prior std; the pose to a hundredth of a degree
     assert np.abs((got - coef) / prior.std).max() < 0.02
     np.testing.assert_allclose(fit.pose.angles, angles, atol=0.05)
@@ -53,7 +53,7 @@ def test_regularised_fit_is_robust_to_landmark_noise(bfm, prior):
     regular = fit_landmarks(bfm, noisy, FitConfig(reg=1.0), prior)
 
     def shape_error(fit):  # 3-D landmark geometry error (pose-free), per inter-ocular distance
-        lm = bfm.landmarks(fit.shape, fit.exp)
+        lm = bfm.landmarks(fit.id_coeffs, fit.exp_coeffs)
         return np.linalg.norm((lm - lm.mean(0)) - (truth3d - truth3d.mean(0)), axis=1).mean() / interocular_distance(truth3d)
 
     # the prior keeps the 3-D shape closer to the truth than an unregularised fit to noise
@@ -128,8 +128,8 @@ def test_fit_from_an_initial_guess_reaches_the_same_fit(bfm, prior):
     guess = Pose.from_angles(*(np.array(pose.angles) + (4.0, -3.0, 2.0)), scale=0.0016, translation=(163, 117, 0))
     init = FitResult(start[:40].astype(np.float32), start[40:].astype(np.float32), guess, None)
     started = fit_landmarks(bfm, noisy, FitConfig(reg=1.0, iterations=30), prior, init=init)
-    got = np.concatenate([started.shape, started.exp])
-    want = np.concatenate([scratch.shape, scratch.exp])
+    got = np.concatenate([started.id_coeffs, started.exp_coeffs])
+    want = np.concatenate([scratch.id_coeffs, scratch.exp_coeffs])
     assert np.abs((got - want) / prior.std).max() < 0.01
     np.testing.assert_allclose(started.pose.angles, scratch.pose.angles, atol=0.1)
 

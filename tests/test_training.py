@@ -121,7 +121,7 @@ def test_cnet_beats_plain_mean_on_synthetic_sets():
     data = table_to_data(table)
     cfg = TrainConfig(task="cnet", epochs=6, lr=3e-3, batch_size=32, set_size=6, steps_per_epoch=10,
                       folds=4, fold=0, patience=8)
-    task = CNetTask(cfg, data, alpha_true=truth["alpha_true"], split="person")
+    task = CNetTask(cfg, data, true_id_coeffs=truth["true_id_coeffs"], split="person")
     result = fit(task, cfg)
     m = result.best_metrics
     assert m["truth_error_cnet"] < 0.95 * m["truth_error_mean"], m

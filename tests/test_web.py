@@ -75,7 +75,7 @@ def test_decimated_mesh_is_a_light_valid_wireframe():
     assert len(triangles) > 1.5 * len(indices)  # a surface, not a fringe of slivers
     assert decimated_mesh(model, 1200)[0] is indices  # cached
     rng = np.random.default_rng(0)
-    shape, exp = rng.normal(size=model.n_shape) * 1e4, rng.normal(size=model.n_exp)
+    shape, exp = rng.normal(size=model.n_id) * 1e4, rng.normal(size=model.n_exp)
     camera = Pose.from_angles(10, -5, 3, 1e-3, (160, 120, 0)).affine()
     full = apply_affine(model.vertices(shape, exp), camera)[indices, :2]
     np.testing.assert_allclose(project_mesh(model, shape, exp, camera, 1200), full, atol=1e-3)

@@ -315,16 +315,16 @@ class CNetTask:
 
     monitor = ("loo_error_cnet", "min")
 
-    def __init__(self, config: TrainConfig, data: CoefficientData, basis=None, alpha_true: np.ndarray | None = None,
+    def __init__(self, config: TrainConfig, data: CoefficientData, basis=None, true_id_coeffs: np.ndarray | None = None,
                  split: str = "image", model_overrides: dict | None = None, loss_config=None):
         from facedist.training.cnet import CNetLossConfig, prepare_sets
         from facedist.training.geometry import KeypointBasis
 
         self.config = config
         self.basis = basis or KeypointBasis.tddfa()
-        if self.basis.n_id != data.alpha.shape[1]:
+        if self.basis.n_id != data.id_coeffs.shape[1]:
             raise ValueError(f"the keypoint basis has {self.basis.n_id} identity dims, the table "
-                             f"{data.alpha.shape[1]}: C-Net needs the backend's basis")
+                             f"{data.id_coeffs.shape[1]}: C-Net needs the backend's basis")
         if split == "image":   # the same folds as the identity task: C-Net never sees validation images
             folds = image_folds(data.subject, config.folds, config.seed)
         else:                  # split by person (new people at validation)
@@ -333,13 +333,13 @@ class CNetTask:
             folds = np.array([fold_of[s] for s in data.subject.astype(str)])
         train_idx, val_idx = np.flatnonzero(folds != config.fold), np.flatnonzero(folds == config.fold)
         self.norm = Standardizer.fit(data.quality[train_idx])
-        truth = (lambda idx: None if alpha_true is None else alpha_true[idx])
-        self.train_sets = prepare_sets(data.subset(train_idx), self.basis, self.norm, alpha_true=truth(train_idx))
-        self.val_sets = prepare_sets(data.subset(val_idx), self.basis, self.norm, alpha_true=truth(val_idx))
+        truth = (lambda idx: None if true_id_coeffs is None else true_id_coeffs[idx])
+        self.train_sets = prepare_sets(data.subset(train_idx), self.basis, self.norm, true_id_coeffs=truth(train_idx))
+        self.val_sets = prepare_sets(data.subset(val_idx), self.basis, self.norm, true_id_coeffs=truth(val_idx))
         self.basis_t = self.basis.torch()
         self.device = torch.device("cpu")  # where the sets and basis_t live
         self.layout_json = data.layout.to_json()
-        self.model_config = CNetConfig(input_dim=data.quality.shape[1], n_id=data.alpha.shape[1],
+        self.model_config = CNetConfig(input_dim=data.quality.shape[1], n_id=data.id_coeffs.shape[1],
                                        **(model_overrides or {})).to_dict()
         self.loss_config = loss_config or CNetLossConfig()
         self.n_feature = data.n_feature
