@@ -70,15 +70,15 @@ def add_extractor_arguments(parser: argparse.ArgumentParser) -> None:
     """The flags that choose an extractor: shared by extract, run, serve and jobs/extract.py."""
     # Cheap imports (no torch): the registries are the choices.
     from facedist.detection import DEFAULT_DETECTOR, DETECTORS
-    from facedist.extractors import (BACKENDS, DEFAULT_BACKEND, DEFAULT_LANDMARKS, DEFAULT_TEXTURE_BASIS,
+    from facedist.extractors import (BACKENDS, DEFAULT_BACKEND, DEFAULT_LANDMARK_SOURCES, DEFAULT_TEXTURE_BASIS,
                                      LANDMARK_SOURCES, TEXTURE_BACKENDS)
 
     parser.add_argument("--backend", default=DEFAULT_BACKEND, choices=BACKENDS,
                         help="coefficient regressor (default: %(default)s)")
     parser.add_argument("--detector", default=DEFAULT_DETECTOR, choices=DETECTORS,
                         help="face detector (default: %(default)s)")
-    defaults = ", ".join(f"{b}: {s}" for b, s in DEFAULT_LANDMARKS.items())
-    parser.add_argument("--landmarks", default=None, choices=LANDMARK_SOURCES,
+    defaults = ", ".join(f"{b}: {s}" for b, s in DEFAULT_LANDMARK_SOURCES.items())
+    parser.add_argument("--landmarks", default=None, dest="landmark_source", choices=LANDMARK_SOURCES,
                         help=f"where the 68 landmarks come from (default per backend: {defaults}; "
                              "tddfa takes only its own)")
     parser.add_argument("--texture-basis", default=DEFAULT_TEXTURE_BASIS, type=texture_basis_arg, metavar="URI",
@@ -102,10 +102,10 @@ def extract_config_from_args(args, **overrides):
     from facedist.extractors import landmark_source_for, texture_basis_for
     from facedist.pipeline import ExtractConfig
 
-    landmark_source_for(args.backend, args.landmarks)  # SettingsError with what to use instead
+    landmark_source_for(args.backend, args.landmark_source)  # SettingsError with what to use instead
     # The shipped basis resolves here (its sha256 checked), a given one must exist: before any work.
     check_input(texture_basis_for(args.backend, not args.no_texture, args.texture_basis), "--texture-basis")
-    return ExtractConfig(backend=args.backend, detector=args.detector, landmarks=args.landmarks,
+    return ExtractConfig(backend=args.backend, detector=args.detector, landmark_source=args.landmark_source,
                          texture=not args.no_texture, texture_basis=args.texture_basis,
                          face_embedding=not args.no_face_embedding,
                          face_attributes=not args.no_face_attributes, **overrides)
@@ -210,7 +210,7 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
 
     from facedist.training.engine import SELECTS, TrainConfig
     from facedist.training.presets import describe_presets
-    from facedist.training.registry import TASKS
+    from facedist.training.task_registry import TASKS
     from facedist.training.tasks import AGGREGATES, HEADS, INPUT_NORMS
 
     parser.add_argument("--task", required=True, choices=TASKS, help="what to train")
@@ -324,7 +324,7 @@ def cmd_serve(args) -> int:
     settings = {name: getattr(args, name) for name in SERVE_FLAGS if getattr(args, name) is not None}
     run_server(args.models or None, address=args.address, host=args.host, port=args.port,
                route_prefix=args.route_prefix, backend=args.backend, detector=args.detector,
-               landmarks=args.landmarks, texture=not args.no_texture, texture_basis=args.texture_basis,
+               landmark_source=args.landmark_source, texture=not args.no_texture, texture_basis=args.texture_basis,
                face_embedding=not args.no_face_embedding, face_attributes=not args.no_face_attributes,
                **settings)
     return 0
@@ -337,7 +337,7 @@ def cmd_run(args) -> int:
     check_input(args.images, "--images")
     run_workflow(WorkflowConfig(
         images=args.images, out=args.out, backend=args.backend, detector=args.detector,
-        landmarks=args.landmarks, texture=not args.no_texture, texture_basis=args.texture_basis,
+        landmark_source=args.landmark_source, texture=not args.no_texture, texture_basis=args.texture_basis,
         face_embedding=not args.no_face_embedding, face_attributes=not args.no_face_attributes,
         dataset=args.dataset, resume=not args.no_resume, actors=args.actors,
         epochs=args.epochs, cnet_epochs=args.cnet_epochs, workers=args.workers, report=not args.no_report,

@@ -32,7 +32,7 @@ PART_PREFIX = "part-"
 class ExtractConfig:
     backend: str = DEFAULT_BACKEND
     detector: str = "faceboxes"       # facedist.detection.DETECTORS
-    landmarks: str | None = None      # None: the backend's own (facedist.extractors.DEFAULT_LANDMARKS)
+    landmark_source: str | None = None  # None: the backend's own (facedist.extractors.DEFAULT_LANDMARK_SOURCES)
     device: str = "cpu"
     # Images per extractor call and per Parquet part. Under Ray each batch is one actor call; 64
     # rather than 16 cut Ray's per-image overhead (benchmarks/extract_ray.py); the tddfa network
@@ -61,7 +61,7 @@ class ExtractConfig:
         """The extractor these settings describe; its models load here."""
         from facedist.extractors import make_extractor
 
-        return make_extractor(self.backend, detector=self.detector, landmarks=self.landmarks,
+        return make_extractor(self.backend, detector=self.detector, landmark_source=self.landmark_source,
                               device=device or self.device, texture=self.texture, texture_basis=self.texture_basis,
                               face_embedding=self.face_embedding, face_attributes=self.face_attributes,
                               detect_threads=detect_threads or self.detect_threads or os.cpu_count() or 1)
@@ -202,13 +202,16 @@ def output_layouts(out_uri: str, options: storage.S3Options | None = None) -> di
 
 def check_output_settings(out_uri: str, layout: CoefficientLayout, options: storage.S3Options | None = None) -> None:
     """Raise OutputSettingsError when out_uri holds parts made with another layout (backend,
-    detector, landmarks, model version): a resumed run must never mix them."""
+    detector, landmark source, model version): a resumed run must never mix them."""
     expected = layout.to_json()
     others = {raw: parts for raw, parts in output_layouts(out_uri, options).items() if not _same_layout(raw, layout)}
     if not others:
         return
     raw, parts = next(iter(others.items()))
-    theirs = json.loads(raw) if raw else {}
+    try:  # read as this version names the fields (an older table's landmarks: landmark_source)
+        theirs = json.loads(CoefficientLayout.from_json(raw).to_json()) if raw else {}
+    except (TypeError, ValueError):
+        theirs = json.loads(raw) if raw else {}
     mine = json.loads(expected)
     differ = [f"{k}: {theirs.get(k, '?')!r} there, {mine[k]!r} now" for k in mine if theirs.get(k) != mine[k]]
     raise OutputSettingsError(

@@ -49,7 +49,7 @@ class CoefficientLayout:
     # How faces were found and landmarked (e.g. "FaceBoxesProd:c0cb2b1e4071", "dlib"): part of
     # the layout so that a resumed extraction refuses to mix rows made with other settings.
     detector: str = ""
-    landmarks: str = ""
+    landmark_source: str = ""
     # The texture sampler's vertex set (+ the texture basis tex_coeffs were projected on).
     texture: str = ""
     n_texture_vertices: int = 0
@@ -67,7 +67,10 @@ class CoefficientLayout:
     def from_json(cls, text: str | bytes) -> "CoefficientLayout":
         """Fields a layout was written without take their defaults: tables from before a field
         existed read as made without it."""
-        return cls(**json.loads(text))
+        fields = json.loads(text)
+        if "landmarks" in fields:  # tables written before the field was named landmark_source
+            fields["landmark_source"] = fields.pop("landmarks")
+        return cls(**fields)
 
 
 # Deep3DFaceRecon's 257 outputs, in order.

@@ -23,7 +23,7 @@ class WorkflowConfig:
     out: str                        # folder or s3:// prefix: coefficients/, models/, report/
     backend: str = DEFAULT_BACKEND
     detector: str = "faceboxes"
-    landmarks: str | None = None    # None: the backend's own
+    landmark_source: str | None = None  # None: the backend's own
     texture: bool = True            # sample face colour on the fitted mesh
     texture_basis: str | None = DEFAULT_TEXTURE_BASIS  # tex_coeffs' basis (ExtractConfig.texture_basis)
     face_embedding: bool = True     # ExtractConfig.face_embedding
@@ -131,7 +131,7 @@ def run_workflow(config: WorkflowConfig, log=print) -> dict:
     summary = run_ray_extraction(
         config.images, coeffs,
         RayExtractConfig(extract=ExtractConfig(backend=config.backend, detector=config.detector,
-                                               landmarks=config.landmarks, texture=config.texture,
+                                               landmark_source=config.landmark_source, texture=config.texture,
                                                texture_basis=config.texture_basis, batch_size=config.batch_size,
                                                face_embedding=config.face_embedding,
                                                face_attributes=config.face_attributes,

@@ -65,7 +65,7 @@ def test_choices_come_from_the_registries():
     from facedist.datasets import DATASETS
     from facedist.detection import DETECTORS
     from facedist.extractors import BACKENDS
-    from facedist.training.registry import TASKS
+    from facedist.training.task_registry import TASKS
     from facedist.training.tasks import INPUT_NORMS
 
     commands = _subparsers(build_parser())

@@ -86,7 +86,7 @@ def test_fit_extractor_on_yale(yale_dir):
     assert r.id_coeffs.shape == (40,) and r.exp_coeffs.shape == (10,) and r.feature.shape == (136,)
     assert extractor.layout.n_feature == 136 and extractor.layout.backend == "fit"
     assert extractor.layout.detector.startswith("hog:dlib-")
-    assert "shape_predictor_68_face_landmarks" in extractor.layout.landmarks
+    assert "shape_predictor_68_face_landmarks" in extractor.layout.landmark_source
     # the residual feature is the normalised fit-minus-detected landmark offsets
     np.testing.assert_allclose(np.linalg.norm(r.feature.reshape(68, 2), axis=1).mean(), r.landmark_error, rtol=1e-4)
 
@@ -105,8 +105,8 @@ def test_degenerate_landmarks_give_a_row_error_not_an_exception(yale_dir):
 
     image = decode_image((yale_dir / "subject03.normal").read_bytes())
     collapsed = Collapsed()
-    extractor = make_extractor("fit", detector="dlib", landmarks=collapsed)
-    assert extractor.predictor is collapsed and extractor.layout.landmarks == "collapsed-1"
+    extractor = make_extractor("fit", detector="dlib", landmark_source=collapsed)
+    assert extractor.predictor is collapsed and extractor.layout.landmark_source == "collapsed-1"
     result = extractor.extract([image])[0]
     assert result.status == STATUS_ERROR and "degenerate" in result.message
     assert (result.width, result.height, result.num_faces) == (320, 243, 1)
@@ -149,7 +149,7 @@ def test_tddfa_fit_extractor_on_yale(yale_dir):
     assert all(r.feature.shape == (512,) and r.texture.shape == (layout.n_texture_vertices, 4) for r in ok)
     assert np.mean([r.landmark_error for r in ok]) < 0.05
     # same detector, same predictor on the same box: the fit backend's optimum
-    plain = make_extractor("fit", detector=hybrid.detector, landmarks=hybrid.predictor, texture=False)
+    plain = make_extractor("fit", detector=hybrid.detector, landmark_source=hybrid.predictor, texture=False)
     for a, b in zip(results[:-1], plain.extract(images)):
         if a.ok and b.ok:
             prior = CoefficientPrior.tddfa()

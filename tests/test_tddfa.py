@@ -170,7 +170,7 @@ def test_extractor_bad_input_gets_its_own_row(extractor):
     assert layout.model_version == assets.sha256_of(assets.resolve("tddfa/mb05_120x120.pth"))[:12]
     # how faces were found and landmarked is part of the layout
     assert layout.detector == extractor.detector.version and layout.detector.startswith("hog:dlib-")
-    assert layout.landmarks == "tddfa-2pass"
+    assert layout.landmark_source == "tddfa-2pass"
 
 
 # tddfa's landmark_error is how far the second pass moved the 68 points from the first pass's

@@ -18,15 +18,15 @@ TEXTURE_BACKENDS = ("tddfa-fit", "tddfa", "fit")
 DEFAULT_TEXTURE_BASIS = "default"
 # Where each backend's 68 landmarks come from unless told: tddfa regresses its own; the others
 # run dlib's predictor on the detector's box.
-DEFAULT_LANDMARKS = {"tddfa-fit": "dlib", "tddfa": "tddfa", "deep3d": "dlib", "fit": "dlib"}
+DEFAULT_LANDMARK_SOURCES = {"tddfa-fit": "dlib", "tddfa": "tddfa", "deep3d": "dlib", "fit": "dlib"}
 
 
-def landmark_source_for(backend: str, landmarks: str | None) -> str:
+def landmark_source_for(backend: str, landmark_source: str | None) -> str:
     """The landmark source a backend will use; a choice that backend cannot take is a SettingsError
     (raised before any model loads, so a CLI can fail early)."""
     if backend not in BACKENDS:
         raise SettingsError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
-    chosen = landmarks or DEFAULT_LANDMARKS[backend]
+    chosen = landmark_source or DEFAULT_LANDMARK_SOURCES[backend]
     if chosen not in LANDMARK_SOURCES:
         raise SettingsError(f"unknown landmark source {chosen!r}; choose one of {', '.join(LANDMARK_SOURCES)}")
     if backend == "tddfa" and chosen != "tddfa":
@@ -35,11 +35,11 @@ def landmark_source_for(backend: str, landmarks: str | None) -> str:
     return chosen
 
 
-def make_extractor(backend: str, *, detector=DEFAULT_DETECTOR, landmarks: str | None = None,
+def make_extractor(backend: str, *, detector=DEFAULT_DETECTOR, landmark_source: str | None = None,
                    device: str = "cpu", texture: bool = True, texture_basis=DEFAULT_TEXTURE_BASIS,
                    face_embedding=True, face_attributes=True, **kwargs) -> FaceExtractor:
     """Build an extractor; its models load here, once (call this once per worker). detector and
-    landmarks may also be ready objects (shared between extractors). texture: sample each face's
+    landmark_source may also be ready objects (shared between extractors). texture: sample each face's
     colour on the fitted 3DDFA mesh (facedist.texture); texture_basis (a TextureBasis, its URI,
     DEFAULT_TEXTURE_BASIS or None) also fills tex_coeffs. face_embedding: fill each ok row's
     face_embedding with dlib's face descriptor (facedist.face_descriptor), True or a ready
@@ -50,7 +50,7 @@ def make_extractor(backend: str, *, detector=DEFAULT_DETECTOR, landmarks: str | 
     if isinstance(texture_basis, str):
         from facedist.texture import TextureBasis
         texture_basis = TextureBasis.load(texture_basis)
-    extractor = _make_regressor(backend, detector, landmarks, device, **kwargs)
+    extractor = _make_regressor(backend, detector, landmark_source, device, **kwargs)
     if texture and backend in TEXTURE_BACKENDS:
         from facedist.texture import TextureSampler
         try:
@@ -89,9 +89,9 @@ def texture_basis_for(backend: str, texture: bool, basis):
     return basis
 
 
-def _make_regressor(backend, detector, landmarks, device, **kwargs) -> FaceExtractor:
-    source = landmarks if landmarks is not None and not isinstance(landmarks, str) else \
-        landmark_source_for(backend, landmarks)
+def _make_regressor(backend, detector, landmark_source, device, **kwargs) -> FaceExtractor:
+    source = landmark_source if landmark_source is not None and not isinstance(landmark_source, str) else \
+        landmark_source_for(backend, landmark_source)
     if isinstance(detector, str) and detector not in DETECTORS:
         raise SettingsError(f"unknown face detector {detector!r}; choose one of {', '.join(DETECTORS)}")
     if backend == "tddfa":
@@ -99,14 +99,14 @@ def _make_regressor(backend, detector, landmarks, device, **kwargs) -> FaceExtra
         return TDDFAExtractor(detector=detector, device=device, **kwargs)
     if backend == "deep3d":
         from facedist.extractors.deep3d import Deep3DExtractor
-        return Deep3DExtractor(detector=detector, device=device, landmarks=source, **kwargs)
+        return Deep3DExtractor(detector=detector, device=device, landmark_source=source, **kwargs)
     if backend == "tddfa-fit":
         from facedist.extractors.fit import TDDFAFitExtractor
-        return TDDFAFitExtractor(detector=detector, device=device, landmarks=source, **kwargs)
+        return TDDFAFitExtractor(detector=detector, device=device, landmark_source=source, **kwargs)
     from facedist.extractors.fit import LandmarkFitExtractor
-    return LandmarkFitExtractor(detector=detector, device=device, landmarks=source, **kwargs)
+    return LandmarkFitExtractor(detector=detector, device=device, landmark_source=source, **kwargs)
 
 
-__all__ = ["BACKENDS", "DEFAULT_BACKEND", "DEFAULT_LANDMARKS", "DEFAULT_TEXTURE_BASIS", "DETECTORS", "TEXTURE_BACKENDS", "ExtractionResult", "Extractor", "FaceExtractor",
+__all__ = ["BACKENDS", "DEFAULT_BACKEND", "DEFAULT_LANDMARK_SOURCES", "DEFAULT_TEXTURE_BASIS", "DETECTORS", "TEXTURE_BACKENDS", "ExtractionResult", "Extractor", "FaceExtractor",
            "LANDMARK_SOURCES", "landmark_source_for", "make_extractor",
            "texture_basis_for"]

@@ -180,12 +180,12 @@ class LandmarkFitExtractor(FaceExtractor):
 
     name = "fit"
 
-    def __init__(self, detector=DEFAULT_DETECTOR, device: str = "cpu", *, landmarks="dlib",
+    def __init__(self, detector=DEFAULT_DETECTOR, device: str = "cpu", *, landmark_source="dlib",
                  model: MorphableModel | None = None, prior: CoefficientPrior | None = None,
                  reg: float = FitConfig.reg, iterations: int = FitConfig.iterations,
                  with_vertices: bool = False, detect_threads: int = 1):
         super().__init__(make_face_detector(detector, device, threads=detect_threads))
-        self.predictor = make_landmark_source(landmarks, device)
+        self.predictor = make_landmark_source(landmark_source, device)
         self.model = model or MorphableModel.from_tddfa()
         # 3DDFA's basis comes with coefficient statistics; another basis gets an isotropic prior.
         self.prior = prior or (CoefficientPrior.tddfa() if self.model.name == "tddfa_bfm"
@@ -196,7 +196,7 @@ class LandmarkFitExtractor(FaceExtractor):
         self.layout = CoefficientLayout(
             backend=self.name, n_id=self.model.n_id, n_exp=self.model.n_exp, n_feature=2 * NUM_LANDMARKS,
             model_name=f"landmark_fit_{self.model.name}", model_version=f"reg{reg:g}_it{iterations}",
-            detector=self.detector.version, landmarks=self.predictor.version)
+            detector=self.detector.version, landmark_source=self.predictor.version)
 
     def fit_faces(self, faces: list[DetectedFace]) -> list[ExtractionResult]:
         with self.timings.stage("landmarks"):
@@ -238,14 +238,14 @@ class TDDFAFitExtractor(LandmarkFitExtractor):
 
     name = "tddfa-fit"
 
-    def __init__(self, detector=DEFAULT_DETECTOR, device: str = "cpu", *, landmarks="dlib",
+    def __init__(self, detector=DEFAULT_DETECTOR, device: str = "cpu", *, landmark_source="dlib",
                  checkpoint: str = "tddfa/mb05_120x120.pth", batch_size: int | None = None,
                  reg: float = FitConfig.reg, iterations: int = FitConfig.iterations,
                  num_threads: int | None = None, with_vertices: bool = False, detect_threads: int = 1):
         from facedist.extractors.tddfa import TDDFARegressor
 
         regressor = TDDFARegressor(device, checkpoint=checkpoint, batch_size=batch_size, num_threads=num_threads)
-        super().__init__(detector, device, landmarks=landmarks, model=regressor.model, reg=reg,
+        super().__init__(detector, device, landmark_source=landmark_source, model=regressor.model, reg=reg,
                          iterations=iterations, with_vertices=with_vertices, detect_threads=detect_threads)
         regressor.timings = self.timings
         self.regressor = regressor

@@ -219,7 +219,7 @@ class TDDFAExtractor(FaceExtractor):
             backend="tddfa", n_id=self.model.n_id, n_exp=self.model.n_exp,
             n_feature=self.regressor.net.num_features, model_name=f"3ddfa_v2_{self.regressor.path.stem}",
             model_version=assets.sha256_of(self.regressor.path)[:12],
-            detector=self.detector.version, landmarks=f"tddfa-{self.regressor.passes}pass")
+            detector=self.detector.version, landmark_source=f"tddfa-{self.regressor.passes}pass")
 
     def fit_faces(self, faces: list[DetectedFace]) -> list[ExtractionResult]:
         fits = self.regressor.fit([f.image for f in faces], [f.face.box for f in faces])

@@ -36,7 +36,7 @@ class FaceExtractor:
         self.torch_threads = torch.get_num_threads()
         self.max_side = s.max_side  # uploads are downscaled on decode to at most this side
         self.device = resolve_device(s.device)
-        self.extractor = make_extractor(s.backend, detector=s.detector, landmarks=s.landmarks, device=self.device,
+        self.extractor = make_extractor(s.backend, detector=s.detector, landmark_source=s.landmark_source, device=self.device,
                                         texture=s.texture, texture_basis=s.texture_basis,
                                         face_embedding=s.face_embedding, face_attributes=s.face_attributes,
                                         detect_threads=s.extractor_detect_threads)

@@ -25,7 +25,7 @@ class ServeSettings:
     models_uri: str | None = None     # training output with the recognizer bundles; None: /v1/predict is 503
     backend: str = "tddfa"            # make_extractor backend; `facedist serve` passes the CLI default (tddfa-fit)
     detector: str = "faceboxes"       # face detector: faceboxes (one batched forward per batch) or dlib
-    landmarks: str | None = None      # 68-point source for fit/deep3d; None: the backend's own
+    landmark_source: str | None = None  # 68-point source for fit/deep3d; None: the backend's own
     texture: bool = True              # sample face colour on the fitted mesh (texture backends)
     # tex_coeffs' basis: the shipped one, a .npz URI, or None/"none" (no tex_coeffs)
     texture_basis: str | None = DEFAULT_TEXTURE_BASIS
