@@ -24,8 +24,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from facedist.features import Standardizer
 from facedist.models.cnet import aggregate_identity
-from facedist.training.data import Standardizer, group_combinations, image_folds, load_data
+from facedist.training.data import group_combinations, image_folds, load_data
 from facedist.training.engine import TrainConfig, fit
 from facedist.training.tasks import CNetTask, cnet_confidences
 

@@ -30,7 +30,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from facedist.training.data import CoefficientData, encode_labels, within_class_whitening
+from facedist.features import within_class_whitening
+from facedist.training.data import CoefficientData, encode_labels
 
 PROBE_DIMS = 80          # identity metric: inputs wider than this are PCA-reduced (on the training rows) first
 PROBE_L2 = 1e-3          # logistic regression's weight decay, on inputs of unit total variance
@@ -120,7 +121,7 @@ def fold_descriptors(data: CoefficientData, train: np.ndarray, pixels: np.ndarra
     learns (the texture basis) from `train` alone. A pair ("exp+tex") is its two descriptors side
     by side, each scaled alone, so in the probes neither drowns the other by its number of
     dimensions (the identity metric re-standardises and whitens, which undoes that balance)."""
-    from facedist.recognition import QUALITY_SCALARS
+    from facedist.features import QUALITY_SCALARS
 
     out = {"id": unit_total_variance(data.id_coeffs, train), "exp": unit_total_variance(data.exp_coeffs, train)}
     if data.texture is not None:

@@ -29,7 +29,8 @@ import pyarrow.fs as pafs
 
 from facedist import SettingsError, storage
 from facedist.pipeline import ExtractConfig, list_parts
-from facedist.recognition import DEFAULT_TOP_K, QUALITY_COLUMNS, Recognizer, bundle_version
+from facedist.features import QUALITY_COLUMNS
+from facedist.recognition import DEFAULT_TOP_K, Recognizer, bundle_version
 from facedist.schema import (INPUT_GROUPS, METADATA_LAYOUT_KEY, METADATA_PREDICTIONS_KEY, STATUS_OK,
                              image_outcome)
 

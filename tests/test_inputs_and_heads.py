@@ -10,7 +10,8 @@ import pyarrow as pa
 import pytest
 import torch
 
-from facedist.recognition import Recognizer, Standardizer, bundle_logits, quality_vector
+from facedist.features import Standardizer, quality_vector
+from facedist.recognition import Recognizer, bundle_logits
 from facedist.schema import DEFAULT_INPUTS, parse_inputs
 from facedist.training import TrainConfig, save_model_bundle
 from facedist.training.bundle import load_model_bundle

@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from facedist.training import TrainConfig, load_model_bundle, save_model_bundle
-from facedist.training.data import Standardizer, image_folds, group_combinations, table_to_data
+from facedist.features import Standardizer
+from facedist.training.data import image_folds, group_combinations, table_to_data
 from facedist.training.engine import fit
 from facedist.recognition import Recognizer
 from facedist.training.synthetic import SyntheticConfig, synthetic_table

@@ -8,7 +8,7 @@ images overfit (confidences spanning 0.002..7 that hurt identity), so two more t
   - identity consistency (``consistency_ratio``): split each set into two disjoint halves; the
     two C-Net aggregates of one person must be closer to each other than to other people's
     (squared distance ratio relative to the plain mean's ratio). Distances are measured after
-    within-set whitening (the metric the identity classifier sees, data.Standardizer): per-dim
+    within-set whitening (the metric the identity classifier sees, features.Standardizer): per-dim
     standardised distances are dominated by the directions in which one person's images vary
     anyway. It needs only "these images are the same person", and is what makes the aggregate
     better for identity.
@@ -26,7 +26,8 @@ import numpy as np
 import torch
 
 from facedist.models.cnet import aggregate_identity
-from facedist.training.data import CoefficientData, within_class_whitening
+from facedist.features import within_class_whitening
+from facedist.training.data import CoefficientData
 from facedist.training.geometry import KeypointBasis, fit_affine_cameras, interocular, project
 
 

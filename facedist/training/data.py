@@ -13,7 +13,7 @@ import pyarrow as pa
 
 import pyarrow.compute as pc
 
-from facedist.recognition import Standardizer, quality_matrix, quality_vector, within_class_whitening  # noqa: F401
+from facedist.features import QUALITY_SCALARS, quality_matrix
 from facedist.schema import COLUMNS, INPUT_GROUPS, STATUS_OK, CoefficientLayout, layout_from_schema
 
 @dataclass
@@ -26,7 +26,7 @@ class CoefficientData:
     gender: np.ndarray
     id_coeffs: np.ndarray          # (N, n_id)
     exp_coeffs: np.ndarray         # (N, n_exp)
-    quality: np.ndarray            # (N, Q), see quality_vector
+    quality: np.ndarray            # (N, Q), see features.quality_vector
     landmarks: np.ndarray          # (N, 68, 2) detected; NaN where missing
     landmarks_fit: np.ndarray      # (N, 68, 2); NaN where missing
     box: np.ndarray                # (N, 4); NaN where missing
@@ -58,8 +58,6 @@ class CoefficientData:
 
     def group(self, name: str) -> np.ndarray | None:
         """One descriptor group's (N, D) array, None where the table lacks it."""
-        from facedist.recognition import QUALITY_SCALARS
-
         if name == "id":
             return self.id_coeffs
         if name == "exp":

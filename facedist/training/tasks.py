@@ -12,7 +12,7 @@
 A classifier's input is a descriptor: the groups of ``config.inputs`` side by side (id, exp,
 tex, feature, ...; schema.INPUT_GROUPS). Its head is the paper's 1-D ResNet (34 for identity and
 gender, 32 for expression), a linear layer or a small MLP (``config.head``). Inputs are whitened
-within class on the training split (``input_norm``, see data.Standardizer), and the whitening,
+within class on the training split (``input_norm``, see features.Standardizer), and the whitening,
 the groups and the head travel in the bundle with the weights.
 """
 
@@ -22,12 +22,11 @@ import numpy as np
 import torch
 from torch.nn import functional as F
 
+from facedist.features import Standardizer
 from facedist.models.cnet import CNetConfig, aggregate_identity, confidence_weights
 from facedist.models.registry import create_model
 from facedist.training.bundle import make_bundle
-from facedist.training.data import (CoefficientData, Standardizer, combos_per_subject, encode_labels,
-                                    group_combinations,
-                                    image_folds)
+from facedist.training.data import CoefficientData, combos_per_subject, encode_labels, group_combinations, image_folds
 from facedist.training.engine import TrainConfig
 
 COEFFICIENT_TASKS = ("identity", "expression", "gender")
