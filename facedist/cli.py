@@ -100,7 +100,7 @@ def extract_config_from_args(args, **overrides):
     """ExtractConfig from the flags above (+ overrides); a combination no backend takes fails
     here, before Ray or any model starts."""
     from facedist.extractors import landmark_source_for, texture_basis_for
-    from facedist.pipeline import ExtractConfig
+    from facedist.extraction.config import ExtractConfig
 
     landmark_source_for(args.backend, args.landmark_source)  # SettingsError with what to use instead
     # The shipped basis resolves here (its sha256 checked), a given one must exist: before any work.
@@ -112,7 +112,8 @@ def extract_config_from_args(args, **overrides):
 
 
 def cmd_extract(args) -> int:
-    from facedist.pipeline import discover_records, run_extraction
+    from facedist.extraction.local import run_extraction
+    from facedist.extraction.rows import discover_records
 
     check_input(args.images, "IMAGES")
     options = _s3_options(args)
@@ -120,7 +121,7 @@ def cmd_extract(args) -> int:
         args, device=args.device, batch_size=args.batch_size, max_side=args.max_side, preview=args.preview,
         resume=not args.no_resume, detect_threads=args.detect_threads)
     if args.ray:
-        from facedist.ray_extract import RayExtractConfig, run_ray_extraction
+        from facedist.extraction.distributed import RayExtractConfig, run_ray_extraction
 
         summary = run_ray_extraction(args.images, args.out, RayExtractConfig(
             extract=config, actors=args.actors, dataset=args.dataset, actor_num_cpus=args.actor_cpus,
@@ -358,9 +359,9 @@ def build_parser() -> argparse.ArgumentParser:
     from dataclasses import fields
 
     from facedist.datasets import DATASETS
-    from facedist.pipeline import ExtractConfig
+    from facedist.extraction.config import ExtractConfig
     from facedist.prediction import PredictConfig
-    from facedist.ray_extract import RayExtractConfig
+    from facedist.extraction.distributed import RayExtractConfig
     from facedist.report import ReportConfig
     from facedist.serving.settings import ServeSettings
     from facedist.training.presets import describe_presets, preset_value

@@ -117,8 +117,8 @@ def bundle_checks(trained: dict, results: dict) -> dict:
 
 
 def run_workflow(config: WorkflowConfig, log=print) -> dict:
-    from facedist.pipeline import ExtractConfig
-    from facedist.ray_extract import RayExtractConfig, run_ray_extraction
+    from facedist.extraction.config import ExtractConfig
+    from facedist.extraction.distributed import RayExtractConfig, run_ray_extraction
     from facedist.report import ReportConfig
     from facedist.training import run_training
     from facedist.training.presets import preset_config, shipped_inputs

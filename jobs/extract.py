@@ -21,7 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from facedist import SettingsError, storage  # noqa: E402
 from facedist.cli import add_extractor_arguments, extract_config_from_args  # noqa: E402
-from facedist.ray_extract import RayExtractConfig, run_ray_extraction  # noqa: E402
+from facedist.extraction.distributed import RayExtractConfig, run_ray_extraction
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -16,7 +16,8 @@ from pathlib import Path
 import pytest
 
 from facedist import storage
-from facedist.pipeline import SUMMARY_NAME, ExtractConfig, list_parts
+from facedist.extraction.config import ExtractConfig
+from facedist.extraction.output import SUMMARY_NAME, list_parts
 from faultproxy import FaultProxy  # tests/ is on the path (pytest rootdir conftest)
 
 REPO = Path(__file__).resolve().parents[1]
@@ -128,13 +129,13 @@ def _wait_until_idle(ray, timeout: float = 120.0) -> None:
 
 
 def _extract_config(**kw):
-    from facedist.ray_extract import RayExtractConfig
+    from facedist.extraction.distributed import RayExtractConfig
 
     return RayExtractConfig(extract=ExtractConfig(backend="tddfa", batch_size=4), progress=False, **kw)
 
 
 def test_extraction_reads_and_writes_through_a_flaky_store(ray_local, s3_server, faults, yale_dir):
-    from facedist.ray_extract import run_ray_extraction
+    from facedist.extraction.distributed import run_ray_extraction
 
     source = _bucket(s3_server, "flaky-extract")
     inputs = _upload_yale(s3_server, source, yale_dir, 24)
@@ -151,7 +152,7 @@ def test_extraction_reads_and_writes_through_a_flaky_store(ray_local, s3_server,
 
 def test_a_store_that_stays_down_fails_the_job_naming_it_and_keeps_the_rows(ray_local, s3_server, proxy,
                                                                             yale_dir):
-    from facedist.ray_extract import run_ray_extraction
+    from facedist.extraction.distributed import run_ray_extraction
 
     source = _bucket(s3_server, "down-extract")
     inputs = _upload_yale(s3_server, source, yale_dir, 12)
@@ -199,7 +200,8 @@ def test_a_part_cut_off_before_its_commit_is_not_taken_as_done(s3_server, proxy,
     assert len(first) == 4                                   # only the committed part is there
     assert not storage.exists(f"{out}/{SUMMARY_NAME}")
 
-    from facedist.pipeline import discover_records, run_extraction
+    from facedist.extraction.local import run_extraction
+    from facedist.extraction.rows import discover_records
 
     summary = run_extraction(discover_records(f"{source}/raw/"), out, ExtractConfig(backend="tddfa", batch_size=4))
     assert summary["run"]["skipped"] == 4 and summary["run"]["written"] == 8
@@ -212,7 +214,9 @@ def test_local_part_cut_off_before_its_rename_is_not_taken_as_done(tmp_path, yal
     images = sorted(str(p) for p in yale_dir.iterdir() if p.name.startswith("subject"))[:8]
     script = (
         "import os, signal, sys\n"
-        "from facedist.pipeline import ExtractConfig, discover_records, run_extraction\n"
+        "from facedist.extraction.config import ExtractConfig\n"
+        "from facedist.extraction.local import run_extraction\n"
+        "from facedist.extraction.rows import discover_records\n"
         "real, renames = os.replace, []\n"
         "def replace(src, dst):\n"
         "    if os.path.basename(dst).startswith('part-'):\n"
@@ -227,7 +231,8 @@ def test_local_part_cut_off_before_its_rename_is_not_taken_as_done(tmp_path, yal
     assert len(list_parts(str(out))) == 1
     assert [p.name for p in out.iterdir() if p.name.startswith(".part-")]   # the half-committed one
 
-    from facedist.pipeline import discover_records, run_extraction
+    from facedist.extraction.local import run_extraction
+    from facedist.extraction.rows import discover_records
 
     summary = run_extraction(discover_records(images), str(out), ExtractConfig(backend="tddfa", batch_size=4))
     assert summary["run"]["skipped"] == 4 and summary["run"]["written"] == 4 and summary["rows"] == 8

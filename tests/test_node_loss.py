@@ -14,7 +14,8 @@ import numpy as np
 import pytest
 
 from facedist import storage
-from facedist.pipeline import ExtractConfig, list_parts
+from facedist.extraction.config import ExtractConfig
+from facedist.extraction.output import list_parts
 from multinode import MultiNodeCluster, wait_until  # tests/ is on the path (pytest rootdir conftest)
 
 pytestmark = pytest.mark.multinode
@@ -59,7 +60,7 @@ def copies(yale_dir, tmp_path_factory) -> tuple[list[str], dict[str, str]]:
 def clean_coefficients(yale_dir) -> dict[str, tuple[list, list]]:
     """(id, exp) coefficients of each distinct photo from a clean single-process run."""
     from facedist.images import decode_image
-    from facedist.pipeline import extract_rows
+    from facedist.extraction.rows import extract_rows
 
     config = ExtractConfig(backend="tddfa")
     names = sorted(p.name for p in yale_dir.iterdir() if p.name.startswith("subject"))[:DISTINCT]
@@ -77,7 +78,7 @@ def test_extraction_finishes_on_the_nodes_left_after_one_is_lost(full_cluster, c
                                                                  tmp_path):
     import pyarrow.parquet as pq
 
-    from facedist.ray_extract import RayExtractConfig, run_ray_extraction
+    from facedist.extraction.distributed import RayExtractConfig, run_ray_extraction
 
     paths, source = copies
     out = str(tmp_path / "out")

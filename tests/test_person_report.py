@@ -52,7 +52,9 @@ def test_logistic_probe_learns_a_linear_rule():
 
 def test_person_report_on_real_faces(yale_dir, tmp_path):
     """Yale, 6 people x 4 photos, default extraction: the report's files, every descriptor row."""
-    from facedist.pipeline import ExtractConfig, discover_records, run_extraction
+    from facedist.extraction.config import ExtractConfig
+    from facedist.extraction.local import run_extraction
+    from facedist.extraction.rows import discover_records
     from facedist.training.data import encode_labels, load_data
 
     names = [f"subject{i:02d}.{c}" for i in range(1, 7) for c in ("normal", "happy", "sad", "glasses")]

@@ -16,7 +16,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from facedist import storage
-from facedist.pipeline import ExtractConfig, list_parts
+from facedist.extraction.config import ExtractConfig
+from facedist.extraction.output import list_parts
 
 SUBJECTS = ("subject01", "subject02", "subject03", "subject04", "subject05")
 CONDITIONS = ("normal", "happy", "sad", "surprised")
@@ -33,7 +34,7 @@ def table(yale_dir, tmp_path_factory) -> Path:
     layout, as `facedist extract` writes them."""
     from facedist.datasets import parse_yale_name
     from facedist.images import decode_image
-    from facedist.pipeline import extract_rows
+    from facedist.extraction.rows import extract_rows
     from facedist.schema import STATUS_ERROR, rows_to_table
 
     extractor = ExtractConfig(**EXTRACT).build_extractor()

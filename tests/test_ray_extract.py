@@ -18,8 +18,9 @@ import pytest
 from PIL import Image
 
 from facedist import storage
-from facedist.pipeline import SUMMARY_NAME, ExtractConfig, list_parts
-from facedist.ray_extract import RayExtractConfig, part_name, plan_resources, run_ray_extraction
+from facedist.extraction.config import ExtractConfig
+from facedist.extraction.output import SUMMARY_NAME, list_parts
+from facedist.extraction.distributed import RayExtractConfig, part_name, plan_resources, run_ray_extraction
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -259,7 +260,7 @@ def test_an_interrupted_run_resumes_where_it_stopped(ray_local, tmp_path, yale_d
 
 @pytest.mark.ray
 def test_other_settings_are_refused_before_any_work_then_replaced(ray_local, tmp_path, yale_dir):
-    from facedist.pipeline import OutputSettingsError
+    from facedist.extraction.output import OutputSettingsError
 
     paths = [str(yale_dir / name) for name in YALE_OK[:4]]
     out = str(tmp_path / "out")

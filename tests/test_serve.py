@@ -52,7 +52,7 @@ def extractor():
 def _extract_files(extractor, paths) -> list[dict]:
     from facedist.datasets import parse_yale_name
     from facedist.images import decode_image
-    from facedist.pipeline import extract_rows
+    from facedist.extraction.rows import extract_rows
 
     rows = []
     for path in paths:

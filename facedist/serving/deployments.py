@@ -69,9 +69,9 @@ class FaceExtractor:
 
     def _extract_rows(self, items: list[tuple[bytes, bool]]) -> list[dict]:
         from facedist.mesh import result_mesh2d
-        from facedist.pipeline import decode_row, extract_rows
+        from facedist.extraction.rows import decode_row, extract_rows
 
-        # The pipeline's own row functions: a bad upload is its row's error, rows in = rows out.
+        # Extraction's own row functions: a bad upload is its row's error, rows in = rows out.
         decoded = [decode_row({"path": f"upload-{i}", "bytes": upload}, self.max_side)
                    for i, (upload, _) in enumerate(items)]
         finished, results = extract_rows(decoded, self.extractor)
