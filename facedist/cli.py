@@ -141,8 +141,8 @@ def cmd_extract(args) -> int:
 
 
 def cmd_predict(args) -> int:
-    from facedist.prediction import PredictConfig
-    from facedist.ray_predict import run_ray_prediction
+    from facedist.prediction.rows import PredictConfig
+    from facedist.prediction.distributed import run_ray_prediction
 
     check_input(args.input, "INPUT")
     check_input(args.models, "--models")
@@ -360,7 +360,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     from facedist.datasets import DATASETS
     from facedist.extraction.config import ExtractConfig
-    from facedist.prediction import PredictConfig
+    from facedist.prediction.rows import PredictConfig
     from facedist.extraction.distributed import RayExtractConfig
     from facedist.report import ReportConfig
     from facedist.serving.settings import ServeSettings

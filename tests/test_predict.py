@@ -134,7 +134,7 @@ def test_predict_many_is_predict_per_person(table, models):
 
 
 def test_table_detection(table, tmp_path, yale_dir):
-    from facedist.prediction import table_parts
+    from facedist.prediction.rows import table_parts
 
     assert table_parts(str(table)) == list_parts(str(table))
     assert table_parts(str(table / "part-a-00000.parquet")) == [str(table / "part-a-00000.parquet")]
@@ -161,8 +161,8 @@ def local_ray():
 @pytest.mark.slow
 @pytest.mark.ray
 def test_predict_table_rows_groups_and_resume(local_ray, table, models, tmp_path):
-    from facedist.prediction import PredictConfig, PredictionSettingsError
-    from facedist.ray_predict import run_ray_prediction
+    from facedist.prediction.rows import PredictConfig, PredictionSettingsError
+    from facedist.prediction.distributed import run_ray_prediction
     from facedist.recognition import Recognizer
 
     out = tmp_path / "predictions"

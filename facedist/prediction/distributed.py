@@ -1,4 +1,4 @@
-"""`facedist predict` on Ray Data: the thin adapter around facedist.prediction's row functions.
+"""`facedist predict` on Ray Data: the thin adapter around facedist.prediction.rows' row functions.
 
     images?  an input that is not a coefficients table is extracted first, by the extraction job
              itself (facedist.extraction.distributed, resumable) into OUT/_coefficients, then predicted
@@ -29,9 +29,7 @@ import pyarrow as pa
 
 from facedist import SettingsError, runtime, storage
 from facedist.extraction.output import finished_keys, remove_set_aside, set_aside, summarize
-from facedist.prediction import (PredictConfig, check_output_settings, group_identity, needed_columns,
-                                 predict_rows, prediction_settings, rows_from_arrow, table_layout, table_parts,
-                                 table_rows)
+from facedist.prediction.rows import PredictConfig, check_output_settings, group_identity, needed_columns, predict_rows, prediction_settings, rows_from_arrow, table_layout, table_parts, table_rows
 from facedist.progress import progress_bar
 from facedist.extraction.distributed import RayExtractConfig, SKIPPED, part_name, plan_resources, run_ray_extraction
 from facedist.recognition import Recognizer, check_layouts

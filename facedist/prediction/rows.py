@@ -14,7 +14,7 @@ answers for one person's photos. Here only the table's shape is handled:
   * prediction_settings / check_output_settings: what an output was made with; a resumed run
     refuses to add rows of other models
 
-The Ray Data job around them is facedist.ray_predict.
+The Ray Data job around them is facedist.prediction.distributed.
 """
 
 from __future__ import annotations
