@@ -1,7 +1,7 @@
 """Fast proxy for "does C-Net aggregation help identity on real faces?" (seconds per fold).
 
 For each of the report's k folds (facedist.training.data.image_folds, split by image): train C-Net
-weakly (sets of one person's training images, exactly as facedist.report does), then aggregate
+weakly (sets of one person's training images, exactly as facedist.reports.image does), then aggregate
 C(n, 3) combinations of each subject's images by C-Net and by the plain mean, whiten within class
 on the training combinations (as the classifiers do) and classify every validation combination by
 the nearest class mean of the training combinations. Same split, same combinations for both aggregations; only
@@ -49,7 +49,7 @@ def aggregates(data, index, confidences, seed: int, max_combos: int = 120):
 
 
 def train_cnet(data, fold: int, folds: int, seed: int, epochs: int, split: str = "image", **task_kwargs):
-    # Same settings as facedist.report.run_fold.
+    # Same settings as facedist.reports.image.run_fold.
     cfg = TrainConfig(task="cnet", folds=folds, fold=fold, seed=seed, epochs=epochs, lr=3e-3, batch_size=16,
                       set_size=6, steps_per_epoch=10, patience=8)
     task = CNetTask(cfg, data, split=split, **task_kwargs)
@@ -96,7 +96,7 @@ def run_unseen_people_fold(data, fold: int, folds: int, seed: int, epochs: int, 
 
 
 def synthetic_check(seed: int = 0, epochs: int = 30) -> dict:
-    from facedist.report import synthetic_cnet_check
+    from facedist.reports.image import synthetic_cnet_check
 
     return synthetic_cnet_check(seed, epochs)
 

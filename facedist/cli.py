@@ -281,7 +281,7 @@ def cmd_train(args) -> int:
 
 def cmd_report(args) -> int:
     if args.protocol == "person":
-        from facedist.person_report import PersonReportConfig, write_person_report
+        from facedist.reports.person import PersonReportConfig, write_person_report
 
         check_input(args.data, "--data")
         given = {k: getattr(args, k) for k in ("out", "seeds", "gallery", "image_seeds", "heads", "model_seeds")
@@ -291,8 +291,8 @@ def cmd_report(args) -> int:
         print(Path(config.out, "table_person.md").read_text())
         print(f"report written to {config.out} in {results['seconds']:.0f} s")
         return 0
-    from facedist.report import ACCURACY_TABLES, ReportConfig
-    from facedist.workflow import report_line, write_report_at
+    from facedist.reports.image import ACCURACY_TABLES, ReportConfig
+    from facedist.reports.image import report_line, write_report_at
 
     check_input(args.data, "--data")
     config = ReportConfig(data=args.data, folds=args.folds, seed=args.seed, seeds=args.seeds or 1,
@@ -362,7 +362,7 @@ def build_parser() -> argparse.ArgumentParser:
     from facedist.extraction.config import ExtractConfig
     from facedist.prediction.rows import PredictConfig
     from facedist.extraction.distributed import RayExtractConfig
-    from facedist.report import ReportConfig
+    from facedist.reports.image import ReportConfig
     from facedist.serving.settings import ServeSettings
     from facedist.training.presets import describe_presets, preset_value
     from facedist.training.tasks import COEFFICIENT_TASKS

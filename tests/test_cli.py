@@ -19,7 +19,7 @@ def _subparsers(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentP
 
 
 def test_every_flag_has_help_with_its_real_default(monkeypatch):
-    from facedist.report import ReportConfig
+    from facedist.reports.image import ReportConfig
     from facedist.serving.settings import ServeSettings
     from facedist.training.presets import describe_presets, preset_value
 

@@ -6,8 +6,7 @@ import json
 
 import numpy as np
 
-from facedist.person_report import (MODEL_INPUTS, PersonReportConfig, identity_matches, logistic_probe, person_folds,
-                                    unit_total_variance, write_person_report)
+from facedist.reports.person import MODEL_INPUTS, PersonReportConfig, identity_matches, logistic_probe, person_folds, unit_total_variance, write_person_report
 
 
 def test_person_folds_keep_each_person_in_one_fold():
@@ -99,7 +98,7 @@ def test_person_report_on_real_faces(yale_dir, tmp_path):
 
 
 def test_markdown_marks_a_row_run_on_fewer_seeds():
-    from facedist.person_report import _markdown
+    from facedist.reports.person import _markdown
 
     results = {"folds": 5, "seeds": 2, "rows_used": 4, "people": 2, "backend": "fit", "gallery": "neutral",
                "summary": {"gender": {"tex": {"mean": 0.9, "std": 0.01, "seeds": [0.89, 0.91]},
@@ -114,7 +113,7 @@ def test_most_missed_counts_misses_per_row_across_seeds():
     descriptor (too few classes in a fold) adds neither hits nor misses."""
     from types import SimpleNamespace
 
-    from facedist.person_report import SeedResult, most_missed
+    from facedist.reports.person import SeedResult, most_missed
 
     data = SimpleNamespace(path=np.array(["a.jpg", "b.jpg", "c.jpg", "d.jpg"]),
                            subject=np.array(["p1", "p1", "p2", "p2"]),
