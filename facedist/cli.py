@@ -70,19 +70,20 @@ def add_extractor_arguments(parser: argparse.ArgumentParser) -> None:
     """The flags that choose an extractor: shared by extract, run, serve and jobs/extract.py."""
     # Cheap imports (no torch): the registries are the choices.
     from facedist.detection import DEFAULT_DETECTOR, DETECTORS
-    from facedist.extractors import (BACKENDS, DEFAULT_BACKEND, DEFAULT_LANDMARK_SOURCES, DEFAULT_TEXTURE_BASIS,
-                                     LANDMARK_SOURCES, TEXTURE_BACKENDS)
+    from facedist.extractors import DEFAULT_BACKEND, DEFAULT_TEXTURE_BASIS
+    from facedist.extractors.backends import default_landmark_sources, list_backends, texture_backends
+    from facedist.extractors.landmark_sources import LANDMARK_SOURCES
 
-    parser.add_argument("--backend", default=DEFAULT_BACKEND, choices=BACKENDS,
+    parser.add_argument("--backend", default=DEFAULT_BACKEND, choices=list_backends(),
                         help="coefficient regressor (default: %(default)s)")
     parser.add_argument("--detector", default=DEFAULT_DETECTOR, choices=DETECTORS,
                         help="face detector (default: %(default)s)")
-    defaults = ", ".join(f"{b}: {s}" for b, s in DEFAULT_LANDMARK_SOURCES.items())
+    defaults = ", ".join(f"{b}: {s}" for b, s in default_landmark_sources().items())
     parser.add_argument("--landmarks", default=None, dest="landmark_source", choices=LANDMARK_SOURCES,
                         help=f"where the 68 landmarks come from (default per backend: {defaults}; "
                              "tddfa takes only its own)")
     parser.add_argument("--texture-basis", default=DEFAULT_TEXTURE_BASIS, type=texture_basis_arg, metavar="URI",
-                        help=f"texture basis that fills tex_coeffs with {', '.join(TEXTURE_BACKENDS)}: "
+                        help=f"texture basis that fills tex_coeffs with {', '.join(texture_backends())}: "
                              f"'{DEFAULT_TEXTURE_BASIS}' (the shipped London basis, {assets.DEFAULT_TEXTURE_BASIS_FILE}), "
                              "a .npz from `facedist texture fit`, or 'none' (the sampled texture only) "
                              "(default: %(default)s)")

@@ -64,7 +64,7 @@ def test_a_negative_count_is_a_usage_error(argv, capsys):
 def test_choices_come_from_the_registries():
     from facedist.datasets import DATASETS
     from facedist.detection import DETECTORS
-    from facedist.extractors import BACKENDS
+    from facedist.extractors.backends import list_backends
     from facedist.training.task_registry import TASKS
     from facedist.training.tasks import INPUT_NORMS
 
@@ -72,7 +72,7 @@ def test_choices_come_from_the_registries():
     choices = {(name, a.dest): tuple(a.choices) for name, c in commands.items() for a in c._actions if a.choices}
     assert choices[("train", "task")] == tuple(TASKS)
     assert choices[("train", "input_norm")] == tuple(INPUT_NORMS)
-    assert choices[("run", "backend")] == tuple(BACKENDS)
+    assert choices[("run", "backend")] == list_backends()
     assert choices[("serve", "detector")] == tuple(DETECTORS)
     assert choices[("extract", "dataset")] == choices[("run", "dataset")] == tuple(DATASETS)
 

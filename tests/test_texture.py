@@ -106,10 +106,11 @@ def test_the_default_basis_goes_only_where_texture_is_sampled():
     left out there instead of failing; the texture backends get the shipped file."""
     from facedist import assets
     from facedist.cli import build_parser, extract_config_from_args
-    from facedist.extractors import DEFAULT_TEXTURE_BASIS, TEXTURE_BACKENDS, texture_basis_for
+    from facedist.extractors import DEFAULT_TEXTURE_BASIS, texture_basis_for
+    from facedist.extractors.backends import texture_backends
 
     shipped = str(assets.resolve(assets.DEFAULT_TEXTURE_BASIS_FILE))
-    assert all(texture_basis_for(b, True, DEFAULT_TEXTURE_BASIS) == shipped for b in TEXTURE_BACKENDS)
+    assert all(texture_basis_for(b, True, DEFAULT_TEXTURE_BASIS) == shipped for b in texture_backends())
     assert texture_basis_for("deep3d", True, DEFAULT_TEXTURE_BASIS) is None
     assert texture_basis_for("tddfa-fit", False, DEFAULT_TEXTURE_BASIS) is None
     assert texture_basis_for("tddfa-fit", True, None) is None

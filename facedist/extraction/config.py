@@ -14,7 +14,7 @@ from facedist.extractors.base import Extractor
 class ExtractConfig:
     backend: str = DEFAULT_BACKEND
     detector: str = "faceboxes"       # facedist.detection.DETECTORS
-    landmark_source: str | None = None  # None: the backend's own (facedist.extractors.DEFAULT_LANDMARK_SOURCES)
+    landmark_source: str | None = None  # None: the backend's own (extractors.backends)
     device: str = "cpu"
     # Images per extractor call and per Parquet part. Under Ray each batch is one actor call; 64
     # rather than 16 cut Ray's per-image overhead (benchmarks/extract_ray.py); the tddfa network
