@@ -8,10 +8,11 @@ fed with C-Net aggregates) -> model bundles -> report. Local Ray and local stora
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from facedist import runtime, storage
-from facedist.extractors import DEFAULT_BACKEND, DEFAULT_TEXTURE_BASIS
+from facedist.extraction.config import ExtractConfig
+from facedist.extraction.distributed import RayExtractConfig
 from facedist.schema import INPUT_GROUPS, LABEL_COLUMNS
 
 
@@ -19,17 +20,8 @@ from facedist.schema import INPUT_GROUPS, LABEL_COLUMNS
 class WorkflowConfig:
     images: str                     # folder, s3:// prefix or manifest
     out: str                        # folder or s3:// prefix: coefficients/, models/, report/
-    backend: str = DEFAULT_BACKEND
-    detector: str = "faceboxes"
-    landmark_source: str | None = None  # None: the backend's own
-    texture: bool = True            # sample face colour on the fitted mesh
-    texture_basis: str | None = DEFAULT_TEXTURE_BASIS  # tex_coeffs' basis (ExtractConfig.texture_basis)
-    face_embedding: bool = True     # ExtractConfig.face_embedding
-    face_attributes: bool = True    # ExtractConfig.face_attributes
-    dataset: str = "auto"
-    resume: bool = True             # False: replace the coefficients an earlier run left in out/
-    actors: int = 2
-    batch_size: int = 32
+    # The extraction step's settings (the extractor, batches, resume, actors, dataset).
+    extraction: RayExtractConfig = field(default_factory=lambda: WorkflowConfig.default_extraction())
     epochs: int | None = None       # classifier epochs; None: the task presets' (training.presets)
     cnet_epochs: int | None = None
     workers: int = 1                # Ray Train workers per task
@@ -40,6 +32,12 @@ class WorkflowConfig:
     report_seeds: int = 1
     report_synthetic: bool = True   # the report's synthetic C-Net check (known identities)
     address: str | None = None
+
+    @staticmethod
+    def default_extraction() -> RayExtractConfig:
+        # Batches of 32, not ExtractConfig's 64: a few hundred images still make enough batches
+        # to keep both default actors busy.
+        return RayExtractConfig(extract=ExtractConfig(batch_size=32))
 
 
 def _labelled(table, column: str) -> int:
@@ -77,8 +75,7 @@ def _trained_line(task: str, summary: dict, seconds: float) -> str:
 
 
 def run_workflow(config: WorkflowConfig, log=print) -> dict:
-    from facedist.extraction.config import ExtractConfig
-    from facedist.extraction.distributed import RayExtractConfig, run_ray_extraction
+    from facedist.extraction.distributed import run_ray_extraction
     from facedist.reports.image import ReportConfig, bundle_checks, report_line, write_report_at
     from facedist.training import run_training
     from facedist.training.presets import preset_config, shipped_inputs
@@ -88,16 +85,7 @@ def run_workflow(config: WorkflowConfig, log=print) -> dict:
     coeffs = storage.join(config.out, "coefficients")
     models = storage.join(config.out, "models")
     log(f"[1/3] extracting {config.images} -> {coeffs}")
-    summary = run_ray_extraction(
-        config.images, coeffs,
-        RayExtractConfig(extract=ExtractConfig(backend=config.backend, detector=config.detector,
-                                               landmark_source=config.landmark_source, texture=config.texture,
-                                               texture_basis=config.texture_basis, batch_size=config.batch_size,
-                                               face_embedding=config.face_embedding,
-                                               face_attributes=config.face_attributes,
-                                               resume=config.resume),
-                         actors=config.actors, dataset=config.dataset),
-        address=config.address)
+    summary = run_ray_extraction(config.images, coeffs, config.extraction, address=config.address)
 
     table = storage.read_table(coeffs, columns=["status", *LABEL_COLUMNS, *INPUT_GROUPS.values()])
     groups = filled_groups(table)
