@@ -12,10 +12,8 @@ confidences shrunk toward equal weights.
 By default one confidence per image, shared by its identity dims (``per_dimension=False``); the
 paper's per-dimension c_i is ``per_dimension=True``. The classifiers whiten their inputs within
 class, and per-dimension weights that differ between images change the within-person covariance
-that whitening was fitted on. On Yale (nearest class mean after whitening, 3 folds, tddfa / fit
-tables): plain mean 0.903 / 1.000; per-dimension C-Net 0.875 / 0.983 (0.742 on tddfa with the
-whitened consistency term); one weight per image with it 0.925 / 0.991.
-benchmarks/cnet_identity_proxy.py measures it.
+that whitening was fitted on; one weight per image leaves that covariance's directions alone.
+benchmarks/cnet_identity_proxy.py compares the two (docs/results.md has the figures).
 """
 
 from __future__ import annotations

@@ -3,8 +3,8 @@
 For a set S of images of one person and each j in S, the identity aggregated by C-Net from the
 *other* images, with image j's own expression and camera, must reproduce j's detected landmarks:
     L_loo = mean_j |P_j( X(agg_{S \\ j}(id_coeffs, c), β_j) ) - y_j|^2 / iod_j^2
-On real faces this term alone barely moves (~2% below the plain mean) and lets a wide MLP on ~100
-images overfit (confidences spanning 0.002..7 that hurt identity), so two more terms:
+On its own this term hardly separates C-Net from the plain mean on real faces, and lets a wide
+MLP on a few hundred images overfit (extreme confidences that hurt identity), so two more terms:
   - identity consistency (``consistency_ratio``): split each set into two disjoint halves; the
     two C-Net aggregates of one person must be closer to each other than to other people's
     (squared distance ratio relative to the plain mean's ratio). Distances are measured after
@@ -15,7 +15,7 @@ images overfit (confidences spanning 0.002..7 that hurt identity), so two more t
   - shrinkage: var(log c) pulls confidences toward equal weights (the plain mean) and
     (mean log c)^2 pins their overall scale (the aggregate is invariant to it).
 All terms are ratios to the plain mean's value on the same batch, so < 1 beats the mean.
-benchmarks/cnet_identity_proxy.py measures the effect on Yale identity (nearest class mean).
+benchmarks/cnet_identity_proxy.py measures the effect on identity (nearest class mean).
 """
 
 from __future__ import annotations
