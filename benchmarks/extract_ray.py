@@ -38,8 +38,8 @@ sys.path.insert(0, str(REPO))
 os.environ.setdefault("FACEDIST_MODEL_DIR", str(REPO.parent / "shared" / "models"))
 
 from facedist.datasets import records_from_paths  # noqa: E402
-from facedist.extraction.config import ExtractConfig
-from facedist.extraction.local import run_extraction
+from facedist.extraction.config import ExtractConfig  # noqa: E402
+from facedist.extraction.local import run_extraction  # noqa: E402
 
 
 def make_images(yale_dir: Path, n: int, folder: Path, seed: int = 0) -> list[str]:

@@ -26,8 +26,8 @@ from faultproxy import FaultProxy  # noqa: E402  (test infrastructure, reused he
 from multinode import MultiNodeCluster, wait_until  # noqa: E402
 
 from facedist import storage  # noqa: E402
-from facedist.extraction.config import ExtractConfig
-from facedist.extraction.output import list_parts
+from facedist.extraction.config import ExtractConfig  # noqa: E402
+from facedist.extraction.output import list_parts  # noqa: E402
 
 
 def _copies(images: Path, folder: Path, count: int, distinct: int) -> list[str]:

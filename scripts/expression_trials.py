@@ -23,9 +23,9 @@ import torch
 
 from facedist import storage
 from facedist.extractors.tddfa import TDDFARegressor, crop_resize
+from facedist.features import QUALITY_SCALARS
 from facedist.images import decode_image
 from facedist.reports.person import logistic_probe, person_folds, unit_total_variance, usually_missed
-from facedist.features import QUALITY_SCALARS
 from facedist.texture import TextureSampler, normalised_colour
 from facedist.training.data import encode_labels, load_data
 
