@@ -22,8 +22,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(REPO), str(REPO / "tests")]
 
-from faultproxy import FaultProxy  # noqa: E402  (test infrastructure, reused here)
-from multinode import MultiNodeCluster, wait_until  # noqa: E402
+from support.faultproxy import FaultProxy  # noqa: E402  (test infrastructure, reused here)
+from support.multinode import MultiNodeCluster, wait_until  # noqa: E402
 
 from facedist import storage  # noqa: E402
 from facedist.extraction.config import ExtractConfig  # noqa: E402

@@ -1,4 +1,4 @@
-"""A flaky object store: the moto S3 server behind tests/faultproxy.py, which answers 503
+"""A flaky object store: the moto S3 server behind tests/support/faultproxy.py, which answers 503
 SlowDown, 500 or resets the connection on a share of requests. Extraction and training must
 complete through it with nothing lost or doubled and their retries counted; a store that stays
 down fails the job naming the URI and keeps what was written; an upload cut off before its
@@ -18,7 +18,8 @@ import pytest
 from facedist import storage
 from facedist.extraction.config import ExtractConfig
 from facedist.extraction.output import SUMMARY_NAME, list_parts
-from faultproxy import FaultProxy  # tests/ is on the path (pytest rootdir conftest)
+from support.faultproxy import FaultProxy  # tests/ is on the path (tests/conftest.py)
+from support.ray import fresh_ray
 
 REPO = Path(__file__).resolve().parents[1]
 FAULT_RATE = 0.10
@@ -116,6 +117,7 @@ def test_storage_retries_transient_faults_and_counts_them(s3_server, faults):
 def ray_local(proxy):
     import ray
 
+    fresh_ray()  # its workers must see the proxy's settings
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     yield ray
     ray.shutdown()
@@ -134,6 +136,7 @@ def _extract_config(**kw):
     return RayExtractConfig(extract=ExtractConfig(backend="tddfa", batch_size=4), progress=False, **kw)
 
 
+@pytest.mark.ray
 def test_extraction_reads_and_writes_through_a_flaky_store(ray_local, s3_server, faults, yale_dir):
     from facedist.extraction.distributed import run_ray_extraction
 
@@ -150,6 +153,7 @@ def test_extraction_reads_and_writes_through_a_flaky_store(ray_local, s3_server,
     assert sum(retries["errors"].values()) >= retries["retries"]
 
 
+@pytest.mark.ray
 def test_a_store_that_stays_down_fails_the_job_naming_it_and_keeps_the_rows(ray_local, s3_server, proxy,
                                                                             yale_dir):
     from facedist.extraction.distributed import run_ray_extraction
@@ -240,6 +244,7 @@ def test_local_part_cut_off_before_its_rename_is_not_taken_as_done(tmp_path, yal
 
 # ---- training ------------------------------------------------------------------------------------------
 
+@pytest.mark.ray
 def test_training_checkpoints_through_a_flaky_store(ray_local, s3_server, faults, tmp_path):
     from facedist.training import TrainConfig, run_training
     from facedist.training.synthetic import SyntheticConfig, synthetic_table

@@ -16,15 +16,17 @@ import pytest
 from facedist import storage
 from facedist.extraction.config import ExtractConfig
 from facedist.extraction.output import list_parts
-from multinode import MultiNodeCluster, wait_until  # tests/ is on the path (pytest rootdir conftest)
+from support.multinode import MultiNodeCluster, wait_until  # tests/ is on the path (tests/conftest.py)
+from support.ray import fresh_ray
 
-pytestmark = pytest.mark.multinode
+pytestmark = [pytest.mark.multinode, pytest.mark.ray]
 IMAGES = 320           # at least 300 inputs, 40 distinct Yale photos 8 times each
 DISTINCT = 40
 
 
 @pytest.fixture(scope="module")
 def cluster():
+    fresh_ray()  # the drivers here connect to the multi-node cluster, not the shared local Ray
     cluster = MultiNodeCluster()
     cluster.connect()
     yield cluster

@@ -147,17 +147,6 @@ def test_table_detection(table, tmp_path, yale_dir):
 
 # ---- on a local Ray ---------------------------------------------------------------------------
 
-@pytest.fixture(scope="module")
-def local_ray():
-    import ray
-
-    from facedist import runtime
-
-    runtime.connect(num_cpus=2)
-    yield
-    ray.shutdown()
-
-
 @pytest.mark.slow
 @pytest.mark.ray
 def test_predict_table_rows_groups_and_resume(local_ray, table, models, tmp_path):

@@ -89,21 +89,15 @@ def test_job_script_extracts_a_manifest_with_labels(tmp_path, yale_dir):
     assert (out / SUMMARY_NAME).is_file()
 
 
-# ---- one local Ray for the rest of the module ------------------------------------------------------
+# ---- on the shared local Ray (tests/support/ray.py) ------------------------------------------------
 
-@pytest.fixture(scope="module")
-def ray_local(s3_server):
-    """Started after the S3 server so its workers inherit the AWS_* settings, as users' would."""
-    import ray
+@pytest.fixture
+def ray_local(local_ray):
     from ray import cloudpickle
 
     # The test-only extractors below must reach the actors by value: tests/ is not importable there.
     cloudpickle.register_pickle_by_value(sys.modules[__name__])
-    from facedist import runtime
-
-    runtime.connect(num_cpus=2)  # the local Ray every command starts, with 2 CPUs
-    yield ray
-    ray.shutdown()
+    return local_ray
 
 
 def _jpeg(array: np.ndarray, **kw) -> bytes:

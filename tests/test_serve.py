@@ -14,6 +14,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from support.ray import fresh_ray
+
 httpx = pytest.importorskip("httpx")
 
 REPO = Path(__file__).resolve().parents[1]
@@ -103,6 +105,7 @@ def server(models_uri):
 
     saved_token = os.environ.get("FACEDIST_API_TOKEN")
     os.environ["FACEDIST_API_TOKEN"] = TOKEN  # replicas read it when they start
+    fresh_ray()  # the replicas must inherit the token: a Ray started before it was set would not pass it on
     runtime.connect(num_cpus=2)  # what `facedist serve` would start, with 2 CPUs
     port = _free_port()
     try:
