@@ -8,12 +8,12 @@ from __future__ import annotations
 
 import io
 import os
-import socket
 from pathlib import Path
 
 import numpy as np
 import pytest
 
+from support.fixtures import free_port
 from support.ray import fresh_ray
 
 httpx = pytest.importorskip("httpx")
@@ -26,11 +26,6 @@ APP_NAME = "facedist-test"
 
 pytestmark = [pytest.mark.slow, pytest.mark.ray]
 
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def _png(array: np.ndarray) -> bytes:
@@ -107,7 +102,7 @@ def server(models_uri):
     os.environ["FACEDIST_API_TOKEN"] = TOKEN  # replicas read it when they start
     fresh_ray()  # the replicas must inherit the token: a Ray started before it was set would not pass it on
     runtime.connect(num_cpus=2)  # what `facedist serve` would start, with 2 CPUs
-    port = _free_port()
+    port = free_port()
     try:
         # Half a CPU for the extractor: test_web.py adds a second app to this 2-CPU cluster.
         settings = {"models_uri": models_uri, "max_image_bytes": MAX_IMAGE_BYTES, "max_images": MAX_IMAGES,

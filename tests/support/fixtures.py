@@ -13,7 +13,8 @@ REPO = Path(__file__).resolve().parents[2]
 SHARED = Path(os.environ.get("FACEDIST_SHARED", REPO.parent / "shared"))
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 now."""
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
@@ -35,7 +36,7 @@ def s3_server():
     every client (pyarrow.fs, boto3, Ray workers started after this) finds it without patching."""
     from moto.server import ThreadedMotoServer
 
-    port = _free_port()
+    port = free_port()
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
     server.start()
     endpoint = f"http://127.0.0.1:{port}"
