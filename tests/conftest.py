@@ -16,8 +16,11 @@ os.environ.setdefault("FACEDIST_MODEL_DIR", str(SHARED / "models"))
 
 from support.fixtures import s3_bucket, s3_server, yale_dir  # noqa: E402  (tests/ is on sys.path)
 from support.ray import local_ray  # noqa: E402
+from support.serving import client, extractor, face_bytes, models_uri, server  # noqa: E402
 
-__all__ = ["local_ray", "s3_bucket", "s3_server", "yale_dir"]  # fixtures, used by name
+# Fixtures, used by name.
+__all__ = ["client", "extractor", "face_bytes", "local_ray", "models_uri", "s3_bucket", "s3_server", "server",
+           "yale_dir"]
 
 
 @pytest.hookimpl(tryfirst=True)  # before -m selects: `ray` implies `slow`
