@@ -147,9 +147,9 @@ def add_extraction_arguments(parser: argparse.ArgumentParser, defaults=None) -> 
     from facedist.datasets import DATASETS
     from facedist.extraction.distributed import RayExtractConfig
 
-    ray = defaults or RayExtractConfig()
-    one = ray.extract
-    parser.add_argument("--dataset", default=ray.dataset, choices=DATASETS, help="how to read labels from file names")
+    job = defaults or RayExtractConfig()
+    one = job.extract
+    parser.add_argument("--dataset", default=job.dataset, choices=DATASETS, help="how to read labels from file names")
     parser.add_argument("--device", default=one.device,
                         help="torch device (cpu, cuda, cuda:1, ...); Ray actors take cuda when they get a GPU")
     parser.add_argument("--batch-size", type=positive_int, default=one.batch_size,
@@ -161,13 +161,13 @@ def add_extraction_arguments(parser: argparse.ArgumentParser, defaults=None) -> 
                         help="write N PNG overlays (landmarks + mesh) under OUT/previews")
     parser.add_argument("--no-resume", action="store_true",
                         help="replace what OUT holds (default: skip images done, refuse other settings)")
-    parser.add_argument("--actors", type=positive_int, default=ray.actors,
+    parser.add_argument("--actors", type=positive_int, default=job.actors,
                         help="extraction actors under Ray (each loads the models once)")
-    parser.add_argument("--actor-cpus", type=positive_float, default=ray.actor_num_cpus,
+    parser.add_argument("--actor-cpus", type=positive_float, default=job.actor_num_cpus,
                         help="CPUs per actor (default: a share of the cluster)")
-    parser.add_argument("--actor-gpus", type=float, default=ray.actor_num_gpus,
+    parser.add_argument("--actor-gpus", type=float, default=job.actor_num_gpus,
                         help="GPUs per actor (default: 1 when the cluster has GPUs)")
-    parser.add_argument("--decode-cpus", type=positive_float, default=ray.decode_num_cpus,
+    parser.add_argument("--decode-cpus", type=positive_float, default=job.decode_num_cpus,
                         help="CPUs per read/decode task under Ray")
 
 
