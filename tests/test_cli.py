@@ -126,3 +126,25 @@ def test_report_out_s3_writes_to_the_bucket(s3_bucket, tmp_path, monkeypatch, ca
     assert not (tmp_path / "s3:").exists()  # once a local folder named "s3:"
     printed = capsys.readouterr().out
     assert "3DMM identity, C-Net aggregate" in printed and f"report written to {out}" in printed
+
+
+def test_the_extraction_flags_are_declared_once():
+    """`facedist extract`, `facedist run` and jobs/extract.py take the same extractor and extraction
+    flags; each shows the defaults of the settings it fills."""
+    import importlib.util
+    from pathlib import Path
+
+    from facedist.extraction.distributed import RayExtractConfig
+    from facedist.workflow import WorkflowConfig
+
+    spec = importlib.util.spec_from_file_location("extract_job", Path(__file__).resolve().parents[1] / "jobs" / "extract.py")
+    job = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(job)
+    commands = _subparsers(build_parser())
+    flags = lambda parser: {s: a.default for a in parser._actions for s in a.option_strings}  # noqa: E731
+    extract, run, job_flags = flags(commands["extract"]), flags(commands["run"]), flags(job.build_parser())
+    shared = set(extract) - {"--ray", "--out", "--verbose", "-h", "--help"}
+    assert shared <= set(job_flags) and shared - {"--endpoint"} <= set(run)
+    assert extract["--batch-size"] == job_flags["--batch-size"] == RayExtractConfig().extract.batch_size
+    assert run["--batch-size"] == WorkflowConfig.default_extraction().extract.batch_size
+    assert extract["--actors"] == RayExtractConfig.actors
