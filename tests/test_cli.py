@@ -111,6 +111,7 @@ def test_a_bad_value_fails_before_ray_starts(argv, tmp_path, capsys):
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.slow  # trains the report's models
 def test_report_out_s3_writes_to_the_bucket(s3_bucket, tmp_path, monkeypatch, capsys):
     from facedist.schema import YALE_EXPRESSIONS
     from facedist.training.synthetic import SyntheticConfig, synthetic_table
@@ -137,7 +138,8 @@ def test_the_extraction_flags_are_declared_once():
     from facedist.extraction.distributed import RayExtractConfig
     from facedist.workflow import WorkflowConfig
 
-    spec = importlib.util.spec_from_file_location("extract_job", Path(__file__).resolve().parents[1] / "jobs" / "extract.py")
+    script = Path(__file__).resolve().parents[1] / "jobs" / "extract.py"
+    spec = importlib.util.spec_from_file_location("extract_job", script)
     job = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(job)
     commands = _subparsers(build_parser())

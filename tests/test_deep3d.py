@@ -107,6 +107,7 @@ def test_outputs_match_a_direct_forward_pass(yale_results, yale_images, checkpoi
                                                           pytest.approx(roll, abs=1e-3))
 
 
+@pytest.mark.slow  # the R-Net over Yale photos twice
 def test_batch_size_does_not_change_results(extractor, yale_images, yale_results, monkeypatch):
     monkeypatch.setattr(extractor, "batch_size", 1)
     one_by_one = extractor.extract(yale_images[:2])

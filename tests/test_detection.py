@@ -58,6 +58,7 @@ def test_dlib_one_face_with_a_plausible_box(dlib_detector, yale_dir):
     assert face.area == pytest.approx(float((face.box[2] - face.box[0]) * (face.box[3] - face.box[1])))
 
 
+@pytest.mark.slow  # dlib HOG over Yale photos
 def test_dlib_finds_faces_inyale_image(dlib_detector, yale_dir):
     files = sorted(p for p in yale_dir.iterdir() if p.name.startswith("subject"))
     assert len(files) == 164

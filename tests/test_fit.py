@@ -69,6 +69,7 @@ def test_fit_rejects_malformed_landmarks(bfm, prior):
         fit_landmarks(bfm, np.full((68, 2), np.nan), FitConfig(), prior)
 
 
+@pytest.mark.slow  # a full extractor over Yale photos
 def test_fit_extractor_on_yale(yale_dir):
     """Real faces (every 4th Yale image): >= 95% ok, small landmark error, rows in = rows out."""
     extractor = make_extractor("fit", detector="dlib")

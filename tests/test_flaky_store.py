@@ -180,6 +180,7 @@ def test_a_store_that_stays_down_fails_the_job_naming_it_and_keeps_the_rows(ray_
     assert sorted(_output_paths(s3_server, out)) == sorted(inputs)
 
 
+@pytest.mark.slow  # a subprocess extraction
 def test_a_part_cut_off_before_its_commit_is_not_taken_as_done(s3_server, proxy, yale_dir):
     """Kill the writer (a single-process `facedist extract`) while the commit of its second part
     (CompleteMultipartUpload, after the data went up) is in flight; resume redoes those rows."""
@@ -212,6 +213,7 @@ def test_a_part_cut_off_before_its_commit_is_not_taken_as_done(s3_server, proxy,
     assert sorted(_output_paths(s3_server, out)) == sorted(inputs)
 
 
+@pytest.mark.slow  # a subprocess extraction
 def test_local_part_cut_off_before_its_rename_is_not_taken_as_done(tmp_path, yale_dir):
     """Locally the commit is the rename of a hidden temporary file: kill the writer right there."""
     out = tmp_path / "out"

@@ -157,6 +157,7 @@ def test_face_alignment_missing_weights_clear_error(tmp_path, monkeypatch):
     assert isinstance(info.value, FileNotFoundError)
 
 
+@pytest.mark.slow  # FAN on CPU
 def test_face_alignment_landmarks_around_each_given_box(fan, hog, yale_dir):
     image, big_region, small_region = two_faces(yale_dir)
     (faces,) = hog.detect_batch([image])

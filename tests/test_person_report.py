@@ -5,8 +5,10 @@ from __future__ import annotations
 import json
 
 import numpy as np
+import pytest
 
-from facedist.reports.person import MODEL_INPUTS, PersonReportConfig, identity_matches, logistic_probe, person_folds, unit_total_variance, write_person_report
+from facedist.reports.person import (MODEL_INPUTS, PersonReportConfig, identity_matches, logistic_probe, person_folds,
+                                     unit_total_variance, write_person_report)
 
 
 def test_person_folds_keep_each_person_in_one_fold():
@@ -49,6 +51,7 @@ def test_logistic_probe_learns_a_linear_rule():
     assert (pred == y[200:]).mean() > 0.85
 
 
+@pytest.mark.slow  # extracts 24 photos, trains per fold and seed
 def test_person_report_on_real_faces(yale_dir, tmp_path):
     """Yale, 6 people x 4 photos, default extraction: the report's files, every descriptor row."""
     from facedist.extraction.config import ExtractConfig

@@ -15,7 +15,8 @@ import pytest
 httpx = pytest.importorskip("httpx")
 
 # The app's fixtures (server, client, models_uri, extractor, face_bytes) are tests/support/serving.py's.
-from support.serving import APP_NAME, MAX_IMAGE_BYTES, MAX_IMAGES, PERSON, TOKEN, error_of, extract_files, png  # noqa: E402
+from support.serving import (APP_NAME, MAX_IMAGE_BYTES, MAX_IMAGES, PERSON, TOKEN, error_of,  # noqa: E402
+                             extract_files, png)
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -121,6 +121,7 @@ def test_the_default_basis_goes_only_where_texture_is_sampled():
         assert extract_config_from_args(args).texture_basis == expected, argv
 
 
+@pytest.mark.slow  # two extraction runs
 def test_extract_fit_basis_then_extract_with_tex_coeffs(yale_dir, tmp_path, capsys):
     """The user's flow: extract (texture sampled), `facedist texture fit`, extract again with the
     basis: tex_coeffs filled, and the output refuses rows made with another basis."""
@@ -152,6 +153,7 @@ def test_extract_fit_basis_then_extract_with_tex_coeffs(yale_dir, tmp_path, caps
     assert cli_main(["extract", str(folder), "--out", str(second)]) == 2
 
 
+@pytest.mark.slow  # many Yale photos
 def test_texture_of_real_faces_identifies_people(yale_dir):
     """On Yale, two photos of one person have closer texture coefficients than photos of two
     people (a basis fitted on the other people)."""

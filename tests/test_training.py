@@ -152,6 +152,7 @@ def test_classifiers_learn_and_resume(synthetic, tmp_path):
     assert bundle["labels"] == sorted(EXPRESSIONS) and bundle["task"] == "expression"
 
 
+@pytest.mark.slow  # trains C-Net and three identity models
 def test_recognizer_from_bundles(synthetic, tmp_path):
     table, truth, data = synthetic
     cnet_cfg = TrainConfig(task="cnet", epochs=2, steps_per_epoch=3, batch_size=16)
