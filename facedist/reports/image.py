@@ -101,9 +101,11 @@ def run_fold(data, fold: int, config: ReportConfig, crops=None, log=print, seed:
                             **paper(task), **split)
         out[task] = _row(fit(make_classifier_task(cfg, data), cfg))
         log(f"fold {fold} {task} acc={out[task]['accuracy']:.3f}")
-    # The shipped models: each task's preset (its inputs and head), where it differs from the paper's row.
+    # The shipped models: each task's preset (its inputs and head), where it differs from the paper's
+    # row; epochs as the coefficient classifiers' (`--coeff-epochs`; `facedist run --epochs` trains
+    # the shipped bundles with them too, and bundle_checks sets the two side by side).
     for task in ("identity", *tasks):
-        cfg = preset_config(task, labels=expressions if task == "expression" else None,
+        cfg = preset_config(task, epochs=config.coeff_epochs, labels=expressions if task == "expression" else None,
                             inputs=shipped_inputs(task, data.available_inputs()), **split)
         if (cfg.head, task_inputs(cfg)) == ("resnet", DEFAULT_INPUTS[task]):
             continue
