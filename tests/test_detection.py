@@ -102,6 +102,7 @@ def test_dlib_accepts_grayscale(dlib_detector, yale_dir):
     np.testing.assert_array_equal(got[0][0].box, dlib_detector.detect_batch([rgb])[0][0].box)
 
 
+@pytest.mark.slow  # dlib HOG over Yale photos twice
 def test_threaded_dlib_matches_one_thread_in_input_order(dlib_detector, yale_dir):
     names = sorted(p.name for p in yale_dir.iterdir() if p.name.startswith("subject0"))[:12]
     images = [yale_image(yale_dir, n) for n in names]

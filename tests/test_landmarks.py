@@ -178,6 +178,7 @@ def test_face_alignment_landmarks_around_each_given_box(fan, hog, yale_dir):
     assert fan.name == "face-alignment" and "2DFAN4" in fan.version
 
 
+@pytest.mark.slow  # FAN on CPU
 def test_face_alignment_through_the_factory(torch_home, yale_dir):
     predictor = make_landmark_predictor("face-alignment", flip_input=False, allow_download=False)
     assert isinstance(predictor, FaceAlignmentPredictor)
