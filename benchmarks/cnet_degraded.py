@@ -84,7 +84,9 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=30)
     parser.add_argument("--output", default=str(Path(__file__).parent / "results" / "cnet_degraded.json"))
     args = parser.parse_args()
-    from facedist.pipeline import ExtractConfig, discover_records, run_extraction
+    from facedist.extraction.config import ExtractConfig
+    from facedist.extraction.local import run_extraction
+    from facedist.extraction.rows import discover_records
 
     started = time.perf_counter()
     work = Path(args.work)

@@ -1,7 +1,7 @@
 """Fast proxy for "does C-Net aggregation help identity on real faces?" (seconds per fold).
 
 For each of the report's k folds (facedist.training.data.image_folds, split by image): train C-Net
-weakly (sets of one person's training images, exactly as facedist.report does), then aggregate
+weakly (sets of one person's training images, exactly as facedist.reports.image does), then aggregate
 C(n, 3) combinations of each subject's images by C-Net and by the plain mean, whiten within class
 on the training combinations (as the classifiers do) and classify every validation combination by
 the nearest class mean of the training combinations. Same split, same combinations for both aggregations; only
@@ -24,8 +24,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from facedist.features import Standardizer
 from facedist.models.cnet import aggregate_identity
-from facedist.training.data import Standardizer, group_combinations, image_folds, load_data
+from facedist.training.data import group_combinations, image_folds, load_data
 from facedist.training.engine import TrainConfig, fit
 from facedist.training.tasks import CNetTask, cnet_confidences
 
@@ -42,13 +43,13 @@ def nearest_mean_accuracy(x_train, y_train, x_val, y_val) -> float:
 
 def aggregates(data, index, confidences, seed: int, max_combos: int = 120):
     combos, owners = group_combinations(data.subject.astype(str), index, 3, max_combos, seed)
-    alpha = torch.as_tensor(data.alpha[combos])
+    id_coeffs = torch.as_tensor(data.id_coeffs[combos])
     conf = None if confidences is None else torch.as_tensor(confidences[combos])
-    return aggregate_identity(alpha, conf).numpy(), owners.astype(str)
+    return aggregate_identity(id_coeffs, conf).numpy(), owners.astype(str)
 
 
 def train_cnet(data, fold: int, folds: int, seed: int, epochs: int, split: str = "image", **task_kwargs):
-    # Same settings as facedist.report.run_fold.
+    # Same settings as facedist.reports.image.run_fold.
     cfg = TrainConfig(task="cnet", folds=folds, fold=fold, seed=seed, epochs=epochs, lr=3e-3, batch_size=16,
                       set_size=6, steps_per_epoch=10, patience=8)
     task = CNetTask(cfg, data, split=split, **task_kwargs)
@@ -95,7 +96,7 @@ def run_unseen_people_fold(data, fold: int, folds: int, seed: int, epochs: int, 
 
 
 def synthetic_check(seed: int = 0, epochs: int = 30) -> dict:
-    from facedist.report import synthetic_cnet_check
+    from facedist.reports.image import synthetic_cnet_check
 
     return synthetic_cnet_check(seed, epochs)
 

@@ -2,7 +2,7 @@
 face detector (FaceBoxes, dlib's HOG) in the same run.
 
 The same N jittered Yale images (small random shifts and brightness changes, JPEG) go through
-facedist.pipeline.run_extraction and facedist.ray_extract.run_ray_extraction with the same
+facedist.extraction.local.run_extraction and facedist.extraction.distributed.run_ray_extraction with the same
 backend and batch size. Ray's cluster start-up is timed separately; each Ray run's time includes
 its own actor start-up and model loading, as the plain loop's includes its model loading.
 
@@ -38,7 +38,8 @@ sys.path.insert(0, str(REPO))
 os.environ.setdefault("FACEDIST_MODEL_DIR", str(REPO.parent / "shared" / "models"))
 
 from facedist.datasets import records_from_paths  # noqa: E402
-from facedist.pipeline import ExtractConfig, run_extraction  # noqa: E402
+from facedist.extraction.config import ExtractConfig  # noqa: E402
+from facedist.extraction.local import run_extraction  # noqa: E402
 
 
 def make_images(yale_dir: Path, n: int, folder: Path, seed: int = 0) -> list[str]:
@@ -64,7 +65,8 @@ def _bare_worker(args: tuple[list[str], str, str]) -> int:
     import torch
 
     from facedist.extractors import make_extractor
-    from facedist.pipeline import batched, decode_row, extract_rows, read_row
+    from facedist.extraction.local import batched
+    from facedist.extraction.rows import decode_row, extract_rows, read_row
 
     torch.set_num_threads(1)
     extractor = make_extractor(backend, detector=detector, detect_threads=1)
@@ -100,7 +102,7 @@ def run_variants(runs: dict[str, list[dict]], records, work: Path, args, detecto
                  actor_counts: list[int], repeat: int) -> None:
     """One repeat of every variant for one detector: the plain loop, (dlib) the threaded loop,
     Ray with each actor count. Appends to runs[variant]."""
-    from facedist.ray_extract import RayExtractConfig, run_ray_extraction
+    from facedist.extraction.distributed import RayExtractConfig, run_ray_extraction
 
     config = ExtractConfig(backend=args.backend, detector=detector, batch_size=args.batch_size,
                            resume=False, detect_threads=1)

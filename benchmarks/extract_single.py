@@ -237,7 +237,7 @@ def main(argv=None) -> dict:
         report["tddfa_regressor_batched_within_3ms_per_core"] = best["cpu"] <= 3.0
 
     if "fit" in backends:
-        ex = make_extractor("fit", detector=replay, landmarks=predictor)
+        ex = make_extractor("fit", detector=replay, landmark_source=predictor)
         t = time_stage(lambda: report.__setitem__("fit_results", ex.extract(images)))
         results = report.pop("fit_results")
         stages["fit"] = {k: ms_per((ex.timings.wall[k], ex.timings.cpu[k]), faces) for k in ("landmarks", "fit")}
@@ -252,7 +252,7 @@ def main(argv=None) -> dict:
             else:
                 from facedist.extractors.deep3d import Deep3DExtractor
 
-                ex = Deep3DExtractor(detector=replay, landmarks=predictor, checkpoint=ckpt, batch_size=8, bfm=None)
+                ex = Deep3DExtractor(detector=replay, landmark_source=predictor, checkpoint=ckpt, batch_size=8, bfm=None)
                 subset = [im for im, d in zip(images, found) if d][: args.deep3d_images]
                 ex.extract(subset[:1])  # warm-up
                 ex.timings.clear()

@@ -35,7 +35,7 @@ from facedist.detection import make_face_detector
 from facedist.face_attributes import SQUARE_MODES, FaceAttributeNets, faceapi_inputs
 from facedist.images import decode_image
 from facedist.schema import FACEAPI_EXPRESSIONS
-from facedist.person_report import logistic_probe, person_folds, unit_total_variance
+from facedist.reports.person import logistic_probe, person_folds, unit_total_variance
 
 SHARED = Path(os.environ.get("FACEDIST_SHARED", Path(__file__).resolve().parents[2] / "shared"))
 YALE_TO_FACEAPI = {"happy": "happy", "sad": "sad", "surprised": "surprised", "normal": "neutral"}

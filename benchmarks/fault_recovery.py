@@ -22,11 +22,12 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(REPO), str(REPO / "tests")]
 
-from faultproxy import FaultProxy  # noqa: E402  (test infrastructure, reused here)
-from multinode import MultiNodeCluster, wait_until  # noqa: E402
+from support.faultproxy import FaultProxy  # noqa: E402  (test infrastructure, reused here)
+from support.multinode import MultiNodeCluster, wait_until  # noqa: E402
 
 from facedist import storage  # noqa: E402
-from facedist.pipeline import ExtractConfig, list_parts  # noqa: E402
+from facedist.extraction.config import ExtractConfig  # noqa: E402
+from facedist.extraction.output import list_parts  # noqa: E402
 
 
 def _copies(images: Path, folder: Path, count: int, distinct: int) -> list[str]:
@@ -46,7 +47,7 @@ def _rows(out: str) -> list[str]:
 
 
 def extraction(cluster: MultiNodeCluster, paths: list[str], work: Path) -> dict:
-    from facedist.ray_extract import RayExtractConfig, run_ray_extraction
+    from facedist.extraction.distributed import RayExtractConfig, run_ray_extraction
 
     config = RayExtractConfig(extract=ExtractConfig(backend="tddfa", batch_size=16), actors=2,
                               actor_num_cpus=0.5, progress=False)
@@ -183,7 +184,8 @@ def flaky_store(images: Path, work: Path, fault_rate: float) -> dict:
         requests = proxy.counts["requests"]
         injected = {k: proxy.counts[k] for k in ("503", "500", "reset")}
 
-        from facedist.pipeline import run_extraction, discover_records
+        from facedist.extraction.local import run_extraction
+        from facedist.extraction.rows import discover_records
 
         names = sorted(p.name for p in images.iterdir() if p.name.startswith("subject"))[:48]
         s3 = boto3.client("s3", endpoint_url=moto, region_name="us-east-1")

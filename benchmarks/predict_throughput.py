@@ -32,9 +32,8 @@ sys.path.insert(0, str(REPO))
 os.environ.setdefault("FACEDIST_MODEL_DIR", str(REPO.parent / "shared" / "models"))
 
 from facedist import runtime, storage  # noqa: E402
-from facedist.prediction import (PredictConfig, needed_columns, predict_rows, rows_from_arrow,  # noqa: E402
-                                 table_parts)
-from facedist.ray_predict import run_ray_prediction  # noqa: E402
+from facedist.prediction.distributed import run_ray_prediction  # noqa: E402
+from facedist.prediction.rows import PredictConfig, needed_columns, predict_rows, rows_from_arrow, table_parts  # noqa: E402
 from facedist.recognition import Recognizer  # noqa: E402
 
 

@@ -330,7 +330,7 @@ def train_small_models(images_dir: Path, out: Path) -> str:
     from facedist.datasets import parse_yale_name
     from facedist.extractors import make_extractor
     from facedist.images import decode_image
-    from facedist.pipeline import extract_rows
+    from facedist.extraction.rows import extract_rows
     from facedist.schema import YALE_EXPRESSIONS, rows_to_table
     from facedist.training import TrainConfig, train_and_save
     from facedist.training.data import table_to_data

@@ -10,7 +10,6 @@ from pathlib import Path
 
 from facedist import SettingsError, assets, storage
 
-
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
     """Every flag's help ends with its real default, unless the help already says what the
     default is or there is none to show (None, False)."""
@@ -49,143 +48,6 @@ def texture_basis_arg(value: str) -> str | None:
     return None if value.strip().lower() == "none" else value
 
 
-def check_input(uri: str | None, what: str) -> None:
-    """A local input that is not there fails here, before Ray or any model starts (s3:// inputs
-    are checked by the job that reads them)."""
-    if uri and not storage.is_s3(uri) and not Path(uri).expanduser().exists():
-        raise SettingsError(f"{what} {uri!r} does not exist")
-
-
-def _add_storage_flags(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--endpoint", default=None,
-                        help="S3 endpoint URL for MinIO/Ceph-style stores (default: AWS_ENDPOINT_URL)")
-
-
-def _s3_options(args) -> storage.S3Options:
-    env = storage.S3Options.from_env()
-    return storage.S3Options(endpoint_url=args.endpoint or env.endpoint_url, region=env.region)
-
-
-def add_extractor_arguments(parser: argparse.ArgumentParser) -> None:
-    """The flags that choose an extractor: shared by extract, run, serve and jobs/extract.py."""
-    # Cheap imports (no torch): the registries are the choices.
-    from facedist.detection import DEFAULT_DETECTOR, DETECTORS
-    from facedist.extractors import (BACKENDS, DEFAULT_BACKEND, DEFAULT_LANDMARKS, DEFAULT_TEXTURE_BASIS,
-                                     LANDMARK_SOURCES, TEXTURE_BACKENDS)
-
-    parser.add_argument("--backend", default=DEFAULT_BACKEND, choices=BACKENDS,
-                        help="coefficient regressor (default: %(default)s)")
-    parser.add_argument("--detector", default=DEFAULT_DETECTOR, choices=DETECTORS,
-                        help="face detector (default: %(default)s)")
-    defaults = ", ".join(f"{b}: {s}" for b, s in DEFAULT_LANDMARKS.items())
-    parser.add_argument("--landmarks", default=None, choices=LANDMARK_SOURCES,
-                        help=f"where the 68 landmarks come from (default per backend: {defaults}; "
-                             "tddfa takes only its own)")
-    parser.add_argument("--texture-basis", default=DEFAULT_TEXTURE_BASIS, type=texture_basis_arg, metavar="URI",
-                        help=f"texture basis that fills tex_coeffs with {', '.join(TEXTURE_BACKENDS)}: "
-                             f"'{DEFAULT_TEXTURE_BASIS}' (the shipped London basis, {assets.DEFAULT_TEXTURE_BASIS_FILE}), "
-                             "a .npz from `facedist texture fit`, or 'none' (the sampled texture only) "
-                             "(default: %(default)s)")
-    parser.add_argument("--no-texture", action="store_true",
-                        help="do not sample face colour on the fitted mesh (default: sample it)")
-    parser.add_argument("--no-face-embedding", action="store_true",
-                        help="do not fill face_embedding, dlib's 128-d face descriptor of each face "
-                             "(default: fill it)")
-    parser.add_argument("--no-face-attributes", action="store_true",
-                        help="do not fill expression_feature, expression_probs, age and gender_male, "
-                             "face-api's expression and age/gender nets on each face (default: fill them)")
-
-
-def extract_config_from_args(args, **overrides):
-    """ExtractConfig from the flags above (+ overrides); a combination no backend takes fails
-    here, before Ray or any model starts."""
-    from facedist.extractors import landmark_source_for, texture_basis_for
-    from facedist.pipeline import ExtractConfig
-
-    landmark_source_for(args.backend, args.landmarks)  # SettingsError with what to use instead
-    # The shipped basis resolves here (its sha256 checked), a given one must exist: before any work.
-    check_input(texture_basis_for(args.backend, not args.no_texture, args.texture_basis), "--texture-basis")
-    return ExtractConfig(backend=args.backend, detector=args.detector, landmarks=args.landmarks,
-                         texture=not args.no_texture, texture_basis=args.texture_basis,
-                         face_embedding=not args.no_face_embedding,
-                         face_attributes=not args.no_face_attributes, **overrides)
-
-
-def cmd_extract(args) -> int:
-    from facedist.pipeline import discover_records, run_extraction
-
-    check_input(args.images, "IMAGES")
-    options = _s3_options(args)
-    config = extract_config_from_args(
-        args, device=args.device, batch_size=args.batch_size, max_side=args.max_side, preview=args.preview,
-        resume=not args.no_resume, detect_threads=args.detect_threads)
-    if args.ray:
-        from facedist.ray_extract import RayExtractConfig, run_ray_extraction
-
-        summary = run_ray_extraction(args.images, args.out, RayExtractConfig(
-            extract=config, actors=args.actors, dataset=args.dataset, actor_num_cpus=args.actor_cpus,
-            actor_num_gpus=args.actor_gpus), address=args.address, options=options)
-    else:
-        records = discover_records(args.images, args.dataset, options)
-        from facedist.progress import progress_bar
-
-        summary = run_extraction(records, args.out, config, options=options, progress=progress_bar("images"))
-    counts = summary["counts"]
-    run = summary.get("run", {})
-    print(f"extracted {summary['rows']} rows into {args.out}: ok {counts.get('ok', 0)}, "
-          f"no_face {counts.get('no_face', 0)}, error {counts.get('error', 0)}"
-          + (f"; this run wrote {run.get('written')} and skipped {run.get('skipped')} already done"
-             f" in {run.get('seconds')} s" if run else ""))
-    return 0
-
-
-def cmd_predict(args) -> int:
-    from facedist.prediction import PredictConfig
-    from facedist.ray_predict import run_ray_prediction
-
-    check_input(args.input, "INPUT")
-    check_input(args.models, "--models")
-    extract = extract_config_from_args(args, resume=not args.no_resume)
-    config = PredictConfig(models=args.models, top_k=args.top_k, group_by=args.group_by, batch_size=args.batch_size,
-                           actors=args.actors, resume=not args.no_resume, extract=extract,
-                           coefficients=args.coefficients, dataset=args.dataset)
-    summary = run_ray_prediction(args.input, args.out, config, address=args.address, options=_s3_options(args))
-    return 0 if not summary["run"]["unaccounted"] else 1
-
-
-def cmd_models(args) -> int:
-    if args.action == "download":
-        failed = 0
-        for relpath, spec in assets.MODEL_FILES.items():
-            if spec.url is None:
-                continue
-            try:
-                print(f"{relpath}: {assets.resolve(relpath)}")
-            except assets.ModelNotFoundError as exc:
-                failed += 1
-                print(f"{relpath}: {exc}", file=sys.stderr)
-        return 1 if failed else 0
-    if args.action == "resolve":
-        try:
-            print(assets.resolve(args.file))
-            return 0
-        except assets.ModelNotFoundError as exc:
-            print(exc, file=sys.stderr)
-            return 1
-    rows = assets.status()
-    if args.json:
-        print(json.dumps(rows, indent=2))
-        return 0
-    print(f"model directory ({assets.MODEL_DIR_ENV}): {assets.model_dir() or '(unset)'}")
-    print(f"download cache ({assets.CACHE_DIR_ENV}): {assets.cache_dir()}")
-    for row in rows:
-        where = row["path"] or ("missing (downloadable)" if row["downloadable"] else
-                                "missing (the package's copy is absent or altered)" if row["packaged"] else
-                                "missing (user-supplied)")
-        print(f"  {row['file']:40s} {where}  [{row['licence']}]")
-    return 0
-
-
 def boolean(text: str) -> bool:
     """true / false (also yes / no, 1 / 0)."""
     value = text.strip().lower()
@@ -204,13 +66,218 @@ def input_groups(text: str) -> tuple[str, ...]:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
+def check_input(uri: str | None, what: str) -> None:
+    """A local input that is not there fails here, before Ray or any model starts (s3:// inputs
+    are checked by the job that reads them)."""
+    if uri and not storage.is_s3(uri) and not Path(uri).expanduser().exists():
+        raise SettingsError(f"{what} {uri!r} does not exist")
+
+
+def add_storage_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--endpoint", default=None,
+                        help="S3 endpoint URL for MinIO/Ceph-style stores (default: AWS_ENDPOINT_URL)")
+
+
+def add_address_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--address", default=None, help="Ray cluster address (default: RAY_ADDRESS, else a local Ray)")
+
+
+def s3_options(args) -> storage.S3Options:
+    env = storage.S3Options.from_env()
+    return storage.S3Options(endpoint_url=args.endpoint or env.endpoint_url, region=env.region)
+
+
+# ---- the extractor and extraction flags: extract, predict, serve, run and jobs/extract.py ---------
+
+def add_extractor_arguments(parser: argparse.ArgumentParser) -> None:
+    """The flags that choose an extractor: shared by extract, run, serve and jobs/extract.py."""
+    # Cheap imports (no torch): the registries are the choices.
+    from facedist.detection import DEFAULT_DETECTOR, DETECTORS
+    from facedist.extractors import DEFAULT_BACKEND, DEFAULT_TEXTURE_BASIS
+    from facedist.extractors.backends import default_landmark_sources, list_backends, texture_backends
+    from facedist.extractors.landmark_sources import LANDMARK_SOURCES
+
+    parser.add_argument("--backend", default=DEFAULT_BACKEND, choices=list_backends(),
+                        help="coefficient regressor (default: %(default)s)")
+    parser.add_argument("--detector", default=DEFAULT_DETECTOR, choices=DETECTORS,
+                        help="face detector (default: %(default)s)")
+    defaults = ", ".join(f"{b}: {s}" for b, s in default_landmark_sources().items())
+    parser.add_argument("--landmarks", default=None, dest="landmark_source", choices=LANDMARK_SOURCES,
+                        help=f"where the 68 landmarks come from (default per backend: {defaults}; "
+                             "tddfa takes only its own)")
+    parser.add_argument("--texture-basis", default=DEFAULT_TEXTURE_BASIS, type=texture_basis_arg, metavar="URI",
+                        help=f"texture basis that fills tex_coeffs with {', '.join(texture_backends())}: "
+                             f"'{DEFAULT_TEXTURE_BASIS}' (the shipped London basis, {assets.DEFAULT_TEXTURE_BASIS_FILE}), "
+                             "a .npz from `facedist texture fit`, or 'none' (the sampled texture only) "
+                             "(default: %(default)s)")
+    parser.add_argument("--no-texture", action="store_true",
+                        help="do not sample face colour on the fitted mesh (default: sample it)")
+    parser.add_argument("--no-face-embedding", action="store_true",
+                        help="do not fill face_embedding, dlib's 128-d face descriptor of each face "
+                             "(default: fill it)")
+    parser.add_argument("--no-face-attributes", action="store_true",
+                        help="do not fill expression_feature, expression_probs, age and gender_male, "
+                             "face-api's expression and age/gender nets on each face (default: fill them)")
+
+
+def extractor_choices(args) -> dict:
+    """The ExtractConfig fields add_extractor_arguments' flags set; a combination no backend takes
+    fails here, before Ray or any model starts."""
+    from facedist.extractors import landmark_source_for, texture_basis_for
+
+    landmark_source_for(args.backend, args.landmark_source)  # SettingsError with what to use instead
+    # The shipped basis resolves here (its sha256 checked), a given one must exist: before any work.
+    check_input(texture_basis_for(args.backend, not args.no_texture, args.texture_basis), "--texture-basis")
+    return dict(backend=args.backend, detector=args.detector, landmark_source=args.landmark_source,
+                texture=not args.no_texture, texture_basis=args.texture_basis,
+                face_embedding=not args.no_face_embedding, face_attributes=not args.no_face_attributes)
+
+
+def extract_config_from_args(args, **overrides):
+    """ExtractConfig from add_extractor_arguments' flags (+ overrides)."""
+    from facedist.extraction.config import ExtractConfig
+
+    return ExtractConfig(**{**extractor_choices(args), **overrides})
+
+
+def add_extraction_arguments(parser: argparse.ArgumentParser, defaults=None) -> None:
+    """How an extraction runs (batches, resume, Ray actors): extract, run and jobs/extract.py.
+    defaults: the RayExtractConfig whose values the flags show and start from (its own defaults
+    unless given: `facedist run` starts from WorkflowConfig's)."""
+    from facedist.datasets import DATASETS
+    from facedist.extraction.distributed import RayExtractConfig
+
+    job = defaults or RayExtractConfig()
+    one = job.extract
+    parser.add_argument("--dataset", default=job.dataset, choices=DATASETS, help="how to read labels from file names")
+    parser.add_argument("--device", default=one.device,
+                        help="torch device (cpu, cuda, cuda:1, ...); Ray actors take cuda when they get a GPU")
+    parser.add_argument("--batch-size", type=positive_int, default=one.batch_size,
+                        help="images per extractor call and per Parquet part")
+    parser.add_argument("--max-side", type=positive_int, default=one.max_side, help="downscale larger images on decode")
+    parser.add_argument("--detect-threads", type=non_negative_int, default=one.detect_threads,
+                        help="dlib HOG detection threads per process (0: every core; per actor: its CPU share)")
+    parser.add_argument("--preview", type=non_negative_int, default=one.preview, metavar="N",
+                        help="write N PNG overlays (landmarks + mesh) under OUT/previews")
+    parser.add_argument("--no-resume", action="store_true",
+                        help="replace what OUT holds (default: skip images done, refuse other settings)")
+    parser.add_argument("--actors", type=positive_int, default=job.actors,
+                        help="extraction actors under Ray (each loads the models once)")
+    parser.add_argument("--actor-cpus", type=positive_float, default=job.actor_num_cpus,
+                        help="CPUs per actor (default: a share of the cluster)")
+    parser.add_argument("--actor-gpus", type=float, default=job.actor_num_gpus,
+                        help="GPUs per actor (default: 1 when the cluster has GPUs)")
+    parser.add_argument("--decode-cpus", type=positive_float, default=job.decode_num_cpus,
+                        help="CPUs per read/decode task under Ray")
+
+
+def ray_extract_config_from_args(args, **overrides):
+    """RayExtractConfig from add_extractor_arguments' and add_extraction_arguments' flags."""
+    from facedist.extraction.distributed import RayExtractConfig
+
+    extract = extract_config_from_args(args, device=args.device, batch_size=args.batch_size, max_side=args.max_side,
+                                       preview=args.preview, resume=not args.no_resume,
+                                       detect_threads=args.detect_threads)
+    return RayExtractConfig(extract=extract, actors=args.actors, dataset=args.dataset, actor_num_cpus=args.actor_cpus,
+                            actor_num_gpus=args.actor_gpus, decode_num_cpus=args.decode_cpus, **overrides)
+
+
+# ---- the commands: each one's flags beside its handler ------------------------------------------
+
+def add_extract_command(command) -> None:
+    ext = command("extract", "images (folder, s3:// prefix or manifest) -> Parquet coefficients")
+    ext.add_argument("images", help="folder, s3:// prefix, or CSV/Parquet manifest with a path column")
+    ext.add_argument("--out", required=True, help="output folder or s3:// prefix")
+    add_extractor_arguments(ext)
+    add_extraction_arguments(ext)
+    ext.add_argument("--ray", action="store_true", help="run as a Ray Data job (local Ray unless --address)")
+    add_address_flag(ext)
+    add_storage_flags(ext)
+    ext.set_defaults(func=cmd_extract)
+
+
+def cmd_extract(args) -> int:
+    from facedist.extraction.local import run_extraction
+    from facedist.extraction.rows import discover_records
+
+    check_input(args.images, "IMAGES")
+    options = s3_options(args)
+    config = ray_extract_config_from_args(args)
+    if args.ray:
+        from facedist.extraction.distributed import run_ray_extraction
+
+        summary = run_ray_extraction(args.images, args.out, config, address=args.address, options=options)
+    else:
+        from facedist.progress import progress_bar
+
+        records = discover_records(args.images, args.dataset, options)
+        summary = run_extraction(records, args.out, config.extract, options=options, progress=progress_bar("images"))
+    counts = summary["counts"]
+    run = summary.get("run", {})
+    print(f"extracted {summary['rows']} rows into {args.out}: ok {counts.get('ok', 0)}, "
+          f"no_face {counts.get('no_face', 0)}, error {counts.get('error', 0)}"
+          + (f"; this run wrote {run.get('written')} and skipped {run.get('skipped')} already done"
+             f" in {run.get('seconds')} s" if run else ""))
+    return 0
+
+
+def add_predict_command(command) -> None:
+    from facedist.datasets import DATASETS
+    from facedist.prediction.rows import PredictConfig
+
+    pred = command("predict", "batch inference on Ray Data: a coefficients table (or images) -> Parquet predictions")
+    pred.add_argument("input", help="coefficients table (folder of Parquet parts or s3:// prefix), or images: "
+                                    "folder, s3:// prefix or manifest (extracted first)")
+    pred.add_argument("--models", required=True, help="the training output (cnet/, identity/, gender/, expression/)")
+    pred.add_argument("--out", required=True, help="output folder or s3:// prefix")
+    pred.add_argument("--top-k", type=positive_int, default=PredictConfig.top_k, help="identity labels ranked per row")
+    pred.add_argument("--group-by", default=None, metavar="COLUMN",
+                      help="rows with one value of this table column are one person: adds their identity together "
+                           "(group_identity) to each of them")
+    pred.add_argument("--batch-size", type=positive_int, default=PredictConfig.batch_size,
+                      help="rows per actor call and per Parquet part")
+    pred.add_argument("--actors", type=positive_int, default=PredictConfig.actors,
+                      help="prediction actors (and extraction actors for images)")
+    add_address_flag(pred)
+    pred.add_argument("--no-resume", action="store_true",
+                      help="replace what OUT holds (default: skip rows done, refuse other models)")
+    pred.add_argument("--coefficients", default=None, metavar="URI",
+                      help="images: where their coefficients go (default: OUT/_coefficients)")
+    add_extractor_arguments(pred)
+    pred.add_argument("--dataset", default=PredictConfig.dataset, choices=DATASETS,
+                      help="images: how to read labels from file names")
+    add_storage_flags(pred)
+    pred.set_defaults(func=cmd_predict)
+
+
+def cmd_predict(args) -> int:
+    from facedist.prediction.rows import PredictConfig
+    from facedist.prediction.distributed import run_ray_prediction
+
+    check_input(args.input, "INPUT")
+    check_input(args.models, "--models")
+    extract = extract_config_from_args(args, resume=not args.no_resume)
+    config = PredictConfig(models=args.models, top_k=args.top_k, group_by=args.group_by, batch_size=args.batch_size,
+                           actors=args.actors, resume=not args.no_resume, extract=extract,
+                           coefficients=args.coefficients, dataset=args.dataset)
+    summary = run_ray_prediction(args.input, args.out, config, address=args.address, options=s3_options(args))
+    return 0 if not summary["run"]["unaccounted"] else 1
+
+
+def add_train_command(command) -> None:
+    train = command("train", "fit C-Net or a classifier on Ray Train from a coefficients table")
+    add_train_arguments(train)
+    train.add_argument("--json", action="store_true", help="print the whole summary as JSON")
+    train.set_defaults(func=cmd_train)
+
+
 def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     """Flags for one training run: every TrainConfig field, so the job and the CLI never drift."""
     from dataclasses import MISSING, fields
 
     from facedist.training.engine import SELECTS, TrainConfig
     from facedist.training.presets import describe_presets
-    from facedist.training.registry import TASKS
+    from facedist.training.task_registry import TASKS
     from facedist.training.tasks import AGGREGATES, HEADS, INPUT_NORMS
 
     parser.add_argument("--task", required=True, choices=TASKS, help="what to train")
@@ -224,7 +291,7 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--gpu", action=argparse.BooleanOptionalAction, default=None, dest="use_gpu",
                         help="use GPUs (default: when the cluster has them)")
     parser.add_argument("--labels", nargs="+", help="restrict/order the classes (default: every label in the table)")
-    parser.add_argument("--address", default=None, help="Ray cluster address (default: RAY_ADDRESS, else a local Ray)")
+    add_address_flag(parser)
     choices = {"aggregate": AGGREGATES, "input_norm": INPUT_NORMS, "head": HEADS, "select": SELECTS}
     types = {"int": int, "float": float, "str": str, "float | None": float, "str | None": str,
              "int | None": non_negative_int, "tuple[str, ...] | None": input_groups, "bool": boolean}
@@ -278,9 +345,57 @@ def cmd_train(args) -> int:
     return 0
 
 
+def add_report_command(command) -> None:
+    from dataclasses import fields
+
+    from facedist.reports.image import ReportConfig
+    from facedist.training.presets import describe_presets, preset_value
+    from facedist.training.tasks import COEFFICIENT_TASKS
+
+    defaults = {f.name: f.default for f in fields(ReportConfig)}
+    rep = command("report", "the paper's protocol on a coefficients table: tables, confusion matrices")
+    rep.add_argument("--data", required=True, help="coefficients table (local or s3://)")
+    rep.add_argument("--protocol", default="image", choices=("image", "person"),
+                     help="image: the paper's k-fold split by image with C-Net; person: people never seen in "
+                          "training (5 folds by person), gallery -> probe identity, linear probes on α, τ, β, pixels")
+    rep.add_argument("--seeds", type=positive_int, default=None,
+                     help="repeat every fold over N seeds (default: image protocol 1, from --seed; person protocol 5)")
+    _add_person_report_flags(rep)
+    rep.add_argument("--out", default=defaults["out"], help="local folder or s3:// prefix")
+    rep.add_argument("--folds", type=positive_int, default=defaults["folds"], help="k-fold split by image")
+    rep.add_argument("--seed", type=int, default=defaults["seed"], help="folds and training seed")
+    rep.add_argument("--coeff-epochs", type=positive_int, default=defaults["coeff_epochs"],
+                     help=f"epochs of the coefficient classifiers (default: the presets', "
+                          f"{describe_presets('epochs', COEFFICIENT_TASKS)})")
+    rep.add_argument("--cnet-epochs", type=positive_int, default=defaults["cnet_epochs"],
+                     help=f"C-Net epochs (default: the preset's, {preset_value('cnet', 'epochs')})")
+    rep.add_argument("--image-epochs", type=positive_int, default=defaults["image_epochs"],
+                     help=f"epochs of the raw-image baseline (default: the preset's, "
+                          f"{preset_value('image_identity', 'epochs')})")
+    rep.add_argument("--image-size", type=positive_int, default=defaults["image_size"],
+                     help=f"the image baseline's crop side in pixels (default: the preset's, "
+                          f"{preset_value('image_identity', 'image_size')})")
+    rep.add_argument("--no-images", action="store_true", help="skip the raw-image baseline")
+    rep.add_argument("--no-synthetic", action="store_true", help="skip the synthetic C-Net check")
+    rep.set_defaults(func=cmd_report)
+
+
+def _add_person_report_flags(rep: argparse.ArgumentParser) -> None:
+    rep.add_argument("--heads", default=None, type=lambda v: tuple(h for h in v.split(",") if h),
+                     help="person protocol: the trained models' heads, comma-separated (default: linear,mlp,resnet; "
+                          "'' for none)")
+    rep.add_argument("--model-seeds", type=positive_int, default=None, dest="model_seeds",
+                     help="person protocol: the heads a task does not ship on the first N seeds only "
+                          "(default: all; the shipped head runs on every seed)")
+    rep.add_argument("--gallery", default=None, help="person protocol: expression label of each person's gallery "
+                                                     "image (default: neutral; Yale: normal)")
+    rep.add_argument("--image-seeds", type=positive_int, default=None,
+                     help="person protocol: the ResNet-34 baseline on the first N seeds only (default: all)")
+
+
 def cmd_report(args) -> int:
     if args.protocol == "person":
-        from facedist.person_report import PersonReportConfig, write_person_report
+        from facedist.reports.person import PersonReportConfig, write_person_report
 
         check_input(args.data, "--data")
         given = {k: getattr(args, k) for k in ("out", "seeds", "gallery", "image_seeds", "heads", "model_seeds")
@@ -290,8 +405,7 @@ def cmd_report(args) -> int:
         print(Path(config.out, "table_person.md").read_text())
         print(f"report written to {config.out} in {results['seconds']:.0f} s")
         return 0
-    from facedist.report import ACCURACY_TABLES, ReportConfig
-    from facedist.workflow import report_line, write_report_at
+    from facedist.reports.image import ACCURACY_TABLES, ReportConfig, report_line, write_report_at
 
     check_input(args.data, "--data")
     config = ReportConfig(data=args.data, folds=args.folds, seed=args.seed, seeds=args.seeds or 1,
@@ -307,46 +421,25 @@ def cmd_report(args) -> int:
     return 0
 
 
+def add_texture_command(command) -> None:
+    tex = command("texture", "fit a PCA texture basis on a table's sampled face colours", ray=False)
+    tex.add_argument("action", choices=("fit",))
+    tex.add_argument("--data", required=True, help="coefficients table with a texture column (local or s3://)")
+    tex.add_argument("--out", required=True, help="where the basis goes (.npz, local or s3://)")
+    tex.add_argument("--components", type=int, default=80, help="PCA components (default: %(default)s)")
+    add_storage_flags(tex)
+    tex.set_defaults(func=cmd_texture)
+
+
 def cmd_texture(args) -> int:
     from facedist.texture import fit_texture_basis
 
-    basis = fit_texture_basis(args.data, args.out, args.components, _s3_options(args))
+    basis = fit_texture_basis(args.data, args.out, args.components, s3_options(args))
     print(f"texture basis {basis.version}: {basis.n_components} components over {basis.n_vertices} vertices, "
           f"fitted on {basis.n_train} faces -> {args.out}")
     return 0
 
 
-def cmd_serve(args) -> int:
-    from facedist.serving.app import run_server
-
-    extract_config_from_args(args)  # fail on a bad combination before Ray starts
-    check_input(args.models, "--models")
-    settings = {name: getattr(args, name) for name in SERVE_FLAGS if getattr(args, name) is not None}
-    run_server(args.models or None, address=args.address, host=args.host, port=args.port,
-               route_prefix=args.route_prefix, backend=args.backend, detector=args.detector,
-               landmarks=args.landmarks, texture=not args.no_texture, texture_basis=args.texture_basis,
-               face_embedding=not args.no_face_embedding, face_attributes=not args.no_face_attributes,
-               **settings)
-    return 0
-
-
-def cmd_run(args) -> int:
-    from facedist.workflow import WorkflowConfig, run_workflow
-
-    extract_config_from_args(args)  # fail on a bad combination before Ray starts
-    check_input(args.images, "--images")
-    run_workflow(WorkflowConfig(
-        images=args.images, out=args.out, backend=args.backend, detector=args.detector,
-        landmarks=args.landmarks, texture=not args.no_texture, texture_basis=args.texture_basis,
-        face_embedding=not args.no_face_embedding, face_attributes=not args.no_face_attributes,
-        dataset=args.dataset, resume=not args.no_resume, actors=args.actors,
-        epochs=args.epochs, cnet_epochs=args.cnet_epochs, workers=args.workers, report=not args.no_report,
-        report_folds=args.report_folds, report_seeds=args.report_seeds, full_report=args.full_report,
-        address=args.address))
-    return 0
-
-
-# ServeSettings fields `facedist serve` takes as flags (the rest: serve/config.yaml or serve run).
 SERVE_FLAGS = ("max_batch_size", "batch_wait_timeout_s", "extractor_num_cpus", "min_replicas", "max_replicas",
                "num_replicas", "max_images", "max_image_bytes", "replica_retries", "max_ongoing_requests",
                "max_queued_requests", "ingress_max_accepted_images", "request_timeout_s", "shutdown_timeout_s")
@@ -354,133 +447,15 @@ SERVE_FLAG_DEFAULTS = {"num_replicas": "autoscaling", "max_replicas": "as many a
                        "ingress_max_accepted_images": "max-ongoing-requests x the extractor's most replicas"}
 
 
-def build_parser() -> argparse.ArgumentParser:
+def add_serve_command(command) -> None:
     from dataclasses import fields
 
-    from facedist.datasets import DATASETS
-    from facedist.pipeline import ExtractConfig
-    from facedist.prediction import PredictConfig
-    from facedist.ray_extract import RayExtractConfig
-    from facedist.report import ReportConfig
     from facedist.serving.settings import ServeSettings
-    from facedist.training.presets import describe_presets, preset_value
-    from facedist.training.tasks import COEFFICIENT_TASKS
-    from facedist.workflow import WorkflowConfig
-
-    parser = argparse.ArgumentParser(prog="facedist", description=__doc__, formatter_class=HelpFormatter)
-    sub = parser.add_subparsers(dest="command", required=True)
-    # Every command that may start Ray takes --verbose (facedist.runtime: how quiet Ray is).
-    quiet = argparse.ArgumentParser(add_help=False)
-    quiet.add_argument("--verbose", action="store_true",
-                       help="show Ray's own logs and its workers' output (default: they go to a log file)")
-
-    def command(name: str, help: str, ray: bool = True) -> argparse.ArgumentParser:
-        return sub.add_parser(name, help=help, parents=[quiet] if ray else [], formatter_class=HelpFormatter)
-
-    ext = command("extract", "images (folder, s3:// prefix or manifest) -> Parquet coefficients")
-    ext.add_argument("images", help="folder, s3:// prefix, or CSV/Parquet manifest with a path column")
-    ext.add_argument("--out", required=True, help="output folder or s3:// prefix")
-    add_extractor_arguments(ext)
-    ext.add_argument("--dataset", default="auto", choices=DATASETS, help="how to read labels from file names")
-    ext.add_argument("--device", default=ExtractConfig.device, help="torch device (cpu, cuda, cuda:1, ...)")
-    ext.add_argument("--batch-size", type=positive_int, default=ExtractConfig.batch_size,
-                     help="images per extractor call and per Parquet part")
-    ext.add_argument("--max-side", type=positive_int, default=ExtractConfig.max_side,
-                     help="downscale larger images on decode")
-    ext.add_argument("--detect-threads", type=int, default=ExtractConfig.detect_threads,
-                     help="dlib HOG detection threads per process (0: every core; per actor: its CPU share)")
-    ext.add_argument("--preview", type=int, default=0, metavar="N",
-                     help="write N PNG overlays (landmarks + mesh) under OUT/previews")
-    ext.add_argument("--no-resume", action="store_true",
-                     help="replace what OUT holds (default: skip images done, refuse other settings)")
-    ext.add_argument("--ray", action="store_true", help="run as a Ray Data job (local Ray unless --address)")
-    ext.add_argument("--address", default=None, help="Ray cluster address (default: RAY_ADDRESS, else a local Ray)")
-    ext.add_argument("--actors", type=positive_int, default=RayExtractConfig.actors,
-                     help="extraction actors (with --ray)")
-    ext.add_argument("--actor-cpus", type=positive_float, default=None,
-                     help="CPUs per actor (with --ray; default: a share of the cluster)")
-    ext.add_argument("--actor-gpus", type=float, default=None,
-                     help="GPUs per actor (with --ray; default: 1 when the cluster has GPUs)")
-    _add_storage_flags(ext)
-    ext.set_defaults(func=cmd_extract)
-
-    pred = command("predict", "batch inference on Ray Data: a coefficients table (or images) -> Parquet predictions")
-    pred.add_argument("input", help="coefficients table (folder of Parquet parts or s3:// prefix), or images: "
-                                    "folder, s3:// prefix or manifest (extracted first)")
-    pred.add_argument("--models", required=True, help="the training output (cnet/, identity/, gender/, expression/)")
-    pred.add_argument("--out", required=True, help="output folder or s3:// prefix")
-    pred.add_argument("--top-k", type=positive_int, default=PredictConfig.top_k, help="identity labels ranked per row")
-    pred.add_argument("--group-by", default=None, metavar="COLUMN",
-                      help="rows with one value of this table column are one person: adds their identity together "
-                           "(group_identity) to each of them")
-    pred.add_argument("--batch-size", type=positive_int, default=PredictConfig.batch_size,
-                      help="rows per actor call and per Parquet part")
-    pred.add_argument("--actors", type=positive_int, default=PredictConfig.actors,
-                      help="prediction actors (and extraction actors for images)")
-    pred.add_argument("--address", default=None, help="Ray cluster address (default: RAY_ADDRESS, else a local Ray)")
-    pred.add_argument("--no-resume", action="store_true",
-                      help="replace what OUT holds (default: skip rows done, refuse other models)")
-    pred.add_argument("--coefficients", default=None, metavar="URI",
-                      help="images: where their coefficients go (default: OUT/_coefficients)")
-    add_extractor_arguments(pred)
-    pred.add_argument("--dataset", default=PredictConfig.dataset, choices=DATASETS,
-                      help="images: how to read labels from file names")
-    _add_storage_flags(pred)
-    pred.set_defaults(func=cmd_predict)
-
-    train = command("train", "fit C-Net or a classifier on Ray Train from a coefficients table")
-    add_train_arguments(train)
-    train.add_argument("--json", action="store_true", help="print the whole summary as JSON")
-    train.set_defaults(func=cmd_train)
-
-    report_defaults = {f.name: f.default for f in fields(ReportConfig)}
-    rep = command("report", "the paper's protocol on a coefficients table: tables, confusion matrices")
-    rep.add_argument("--data", required=True, help="coefficients table (local or s3://)")
-    rep.add_argument("--protocol", default="image", choices=("image", "person"),
-                     help="image: the paper's k-fold split by image with C-Net; person: people never seen in "
-                          "training (5 folds by person), gallery -> probe identity, linear probes on α, τ, β, pixels")
-    rep.add_argument("--seeds", type=positive_int, default=None,
-                     help="repeat every fold over N seeds (default: image protocol 1, from --seed; person protocol 5)")
-    rep.add_argument("--heads", default=None, type=lambda v: tuple(h for h in v.split(",") if h),
-                     help="person protocol: the trained models' heads, comma-separated (default: linear,mlp,resnet; "
-                          "'' for none)")
-    rep.add_argument("--model-seeds", type=positive_int, default=None, dest="model_seeds",
-                     help="person protocol: the heads a task does not ship on the first N seeds only "
-                          "(default: all; the shipped head runs on every seed)")
-    rep.add_argument("--gallery", default=None, help="person protocol: expression label of each person's gallery "
-                                                     "image (default: neutral; Yale: normal)")
-    rep.add_argument("--image-seeds", type=positive_int, default=None,
-                     help="person protocol: the ResNet-34 baseline on the first N seeds only (default: all)")
-    rep.add_argument("--out", default=report_defaults["out"], help="local folder or s3:// prefix")
-    rep.add_argument("--folds", type=positive_int, default=report_defaults["folds"], help="k-fold split by image")
-    rep.add_argument("--seed", type=int, default=report_defaults["seed"], help="folds and training seed")
-    rep.add_argument("--coeff-epochs", type=positive_int, default=report_defaults["coeff_epochs"],
-                     help=f"epochs of the coefficient classifiers (default: the presets', "
-                          f"{describe_presets('epochs', COEFFICIENT_TASKS)})")
-    rep.add_argument("--cnet-epochs", type=positive_int, default=report_defaults["cnet_epochs"],
-                     help=f"C-Net epochs (default: the preset's, {preset_value('cnet', 'epochs')})")
-    rep.add_argument("--image-epochs", type=positive_int, default=report_defaults["image_epochs"],
-                     help=f"epochs of the raw-image baseline (default: the preset's, "
-                          f"{preset_value('image_identity', 'epochs')})")
-    rep.add_argument("--image-size", type=positive_int, default=report_defaults["image_size"],
-                     help=f"the image baseline's crop side in pixels (default: the preset's, "
-                          f"{preset_value('image_identity', 'image_size')})")
-    rep.add_argument("--no-images", action="store_true", help="skip the raw-image baseline")
-    rep.add_argument("--no-synthetic", action="store_true", help="skip the synthetic C-Net check")
-    rep.set_defaults(func=cmd_report)
-
-    tex = command("texture", "fit a PCA texture basis on a table's sampled face colours", ray=False)
-    tex.add_argument("action", choices=("fit",))
-    tex.add_argument("--data", required=True, help="coefficients table with a texture column (local or s3://)")
-    tex.add_argument("--out", required=True, help="where the basis goes (.npz, local or s3://)")
-    tex.add_argument("--components", type=int, default=80, help="PCA components (default: %(default)s)")
-    _add_storage_flags(tex)
-    tex.set_defaults(func=cmd_texture)
 
     srv = command("serve", "start the Ray Serve endpoint (local Ray unless --address)")
     srv.add_argument("--models", default="",
                      help="the training output (cnet/, identity/, ... bundles); default: none, /v1/predict answers 503")
-    srv.add_argument("--address", default=None, help="Ray cluster address (default: RAY_ADDRESS, else a local Ray)")
+    add_address_flag(srv)
     srv.add_argument("--host", default="127.0.0.1", help="HTTP host")
     srv.add_argument("--port", type=positive_int, default=8000, help="HTTP port")
     srv.add_argument("--route-prefix", default="/", help="serve the page and the API under this path")
@@ -497,13 +472,30 @@ def build_parser() -> argparse.ArgumentParser:
                                                           if name in SERVE_FLAG_DEFAULTS else ""))
     srv.set_defaults(func=cmd_serve)
 
+
+def cmd_serve(args) -> int:
+    from facedist.serving.app import run_server
+
+    choices = extractor_choices(args)  # fail on a bad combination before Ray starts
+    check_input(args.models, "--models")
+    settings = {name: getattr(args, name) for name in SERVE_FLAGS if getattr(args, name) is not None}
+    # The extractor flags as flat settings: the server's own extraction defaults (ServeSettings.extract)
+    # stay where these flags say nothing.
+    run_server(args.models or None, address=args.address, host=args.host, port=args.port,
+               route_prefix=args.route_prefix, **choices, **settings)
+    return 0
+
+
+def add_run_command(command) -> None:
+    from facedist.training.presets import describe_presets, preset_value
+    from facedist.training.tasks import COEFFICIENT_TASKS
+    from facedist.workflow import WorkflowConfig
+
     run = command("run", "the whole flow: extract, train C-Net and classifiers, report")
     run.add_argument("--images", required=True, help="folder, s3:// prefix or manifest")
     run.add_argument("--out", required=True, help="folder or s3:// prefix for everything it writes")
     add_extractor_arguments(run)
-    run.add_argument("--dataset", default=WorkflowConfig.dataset, choices=DATASETS,
-                     help="how to read labels from file names")
-    run.add_argument("--actors", type=positive_int, default=WorkflowConfig.actors, help="extraction actors")
+    add_extraction_arguments(run, WorkflowConfig.default_extraction())
     run.add_argument("--epochs", type=positive_int, default=WorkflowConfig.epochs,
                      help=f"classifier epochs, in training and report (default: the presets', "
                           f"{describe_presets('epochs', COEFFICIENT_TASKS)})")
@@ -518,18 +510,82 @@ def build_parser() -> argparse.ArgumentParser:
                      help="the report also trains the raw-image ResNet-34 baseline at "
                           f"{preset_value('image_identity', 'image_size')} px (slow on CPUs)")
     run.add_argument("--no-report", action="store_true", help="stop after training")
-    run.add_argument("--no-resume", action="store_true",
-                     help="replace coefficients an earlier run left in OUT (default: skip images done, "
-                          "refuse other settings)")
-    run.add_argument("--address", default=None, help="Ray cluster address (default: RAY_ADDRESS, else a local Ray)")
+    add_address_flag(run)
     run.set_defaults(func=cmd_run)
 
+
+def cmd_run(args) -> int:
+    from facedist.workflow import WorkflowConfig, run_workflow
+
+    extraction = ray_extract_config_from_args(args)  # fails on a bad combination before Ray starts
+    check_input(args.images, "--images")
+    run_workflow(WorkflowConfig(
+        images=args.images, out=args.out, extraction=extraction, epochs=args.epochs, cnet_epochs=args.cnet_epochs,
+        workers=args.workers, report=not args.no_report, report_folds=args.report_folds,
+        report_seeds=args.report_seeds, full_report=args.full_report, address=args.address))
+    return 0
+
+
+def add_models_command(command) -> None:
     mod = command("models", "list, resolve or download model files", ray=False)
     mod.add_argument("action", nargs="?", default="list", choices=("list", "resolve", "download"),
                      help="list (default), resolve FILE, or download the pinned files")
     mod.add_argument("file", nargs="?", help="with resolve: e.g. tddfa/mb05_120x120.pth")
     mod.add_argument("--json", action="store_true", help="with list: as JSON")
     mod.set_defaults(func=cmd_models)
+
+
+def cmd_models(args) -> int:
+    if args.action == "download":
+        failed = 0
+        for relpath, spec in assets.MODEL_FILES.items():
+            if spec.url is None:
+                continue
+            try:
+                print(f"{relpath}: {assets.resolve(relpath)}")
+            except assets.ModelNotFoundError as exc:
+                failed += 1
+                print(f"{relpath}: {exc}", file=sys.stderr)
+        return 1 if failed else 0
+    if args.action == "resolve":
+        try:
+            print(assets.resolve(args.file))
+            return 0
+        except assets.ModelNotFoundError as exc:
+            print(exc, file=sys.stderr)
+            return 1
+    rows = assets.status()
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    print(f"model directory ({assets.MODEL_DIR_ENV}): {assets.model_dir() or '(unset)'}")
+    print(f"download cache ({assets.CACHE_DIR_ENV}): {assets.cache_dir()}")
+    for row in rows:
+        where = row["path"] or ("missing (downloadable)" if row["downloadable"] else
+                                "missing (the package's copy is absent or altered)" if row["packaged"] else
+                                "missing (user-supplied)")
+        print(f"  {row['file']:40s} {where}  [{row['licence']}]")
+    return 0
+
+
+# The commands, in the order `facedist --help` lists them.
+COMMANDS = (add_extract_command, add_predict_command, add_train_command, add_report_command, add_texture_command,
+            add_serve_command, add_run_command, add_models_command)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="facedist", description=__doc__, formatter_class=HelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    # Every command that may start Ray takes --verbose (facedist.runtime: how quiet Ray is).
+    quiet = argparse.ArgumentParser(add_help=False)
+    quiet.add_argument("--verbose", action="store_true",
+                       help="show Ray's own logs and its workers' output (default: they go to a log file)")
+
+    def command(name: str, help: str, ray: bool = True) -> argparse.ArgumentParser:
+        return sub.add_parser(name, help=help, parents=[quiet] if ray else [], formatter_class=HelpFormatter)
+
+    for add in COMMANDS:
+        add(command)
     return parser
 
 

@@ -124,7 +124,7 @@ class FaceBoxesDetector:
 # ---------------------------------------------------------------------------------------- dlib
 
 
-class DlibHogFaceDetector:
+class _DlibHogOneThread:
     """dlib's HOG + linear SVM frontal face detector, with scores, for one thread.
 
     Small photos (longest side < upsample_below) are upsampled once: HOG's smallest window is
@@ -166,8 +166,8 @@ class DlibHogDetector:
 
         options = dict(upsample_below=upsample_below, threshold=threshold, retry_below=retry_below)
         self.threads = max(1, int(threads))
-        self._single = DlibHogFaceDetector(**options) if self.threads == 1 else None
-        self._pool = (ThreadLocalPool(lambda: DlibHogFaceDetector(**options), self.threads)
+        self._single = _DlibHogOneThread(**options) if self.threads == 1 else None
+        self._pool = (ThreadLocalPool(lambda: _DlibHogOneThread(**options), self.threads)
                       if self.threads > 1 else None)
         self.version = f"hog:dlib-{dlib.__version__}"
 

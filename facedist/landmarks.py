@@ -78,8 +78,8 @@ class DlibShapePredictor:
     def predict_one(self, image: np.ndarray, box) -> np.ndarray:
         rgb = as_rgb_uint8(image)
         x0, y0, x1, y1 = (int(round(float(v))) for v in box[:4])
-        shape = self._predictor(rgb, self._dlib.rectangle(x0, y0, x1 - 1, y1 - 1))
-        return np.array([[p.x, p.y] for p in shape.parts()], np.float32)
+        detection = self._predictor(rgb, self._dlib.rectangle(x0, y0, x1 - 1, y1 - 1))
+        return np.array([[p.x, p.y] for p in detection.parts()], np.float32)
 
     def predict_batch(self, images: Sequence[np.ndarray], boxes: Sequence[np.ndarray]) -> list[np.ndarray]:
         return [self.predict_one(image, box) for image, box in zip(images, boxes)]

@@ -61,12 +61,12 @@ def decimated_mesh(model: MorphableModel, n_points: int = DEFAULT_POINTS) -> tup
     return indices.astype(np.int64), triangles[keep].astype(np.int64)
 
 
-def project_mesh(model: MorphableModel, shape, exp, camera, n_points: int = DEFAULT_POINTS) -> np.ndarray:
+def project_mesh(model: MorphableModel, id_coeffs, exp_coeffs, camera, n_points: int = DEFAULT_POINTS) -> np.ndarray:
     """Pixel (x, y) of the decimated mesh's vertices for coefficients and a 3x4 pixel camera: (K, 2)."""
     indices, _ = decimated_mesh(model, n_points)
-    shape, exp = model._coeffs(shape, exp)
+    id_coeffs, exp_coeffs = model._coeffs(id_coeffs, exp_coeffs)
     rows = (3 * indices[:, None] + np.arange(3)).ravel()
-    points = model.mean[rows] + model.shape_basis[rows] @ shape + model.exp_basis[rows] @ exp
+    points = model.mean[rows] + model.id_basis[rows] @ id_coeffs + model.exp_basis[rows] @ exp_coeffs
     return apply_affine(points.reshape(-1, 3), np.asarray(camera, np.float64))[:, :2]
 
 

@@ -1,7 +1,7 @@
-"""A linear 3D morphable face model (shape + expression), landmark slices and a scaled-orthographic camera.
+"""A linear 3D morphable face model (identity + expression), landmark slices and a scaled-orthographic camera.
 
 Two bases load into the same class:
-  * 3DDFA's BFM-derived basis (tddfa/bfm/*.npy: 40 shape, 10 expression) - the basis 3DDFA_V2's
+  * 3DDFA's BFM-derived basis (tddfa/bfm/*.npy: 40 identity, 10 expression) - the basis 3DDFA_V2's
     regressor predicts in;
   * Deep3DFaceRecon's BFM_model_front.mat (80 identity, 64 expression, 80 texture).
 
@@ -134,18 +134,18 @@ def project(points3d: np.ndarray, pose: Pose) -> np.ndarray:
 
 
 class MorphableModel:
-    """mean + shape_basis @ shape + exp_basis @ exp, per-vertex x,y,z interleaved; float32."""
+    """mean + id_basis @ id_coeffs + exp_basis @ exp_coeffs, per-vertex x,y,z interleaved; float32."""
 
-    def __init__(self, mean: np.ndarray, shape_basis: np.ndarray, exp_basis: np.ndarray,
+    def __init__(self, mean: np.ndarray, id_basis: np.ndarray, exp_basis: np.ndarray,
                  keypoints: np.ndarray, *, triangles: np.ndarray | None = None,
                  tex_mean: np.ndarray | None = None, tex_basis: np.ndarray | None = None,
                  name: str = "bfm"):
         self.mean = np.ascontiguousarray(mean, np.float32).ravel()
-        self.shape_basis = np.ascontiguousarray(shape_basis, np.float32)
+        self.id_basis = np.ascontiguousarray(id_basis, np.float32)
         self.exp_basis = np.ascontiguousarray(exp_basis, np.float32)
         n3 = self.mean.size
-        if n3 % 3 or self.shape_basis.shape[0] != n3 or self.exp_basis.shape[0] != n3:
-            raise ValueError(f"basis rows {self.shape_basis.shape[0]}/{self.exp_basis.shape[0]} "
+        if n3 % 3 or self.id_basis.shape[0] != n3 or self.exp_basis.shape[0] != n3:
+            raise ValueError(f"basis rows {self.id_basis.shape[0]}/{self.exp_basis.shape[0]} "
                              f"do not match the mean's {n3} (3 x vertices)")
         self.keypoints = np.asarray(keypoints, np.int64).ravel()  # vertex indices of the 68 landmarks
         if self.keypoints.size != NUM_LANDMARKS or self.keypoints.max() >= n3 // 3:
@@ -157,19 +157,19 @@ class MorphableModel:
         # Landmark-only slices: 204 rows instead of 3N, so fitting and reprojection stay cheap.
         rows = (3 * self.keypoints[:, None] + np.arange(3)).ravel()
         self.lm_mean = self.mean[rows]
-        self.lm_shape_basis = self.shape_basis[rows]
+        self.lm_id_basis = self.id_basis[rows]
         self.lm_exp_basis = self.exp_basis[rows]
 
     # ---- loaders
 
     @classmethod
     def from_tddfa(cls) -> "MorphableModel":
-        """3DDFA's basis from the model directory (facedist.assets): 40 shape, 10 expression."""
+        """3DDFA's basis from the model directory (facedist.assets): 40 identity, 10 expression."""
         arrays = {n: np.load(assets.resolve(f"tddfa/bfm/{n}.npy")) for n in TDDFA_BFM_FILES}
         kp = arrays["keypoints_sim"].ravel()
         if not (np.all(kp[0::3] % 3 == 0) and np.all(kp[1::3] == kp[0::3] + 1)):
             raise ValueError("keypoints_sim is not x,y,z-consecutive indices into the 3N vector")
-        # 3DDFA's mean face is the shape mean plus the expression mean (u = u_shp + u_exp).
+        # 3DDFA's mean face is the identity mean plus the expression mean (u = u_shp + u_exp).
         mean = arrays["u_shp"].ravel() + arrays["u_exp"].ravel()
         return cls(mean, arrays["w_shp_sim"], arrays["w_exp_sim"], kp[0::3] // 3, name="tddfa_bfm")
 
@@ -199,30 +199,30 @@ class MorphableModel:
         return self.mean.size // 3
 
     @property
-    def n_shape(self) -> int:
-        return self.shape_basis.shape[1]
+    def n_id(self) -> int:
+        return self.id_basis.shape[1]
 
     @property
     def n_exp(self) -> int:
         return self.exp_basis.shape[1]
 
-    def _coeffs(self, shape, exp) -> tuple[np.ndarray, np.ndarray]:
-        shape = np.zeros(self.n_shape, np.float32) if shape is None else np.asarray(shape, np.float32).ravel()
-        exp = np.zeros(self.n_exp, np.float32) if exp is None else np.asarray(exp, np.float32).ravel()
-        if shape.size != self.n_shape or exp.size != self.n_exp:
-            raise ValueError(f"expected {self.n_shape} shape / {self.n_exp} exp coefficients, "
-                             f"got {shape.size} / {exp.size}")
-        return shape, exp
+    def _coeffs(self, id_coeffs, exp_coeffs) -> tuple[np.ndarray, np.ndarray]:
+        id_coeffs = np.zeros(self.n_id, np.float32) if id_coeffs is None else np.asarray(id_coeffs, np.float32).ravel()
+        exp_coeffs = np.zeros(self.n_exp, np.float32) if exp_coeffs is None else np.asarray(exp_coeffs, np.float32).ravel()
+        if id_coeffs.size != self.n_id or exp_coeffs.size != self.n_exp:
+            raise ValueError(f"expected {self.n_id} id / {self.n_exp} exp coefficients, "
+                             f"got {id_coeffs.size} / {exp_coeffs.size}")
+        return id_coeffs, exp_coeffs
 
-    def vertices(self, shape=None, exp=None) -> np.ndarray:
+    def vertices(self, id_coeffs=None, exp_coeffs=None) -> np.ndarray:
         """(N, 3) model-frame vertices."""
-        shape, exp = self._coeffs(shape, exp)
-        return (self.mean + self.shape_basis @ shape + self.exp_basis @ exp).reshape(-1, 3)
+        id_coeffs, exp_coeffs = self._coeffs(id_coeffs, exp_coeffs)
+        return (self.mean + self.id_basis @ id_coeffs + self.exp_basis @ exp_coeffs).reshape(-1, 3)
 
-    def landmarks(self, shape=None, exp=None) -> np.ndarray:
+    def landmarks(self, id_coeffs=None, exp_coeffs=None) -> np.ndarray:
         """(68, 3) model-frame landmarks, from the sliced bases only."""
-        shape, exp = self._coeffs(shape, exp)
-        return (self.lm_mean + self.lm_shape_basis @ shape + self.lm_exp_basis @ exp).reshape(-1, 3)
+        id_coeffs, exp_coeffs = self._coeffs(id_coeffs, exp_coeffs)
+        return (self.lm_mean + self.lm_id_basis @ id_coeffs + self.lm_exp_basis @ exp_coeffs).reshape(-1, 3)
 
     def project(self, points3d: np.ndarray, pose: Pose) -> np.ndarray:
         return project(points3d, pose)

@@ -1,11 +1,9 @@
 """Serving-time recognition: what turns extraction rows into identity, gender and expressions.
 
-  * quality_vector  C-Net's per-image input, from a table row or an extraction result
-  * Standardizer    the input normalisation every bundle carries (fitted in training)
   * Recognizer      the trained bundles together, for the server and scripts
 
-Training fits these (facedist.training uses quality_vector and Standardizer from here); the
-server only applies them, so it needs nothing of facedist.training but the bundle format.
+The per-image features it applies (quality_vector, Standardizer) live in facedist.features, which
+training fits them with; the server needs nothing of facedist.training but the bundle format.
 
 The Recognizer loads <dir>/{cnet,identity,gender,expression}/model.pt (any subset; local or s3://) once and
 predicts from one person's images given as ExtractionResults or table rows:
@@ -19,8 +17,6 @@ Images that are not usable (error / no face / no coefficients) keep their slot w
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import hashlib
 import json
 
@@ -28,129 +24,10 @@ import numpy as np
 import torch
 
 from facedist import storage
+from facedist.features import Standardizer, quality_vector
 from facedist.models.cnet import aggregate_identity, confidence_weights
 from facedist.schema import DEFAULT_INPUTS, INPUT_GROUPS, STATUS_OK, inputs_label
 from facedist.training.bundle import BUNDLE_FILE, load_model_bundle
-
-QUALITY_SCALARS = ("yaw", "pitch", "roll", "abs_yaw", "det_score", "landmark_error", "log_landmark_error")
-# The row's columns quality_vector reads (the scalars, then the pooled feature).
-QUALITY_COLUMNS = ("yaw", "pitch", "roll", "det_score", "landmark_error", "feature")
-
-
-def quality_vector(row: dict, n_feature: int) -> np.ndarray:
-    """C-Net's per-image input: pose (degrees/90), |yaw|, detection score, landmark residual
-    (and its log), then the regressor's pooled feature (zeros when the backend stores none).
-    ``row`` is a table row or ExtractionResult.to_row()."""
-    feature = None
-    raw = row.get("feature")
-    if raw is not None and n_feature:
-        raw = np.asarray(raw, np.float32).ravel()[:n_feature]
-        feature = np.zeros((1, n_feature), np.float32)
-        feature[0, : raw.size] = raw
-    scalars = [np.array([np.nan if row.get(k) is None else float(row[k])]) for k in QUALITY_COLUMNS[:-1]]
-    return quality_matrix(*scalars, feature, n_feature)[0]
-
-
-def quality_matrix(yaw, pitch, roll, det_score, landmark_error, feature: np.ndarray | None,
-                   n_feature: int) -> np.ndarray:
-    """quality_vector for N rows at once: (N,) float arrays with NaN where a value is missing
-    (pose 0, score 1, residual 0.05 stand in), feature (N, n_feature) or None (zeros)."""
-    fill = lambda v, d: np.where(np.isnan(np.asarray(v, np.float64)), d, v)  # noqa: E731
-    yaw, pitch, roll = fill(yaw, 0.0), fill(pitch, 0.0), fill(roll, 0.0)
-    residual = fill(landmark_error, 0.05)
-    scalars = np.stack([yaw / 90, pitch / 90, roll / 90, np.abs(yaw) / 90, fill(det_score, 1.0), residual,
-                        np.log(np.maximum(residual, 1e-4))], 1).astype(np.float32)
-    if feature is None:
-        feature = np.zeros((len(scalars), n_feature), np.float32)
-    return np.concatenate([scalars, np.asarray(feature, np.float32)], 1)
-
-
-@dataclass
-class Standardizer:
-    """x -> (x - mean) / std, then optionally @ whiten; fitted on training inputs and stored in
-    every bundle.
-
-    ``whiten`` is within-class whitening (the symmetric inverse square root of the within-class
-    covariance, as in LDA / WCCN): identity coefficients of one person vary with expression and
-    pose along a few correlated directions, and a small classifier does not learn to discount
-    them from a few hundred inputs. On Yale (fit backend) a Mahalanobis nearest-centroid rule on
-    combinations of 3 gains much from it (tests/test_training.py shows the effect on a synthetic
-    set). Symmetric, so each output dimension stays closest to its own basis dimension (the 1-D
-    ResNet's order)."""
-
-    mean: np.ndarray
-    std: np.ndarray
-    whiten: np.ndarray | None = None
-    # Scale every output vector to the same length, sqrt(D) (after whitening; each dimension then
-    # keeps about unit spread): a linear head scores by cosine, which is what matches a person
-    # seen in one photo to their other photos.
-    unit_length: bool = False
-
-    @classmethod
-    def fit(cls, x: np.ndarray, groups: np.ndarray | None = None, floor: float = 1e-3,
-            unit_length: bool = False, group_dims: list[int] | None = None) -> "Standardizer":
-        """groups: a class per row; when given, also fit within-class whitening. ``floor``: the
-        smallest eigenvalue kept, relative to the mean one (directions with almost no
-        within-class spread would otherwise be blown up). ``group_dims``: the widths of the input
-        groups side by side; each group is then scaled to unit total variance (its dimensions'
-        spread times the square root of its width)."""
-        x = np.asarray(x, np.float64)
-        # A dimension constant on the training rows (a ReLU feature never active there) carries
-        # nothing learned: it maps to 0, where dividing by a tiny spread would blow a new row up.
-        std = x.std(0)
-        if group_dims is not None:
-            if sum(group_dims) != x.shape[1]:
-                raise ValueError(f"group widths {group_dims} do not add up to {x.shape[1]} dimensions")
-            std = std * np.repeat(np.sqrt(np.asarray(group_dims, np.float64)), group_dims)
-        norm = cls(x.mean(0).astype(np.float32), np.where(std > 1e-6, std, np.inf).astype(np.float32),
-                   unit_length=unit_length)
-        if groups is not None:
-            norm.whiten = within_class_whitening(norm(x), np.asarray(groups), floor)
-        return norm
-
-    def __call__(self, x: np.ndarray) -> np.ndarray:
-        z = (np.asarray(x, np.float32) - self.mean) / self.std
-        if self.whiten is not None:
-            z = z @ self.whiten
-        if self.unit_length:
-            z = z * np.sqrt(z.shape[-1]) / np.maximum(np.linalg.norm(z, axis=-1, keepdims=True), 1e-12)
-        return z.astype(np.float32)
-
-    def to_dict(self) -> dict:
-        out = {"mean": self.mean.tolist(), "std": self.std.tolist()}
-        if self.whiten is not None:
-            out["whiten"] = self.whiten.tolist()
-        if self.unit_length:
-            out["unit_length"] = True
-        return out
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "Standardizer":
-        whiten = d.get("whiten")
-        return cls(np.asarray(d["mean"], np.float32), np.asarray(d["std"], np.float32),
-                   None if whiten is None else np.asarray(whiten, np.float32), bool(d.get("unit_length", False)))
-
-
-def within_class_whitening(z: np.ndarray, groups: np.ndarray, floor: float = 1e-3) -> np.ndarray:
-    """(D, D) symmetric W with W Sw W = I, Sw the pooled within-class covariance of z (N, D).
-    Classes with one row add nothing; with no within-class spread at all, the identity."""
-    z = np.asarray(z, np.float64)
-    keys = np.asarray([str(g) for g in groups])
-    centred, dof = [], 0
-    for key in np.unique(keys):
-        members = z[keys == key]
-        if len(members) > 1:
-            centred.append(members - members.mean(0))
-            dof += len(members) - 1
-    if dof == 0:
-        return np.eye(z.shape[1], dtype=np.float32)
-    residual = np.concatenate(centred)
-    scatter = residual.T @ residual / dof
-    values, vectors = np.linalg.eigh(scatter)
-    values = np.maximum(values, max(floor * values.mean(), 1e-12))
-    return ((vectors / np.sqrt(values)) @ vectors.T).astype(np.float32)
-
-
 
 RECOGNIZER_TASKS = ("cnet", "identity", "gender", "expression")
 # Identity labels ranked per answer, unless the caller asks for another number.
@@ -277,10 +154,10 @@ class Recognizer:
         for p in has_usable:
             outs[p]["aggregation"] = "cnet" if use_cnet[p] else "mean"
         used: set[int] = set()
-        with_alpha = [g for g in usable if _present(rows[g].get("id_coeffs"))]
-        if with_alpha:
-            alpha = np.array([np.asarray(rows[g]["id_coeffs"], np.float32) for g in with_alpha], np.float32)
-            for p, value in self._aggregate_many(alpha, with_alpha, owner, confidence, use_cnet).items():
+        with_id = [g for g in usable if _present(rows[g].get("id_coeffs"))]
+        if with_id:
+            id_coeffs = np.array([np.asarray(rows[g]["id_coeffs"], np.float32) for g in with_id], np.float32)
+            for p, value in self._aggregate_many(id_coeffs, with_id, owner, confidence, use_cnet).items():
                 outs[p]["identity_coeffs"] = value.tolist()
         for task in ("identity", "gender"):
             if task not in self.bundles:

@@ -20,7 +20,7 @@ connect(), so they agree on:
   echoed, and the user sees facedist's progress and one summary line per stage; verbose (the
   `--verbose` flag or FACEDIST_VERBOSE=1) shows all of Ray's output as usual.
 
-This module and the adapters (ray_extract, training.distributed, serving) are where Ray lives.
+This module and the adapters (extraction.distributed, training.distributed, serving) are where Ray lives.
 """
 
 from __future__ import annotations

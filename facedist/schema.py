@@ -49,7 +49,7 @@ class CoefficientLayout:
     # How faces were found and landmarked (e.g. "FaceBoxesProd:c0cb2b1e4071", "dlib"): part of
     # the layout so that a resumed extraction refuses to mix rows made with other settings.
     detector: str = ""
-    landmarks: str = ""
+    landmark_source: str = ""
     # The texture sampler's vertex set (+ the texture basis tex_coeffs were projected on).
     texture: str = ""
     n_texture_vertices: int = 0
@@ -67,13 +67,16 @@ class CoefficientLayout:
     def from_json(cls, text: str | bytes) -> "CoefficientLayout":
         """Fields a layout was written without take their defaults: tables from before a field
         existed read as made without it."""
-        return cls(**json.loads(text))
+        fields = json.loads(text)
+        if "landmarks" in fields:  # tables written before the field was named landmark_source
+            fields["landmark_source"] = fields.pop("landmarks")
+        return cls(**fields)
 
 
 # Deep3DFaceRecon's 257 outputs, in order.
 DEEP3D_SPLITS = (("id", 80), ("exp", 64), ("tex", 80), ("angle", 3), ("gamma", 27), ("trans", 3))
 # 3DDFA_V2's 62 outputs, in order.
-TDDFA_SPLITS = (("pose", 12), ("shape", 40), ("exp", 10))
+TDDFA_SPLITS = (("pose", 12), ("id", 40), ("exp", 10))
 
 _f32_list = pa.list_(pa.float32())
 
@@ -97,8 +100,8 @@ COEFFICIENTS_SCHEMA = pa.schema(
                                                         # or tddfa's previous pass), x0, y0, x1, y1, ...
         pa.field("landmarks_fit", _f32_list),           # 68 points reprojected from the coefficients
         pa.field("landmark_error", pa.float32()),       # mean |fit - detected| / inter-ocular distance
-        pa.field("id_coeffs", _f32_list),               # identity alpha
-        pa.field("exp_coeffs", _f32_list),              # expression beta
+        pa.field("id_coeffs", _f32_list),               # identity coefficients (α in tables)
+        pa.field("exp_coeffs", _f32_list),              # expression coefficients (β in tables)
         pa.field("tex_coeffs", _f32_list),
         pa.field("light_coeffs", _f32_list),
         pa.field("yaw", pa.float32()),                  # degrees

@@ -1,6 +1,6 @@
 """Texture of the fitted face: colour sampled at the mesh's vertices, and a PCA texture basis.
 
-A 3DMM is shape and texture. The regressors here give shape only, so texture comes from the photo:
+A 3DMM is geometry and texture. The regressors here give geometry only, so texture comes from the photo:
 every fitted face is sampled at the same ~2,000 model vertices (an even grid over the mean face,
 facedist.mesh), which puts all faces in dense correspondence whatever their pose or size.
 
@@ -63,7 +63,7 @@ class TextureSampler:
         a, b, c = (self._mean.reshape(-1, 3)[triangles[:, k]] for k in range(3))
         backwards = np.cross(b - a, c - a)[:, 2] < 0
         self.triangles = np.where(backwards[:, None], triangles[:, ::-1], triangles)
-        self._shape = model.shape_basis[rows].astype(np.float64)
+        self._id_basis = model.id_basis[rows].astype(np.float64)
         self._exp = model.exp_basis[rows].astype(np.float64)
         mean_xy = self._mean.reshape(-1, 3)[:, :2]
         # model units between neighbouring vertices: sets how far the image is downscaled
@@ -75,19 +75,19 @@ class TextureSampler:
     def n_vertices(self) -> int:
         return len(self.indices)
 
-    def points(self, shape, exp, camera: np.ndarray) -> np.ndarray:
+    def points(self, id_coeffs, exp_coeffs, camera: np.ndarray) -> np.ndarray:
         """(K, 3) pixel positions (u, v, depth) of the sampled vertices."""
-        shape, exp = self.model._coeffs(shape, exp)
-        X = (self._mean + self._shape @ shape + self._exp @ exp).reshape(-1, 3)
+        id_coeffs, exp_coeffs = self.model._coeffs(id_coeffs, exp_coeffs)
+        X = (self._mean + self._id_basis @ id_coeffs + self._exp @ exp_coeffs).reshape(-1, 3)
         return apply_affine(X, np.asarray(camera, np.float64))
 
-    def sample(self, image: np.ndarray, shape, exp, camera: np.ndarray) -> np.ndarray:
+    def sample(self, image: np.ndarray, id_coeffs, exp_coeffs, camera: np.ndarray) -> np.ndarray:
         """(K, 4) uint8 RGBA: the colour at each vertex, alpha 255 where it is visible."""
         rgb = np.asarray(image)
         if rgb.ndim == 2:
             rgb = np.repeat(rgb[:, :, None], 3, axis=2)
         camera = np.asarray(camera, np.float64)
-        P = self.points(shape, exp, camera).astype(np.float64)
+        P = self.points(id_coeffs, exp_coeffs, camera).astype(np.float64)
         h, w = rgb.shape[:2]
         # Normals in the pixel frame: camera's linear part flips y, so flip it back to face +z.
         normals = _vertex_normals(P * np.array([1.0, -1.0, 1.0]), self.triangles)

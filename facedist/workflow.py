@@ -7,13 +7,12 @@ fed with C-Net aggregates) -> model bundles -> report. Local Ray and local stora
 
 from __future__ import annotations
 
-import tempfile
 import time
-from dataclasses import dataclass
-from pathlib import Path
+from dataclasses import dataclass, field
 
 from facedist import runtime, storage
-from facedist.extractors import DEFAULT_BACKEND, DEFAULT_TEXTURE_BASIS
+from facedist.extraction.config import ExtractConfig
+from facedist.extraction.distributed import RayExtractConfig
 from facedist.schema import INPUT_GROUPS, LABEL_COLUMNS
 
 
@@ -21,17 +20,8 @@ from facedist.schema import INPUT_GROUPS, LABEL_COLUMNS
 class WorkflowConfig:
     images: str                     # folder, s3:// prefix or manifest
     out: str                        # folder or s3:// prefix: coefficients/, models/, report/
-    backend: str = DEFAULT_BACKEND
-    detector: str = "faceboxes"
-    landmarks: str | None = None    # None: the backend's own
-    texture: bool = True            # sample face colour on the fitted mesh
-    texture_basis: str | None = DEFAULT_TEXTURE_BASIS  # tex_coeffs' basis (ExtractConfig.texture_basis)
-    face_embedding: bool = True     # ExtractConfig.face_embedding
-    face_attributes: bool = True    # ExtractConfig.face_attributes
-    dataset: str = "auto"
-    resume: bool = True             # False: replace the coefficients an earlier run left in out/
-    actors: int = 2
-    batch_size: int = 32
+    # The extraction step's settings (the extractor, batches, resume, actors, dataset).
+    extraction: RayExtractConfig = field(default_factory=lambda: WorkflowConfig.default_extraction())
     epochs: int | None = None       # classifier epochs; None: the task presets' (training.presets)
     cnet_epochs: int | None = None
     workers: int = 1                # Ray Train workers per task
@@ -42,6 +32,12 @@ class WorkflowConfig:
     report_seeds: int = 1
     report_synthetic: bool = True   # the report's synthetic C-Net check (known identities)
     address: str | None = None
+
+    @staticmethod
+    def default_extraction() -> RayExtractConfig:
+        # Batches of 32, not ExtractConfig's 64: a few hundred images still make enough batches
+        # to keep both default actors busy.
+        return RayExtractConfig(extract=ExtractConfig(batch_size=32))
 
 
 def _labelled(table, column: str) -> int:
@@ -78,48 +74,9 @@ def _trained_line(task: str, summary: dict, seconds: float) -> str:
     return f"      {task}: {describe_best(summary['best'])} ({seconds:.0f} s) -> {summary['bundle']}"
 
 
-def report_line(results: dict) -> str:
-    """The report's headline figures on one line (the tables hold the rest)."""
-    s = results["summary"]
-
-    def acc(key: str) -> str:
-        return f"{s[key]['accuracy']['mean']:.3f}" if key in s else "n/a"
-
-    def extra(key: str, name: str) -> str:
-        return f", {name} {acc(key)}" if key in s else ""
-
-    return (f"identity α C-Net {acc('identity_cnet')}, mean {acc('identity_mean')}"
-            f"{extra('identity_shipped', 'shipped')}{extra('image_identity', 'images')}; expression β {acc('expression')}"
-            f"{extra('expression_shipped', 'shipped')}{extra('image_expression', 'images')}"
-            + (f"; gender α {acc('gender')}{extra('gender_shipped', 'shipped')}" if "gender" in s else "")
-            + f" (accuracy, {results['folds']}-fold mean; {results['seconds']:.0f} s)")
-
-
-def report_row(task: str, aggregate: str = "mean") -> str:
-    """The report's row that measures a shipped bundle of ``task``."""
-    return {"identity": f"identity_{aggregate}"}.get(task, task)
-
-
-def bundle_checks(trained: dict, results: dict) -> dict:
-    """Each shipped classifier's validation accuracy next to the range of its report row (the
-    bundle is fold 0 of the report's first seed, trained from the same preset)."""
-    checks = {}
-    for task, summary in trained.items():
-        row = f"{task}_shipped"  # the preset's own row, where it differs from the paper's
-        if row not in results["summary"]:
-            row = report_row(task, summary.get("aggregate", "mean"))
-        accuracy = summary["best"].get("accuracy")
-        if accuracy is None or row not in results["summary"]:
-            continue
-        folds = results["summary"][row]["accuracy"]["folds"]
-        checks[task] = {"bundle": float(accuracy), "row": row, "low": min(folds), "high": max(folds), "n": len(folds)}
-    return checks
-
-
 def run_workflow(config: WorkflowConfig, log=print) -> dict:
-    from facedist.pipeline import ExtractConfig
-    from facedist.ray_extract import RayExtractConfig, run_ray_extraction
-    from facedist.report import ReportConfig
+    from facedist.extraction.distributed import run_ray_extraction
+    from facedist.reports.image import ReportConfig, bundle_checks, report_line, write_report_at
     from facedist.training import run_training
     from facedist.training.presets import preset_config, shipped_inputs
 
@@ -128,16 +85,7 @@ def run_workflow(config: WorkflowConfig, log=print) -> dict:
     coeffs = storage.join(config.out, "coefficients")
     models = storage.join(config.out, "models")
     log(f"[1/3] extracting {config.images} -> {coeffs}")
-    summary = run_ray_extraction(
-        config.images, coeffs,
-        RayExtractConfig(extract=ExtractConfig(backend=config.backend, detector=config.detector,
-                                               landmarks=config.landmarks, texture=config.texture,
-                                               texture_basis=config.texture_basis, batch_size=config.batch_size,
-                                               face_embedding=config.face_embedding,
-                                               face_attributes=config.face_attributes,
-                                               resume=config.resume),
-                         actors=config.actors, dataset=config.dataset),
-        address=config.address)
+    summary = run_ray_extraction(config.images, coeffs, config.extraction, address=config.address)
 
     table = storage.read_table(coeffs, columns=["status", *LABEL_COLUMNS, *INPUT_GROUPS.values()])
     groups = filled_groups(table)
@@ -208,23 +156,3 @@ def map_on_ray(fn, jobs: list[tuple]) -> list:
     ray = runtime.connect()
     task = ray.remote(num_cpus=1, max_retries=1)(fn)
     return ray.get([task.remote(*job) for job in jobs])
-
-
-def write_report_at(out_uri: str, config, log=None, map_folds=None) -> dict:
-    """facedist.report.write_report into out_uri, a local folder or an s3:// prefix (rendered in
-    a temporary folder, then uploaded). config: a ReportConfig; its `out` is replaced. The
-    per-fold lines go to runtime.details() unless log is given. map_folds: write_report's (e.g.
-    map_on_ray); None runs the folds here, one after another."""
-    from dataclasses import replace
-
-    from facedist.report import write_report
-
-    log = log or runtime.details()
-    if not storage.is_s3(out_uri):
-        return write_report(replace(config, out=out_uri), log=log, map_folds=map_folds)
-    with tempfile.TemporaryDirectory() as local:  # the report renders locally, then goes up
-        results = write_report(replace(config, out=local), log=log, map_folds=map_folds)
-        for path in sorted(Path(local).rglob("*")):
-            if path.is_file():
-                storage.write_bytes(storage.join(out_uri, str(path.relative_to(local))), path.read_bytes())
-    return results

@@ -23,9 +23,9 @@ import torch
 
 from facedist import storage
 from facedist.extractors.tddfa import TDDFARegressor, crop_resize
+from facedist.features import QUALITY_SCALARS
 from facedist.images import decode_image
-from facedist.person_report import logistic_probe, person_folds, unit_total_variance, usually_missed
-from facedist.recognition import QUALITY_SCALARS
+from facedist.reports.person import logistic_probe, person_folds, unit_total_variance, usually_missed
 from facedist.texture import TextureSampler, normalised_colour
 from facedist.training.data import encode_labels, load_data
 
@@ -229,7 +229,7 @@ def main() -> None:
     n = len(classes)
     trials = {
         "f (the report's)": lambda: probe_hits(feature, codes, subjects, args.seeds, n),
-        "β (the report's)": lambda: probe_hits(data.beta, codes, subjects, args.seeds, n),
+        "β (the report's)": lambda: probe_hits(data.exp_coeffs, codes, subjects, args.seeds, n),
         "f, trained and tested with the mirrored crop": lambda: probe_hits(rerun, codes, subjects, args.seeds, n,
                                                                           mirror=mirrored_f),
         "dlib 68 landmarks, aligned on brows, eyes, nose": lambda: probe_hits(

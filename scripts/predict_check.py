@@ -20,7 +20,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from facedist import storage  # noqa: E402
-from facedist.prediction import needed_columns, table_layout, table_parts  # noqa: E402
+from facedist.prediction.rows import needed_columns, table_layout, table_parts  # noqa: E402
 from facedist.recognition import Recognizer  # noqa: E402
 from facedist.schema import LABEL_COLUMNS  # noqa: E402
 

@@ -1,9 +1,9 @@
-"""Shared fixtures: the model directory, the Yale faces, and a real S3 server on 127.0.0.1."""
+"""The test suite's set-up: the model directory, the order of the tests, the shared fixtures
+(tests/support/fixtures.py)."""
 
 from __future__ import annotations
 
 import os
-import socket
 from pathlib import Path
 
 import pytest
@@ -14,61 +14,21 @@ SHARED = Path(os.environ.get("FACEDIST_SHARED", REPO.parent / "shared"))
 # Tests read the development assets beside the checkout unless the caller chose a model dir.
 os.environ.setdefault("FACEDIST_MODEL_DIR", str(SHARED / "models"))
 
+from support.fixtures import s3_bucket, s3_server, yale_dir  # noqa: E402  (tests/ is on sys.path)
+from support.ray import local_ray  # noqa: E402
+from support.serving import client, extractor, face_bytes, models_uri, server  # noqa: E402
 
+# Fixtures, used by name.
+__all__ = ["client", "extractor", "face_bytes", "local_ray", "models_uri", "s3_bucket", "s3_server", "server",
+           "yale_dir"]
+
+
+@pytest.hookimpl(tryfirst=True)  # before -m selects: `ray` implies `slow`
 def pytest_collection_modifyitems(config, items):
     """Tests that start Ray (marked `ray`) run last and together, each module's in its own order:
-    the quick tests report first, and run with no Ray cluster taking the cores."""
+    the quick tests report first, and run with no Ray cluster taking the cores. A Ray test is a
+    slow test (`-m "not slow"`, the inner loop, leaves out Ray, browsers and long training)."""
+    for item in items:
+        if item.get_closest_marker("ray") is not None:
+            item.add_marker(pytest.mark.slow)
     items.sort(key=lambda item: item.get_closest_marker("ray") is not None)
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-@pytest.fixture(scope="session")
-def yale_dir() -> Path:
-    path = SHARED / "data" / "yalefaces"
-    if not path.is_dir():
-        pytest.fail(f"Yale faces not found at {path}; put ../shared beside the checkout")
-    return path
-
-
-@pytest.fixture(scope="session")
-def s3_server():
-    """A real S3 HTTP server (moto) on 127.0.0.1; yields its endpoint URL.
-
-    Credentials and the endpoint go into the environment, the way users configure MinIO/Ceph, so
-    every client (pyarrow.fs, boto3, Ray workers started after this) finds it without patching."""
-    from moto.server import ThreadedMotoServer
-
-    port = _free_port()
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-    server.start()
-    endpoint = f"http://127.0.0.1:{port}"
-    saved = {k: os.environ.get(k) for k in
-             ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_ENDPOINT_URL", "AWS_DEFAULT_REGION")}
-    os.environ.update({"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
-                       "AWS_ENDPOINT_URL": endpoint, "AWS_DEFAULT_REGION": "us-east-1"})
-    try:
-        yield endpoint
-    finally:
-        server.stop()
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
-
-
-@pytest.fixture
-def s3_bucket(s3_server):
-    """A fresh, empty bucket on the S3 server; yields 's3://<name>'."""
-    import uuid
-
-    import boto3
-
-    name = f"facedist-{uuid.uuid4().hex[:12]}"
-    boto3.client("s3", endpoint_url=s3_server, region_name="us-east-1").create_bucket(Bucket=name)
-    return f"s3://{name}"

@@ -19,7 +19,7 @@ def _subparsers(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentP
 
 
 def test_every_flag_has_help_with_its_real_default(monkeypatch):
-    from facedist.report import ReportConfig
+    from facedist.reports.image import ReportConfig
     from facedist.serving.settings import ServeSettings
     from facedist.training.presets import describe_presets, preset_value
 
@@ -64,15 +64,15 @@ def test_a_negative_count_is_a_usage_error(argv, capsys):
 def test_choices_come_from_the_registries():
     from facedist.datasets import DATASETS
     from facedist.detection import DETECTORS
-    from facedist.extractors import BACKENDS
-    from facedist.training.registry import TASKS
+    from facedist.extractors.backends import list_backends
+    from facedist.training.task_registry import TASKS
     from facedist.training.tasks import INPUT_NORMS
 
     commands = _subparsers(build_parser())
     choices = {(name, a.dest): tuple(a.choices) for name, c in commands.items() for a in c._actions if a.choices}
     assert choices[("train", "task")] == tuple(TASKS)
     assert choices[("train", "input_norm")] == tuple(INPUT_NORMS)
-    assert choices[("run", "backend")] == tuple(BACKENDS)
+    assert choices[("run", "backend")] == list_backends()
     assert choices[("serve", "detector")] == tuple(DETECTORS)
     assert choices[("extract", "dataset")] == choices[("run", "dataset")] == tuple(DATASETS)
 
@@ -111,6 +111,7 @@ def test_a_bad_value_fails_before_ray_starts(argv, tmp_path, capsys):
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.slow  # trains the report's models
 def test_report_out_s3_writes_to_the_bucket(s3_bucket, tmp_path, monkeypatch, capsys):
     from facedist.schema import YALE_EXPRESSIONS
     from facedist.training.synthetic import SyntheticConfig, synthetic_table
@@ -126,3 +127,26 @@ def test_report_out_s3_writes_to_the_bucket(s3_bucket, tmp_path, monkeypatch, ca
     assert not (tmp_path / "s3:").exists()  # once a local folder named "s3:"
     printed = capsys.readouterr().out
     assert "3DMM identity, C-Net aggregate" in printed and f"report written to {out}" in printed
+
+
+def test_the_extraction_flags_are_declared_once():
+    """`facedist extract`, `facedist run` and jobs/extract.py take the same extractor and extraction
+    flags; each shows the defaults of the settings it fills."""
+    import importlib.util
+    from pathlib import Path
+
+    from facedist.extraction.distributed import RayExtractConfig
+    from facedist.workflow import WorkflowConfig
+
+    script = Path(__file__).resolve().parents[1] / "jobs" / "extract.py"
+    spec = importlib.util.spec_from_file_location("extract_job", script)
+    job = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(job)
+    commands = _subparsers(build_parser())
+    flags = lambda parser: {s: a.default for a in parser._actions for s in a.option_strings}  # noqa: E731
+    extract, run, job_flags = flags(commands["extract"]), flags(commands["run"]), flags(job.build_parser())
+    shared = set(extract) - {"--ray", "--out", "--verbose", "-h", "--help"}
+    assert shared <= set(job_flags) and shared - {"--endpoint"} <= set(run)
+    assert extract["--batch-size"] == job_flags["--batch-size"] == RayExtractConfig().extract.batch_size
+    assert run["--batch-size"] == WorkflowConfig.default_extraction().extract.batch_size
+    assert extract["--actors"] == RayExtractConfig.actors

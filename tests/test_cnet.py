@@ -7,30 +7,30 @@ from facedist.training.geometry import KeypointBasis, camera_from_pose, fit_affi
 
 
 def test_aggregate_is_weighted_mean_and_respects_mask():
-    alpha = torch.tensor([[[1.0, 10.0], [3.0, 20.0], [100.0, 100.0]]])
+    id_coeffs = torch.tensor([[[1.0, 10.0], [3.0, 20.0], [100.0, 100.0]]])
     conf = torch.tensor([[[1.0, 3.0], [1.0, 1.0], [5.0, 5.0]]])
     mask = torch.tensor([[1, 1, 0]])
-    agg = aggregate_identity(alpha, conf, mask)
+    agg = aggregate_identity(id_coeffs, conf, mask)
     assert torch.allclose(agg, torch.tensor([[2.0, 12.5]]))
-    assert torch.allclose(aggregate_identity(alpha[:, :2]), torch.tensor([[2.0, 15.0]]))
+    assert torch.allclose(aggregate_identity(id_coeffs[:, :2]), torch.tensor([[2.0, 15.0]]))
 
 
 def test_untrained_cnet_is_the_plain_mean_and_positive():
     net = CNet(CNetConfig(input_dim=7, n_id=40)).eval()
     c = net(torch.randn(4, 3, 7) * 10)
     assert c.shape == (4, 3, 40) and (c > 0).all()
-    alpha = torch.randn(4, 3, 40)
-    assert torch.allclose(aggregate_identity(alpha, c), alpha.mean(1), atol=1e-5)
+    id_coeffs = torch.randn(4, 3, 40)
+    assert torch.allclose(aggregate_identity(id_coeffs, c), id_coeffs.mean(1), atol=1e-5)
 
 
 def test_leave_one_out_matches_explicit_loop():
-    alpha, weight = torch.randn(2, 4, 5), torch.rand(2, 4, 5) + 0.1
+    id_coeffs, weight = torch.randn(2, 4, 5), torch.rand(2, 4, 5) + 0.1
     mask = torch.tensor([[1, 1, 1, 1], [1, 1, 1, 0]], dtype=torch.bool)
-    loo = leave_one_out(alpha, weight, mask)
+    loo = leave_one_out(id_coeffs, weight, mask)
     for b in range(2):
         for j in range(int(mask[b].sum())):
             keep = [i for i in range(4) if i != j and mask[b, i]]
-            expect = (weight[b, keep] * alpha[b, keep]).sum(0) / weight[b, keep].sum(0)
+            expect = (weight[b, keep] * id_coeffs[b, keep]).sum(0) / weight[b, keep].sum(0)
             assert torch.allclose(loo[b, j], expect, atol=1e-5)
 
 
@@ -52,11 +52,11 @@ def test_consistency_ratio_rewards_downweighting_outlier_images():
     noise = torch.randn(people, size, dims) * 0.3
     outlier = torch.zeros(people, size, 1, dtype=torch.bool)
     outlier[:, :2] = True                       # one outlier in each half (members 0 and 1)
-    alpha = identity + noise + outlier * torch.randn(people, size, dims) * 5
+    id_coeffs = identity + noise + outlier * torch.randn(people, size, dims) * 5
     mask = torch.ones(people, size, dtype=torch.bool)
     metric = torch.eye(dims)
-    uniform = consistency_ratio(alpha, torch.ones_like(alpha), mask, metric)
-    trusted = consistency_ratio(alpha, torch.where(outlier, 0.01, 1.0).expand_as(alpha), mask, metric)
+    uniform = consistency_ratio(id_coeffs, torch.ones_like(id_coeffs), mask, metric)
+    trusted = consistency_ratio(id_coeffs, torch.where(outlier, 0.01, 1.0).expand_as(id_coeffs), mask, metric)
     assert trusted < 0.5 * uniform
 
 
@@ -71,12 +71,12 @@ def test_sets_and_sampled_indices_follow_the_training_device():
     from facedist.training.cnet import CNetSets, sample_sets
 
     n = 6
-    sets = CNetSets(alpha=torch.zeros(n, 4), beta=torch.zeros(n, 2), quality=torch.zeros(n, 3),
+    sets = CNetSets(id_coeffs=torch.zeros(n, 4), exp_coeffs=torch.zeros(n, 2), quality=torch.zeros(n, 3),
                     cameras=torch.zeros(n, 4, 2), detected=torch.zeros(n, 68, 2), iod=torch.ones(n),
                     group=np.array([0, 0, 0, 1, 1, 1]), metric=torch.eye(4))
     moved = sets.to("meta")  # a device other than the CPU, available everywhere
-    tensors = [moved.alpha, moved.beta, moved.quality, moved.cameras, moved.detected, moved.iod, moved.metric]
-    assert all(t.device.type == "meta" for t in tensors) and moved.alpha_true is None
-    assert moved.group is sets.group and sets.alpha.device.type == "cpu"
+    tensors = [moved.id_coeffs, moved.exp_coeffs, moved.quality, moved.cameras, moved.detected, moved.iod, moved.metric]
+    assert all(t.device.type == "meta" for t in tensors) and moved.true_id_coeffs is None
+    assert moved.group is sets.group and sets.id_coeffs.device.type == "cpu"
     index, mask = sample_sets(moved, moved.groups(), 3, np.random.default_rng(0))
     assert index.device.type == "meta" and mask.device.type == "meta" and index.shape == (2, 3)

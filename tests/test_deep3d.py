@@ -61,7 +61,7 @@ def test_layout(extractor, checkpoint):
         ("deep3d", 80, 64, 80, 27, 2048)
     assert layout.model_version == assets.sha256_of(checkpoint)[:16]
     assert layout.detector.startswith("hog:dlib-") and layout.detector == extractor.detector.version
-    assert "shape_predictor_68_face_landmarks" in layout.landmarks
+    assert "shape_predictor_68_face_landmarks" in layout.landmark_source
 
 
 def test_real_faces_give_ok_results_with_deep3d_sizes(yale_results, yale_images):
@@ -107,6 +107,7 @@ def test_outputs_match_a_direct_forward_pass(yale_results, yale_images, checkpoi
                                                           pytest.approx(roll, abs=1e-3))
 
 
+@pytest.mark.slow  # the R-Net over Yale photos twice
 def test_batch_size_does_not_change_results(extractor, yale_images, yale_results, monkeypatch):
     monkeypatch.setattr(extractor, "batch_size", 1)
     one_by_one = extractor.extract(yale_images[:2])
@@ -198,10 +199,10 @@ def test_reprojected_landmarks_with_a_bfm_hand_case(tmp_path):
     up = 51.0 * lm68[:, :2] + [160.0, 120.0]  # the alignment test's hand case (scale 2)
     detected = np.stack([up[:, 0], 239 - up[:, 1]], axis=1)
     fixed = _FixedLandmarks(detected)
-    extractor = Deep3DExtractor(detector=fixed, landmarks=fixed, checkpoint=tmp_path / "net.pth",
+    extractor = Deep3DExtractor(detector=fixed, landmark_source=fixed, checkpoint=tmp_path / "net.pth",
                                 bfm=tmp_path / "BFM_model_front.mat")
     assert extractor.detector is fixed and extractor.predictor is fixed
-    assert (extractor.layout.detector, extractor.layout.landmarks) == ("fixed-1", "fixed-1")
+    assert (extractor.layout.detector, extractor.layout.landmark_source) == ("fixed-1", "fixed-1")
     (result,) = extractor.extract([np.zeros((240, 320, 3), np.uint8)])
     assert result.status == STATUS_OK, result.message
     # the predictor was asked about the detector's box, and the row reports that box

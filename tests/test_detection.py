@@ -21,30 +21,12 @@ from facedist.detection import (
     make_face_detector,
 )
 from facedist.images import decode_image
+from support.faces import two_faces, yale_image
 
 
 @pytest.fixture(scope="module")
 def dlib_detector():
     return DlibHogDetector()
-
-
-def _yale(yale_dir, name: str) -> np.ndarray:
-    return decode_image((yale_dir / name).read_bytes())
-
-
-def _two_faces(yale_dir) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Two Yale people side by side, the second at 0.6 scale; returns the image and where each
-    pasted photo lies (x0, y0, x1, y1)."""
-    big = _yale(yale_dir, "subject01.normal")
-    small = cv2.resize(_yale(yale_dir, "subject02.happy"), None, fx=0.6, fy=0.6, interpolation=cv2.INTER_AREA)
-    height, width = big.shape[:2]
-    canvas = np.full((height, width + 20 + small.shape[1], 3), 128, np.uint8)
-    canvas[:, :width] = big
-    y = (height - small.shape[0]) // 2
-    canvas[y:y + small.shape[0], width + 20:] = small
-    big_region = np.array([0, 0, width, height], np.float32)
-    small_region = np.array([width + 20, y, canvas.shape[1], y + small.shape[0]], np.float32)
-    return canvas, big_region, small_region
 
 
 def _box_inside(box: np.ndarray, region: np.ndarray, margin: float = 0.0) -> bool:
@@ -63,7 +45,7 @@ def _check_face(face: FaceBox) -> None:
 # ---- dlib HOG -----------------------------------------------------------------------------------
 
 def test_dlib_one_face_with_a_plausible_box(dlib_detector, yale_dir):
-    image = _yale(yale_dir, "subject05.normal")
+    image = yale_image(yale_dir, "subject05.normal")
     (faces,) = dlib_detector.detect_batch([image])
     assert len(faces) == 1
     face = faces[0]
@@ -76,7 +58,8 @@ def test_dlib_one_face_with_a_plausible_box(dlib_detector, yale_dir):
     assert face.area == pytest.approx(float((face.box[2] - face.box[0]) * (face.box[3] - face.box[1])))
 
 
-def test_dlib_finds_faces_in_yale(dlib_detector, yale_dir):
+@pytest.mark.slow  # dlib HOG over Yale photos
+def test_dlib_finds_faces_inyale_image(dlib_detector, yale_dir):
     files = sorted(p for p in yale_dir.iterdir() if p.name.startswith("subject"))
     assert len(files) == 164
     found = dlib_detector.detect_batch([decode_image(p.read_bytes()) for p in files])
@@ -98,7 +81,7 @@ def test_dlib_no_face_gives_empty_list(dlib_detector):
 
 
 def test_dlib_two_faces_largest_first(dlib_detector, yale_dir):
-    image, big_region, small_region = _two_faces(yale_dir)
+    image, big_region, small_region = two_faces(yale_dir)
     (faces,) = dlib_detector.detect_batch([image])
     assert len(faces) == 2
     for face in faces:
@@ -109,7 +92,7 @@ def test_dlib_two_faces_largest_first(dlib_detector, yale_dir):
 
 
 def test_dlib_accepts_grayscale(dlib_detector, yale_dir):
-    rgb = _yale(yale_dir, "subject03.normal")
+    rgb = yale_image(yale_dir, "subject03.normal")
     gray = rgb[..., 0]
     got = dlib_detector.detect_batch([gray, gray[:, :, None]])
     assert [len(faces) for faces in got] == [1, 1]
@@ -119,9 +102,10 @@ def test_dlib_accepts_grayscale(dlib_detector, yale_dir):
     np.testing.assert_array_equal(got[0][0].box, dlib_detector.detect_batch([rgb])[0][0].box)
 
 
+@pytest.mark.slow  # dlib HOG over Yale photos twice
 def test_threaded_dlib_matches_one_thread_in_input_order(dlib_detector, yale_dir):
     names = sorted(p.name for p in yale_dir.iterdir() if p.name.startswith("subject0"))[:12]
-    images = [_yale(yale_dir, n) for n in names]
+    images = [yale_image(yale_dir, n) for n in names]
     images.insert(5, np.full((120, 160, 3), 90, np.uint8))  # a non-face mid-batch
     threaded = make_face_detector("dlib", threads=3)
     assert isinstance(threaded, DlibHogDetector) and threaded.threads == 3

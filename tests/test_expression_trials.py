@@ -48,6 +48,7 @@ def test_hog_puts_a_vertical_edge_in_the_horizontal_gradient_bin(trials):
     assert np.all(np.linalg.norm(blocks.reshape(9, -1), axis=1) <= 1 + 1e-6)
 
 
+@pytest.mark.slow  # probes over seeds
 def test_probe_hits_scores_every_row_once_per_seed(trials):
     rng = np.random.default_rng(1)
     subjects = np.repeat([f"p{i}" for i in range(20)], 2)

@@ -38,6 +38,7 @@ def _table(out):
     return storage.read_table(str(out)).to_pandas().set_index("path")
 
 
+@pytest.mark.slow  # extraction runs with every model
 def test_extract_mixed_folder_then_resume(mixed_folder, tmp_path, capsys):
     out = tmp_path / "coeffs"
     assert main(["extract", str(mixed_folder), "--out", str(out), "--backend", "tddfa",
@@ -76,6 +77,7 @@ def test_extract_mixed_folder_then_resume(mixed_folder, tmp_path, capsys):
     assert b'"rows": 11' in summary
 
 
+@pytest.mark.slow  # extraction runs with every model
 def test_rerun_with_other_settings_is_refused_then_replaced(tmp_path, yale_dir, capsys):
     """An output keeps one set of extraction settings: a rerun with another backend or detector
     fails before any work and leaves the rows alone; --no-resume replaces them."""
@@ -119,6 +121,7 @@ def test_a_landmark_choice_the_backend_cannot_take_fails_before_work(tmp_path, y
     assert not out.exists()
 
 
+@pytest.mark.slow  # extraction runs with every model
 def test_default_extraction_fills_tex_coeffs_and_none_leaves_them_out(tmp_path, yale_dir, capsys):
     """With no flag the shipped basis fills tex_coeffs in every ok row; an output made so refuses a
     resume with --texture-basis none; --texture-basis none keeps the sampled texture only."""
@@ -134,8 +137,8 @@ def test_default_extraction_fills_tex_coeffs_and_none_leaves_them_out(tmp_path, 
     assert layout.texture.endswith("+" + basis.version) and layout.n_tex == basis.n_components
     ok = [r for r in table.to_pylist() if r["status"] == "ok"]
     assert len(ok) == len(FACES)
-    tau = np.array([r["tex_coeffs"] for r in ok], np.float64)  # every ok row has them
-    assert tau.shape == (len(FACES), basis.n_components) and np.isfinite(tau).all()
+    tex_coeffs = np.array([r["tex_coeffs"] for r in ok], np.float64)  # every ok row has them
+    assert tex_coeffs.shape == (len(FACES), basis.n_components) and np.isfinite(tex_coeffs).all()
     capsys.readouterr()
 
     assert main(["extract", str(folder), "--out", str(out), "--texture-basis", "none"]) == 2
@@ -181,6 +184,7 @@ def _drop_face_embedding(part):
     _drop_columns(part, "face_embedding", ["face_embedding"])
 
 
+@pytest.mark.slow  # extraction runs with every model
 def test_face_embedding_is_part_of_the_settings_and_old_tables_still_read(tmp_path, yale_dir, capsys):
     """--no-face-embedding leaves the column null; an output made with embeddings refuses a run
     without (and the other way round); a table written before the column existed reads, trains,
@@ -211,6 +215,7 @@ def test_face_embedding_is_part_of_the_settings_and_old_tables_still_read(tmp_pa
     assert "face_embedding" in capsys.readouterr().err
 
 
+@pytest.mark.slow  # extraction runs with every model
 def test_face_attributes_are_part_of_the_settings_and_old_tables_still_read(tmp_path, yale_dir, capsys):
     """Defaults fill face-api's four columns for every ok row (expf is a training input group);
     --no-face-attributes leaves them null; an output made with them refuses a run without (and the

@@ -123,6 +123,7 @@ class _FailsOnce:
         return self.inner.embed(images, landmarks)
 
 
+@pytest.mark.slow  # a full extractor over Yale photos
 def test_extractor_embeds_each_ok_face_on_its_landmarks(descriptor, yale_dir):
     from facedist.extractors import make_extractor
 

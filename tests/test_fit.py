@@ -35,7 +35,7 @@ def _synthetic(bfm, prior, seed, angles=(25.0, -10.0, 5.0)):
 def test_fit_recovers_known_coefficients_and_pose(bfm, prior, seed, angles):
     coef, pose, points = _synthetic(bfm, prior, seed, angles)
     fit = fit_landmarks(bfm, points, FitConfig(reg=1e-6), prior)  # exact data: (almost) no prior
-    got = np.concatenate([fit.shape, fit.exp])
+    got = np.concatenate([fit.id_coeffs, fit.exp_coeffs])
     # every coefficient within 2% of its prior std; the pose to a hundredth of a degree
     assert np.abs((got - coef) / prior.std).max() < 0.02
     np.testing.assert_allclose(fit.pose.angles, angles, atol=0.05)
@@ -53,7 +53,7 @@ def test_regularised_fit_is_robust_to_landmark_noise(bfm, prior):
     regular = fit_landmarks(bfm, noisy, FitConfig(reg=1.0), prior)
 
     def shape_error(fit):  # 3-D landmark geometry error (pose-free), per inter-ocular distance
-        lm = bfm.landmarks(fit.shape, fit.exp)
+        lm = bfm.landmarks(fit.id_coeffs, fit.exp_coeffs)
         return np.linalg.norm((lm - lm.mean(0)) - (truth3d - truth3d.mean(0)), axis=1).mean() / interocular_distance(truth3d)
 
     # the prior keeps the 3-D shape closer to the truth than an unregularised fit to noise
@@ -69,6 +69,7 @@ def test_fit_rejects_malformed_landmarks(bfm, prior):
         fit_landmarks(bfm, np.full((68, 2), np.nan), FitConfig(), prior)
 
 
+@pytest.mark.slow  # a full extractor over Yale photos
 def test_fit_extractor_on_yale(yale_dir):
     """Real faces (every 4th Yale image): >= 95% ok, small landmark error, rows in = rows out."""
     extractor = make_extractor("fit", detector="dlib")
@@ -86,7 +87,7 @@ def test_fit_extractor_on_yale(yale_dir):
     assert r.id_coeffs.shape == (40,) and r.exp_coeffs.shape == (10,) and r.feature.shape == (136,)
     assert extractor.layout.n_feature == 136 and extractor.layout.backend == "fit"
     assert extractor.layout.detector.startswith("hog:dlib-")
-    assert "shape_predictor_68_face_landmarks" in extractor.layout.landmarks
+    assert "shape_predictor_68_face_landmarks" in extractor.layout.landmark_source
     # the residual feature is the normalised fit-minus-detected landmark offsets
     np.testing.assert_allclose(np.linalg.norm(r.feature.reshape(68, 2), axis=1).mean(), r.landmark_error, rtol=1e-4)
 
@@ -105,8 +106,8 @@ def test_degenerate_landmarks_give_a_row_error_not_an_exception(yale_dir):
 
     image = decode_image((yale_dir / "subject03.normal").read_bytes())
     collapsed = Collapsed()
-    extractor = make_extractor("fit", detector="dlib", landmarks=collapsed)
-    assert extractor.predictor is collapsed and extractor.layout.landmarks == "collapsed-1"
+    extractor = make_extractor("fit", detector="dlib", landmark_source=collapsed)
+    assert extractor.predictor is collapsed and extractor.layout.landmark_source == "collapsed-1"
     result = extractor.extract([image])[0]
     assert result.status == STATUS_ERROR and "degenerate" in result.message
     assert (result.width, result.height, result.num_faces) == (320, 243, 1)
@@ -128,8 +129,8 @@ def test_fit_from_an_initial_guess_reaches_the_same_fit(bfm, prior):
     guess = Pose.from_angles(*(np.array(pose.angles) + (4.0, -3.0, 2.0)), scale=0.0016, translation=(163, 117, 0))
     init = FitResult(start[:40].astype(np.float32), start[40:].astype(np.float32), guess, None)
     started = fit_landmarks(bfm, noisy, FitConfig(reg=1.0, iterations=30), prior, init=init)
-    got = np.concatenate([started.shape, started.exp])
-    want = np.concatenate([scratch.shape, scratch.exp])
+    got = np.concatenate([started.id_coeffs, started.exp_coeffs])
+    want = np.concatenate([scratch.id_coeffs, scratch.exp_coeffs])
     assert np.abs((got - want) / prior.std).max() < 0.01
     np.testing.assert_allclose(started.pose.angles, scratch.pose.angles, atol=0.1)
 
@@ -149,7 +150,7 @@ def test_tddfa_fit_extractor_on_yale(yale_dir):
     assert all(r.feature.shape == (512,) and r.texture.shape == (layout.n_texture_vertices, 4) for r in ok)
     assert np.mean([r.landmark_error for r in ok]) < 0.05
     # same detector, same predictor on the same box: the fit backend's optimum
-    plain = make_extractor("fit", detector=hybrid.detector, landmarks=hybrid.predictor, texture=False)
+    plain = make_extractor("fit", detector=hybrid.detector, landmark_source=hybrid.predictor, texture=False)
     for a, b in zip(results[:-1], plain.extract(images)):
         if a.ok and b.ok:
             prior = CoefficientPrior.tddfa()

@@ -1,4 +1,4 @@
-"""A flaky object store: the moto S3 server behind tests/faultproxy.py, which answers 503
+"""A flaky object store: the moto S3 server behind tests/support/faultproxy.py, which answers 503
 SlowDown, 500 or resets the connection on a share of requests. Extraction and training must
 complete through it with nothing lost or doubled and their retries counted; a store that stays
 down fails the job naming the URI and keeps what was written; an upload cut off before its
@@ -16,8 +16,10 @@ from pathlib import Path
 import pytest
 
 from facedist import storage
-from facedist.pipeline import SUMMARY_NAME, ExtractConfig, list_parts
-from faultproxy import FaultProxy  # tests/ is on the path (pytest rootdir conftest)
+from facedist.extraction.config import ExtractConfig
+from facedist.extraction.output import SUMMARY_NAME, list_parts
+from support.faultproxy import FaultProxy  # tests/ is on the path (tests/conftest.py)
+from support.ray import fresh_ray
 
 REPO = Path(__file__).resolve().parents[1]
 FAULT_RATE = 0.10
@@ -115,6 +117,7 @@ def test_storage_retries_transient_faults_and_counts_them(s3_server, faults):
 def ray_local(proxy):
     import ray
 
+    fresh_ray()  # its workers must see the proxy's settings
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     yield ray
     ray.shutdown()
@@ -128,13 +131,14 @@ def _wait_until_idle(ray, timeout: float = 120.0) -> None:
 
 
 def _extract_config(**kw):
-    from facedist.ray_extract import RayExtractConfig
+    from facedist.extraction.distributed import RayExtractConfig
 
     return RayExtractConfig(extract=ExtractConfig(backend="tddfa", batch_size=4), progress=False, **kw)
 
 
+@pytest.mark.ray
 def test_extraction_reads_and_writes_through_a_flaky_store(ray_local, s3_server, faults, yale_dir):
-    from facedist.ray_extract import run_ray_extraction
+    from facedist.extraction.distributed import run_ray_extraction
 
     source = _bucket(s3_server, "flaky-extract")
     inputs = _upload_yale(s3_server, source, yale_dir, 24)
@@ -149,9 +153,10 @@ def test_extraction_reads_and_writes_through_a_flaky_store(ray_local, s3_server,
     assert sum(retries["errors"].values()) >= retries["retries"]
 
 
+@pytest.mark.ray
 def test_a_store_that_stays_down_fails_the_job_naming_it_and_keeps_the_rows(ray_local, s3_server, proxy,
                                                                             yale_dir):
-    from facedist.ray_extract import run_ray_extraction
+    from facedist.extraction.distributed import run_ray_extraction
 
     source = _bucket(s3_server, "down-extract")
     inputs = _upload_yale(s3_server, source, yale_dir, 12)
@@ -175,6 +180,7 @@ def test_a_store_that_stays_down_fails_the_job_naming_it_and_keeps_the_rows(ray_
     assert sorted(_output_paths(s3_server, out)) == sorted(inputs)
 
 
+@pytest.mark.slow  # a subprocess extraction
 def test_a_part_cut_off_before_its_commit_is_not_taken_as_done(s3_server, proxy, yale_dir):
     """Kill the writer (a single-process `facedist extract`) while the commit of its second part
     (CompleteMultipartUpload, after the data went up) is in flight; resume redoes those rows."""
@@ -199,20 +205,24 @@ def test_a_part_cut_off_before_its_commit_is_not_taken_as_done(s3_server, proxy,
     assert len(first) == 4                                   # only the committed part is there
     assert not storage.exists(f"{out}/{SUMMARY_NAME}")
 
-    from facedist.pipeline import discover_records, run_extraction
+    from facedist.extraction.local import run_extraction
+    from facedist.extraction.rows import discover_records
 
     summary = run_extraction(discover_records(f"{source}/raw/"), out, ExtractConfig(backend="tddfa", batch_size=4))
     assert summary["run"]["skipped"] == 4 and summary["run"]["written"] == 8
     assert sorted(_output_paths(s3_server, out)) == sorted(inputs)
 
 
+@pytest.mark.slow  # a subprocess extraction
 def test_local_part_cut_off_before_its_rename_is_not_taken_as_done(tmp_path, yale_dir):
     """Locally the commit is the rename of a hidden temporary file: kill the writer right there."""
     out = tmp_path / "out"
     images = sorted(str(p) for p in yale_dir.iterdir() if p.name.startswith("subject"))[:8]
     script = (
         "import os, signal, sys\n"
-        "from facedist.pipeline import ExtractConfig, discover_records, run_extraction\n"
+        "from facedist.extraction.config import ExtractConfig\n"
+        "from facedist.extraction.local import run_extraction\n"
+        "from facedist.extraction.rows import discover_records\n"
         "real, renames = os.replace, []\n"
         "def replace(src, dst):\n"
         "    if os.path.basename(dst).startswith('part-'):\n"
@@ -227,7 +237,8 @@ def test_local_part_cut_off_before_its_rename_is_not_taken_as_done(tmp_path, yal
     assert len(list_parts(str(out))) == 1
     assert [p.name for p in out.iterdir() if p.name.startswith(".part-")]   # the half-committed one
 
-    from facedist.pipeline import discover_records, run_extraction
+    from facedist.extraction.local import run_extraction
+    from facedist.extraction.rows import discover_records
 
     summary = run_extraction(discover_records(images), str(out), ExtractConfig(backend="tddfa", batch_size=4))
     assert summary["run"]["skipped"] == 4 and summary["run"]["written"] == 4 and summary["rows"] == 8
@@ -235,6 +246,7 @@ def test_local_part_cut_off_before_its_rename_is_not_taken_as_done(tmp_path, yal
 
 # ---- training ------------------------------------------------------------------------------------------
 
+@pytest.mark.ray
 def test_training_checkpoints_through_a_flaky_store(ray_local, s3_server, faults, tmp_path):
     from facedist.training import TrainConfig, run_training
     from facedist.training.synthetic import SyntheticConfig, synthetic_table

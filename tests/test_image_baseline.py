@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 
 from facedist.schema import CoefficientLayout
 from facedist.training.engine import TrainConfig, fit
@@ -19,6 +20,7 @@ def _train(seed: int) -> list[float]:
     return [m["train_loss"] for m in fit(task, config).history]
 
 
+@pytest.mark.slow  # trains a ResNet three times
 def test_same_seed_same_training_and_the_seed_matters():
     assert _train(3) == _train(3)     # augmentation draws come from the seeded generator
     assert _train(3) != _train(4)     # and the seed is not ignored

@@ -88,3 +88,27 @@ def test_no_import_cycle_inside_facedist():
     graph = import_graph()
     assert "facedist.training.tasks" in graph and "facedist.serving.app" in graph
     assert cycles(graph) == []
+
+
+# Data flows one way: storage -> dataset -> extractor -> coefficients table -> trainer -> bundle
+# -> server. A stage imports what comes before it, never what comes after.
+LATER = {
+    "facedist.extractors": ("facedist.extraction", "facedist.training", "facedist.reports", "facedist.recognition",
+                            "facedist.prediction", "facedist.serving", "facedist.workflow", "facedist.cli"),
+    "facedist.extraction": ("facedist.training", "facedist.reports", "facedist.recognition", "facedist.prediction",
+                            "facedist.serving", "facedist.workflow", "facedist.cli"),
+    "facedist.features": ("facedist.training", "facedist.recognition", "facedist.serving"),
+    "facedist.training": ("facedist.extraction", "facedist.reports", "facedist.recognition", "facedist.prediction",
+                          "facedist.serving", "facedist.workflow", "facedist.cli"),
+    "facedist.recognition": ("facedist.reports", "facedist.prediction", "facedist.serving", "facedist.workflow",
+                             "facedist.cli"),
+    "facedist.serving": ("facedist.reports", "facedist.prediction", "facedist.workflow", "facedist.cli"),
+}
+
+
+def test_no_stage_imports_a_later_one():
+    graph = import_graph()
+    backwards = [(module, target) for module, targets in graph.items() for stage, later in LATER.items()
+                 if module == stage or module.startswith(stage + ".")
+                 for target in targets if any(target == t or target.startswith(t + ".") for t in later)]
+    assert backwards == []

@@ -10,7 +10,8 @@ import pyarrow as pa
 import pytest
 import torch
 
-from facedist.recognition import Recognizer, Standardizer, bundle_logits, quality_vector
+from facedist.features import Standardizer, quality_vector
+from facedist.recognition import Recognizer, bundle_logits
 from facedist.schema import DEFAULT_INPUTS, parse_inputs
 from facedist.training import TrainConfig, save_model_bundle
 from facedist.training.bundle import load_model_bundle
@@ -38,8 +39,8 @@ def _rowwise(table: pa.Table) -> dict:
     n_feature = max(len(r["feature"] or []) for r in rows)
     points = lambda v: (np.asarray(v, np.float32).reshape(68, 2) if v is not None and len(v) == 136  # noqa: E731
                         else np.full((68, 2), np.nan, np.float32))
-    return {"alpha": np.array([r["id_coeffs"] for r in rows], np.float32),
-            "beta": np.array([r["exp_coeffs"] for r in rows], np.float32),
+    return {"id_coeffs": np.array([r["id_coeffs"] for r in rows], np.float32),
+            "exp_coeffs": np.array([r["exp_coeffs"] for r in rows], np.float32),
             "quality": np.stack([quality_vector(r, n_feature) for r in rows]),
             "landmarks": np.stack([points(r["landmarks"]) for r in rows]),
             "box": np.array([r["box"] if r["box"] and len(r["box"]) == 4 else [np.nan] * 4 for r in rows], np.float32),
@@ -55,7 +56,7 @@ def test_the_column_reader_matches_row_by_row_conversion_and_counts_what_it_skip
     edited = pa.Table.from_pylist(rows, schema=table.schema)
     data, want = table_to_data(edited), _rowwise(edited)
     assert len(data) == len(want["path"]) == table.num_rows - 2 and data.skipped == 2
-    for name in ("alpha", "beta", "quality", "landmarks", "box"):
+    for name in ("id_coeffs", "exp_coeffs", "quality", "landmarks", "box"):
         np.testing.assert_array_equal(getattr(data, name), want[name], err_msg=name)
     assert list(data.path) == list(want["path"])
 
@@ -63,7 +64,7 @@ def test_the_column_reader_matches_row_by_row_conversion_and_counts_what_it_skip
 def test_a_descriptor_is_its_groups_side_by_side_and_a_missing_group_says_so(synthetic):
     _, data = synthetic
     x = data.descriptor(("id", "exp"))
-    np.testing.assert_array_equal(x, np.hstack([data.alpha, data.beta]))
+    np.testing.assert_array_equal(x, np.hstack([data.id_coeffs, data.exp_coeffs]))
     assert parse_inputs("id, tex") == ("id", "tex")
     for bad in ("id,id", "alpha", ""):
         with pytest.raises(ValueError):
@@ -191,7 +192,7 @@ def test_refit_ships_the_recipe_trained_on_every_row_and_per_group_scales_each_g
     assert len(refitted.y_train) == n_train + n_val and refitted.extra["refit"] is True
     assert refitted.extra["n_train_images"] == n_train + n_val
     z = refitted.x_train.double().numpy()
-    widths = [data.alpha.shape[1], data.beta.shape[1]]
+    widths = [data.id_coeffs.shape[1], data.exp_coeffs.shape[1]]
     for lo, hi in ((0, widths[0]), (widths[0], sum(widths))):
         assert abs(z[:, lo:hi].var(0).sum() - 1.0) < 1e-3
     with pytest.raises(ValueError, match="select='last'"):

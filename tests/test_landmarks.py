@@ -11,9 +11,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from test_detection import _two_faces, _yale  # the same Yale photos and two-face composite
-
 from facedist.detection import DlibHogDetector
+from support.faces import two_faces, yale_image  # the same Yale photos and two-face composite
 from facedist.landmarks import (
     DlibShapePredictor,
     FaceAlignmentPredictor,
@@ -49,7 +48,7 @@ def _check_landmarks(points: np.ndarray) -> None:
 # ---- dlib -------------------------------------------------------------------------------------
 
 def test_dlib_plausible_landmarks_on_a_dlib_box(hog, dlib_predictor, yale_dir):
-    image = _yale(yale_dir, "subject05.normal")
+    image = yale_image(yale_dir, "subject05.normal")
     (faces,) = hog.detect_batch([image])
     assert len(faces) == 1
     box = faces[0].box
@@ -67,8 +66,8 @@ def test_dlib_plausible_landmarks_on_a_dlib_box(hog, dlib_predictor, yale_dir):
     assert dlib_predictor.name == "dlib" and "shape_predictor_68_face_landmarks" in dlib_predictor.version
 
 
-def test_dlib_landmarks_follow_each_box_of_two_faces(hog, dlib_predictor, yale_dir):
-    image, big_region, small_region = _two_faces(yale_dir)
+def test_dlib_landmarks_follow_each_box_oftwo_faces(hog, dlib_predictor, yale_dir):
+    image, big_region, small_region = two_faces(yale_dir)
     (faces,) = hog.detect_batch([image])
     assert len(faces) == 2
     big, small = dlib_predictor.predict_batch([image, image], [faces[0].box, faces[1].box])
@@ -79,7 +78,7 @@ def test_dlib_landmarks_follow_each_box_of_two_faces(hog, dlib_predictor, yale_d
 
 
 def test_dlib_accepts_grayscale(hog, dlib_predictor, yale_dir):
-    rgb = _yale(yale_dir, "subject03.normal")
+    rgb = yale_image(yale_dir, "subject03.normal")
     box = hog.detect_batch([rgb])[0][0].box
     gray, same = dlib_predictor.predict_batch([rgb[..., 0], rgb], [box, box])
     _check_landmarks(gray)
@@ -158,8 +157,9 @@ def test_face_alignment_missing_weights_clear_error(tmp_path, monkeypatch):
     assert isinstance(info.value, FileNotFoundError)
 
 
+@pytest.mark.slow  # FAN on CPU
 def test_face_alignment_landmarks_around_each_given_box(fan, hog, yale_dir):
-    image, big_region, small_region = _two_faces(yale_dir)
+    image, big_region, small_region = two_faces(yale_dir)
     (faces,) = hog.detect_batch([image])
     assert len(faces) == 2
     boxes = [faces[0].box, faces[1].box]
@@ -178,10 +178,11 @@ def test_face_alignment_landmarks_around_each_given_box(fan, hog, yale_dir):
     assert fan.name == "face-alignment" and "2DFAN4" in fan.version
 
 
+@pytest.mark.slow  # FAN on CPU
 def test_face_alignment_through_the_factory(torch_home, yale_dir):
     predictor = make_landmark_predictor("face-alignment", flip_input=False, allow_download=False)
     assert isinstance(predictor, FaceAlignmentPredictor)
-    image = _yale(yale_dir, "subject05.normal")
+    image = yale_image(yale_dir, "subject05.normal")
     box = np.array([100, 60, 220, 180], np.float32)  # any box: FAN runs on what it is given
     (pts,) = predictor.predict_batch([image], [box])
     _check_landmarks(pts)

@@ -16,8 +16,8 @@ def bfm() -> MorphableModel:
 
 
 def test_tddfa_basis_layout_and_landmark_slices(bfm):
-    assert (bfm.n_vertices, bfm.n_shape, bfm.n_exp) == (53215, 40, 10)
-    assert bfm.shape_basis.dtype == np.float32 and bfm.exp_basis.dtype == np.float32
+    assert (bfm.n_vertices, bfm.n_id, bfm.n_exp) == (53215, 40, 10)
+    assert bfm.id_basis.dtype == np.float32 and bfm.exp_basis.dtype == np.float32
     rng = np.random.default_rng(0)
     shape, exp = rng.normal(0, 2e5, 40), rng.normal(0, 1.0, 10)
     dense = bfm.vertices(shape, exp)
@@ -84,15 +84,15 @@ def test_deep3d_mat_layout(tmp_path):
                         "tri": tri, "keypoints": keypoints,
                         "point_buf": rng.integers(1, 200, size=(n, 8)).astype(np.float64)})
     model = MorphableModel.from_deep3d_mat(path)
-    assert (model.n_vertices, model.n_shape, model.n_exp) == (n, 80, 64)
+    assert (model.n_vertices, model.n_id, model.n_exp) == (n, 80, 64)
     assert model.tex_basis.shape == (3 * n, 80)
     np.testing.assert_array_equal(model.keypoints, np.arange(68) + 40)
     np.testing.assert_array_equal(model.triangles, tri.astype(np.int64) - 1)
-    alpha, beta = rng.normal(size=80), rng.normal(size=64)
+    id_coeffs, exp_coeffs = rng.normal(size=80), rng.normal(size=64)
     centred = meanshape.reshape(-1, 3) - meanshape.reshape(-1, 3).mean(0)
-    expected = centred + (id_base @ alpha + ex_base @ beta).reshape(-1, 3)
-    np.testing.assert_allclose(model.vertices(alpha, beta), expected, rtol=1e-4, atol=1e-3)
-    np.testing.assert_allclose(model.landmarks(alpha, beta), expected[40:108], rtol=1e-4, atol=1e-3)
+    expected = centred + (id_base @ id_coeffs + ex_base @ exp_coeffs).reshape(-1, 3)
+    np.testing.assert_allclose(model.vertices(id_coeffs, exp_coeffs), expected, rtol=1e-4, atol=1e-3)
+    np.testing.assert_allclose(model.landmarks(id_coeffs, exp_coeffs), expected[40:108], rtol=1e-4, atol=1e-3)
     raw = MorphableModel.from_deep3d_mat(path, recenter=False)
     np.testing.assert_allclose(raw.vertices(), meanshape.reshape(-1, 3), rtol=1e-6)
     savemat(str(tmp_path / "bad.mat"), {"meanshape": meanshape})

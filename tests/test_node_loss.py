@@ -14,16 +14,19 @@ import numpy as np
 import pytest
 
 from facedist import storage
-from facedist.pipeline import ExtractConfig, list_parts
-from multinode import MultiNodeCluster, wait_until  # tests/ is on the path (pytest rootdir conftest)
+from facedist.extraction.config import ExtractConfig
+from facedist.extraction.output import list_parts
+from support.multinode import MultiNodeCluster, wait_until  # tests/ is on the path (tests/conftest.py)
+from support.ray import fresh_ray
 
-pytestmark = pytest.mark.multinode
+pytestmark = [pytest.mark.multinode, pytest.mark.ray]
 IMAGES = 320           # at least 300 inputs, 40 distinct Yale photos 8 times each
 DISTINCT = 40
 
 
 @pytest.fixture(scope="module")
 def cluster():
+    fresh_ray()  # the drivers here connect to the multi-node cluster, not the shared local Ray
     cluster = MultiNodeCluster()
     cluster.connect()
     yield cluster
@@ -59,7 +62,7 @@ def copies(yale_dir, tmp_path_factory) -> tuple[list[str], dict[str, str]]:
 def clean_coefficients(yale_dir) -> dict[str, tuple[list, list]]:
     """(id, exp) coefficients of each distinct photo from a clean single-process run."""
     from facedist.images import decode_image
-    from facedist.pipeline import extract_rows
+    from facedist.extraction.rows import extract_rows
 
     config = ExtractConfig(backend="tddfa")
     names = sorted(p.name for p in yale_dir.iterdir() if p.name.startswith("subject"))[:DISTINCT]
@@ -77,7 +80,7 @@ def test_extraction_finishes_on_the_nodes_left_after_one_is_lost(full_cluster, c
                                                                  tmp_path):
     import pyarrow.parquet as pq
 
-    from facedist.ray_extract import RayExtractConfig, run_ray_extraction
+    from facedist.extraction.distributed import RayExtractConfig, run_ray_extraction
 
     paths, source = copies
     out = str(tmp_path / "out")

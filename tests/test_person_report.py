@@ -5,9 +5,10 @@ from __future__ import annotations
 import json
 
 import numpy as np
+import pytest
 
-from facedist.person_report import (MODEL_INPUTS, PersonReportConfig, identity_matches, logistic_probe, person_folds,
-                                    unit_total_variance, write_person_report)
+from facedist.reports.person import (MODEL_INPUTS, PersonReportConfig, identity_matches, logistic_probe, person_folds,
+                                     unit_total_variance, write_person_report)
 
 
 def test_person_folds_keep_each_person_in_one_fold():
@@ -50,9 +51,12 @@ def test_logistic_probe_learns_a_linear_rule():
     assert (pred == y[200:]).mean() > 0.85
 
 
+@pytest.mark.slow  # extracts 24 photos, trains per fold and seed
 def test_person_report_on_real_faces(yale_dir, tmp_path):
     """Yale, 6 people x 4 photos, default extraction: the report's files, every descriptor row."""
-    from facedist.pipeline import ExtractConfig, discover_records, run_extraction
+    from facedist.extraction.config import ExtractConfig
+    from facedist.extraction.local import run_extraction
+    from facedist.extraction.rows import discover_records
     from facedist.training.data import encode_labels, load_data
 
     names = [f"subject{i:02d}.{c}" for i in range(1, 7) for c in ("normal", "happy", "sad", "glasses")]
@@ -68,9 +72,9 @@ def test_person_report_on_real_faces(yale_dir, tmp_path):
     assert results["people"] == 6 and results["rows_used"] >= 22
     # the probes on every descriptor the default table has, and a trained linear head on each candidate input
     models = lambda task: {f"linear:{'+'.join(i)}" for i in MODEL_INPUTS[task]}  # noqa: E731
-    assert set(results["summary"]["identity"]) == {"alpha", "tau", "alpha+tau", "feature", "emb", "pixels",
+    assert set(results["summary"]["identity"]) == {"id", "tex", "id+tex", "feature", "emb", "pixels",
                                                    *models("identity")}
-    assert set(results["summary"]["expression"]) == {"beta", "tau", "beta+tau", "feature", "beta+feature", "expf",
+    assert set(results["summary"]["expression"]) == {"exp", "tex", "exp+tex", "feature", "exp+feature", "expf",
                                                      "pixels", *models("expression")}
     for rows in results["summary"].values():
         for row in rows.values():
@@ -97,10 +101,10 @@ def test_person_report_on_real_faces(yale_dir, tmp_path):
 
 
 def test_markdown_marks_a_row_run_on_fewer_seeds():
-    from facedist.person_report import _markdown
+    from facedist.reports.person import _markdown
 
     results = {"folds": 5, "seeds": 2, "rows_used": 4, "people": 2, "backend": "fit", "gallery": "neutral",
-               "summary": {"gender": {"tau": {"mean": 0.9, "std": 0.01, "seeds": [0.89, 0.91]},
+               "summary": {"gender": {"tex": {"mean": 0.9, "std": 0.01, "seeds": [0.89, 0.91]},
                                       "resnet34_images": {"mean": 0.8, "std": 0.0, "seeds": [0.8]}}}}
     lines = _markdown(results).splitlines()
     assert any("τ" in line and "0.900 ± 0.010" in line for line in lines)
@@ -112,20 +116,20 @@ def test_most_missed_counts_misses_per_row_across_seeds():
     descriptor (too few classes in a fold) adds neither hits nor misses."""
     from types import SimpleNamespace
 
-    from facedist.person_report import SeedResult, most_missed
+    from facedist.reports.person import SeedResult, most_missed
 
     data = SimpleNamespace(path=np.array(["a.jpg", "b.jpg", "c.jpg", "d.jpg"]),
                            subject=np.array(["p1", "p1", "p2", "p2"]),
                            expression=np.array(["neutral", "happy", "neutral", "happy"]))
     nan = np.nan
-    seeds = [SeedResult({}, {"expression": {"beta": np.array([1.0, 0, 0, 1]), "tau": np.array([0.0, 0, 0, 0])}}),
-             SeedResult({}, {"expression": {"beta": np.array([1.0, 0, 1, nan])}}),
+    seeds = [SeedResult({}, {"expression": {"exp": np.array([1.0, 0, 0, 1]), "tex": np.array([0.0, 0, 0, 0])}}),
+             SeedResult({}, {"expression": {"exp": np.array([1.0, 0, 1, nan])}}),
              SeedResult({}, {"expression": {}})]
-    summary = {"expression": {"beta": {"mean": 0.6}, "tau": {"mean": 0.0}}}
+    summary = {"expression": {"exp": {"mean": 0.6}, "tex": {"mean": 0.0}}}
     out = most_missed(data, summary, seeds)["expression"]
-    assert out["descriptor"] == "beta"
+    assert out["descriptor"] == "exp"
     assert [(r["path"], r["missed"], r["scored"], r["label"]) for r in out["rows"]] == [
         ("b.jpg", 2, 2, "happy"), ("c.jpg", 1, 2, "neutral")]
-    # tau misses every row on the one seed that scored it; beta usually misses only b (c: 1 of 2)
-    assert [r["also_missed_by"] for r in out["rows"]] == [["tau"], ["tau"]]
-    assert out["probes"] == ["beta", "tau"] and out["missed_by_every_probe"] == 1
+    # tex misses every row on the one seed that scored it; exp usually misses only b (c: 1 of 2)
+    assert [r["also_missed_by"] for r in out["rows"]] == [["tex"], ["tex"]]
+    assert out["probes"] == ["exp", "tex"] and out["missed_by_every_probe"] == 1

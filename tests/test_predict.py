@@ -16,7 +16,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from facedist import storage
-from facedist.pipeline import ExtractConfig, list_parts
+from facedist.extraction.config import ExtractConfig
+from facedist.extraction.output import list_parts
 
 SUBJECTS = ("subject01", "subject02", "subject03", "subject04", "subject05")
 CONDITIONS = ("normal", "happy", "sad", "surprised")
@@ -33,7 +34,7 @@ def table(yale_dir, tmp_path_factory) -> Path:
     layout, as `facedist extract` writes them."""
     from facedist.datasets import parse_yale_name
     from facedist.images import decode_image
-    from facedist.pipeline import extract_rows
+    from facedist.extraction.rows import extract_rows
     from facedist.schema import STATUS_ERROR, rows_to_table
 
     extractor = ExtractConfig(**EXTRACT).build_extractor()
@@ -133,7 +134,7 @@ def test_predict_many_is_predict_per_person(table, models):
 
 
 def test_table_detection(table, tmp_path, yale_dir):
-    from facedist.prediction import table_parts
+    from facedist.prediction.rows import table_parts
 
     assert table_parts(str(table)) == list_parts(str(table))
     assert table_parts(str(table / "part-a-00000.parquet")) == [str(table / "part-a-00000.parquet")]
@@ -146,22 +147,11 @@ def test_table_detection(table, tmp_path, yale_dir):
 
 # ---- on a local Ray ---------------------------------------------------------------------------
 
-@pytest.fixture(scope="module")
-def local_ray():
-    import ray
-
-    from facedist import runtime
-
-    runtime.connect(num_cpus=2)
-    yield
-    ray.shutdown()
-
-
 @pytest.mark.slow
 @pytest.mark.ray
 def test_predict_table_rows_groups_and_resume(local_ray, table, models, tmp_path):
-    from facedist.prediction import PredictConfig, PredictionSettingsError
-    from facedist.ray_predict import run_ray_prediction
+    from facedist.prediction.rows import PredictConfig, PredictionSettingsError
+    from facedist.prediction.distributed import run_ray_prediction
     from facedist.recognition import Recognizer
 
     out = tmp_path / "predictions"

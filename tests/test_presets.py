@@ -6,7 +6,7 @@ import pytest
 
 from facedist.training.engine import TrainConfig
 from facedist.training.presets import HEAD_PRESETS, TASK_PRESETS, describe_presets, preset_config, preset_value
-from facedist.training.registry import TASKS
+from facedist.training.task_registry import TASKS
 
 
 def test_every_task_has_a_preset_and_it_is_applied():

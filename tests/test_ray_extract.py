@@ -18,8 +18,9 @@ import pytest
 from PIL import Image
 
 from facedist import storage
-from facedist.pipeline import SUMMARY_NAME, ExtractConfig, list_parts
-from facedist.ray_extract import RayExtractConfig, part_name, plan_resources, run_ray_extraction
+from facedist.extraction.config import ExtractConfig
+from facedist.extraction.output import SUMMARY_NAME, list_parts
+from facedist.extraction.distributed import RayExtractConfig, part_name, plan_resources, run_ray_extraction
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -88,21 +89,15 @@ def test_job_script_extracts_a_manifest_with_labels(tmp_path, yale_dir):
     assert (out / SUMMARY_NAME).is_file()
 
 
-# ---- one local Ray for the rest of the module ------------------------------------------------------
+# ---- on the shared local Ray (tests/support/ray.py) ------------------------------------------------
 
-@pytest.fixture(scope="module")
-def ray_local(s3_server):
-    """Started after the S3 server so its workers inherit the AWS_* settings, as users' would."""
-    import ray
+@pytest.fixture
+def ray_local(local_ray):
     from ray import cloudpickle
 
     # The test-only extractors below must reach the actors by value: tests/ is not importable there.
     cloudpickle.register_pickle_by_value(sys.modules[__name__])
-    from facedist import runtime
-
-    runtime.connect(num_cpus=2)  # the local Ray every command starts, with 2 CPUs
-    yield ray
-    ray.shutdown()
+    return local_ray
 
 
 def _jpeg(array: np.ndarray, **kw) -> bytes:
@@ -259,7 +254,7 @@ def test_an_interrupted_run_resumes_where_it_stopped(ray_local, tmp_path, yale_d
 
 @pytest.mark.ray
 def test_other_settings_are_refused_before_any_work_then_replaced(ray_local, tmp_path, yale_dir):
-    from facedist.pipeline import OutputSettingsError
+    from facedist.extraction.output import OutputSettingsError
 
     paths = [str(yale_dir / name) for name in YALE_OK[:4]]
     out = str(tmp_path / "out")

@@ -23,6 +23,7 @@ def test_resnet32_1d_is_cifar_style():
     assert model(torch.randn(3, 10)).shape == (3, 6)
 
 
+@pytest.mark.slow  # trains a 1-D ResNet-34
 def test_strict_roundtrip_and_learns():
     torch.manual_seed(0)
     config = ResNet1dConfig("resnet32_1d", 12, 3)

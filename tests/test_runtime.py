@@ -72,15 +72,13 @@ def test_details_go_to_the_log_file_unless_verbose(monkeypatch, tmp_path, capsys
 
 
 @pytest.mark.ray
-def test_a_local_ray_answers_the_state_api_ray_train_polls():
+def test_a_local_ray_answers_the_state_api_ray_train_polls(local_ray):
     """Without the dashboard process Ray Train's placement-group cleaner logs "Failed to query
-    Ray Train Controller actor state" on every poll; connect() starts it."""
-    import ray
+    Ray Train Controller actor state" on every poll; connect() starts it (the shared local Ray is
+    connect()'s)."""
     from ray.util.state import list_actors
 
-    if ray.is_initialized():
-        pytest.skip("a Ray from another test is running")
-    ray_module = runtime.connect(num_cpus=1)
+    ray_module = local_ray
     try:
         @ray_module.remote(num_cpus=0)
         class Probe:
@@ -94,5 +92,5 @@ def test_a_local_ray_answers_the_state_api_ray_train_polls():
         actors = list_actors(address=ray_module.get_runtime_context().gcs_address, timeout=30)
         assert any(a.class_name.endswith("Probe") and a.state == "ALIVE" for a in actors), actors
     finally:
-        runtime.disconnect()
-    assert not ray.is_initialized()
+        runtime.disconnect()  # a Ray connect() started stops with the command (the next user restarts it)
+    assert not ray_module.is_initialized()

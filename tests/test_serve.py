@@ -1,14 +1,12 @@
 """The HTTP API on a real local Ray Serve app: real uploads of Yale photos, real models.
 
-One module-scoped app (Ray with 2 CPUs, fractional replicas) serves every test; each bad request
-is followed by a good one to show the server keeps serving.
+One module-scoped app (Ray with 2 CPUs, fractional replicas; tests/support/serving.py) serves every
+test; each bad request is followed by a good one to show the server keeps serving.
 """
 
 from __future__ import annotations
 
-import io
 import os
-import socket
 from pathlib import Path
 
 import numpy as np
@@ -16,129 +14,13 @@ import pytest
 
 httpx = pytest.importorskip("httpx")
 
+# The app's fixtures (server, client, models_uri, extractor, face_bytes) are tests/support/serving.py's.
+from support.serving import (APP_NAME, MAX_IMAGE_BYTES, MAX_IMAGES, PERSON, TOKEN, error_of,  # noqa: E402
+                             extract_files, png)
+
 REPO = Path(__file__).resolve().parents[1]
-TOKEN = "test-token-123"
-MAX_IMAGE_BYTES = 1_000_000
-MAX_IMAGES = 4
-APP_NAME = "facedist-test"
 
 pytestmark = [pytest.mark.slow, pytest.mark.ray]
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def _png(array: np.ndarray) -> bytes:
-    from PIL import Image
-
-    buffer = io.BytesIO()
-    Image.fromarray(array).save(buffer, format="PNG")
-    return buffer.getvalue()
-
-
-PERSON = ("subject01.happy", "subject01.sad", "subject01.surprised")
-
-
-@pytest.fixture(scope="module")
-def extractor():
-    from facedist.extractors import make_extractor
-
-    return make_extractor("tddfa")
-
-
-def _extract_files(extractor, paths) -> list[dict]:
-    from facedist.datasets import parse_yale_name
-    from facedist.images import decode_image
-    from facedist.pipeline import extract_rows
-
-    rows = []
-    for path in paths:
-        labels = parse_yale_name(path.name) or {}
-        rows.append({"path": path.name, "subject": labels.get("subject"), "expression": labels.get("expression"),
-                     "image": decode_image(path.read_bytes())})
-    finished, _ = extract_rows(rows, extractor)
-    return finished
-
-
-@pytest.fixture(scope="module")
-def models_uri(yale_dir, s3_server, extractor, tmp_path_factory):
-    """Small C-Net, identity and expression bundles trained on real Yale coefficients (tddfa),
-    written to a bucket on the moto S3 server: the server loads them from s3:// like production."""
-    import boto3
-    import torch
-
-    from facedist.schema import YALE_EXPRESSIONS, rows_to_table
-    from facedist.training import TrainConfig, save_model_bundle, train_and_save
-    from facedist.training.data import table_to_data
-
-    torch.manual_seed(0)
-    paths = sorted(p for p in yale_dir.iterdir() if p.name.split(".")[-1] in YALE_EXPRESSIONS)
-    table = rows_to_table(_extract_files(extractor, paths), extractor.layout)
-    data = table_to_data(table)
-    local = tmp_path_factory.mktemp("models")
-    bucket = "facedist-serve-models"
-    boto3.client("s3", endpoint_url=s3_server, region_name="us-east-1").create_bucket(Bucket=bucket)
-    uri = f"s3://{bucket}/run1"
-    for cfg in (TrainConfig(task="cnet", epochs=2, steps_per_epoch=3, batch_size=16),
-                TrainConfig(task="identity", epochs=6, batch_size=32, cnet=str(local / "cnet"), aggregate="cnet",
-                            max_combos_per_subject=20),
-                TrainConfig(task="expression", epochs=4, batch_size=32, labels=list(YALE_EXPRESSIONS))):
-        train_and_save(cfg, data, str(local / cfg.task))
-    for name in ("cnet", "identity", "expression"):
-        save_model_bundle(torch.load(local / name / "model.pt", weights_only=False), f"{uri}/{name}")
-    return uri
-
-
-@pytest.fixture(scope="module")
-def server(models_uri):
-    """Serve the app on 127.0.0.1:<free port>; yields (base_url, settings)."""
-    import ray
-    from ray import serve
-
-    from facedist import runtime
-    from facedist.serving.app import run_server
-
-    saved_token = os.environ.get("FACEDIST_API_TOKEN")
-    os.environ["FACEDIST_API_TOKEN"] = TOKEN  # replicas read it when they start
-    runtime.connect(num_cpus=2)  # what `facedist serve` would start, with 2 CPUs
-    port = _free_port()
-    try:
-        # Half a CPU for the extractor: test_web.py adds a second app to this 2-CPU cluster.
-        settings = {"models_uri": models_uri, "max_image_bytes": MAX_IMAGE_BYTES, "max_images": MAX_IMAGES,
-                    "max_batch_size": 8, "batch_wait_timeout_s": 0.05, "num_replicas": 1,
-                    "extractor_num_cpus": 0.5}
-        # What `facedist serve` runs (Ray is already up, so it is used as is).
-        run_server(settings.pop("models_uri"), host="127.0.0.1", port=port, name=APP_NAME, blocking=False, **settings)
-        yield f"http://127.0.0.1:{port}", settings
-    finally:
-        serve.shutdown()
-        ray.shutdown()
-        if saved_token is None:
-            os.environ.pop("FACEDIST_API_TOKEN", None)
-        else:
-            os.environ["FACEDIST_API_TOKEN"] = saved_token
-
-
-@pytest.fixture(scope="module")
-def client(server):
-    base_url, _ = server
-    with httpx.Client(base_url=base_url, timeout=120.0,
-                      headers={"Authorization": f"Bearer {TOKEN}"}) as c:
-        yield c
-
-
-@pytest.fixture(scope="module")
-def face_bytes(yale_dir) -> bytes:
-    return (yale_dir / "subject01.normal").read_bytes()
-
-
-def _error(response) -> dict:
-    body = response.json()
-    assert "error" in body, body
-    return body["error"]
 
 
 def _assert_good_extract(client, face_bytes) -> dict:
@@ -233,7 +115,7 @@ def test_requests_without_the_token_get_401(server, client, face_bytes, headers,
     response = httpx.post(f"{base_url}/v1/extract", files={"image": ("a", face_bytes)}, headers=headers, timeout=60)
     assert response.status_code == 401
     assert response.headers.get("www-authenticate") == "Bearer"
-    error = _error(response)
+    error = error_of(response)
     assert error["code"] == "unauthorized" and why in error["message"]
     assert httpx.get(f"{base_url}/v1/models", headers=headers, timeout=60).status_code == 401
     _assert_good_extract(client, face_bytes)
@@ -242,7 +124,7 @@ def test_requests_without_the_token_get_401(server, client, face_bytes, headers,
 def test_text_file_is_not_an_image(client, face_bytes):
     response = client.post("/v1/extract", files={"image": ("notes.jpg", b"hello, this is not a photo\n" * 20)})
     assert response.status_code == 415
-    error = _error(response)
+    error = error_of(response)
     assert error["code"] == "not_an_image" and "not an image" in error["message"]
     assert error["filename"] == "notes.jpg"
     _assert_good_extract(client, face_bytes)
@@ -251,15 +133,15 @@ def test_text_file_is_not_an_image(client, face_bytes):
 def test_truncated_image_is_invalid(client, face_bytes):
     response = client.post("/v1/extract", files={"image": ("cut.gif", face_bytes[:200])})
     assert response.status_code == 422
-    assert _error(response)["code"] == "invalid_image"
+    assert error_of(response)["code"] == "invalid_image"
     _assert_good_extract(client, face_bytes)
 
 
 def test_blank_image_has_no_face(client, face_bytes):
-    blank = _png(np.full((240, 320, 3), 128, np.uint8))
+    blank = png(np.full((240, 320, 3), 128, np.uint8))
     response = client.post("/v1/extract", files={"image": ("blank.png", blank)})
     assert response.status_code == 422
-    error = _error(response)
+    error = error_of(response)
     assert error["code"] == "no_face" and "face" in error["message"]
     _assert_good_extract(client, face_bytes)
 
@@ -268,14 +150,14 @@ def test_oversized_upload_gets_413(client, face_bytes):
     big = face_bytes + os.urandom(MAX_IMAGE_BYTES)
     response = client.post("/v1/extract", files={"image": ("big.gif", big)})
     assert response.status_code == 413
-    error = _error(response)
+    error = error_of(response)
     assert error["code"] == "too_large" and str(MAX_IMAGE_BYTES) in error["message"]
     _assert_good_extract(client, face_bytes)
     # Within the request limit (several images allowed) but one file over the per-image limit.
     files = [("images", ("ok.gif", face_bytes)), ("images", ("big.gif", big))]
     response = client.post("/v1/predict", files=files)
     assert response.status_code == 413
-    error = _error(response)
+    error = error_of(response)
     assert error["code"] == "too_large" and error["index"] == 1 and "big.gif" in error["message"]
     _assert_good_extract(client, face_bytes)
 
@@ -283,11 +165,11 @@ def test_oversized_upload_gets_413(client, face_bytes):
 def test_missing_field_names_it(client, face_bytes):
     response = client.post("/v1/extract", files={"photo": ("a.gif", face_bytes)})
     assert response.status_code == 422
-    error = _error(response)
+    error = error_of(response)
     assert error["code"] == "missing_field" and "'image'" in error["message"] and "photo" in error["message"]
     # A JSON body instead of an upload.
     response = client.post("/v1/extract", json={"image": "aGVsbG8="})
-    assert response.status_code == 415 and _error(response)["code"] == "not_multipart"
+    assert response.status_code == 415 and error_of(response)["code"] == "not_multipart"
     _assert_good_extract(client, face_bytes)
 
 
@@ -295,7 +177,7 @@ def test_too_many_images_for_predict(client, face_bytes):
     files = [("images", (f"{i}.gif", face_bytes)) for i in range(MAX_IMAGES + 1)]
     response = client.post("/v1/predict", files=files)
     assert response.status_code == 413
-    error = _error(response)
+    error = error_of(response)
     assert error["code"] == "too_many_images" and str(MAX_IMAGES) in error["message"]
     _assert_good_extract(client, face_bytes)
 
@@ -334,14 +216,14 @@ def test_predict_identity_expressions_and_confidences(client, yale_dir, extracto
         assert len(image["confidence"]) == 40 and min(image["confidence"]) > 0
     # The served answer is the in-process answer for the same photos (batching mixes nothing up).
     expected = Recognizer.from_directory(models_uri).predict(
-        _extract_files(extractor, [yale_dir / n for n in PERSON]), top_k=5)
+        extract_files(extractor, [yale_dir / n for n in PERSON]), top_k=5)
     assert [e["label"] for e in identity["top_k"]] == [e["label"] for e in expected["identity"]["top_k"]]
     np.testing.assert_allclose(scores, [e["score"] for e in expected["identity"]["top_k"]], atol=1e-3)
     np.testing.assert_allclose(body["images"][0]["confidence"], expected["images"][0]["confidence"], atol=1e-3)
 
 
 def test_predict_leaves_out_a_faceless_image_and_rejects_all_faceless(client, yale_dir, face_bytes):
-    blank = _png(np.full((240, 320, 3), 200, np.uint8))
+    blank = png(np.full((240, 320, 3), 200, np.uint8))
     files = _person_files(yale_dir, PERSON[:2]) + [("images", ("blank.png", blank))]
     response = client.post("/v1/predict", files=files)
     assert response.status_code == 200, response.text
@@ -349,10 +231,10 @@ def test_predict_leaves_out_a_faceless_image_and_rejects_all_faceless(client, ya
     assert body["num_images"] == 3 and body["num_used"] == 2
     assert body["images"][2]["status"] == "no_face" and body["images"][2]["expression"] is None
     response = client.post("/v1/predict", files=[("images", ("blank.png", blank))] * 2)
-    assert response.status_code == 422 and _error(response)["code"] == "no_face"
+    assert response.status_code == 422 and error_of(response)["code"] == "no_face"
     # A text file among the photos rejects the request and names it.
     response = client.post("/v1/predict", files=_person_files(yale_dir, PERSON[:1]) + [("images", ("x.txt", b"hi there" * 9))])
-    assert response.status_code == 415 and _error(response)["index"] == 1
+    assert response.status_code == 415 and error_of(response)["index"] == 1
     assert client.post("/v1/predict", files=_person_files(yale_dir, PERSON[:1])).status_code == 200
 
 
@@ -455,11 +337,11 @@ def test_a_full_ingress_answers_503_overloaded_at_once_and_serves_again_after(li
                     break
                 assert probe.status_code == 415, probe.text  # admitted: the upload check answers
             assert probe is not None and probe.status_code == 503, "the held upload never filled the ingress"
-            assert _error(probe)["code"] == "overloaded"
+            assert error_of(probe)["code"] == "overloaded"
             assert int(probe.headers["retry-after"]) >= 1
             # A real photo is turned away the same way, before any model work.
             turned_away = c.post("/v1/extract", files={"image": ("subject01.normal", face_bytes)})
-            assert turned_away.status_code == 503 and _error(turned_away)["code"] == "overloaded"
+            assert turned_away.status_code == 503 and error_of(turned_away)["code"] == "overloaded"
             # The held request completes and is answered; then the app serves again.
             held.sendall(body[100:])
             answer = b""
@@ -482,7 +364,7 @@ def test_a_request_past_its_deadline_is_504_and_its_model_work_is_not_done(clien
     response = client.post("/v1/extract", files={"image": ("subject01.normal", face_bytes)},
                            headers={"X-Request-Timeout": "1e-9"})
     assert response.status_code == 504, response.text
-    assert _error(response)["code"] == "deadline_exceeded"
+    assert error_of(response)["code"] == "deadline_exceeded"
     assert extractor.stats.remote().result()["images"] == before
     _assert_good_extract(client, face_bytes)
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -19,22 +18,19 @@ from pathlib import Path
 
 import pytest
 
+from support.fixtures import free_port
+
 httpx = pytest.importorskip("httpx")
 
 REPO = Path(__file__).resolve().parents[1]
 pytestmark = [pytest.mark.slow, pytest.mark.ray]
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
 
 @pytest.mark.parametrize("signum, to_group", [(signal.SIGINT, True), (signal.SIGTERM, False)],
                          ids=["SIGINT-to-the-group", "SIGTERM-to-the-process"])
 def test_facedist_serve_stops_on_a_signal(signum, to_group, yale_dir, tmp_path):
-    port = _free_port()
+    port = free_port()
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
            "FACEDIST_RAY_LOG": str(tmp_path / "ray.log")}
     env.pop("FACEDIST_API_TOKEN", None)

@@ -201,3 +201,19 @@ def test_retry_after_spreads_the_turned_away_over_the_rate_of_work_done():
     for _ in range(20):  # 20 finished in the last 5 s: 4 a second
         admission.release(0)
     assert [refused() for _ in range(9)] == [1, 1, 1, 1, 2, 2, 2, 2, 3]
+
+
+def test_the_extractor_settings_are_one_extract_config():
+    """Flat keys (serve/config.yaml, `serve run ... key=value`) fill ServeSettings.extract over the
+    server's own defaults; the old key `landmarks` reads as landmark_source."""
+    import dataclasses
+
+    from facedist.serving.settings import serving_extract_config
+
+    s = ServeSettings.from_args({"backend": "fit", "landmarks": "dlib", "max_side": "800", "texture": "false"})
+    assert s.extract == dataclasses.replace(serving_extract_config(), backend="fit", landmark_source="dlib",
+                                            max_side=800, texture=False)
+    assert ServeSettings(**dataclasses.asdict(s)).extract == s.extract  # as the deployments get them
+    assert ServeSettings.from_args({"extract": {"backend": "deep3d"}}).extract.backend == "deep3d"
+    with pytest.raises(ValueError, match="unknown serve settings: nope"):
+        ServeSettings.from_args({"extract": {"nope": 1}})

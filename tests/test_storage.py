@@ -39,6 +39,12 @@ def test_s3_storage_on_a_real_server(s3_bucket):
     _roundtrip(s3_bucket + "/prefix")
 
 
+def test_a_layout_written_before_landmark_source_was_named_so_still_reads():
+    old = '{"backend": "fit", "n_id": 40, "n_exp": 10, "landmarks": "dlib:abc"}'
+    assert CoefficientLayout.from_json(old) == CoefficientLayout(backend="fit", n_id=40, n_exp=10,
+                                                                 landmark_source="dlib:abc")
+
+
 def test_schema_rejects_unknown_types():
     with pytest.raises((pa.ArrowInvalid, pa.ArrowTypeError, TypeError)):
         rows_to_table([{"path": "p", "status": "ok", "yaw": "not a number"}])

@@ -170,7 +170,7 @@ def test_extractor_bad_input_gets_its_own_row(extractor):
     assert layout.model_version == assets.sha256_of(assets.resolve("tddfa/mb05_120x120.pth"))[:12]
     # how faces were found and landmarked is part of the layout
     assert layout.detector == extractor.detector.version and layout.detector.startswith("hog:dlib-")
-    assert layout.landmarks == "tddfa-2pass"
+    assert layout.landmark_source == "tddfa-2pass"
 
 
 # tddfa's landmark_error is how far the second pass moved the 68 points from the first pass's
@@ -180,6 +180,7 @@ MAX_MEAN_PASS_ERROR = 0.07
 MAX_PASS_ERROR = 0.15
 
 
+@pytest.mark.slow  # every Yale photo
 def test_yale_faces_ok_rate_and_landmark_error(extractor, yale_dir):
     """Real data: >= 95% ok and a small, settled pass-to-pass landmark movement."""
     paths = sorted(p for p in yale_dir.iterdir() if p.name.startswith("subject"))
@@ -217,6 +218,7 @@ def test_yale_faces_ok_rate_and_landmark_error(extractor, yale_dir):
 MAX_MEAN_DISTANCE_TO_DLIB = 0.06
 
 
+@pytest.mark.slow  # every Yale photo, two detectors
 def test_yale_with_faceboxes_finds_every_face_and_agrees_with_dlibs_landmarks(yale_dir):
     """The default flow, no dlib in it: FaceBoxes box -> crop -> regress -> landmarks -> crop ->
     regress. A face in each of the 164 images; tddfa's landmarks near dlib's predictor's."""
@@ -309,6 +311,7 @@ def test_in_plane_rotation_shows_up_as_roll_in_both_backends(extractor, yale_dir
         assert abs(after.yaw - before.yaw) < 5 and abs(after.pitch - before.pitch) < 5, ex.name
 
 
+@pytest.mark.slow  # Yale photos twice
 def test_detection_threads_give_the_same_rows(extractor, yale_dir):
     """A batch detected on 2 threads: the same statuses and coefficients, in input order."""
     names = sorted(p.name for p in yale_dir.iterdir() if p.name.startswith("subject1"))[:10]

@@ -63,13 +63,13 @@ def test_basis_round_trip_projection_and_hidden_vertices(sampler):
     textures = np.concatenate([colour.astype(np.uint8), np.full((n, k, 1), 255, np.uint8)], axis=2)
     basis = TextureBasis.fit(textures, sampler.version, n_components=10)
     assert basis.n_components == 10 and basis.n_vertices == k
-    tau = basis.project(textures)
+    tex_coeffs = basis.project(textures)
     # the 3 latent factors dominate: the first 3 coefficients span them (R^2 of each factor)
-    design = np.hstack([tau[:, :3], np.ones((n, 1))])
+    design = np.hstack([tex_coeffs[:, :3], np.ones((n, 1))])
     residual = z - design @ np.linalg.lstsq(design, z, rcond=None)[0]
     assert (1 - residual.var(0) / z.var(0)).min() > 0.9
     again = TextureBasis.from_bytes(basis.to_bytes())
-    np.testing.assert_array_equal(again.project(textures), tau)
+    np.testing.assert_array_equal(again.project(textures), tex_coeffs)
     assert again.version == basis.version and again.sampler_version == sampler.version
     # hidden vertices take the basis mean: whatever colour they hold does not change tex_coeffs
     hidden = textures.copy()
@@ -106,10 +106,11 @@ def test_the_default_basis_goes_only_where_texture_is_sampled():
     left out there instead of failing; the texture backends get the shipped file."""
     from facedist import assets
     from facedist.cli import build_parser, extract_config_from_args
-    from facedist.extractors import DEFAULT_TEXTURE_BASIS, TEXTURE_BACKENDS, texture_basis_for
+    from facedist.extractors import DEFAULT_TEXTURE_BASIS, texture_basis_for
+    from facedist.extractors.backends import texture_backends
 
     shipped = str(assets.resolve(assets.DEFAULT_TEXTURE_BASIS_FILE))
-    assert all(texture_basis_for(b, True, DEFAULT_TEXTURE_BASIS) == shipped for b in TEXTURE_BACKENDS)
+    assert all(texture_basis_for(b, True, DEFAULT_TEXTURE_BASIS) == shipped for b in texture_backends())
     assert texture_basis_for("deep3d", True, DEFAULT_TEXTURE_BASIS) is None
     assert texture_basis_for("tddfa-fit", False, DEFAULT_TEXTURE_BASIS) is None
     assert texture_basis_for("tddfa-fit", True, None) is None
@@ -120,6 +121,7 @@ def test_the_default_basis_goes_only_where_texture_is_sampled():
         assert extract_config_from_args(args).texture_basis == expected, argv
 
 
+@pytest.mark.slow  # two extraction runs
 def test_extract_fit_basis_then_extract_with_tex_coeffs(yale_dir, tmp_path, capsys):
     """The user's flow: extract (texture sampled), `facedist texture fit`, extract again with the
     basis: tex_coeffs filled, and the output refuses rows made with another basis."""
@@ -141,16 +143,17 @@ def test_extract_fit_basis_then_extract_with_tex_coeffs(yale_dir, tmp_path, caps
     assert cli_main(["extract", str(folder), "--out", str(second), "--texture-basis", basis_uri]) == 0
     rows = [r for r in storage.read_table(str(second)).to_pylist() if r["status"] == STATUS_OK]
     assert len(rows) == len(ok) and all(len(r["tex_coeffs"]) == 8 for r in rows)
-    tau = np.array([r["tex_coeffs"] for r in rows])
-    assert np.isfinite(tau).all() and tau.std(0).min() > 0.1  # faces differ in texture
+    tex_coeffs = np.array([r["tex_coeffs"] for r in rows])
+    assert np.isfinite(tex_coeffs).all() and tex_coeffs.std(0).min() > 0.1  # faces differ in texture
     # same images, same basis: what the extractor wrote is the basis's projection of the samples
     basis = TextureBasis.load(basis_uri)
     textures = texture_array([r["texture"] for r in rows], basis.n_vertices)
-    np.testing.assert_allclose(basis.project(textures), tau, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(basis.project(textures), tex_coeffs, rtol=1e-4, atol=1e-4)
     # resuming into the same output with another basis (the default) is another layout: refused before any work
     assert cli_main(["extract", str(folder), "--out", str(second)]) == 2
 
 
+@pytest.mark.slow  # many Yale photos
 def test_texture_of_real_faces_identifies_people(yale_dir):
     """On Yale, two photos of one person have closer texture coefficients than photos of two
     people (a basis fitted on the other people)."""
@@ -162,9 +165,9 @@ def test_texture_of_real_faces_identifies_people(yale_dir):
     textures = np.stack([results[i].texture for i in keep])
     people = sorted(set(subjects))
     train = np.isin(subjects, people[:8])
-    tau = TextureBasis.fit(textures[train], extractor.texture_sampler.version, 20).project(textures[~train])
+    tex_coeffs = TextureBasis.fit(textures[train], extractor.texture_sampler.version, 20).project(textures[~train])
     s = subjects[~train]
-    dist = np.linalg.norm(tau[:, None] - tau[None], axis=2)
+    dist = np.linalg.norm(tex_coeffs[:, None] - tex_coeffs[None], axis=2)
     same = dist[(s[:, None] == s[None]) & ~np.eye(len(s), dtype=bool)]
     other = dist[s[:, None] != s[None]]
     print(f"\ntexture distance, same person {np.median(same):.2f} vs other people {np.median(other):.2f}")

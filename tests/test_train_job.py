@@ -17,15 +17,6 @@ EXPRESSIONS = ("happy", "sad", "surprised")
 
 
 @pytest.fixture(scope="module")
-def ray_local():
-    from facedist import runtime
-
-    ray = runtime.connect(num_cpus=2)  # the local Ray every command starts, with 2 CPUs
-    yield
-    ray.shutdown()
-
-
-@pytest.fixture(scope="module")
 def table_file(tmp_path_factory):
     table, _ = synthetic_table(SyntheticConfig(n_people=12, images_per_person=8, seed=3), expressions=EXPRESSIONS)
     path = tmp_path_factory.mktemp("coeffs") / "part-0.parquet"
@@ -40,7 +31,7 @@ def _config(data: str, output: str, **kw) -> TrainConfig:
     return TrainConfig(**base)
 
 
-def test_two_workers_checkpoint_and_resume(ray_local, table_file, tmp_path):
+def test_two_workers_checkpoint_and_resume(local_ray, table_file, tmp_path):
     out = str(tmp_path / "train")
     first = run_training(_config(table_file, out))
     assert [h["epoch"] for h in first["history"]] == [0, 1]
@@ -58,7 +49,7 @@ def test_two_workers_checkpoint_and_resume(ray_local, table_file, tmp_path):
     assert json.loads(storage.read_bytes(storage.join(out, "expression", "metrics.json")))["history"][-1]["epoch"] == 3
 
 
-def test_reads_and_writes_s3(ray_local, table_file, s3_bucket):
+def test_reads_and_writes_s3(local_ray, table_file, s3_bucket):
     data_uri = f"{s3_bucket}/coeffs/part-0.parquet"
     with open(table_file, "rb") as fh:
         storage.write_bytes(data_uri, fh.read())

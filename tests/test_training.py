@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from facedist.training import TrainConfig, load_model_bundle, save_model_bundle
-from facedist.training.data import Standardizer, image_folds, group_combinations, table_to_data
+from facedist.features import Standardizer
+from facedist.training.data import image_folds, group_combinations, table_to_data
 from facedist.training.engine import fit
 from facedist.recognition import Recognizer
 from facedist.training.synthetic import SyntheticConfig, synthetic_table
@@ -121,7 +122,7 @@ def test_cnet_beats_plain_mean_on_synthetic_sets():
     data = table_to_data(table)
     cfg = TrainConfig(task="cnet", epochs=6, lr=3e-3, batch_size=32, set_size=6, steps_per_epoch=10,
                       folds=4, fold=0, patience=8)
-    task = CNetTask(cfg, data, alpha_true=truth["alpha_true"], split="person")
+    task = CNetTask(cfg, data, true_id_coeffs=truth["true_id_coeffs"], split="person")
     result = fit(task, cfg)
     m = result.best_metrics
     assert m["truth_error_cnet"] < 0.95 * m["truth_error_mean"], m
@@ -151,6 +152,7 @@ def test_classifiers_learn_and_resume(synthetic, tmp_path):
     assert bundle["labels"] == sorted(EXPRESSIONS) and bundle["task"] == "expression"
 
 
+@pytest.mark.slow  # trains C-Net and three identity models
 def test_recognizer_from_bundles(synthetic, tmp_path):
     table, truth, data = synthetic
     cnet_cfg = TrainConfig(task="cnet", epochs=2, steps_per_epoch=3, batch_size=16)

@@ -1,8 +1,8 @@
 """The web page (GET /) in a real browser against a real local Serve app, and the mesh flag of
 /v1/extract over plain HTTP.
 
-The app, its trained recognition bundles and the bearer token are test_serve.py's module fixtures,
-reused here. The browser is the system chromium driven by playwright (no browser download);
+The app, its trained recognition bundles and the bearer token are tests/support/serving.py's
+fixtures, shared with test_serve.py. The browser is the system chromium driven by playwright (no browser download);
 without either the browser tests skip.
 
 FACEDIST_SCREENSHOT=docs/images/web_page.png also writes the page's screenshot there.
@@ -18,17 +18,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-# Module fixtures of the HTTP tests: trained bundles on S3, the served app with a token, a client.
-from test_serve import (  # noqa: F401  (fixtures are used by name)
-    PERSON,
-    TOKEN,
-    _error,
-    client,
-    extractor,
-    face_bytes,
-    models_uri,
-    server,
-)
+# The HTTP tests' fixtures (tests/support/serving.py): trained bundles on S3 (once a session), the
+# served app with a token, a client.
+from support.serving import PERSON, TOKEN, error_of
 
 PREFIX_APP = "facedist-prefixed"
 PREFIX = "/facedist"
@@ -75,7 +67,7 @@ def test_decimated_mesh_is_a_light_valid_wireframe():
     assert len(triangles) > 1.5 * len(indices)  # a surface, not a fringe of slivers
     assert decimated_mesh(model, 1200)[0] is indices  # cached
     rng = np.random.default_rng(0)
-    shape, exp = rng.normal(size=model.n_shape) * 1e4, rng.normal(size=model.n_exp)
+    shape, exp = rng.normal(size=model.n_id) * 1e4, rng.normal(size=model.n_exp)
     camera = Pose.from_angles(10, -5, 3, 1e-3, (160, 120, 0)).affine()
     full = apply_affine(model.vertices(shape, exp), camera)[indices, :2]
     np.testing.assert_allclose(project_mesh(model, shape, exp, camera, 1200), full, atol=1e-3)
@@ -118,7 +110,7 @@ def test_extract_mesh_only_when_asked(client, face_bytes):
 @pytest.mark.ray
 def test_bad_mesh_flag_is_a_422(client, face_bytes):
     response = client.post("/v1/extract", params={"mesh": "sometimes"}, files={"image": ("a", face_bytes)})
-    assert response.status_code == 422 and _error(response)["code"] == "invalid_request"
+    assert response.status_code == 422 and error_of(response)["code"] == "invalid_request"
 
 
 # ---- the page in a browser -------------------------------------------------------------------

@@ -12,7 +12,6 @@ import ast
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import sysconfig
@@ -20,6 +19,8 @@ import time
 from pathlib import Path
 
 import pytest
+
+from support.fixtures import free_port
 
 httpx = pytest.importorskip("httpx")
 
@@ -29,11 +30,6 @@ REPO = Path(__file__).resolve().parents[1]
 
 pytestmark = [pytest.mark.slow, pytest.mark.ray]
 
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -106,7 +102,7 @@ def test_the_wheel_ships_the_default_texture_basis(wheel, venv, tmp_path):
 
 
 def test_facedist_serve_from_the_wheel_answers_health(venv, tmp_path):
-    port = _free_port()
+    port = free_port()
     log = tmp_path / "serve.log"
     with open(log, "w") as out:
         process = subprocess.Popen([str(venv / "bin" / "facedist"), "serve", "--port", str(port)],

@@ -88,7 +88,7 @@ class Deep3DExtractor(FaceExtractor):
 
     name = "deep3d"
 
-    def __init__(self, detector=DEFAULT_DETECTOR, device: str = "cpu", *, landmarks="dlib",
+    def __init__(self, detector=DEFAULT_DETECTOR, device: str = "cpu", *, landmark_source="dlib",
                  checkpoint: str | Path = DEFAULT_CHECKPOINT, batch_size: int = 16,
                  keep_crops: bool = False, bfm: str | Path | None = DEFAULT_BFM, detect_threads: int = 1):
         self.checkpoint_path = _resolve_checkpoint(checkpoint)
@@ -96,7 +96,7 @@ class Deep3DExtractor(FaceExtractor):
         self.device = torch.device(device)
         self.model = load_recon_net(self.checkpoint_path).to(self.device)
         self.lm3d = load_lm3d()
-        self.predictor = make_landmark_source(landmarks, device)
+        self.predictor = make_landmark_source(landmark_source, device)
         self.batch_size = max(1, int(batch_size))
         self.keep_crops = keep_crops  # aligned crops in result.extras (previews, raw-image baselines)
         self.bfm = _load_optional_bfm(bfm)  # only to reproject landmarks (landmarks_fit/landmark_error)
@@ -104,7 +104,7 @@ class Deep3DExtractor(FaceExtractor):
             backend=self.name, n_id=80, n_exp=64, n_tex=80, n_light=27, n_feature=2048,
             model_name=f"{MODEL_NAME}:{self.checkpoint_path.name}",
             model_version=assets.sha256_of(self.checkpoint_path)[:16],
-            detector=self.detector.version, landmarks=self.predictor.version)
+            detector=self.detector.version, landmark_source=self.predictor.version)
 
     @torch.inference_mode()
     def _forward(self, crops: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:

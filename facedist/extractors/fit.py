@@ -1,7 +1,7 @@
 """Landmark-fit extractor: no network, a regularised least-squares 3DMM fit to the 68 detected points.
 
 Alternates (1) a scaled-orthographic pose from the current 3D landmarks (affine least squares,
-projected to scale x rotation) and (2) a linear ridge solve of shape and expression coefficients
+projected to scale x rotation) and (2) a linear ridge solve of identity and expression coefficients
 given that pose. The Tikhonov term is a Gaussian prior on the coefficients (for 3DDFA's basis:
 the 300W-LP mean/std the regressor was trained with) weighted by `reg` against an assumed
 landmark noise, so coefficients stay near typical faces where 2-D points do not constrain them.
@@ -38,22 +38,22 @@ class FitConfig:
 
 @dataclass
 class FitResult:
-    shape: np.ndarray        # (n_shape,)
-    exp: np.ndarray          # (n_exp,)
+    id_coeffs: np.ndarray    # (n_id,)
+    exp_coeffs: np.ndarray   # (n_exp,)
     pose: Pose               # model frame -> pixels
     points: np.ndarray       # (68, 3) projected fitted landmarks (pixels, depth)
 
 
 @dataclass
 class CoefficientPrior:
-    """Per-coefficient Gaussian prior (shape then expression)."""
+    """Per-coefficient Gaussian prior (identity then expression)."""
 
     mean: np.ndarray
     std: np.ndarray
 
     @classmethod
     def tddfa(cls) -> "CoefficientPrior":
-        """The 300W-LP statistics of 3DDFA's 40 shape + 10 expression parameters (the same file
+        """The 300W-LP statistics of 3DDFA's 40 identity + 10 expression parameters (the same file
         the regressor de-normalises with), so fit and regressor share one notion of "typical"."""
         with open(assets.resolve("tddfa/param_mean_std_62d_120x120.pkl"), "rb") as fh:
             stats = pickle.load(fh)
@@ -63,7 +63,7 @@ class CoefficientPrior:
     def isotropic(cls, model: MorphableModel, rel_std: float = 0.15) -> "CoefficientPrior":
         """For a basis without statistics: one standard deviation of any coefficient moves the
         landmarks by rel_std of the model's inter-ocular distance (RMS)."""
-        basis = np.concatenate([model.lm_shape_basis, model.lm_exp_basis], axis=1).astype(np.float64)
+        basis = np.concatenate([model.lm_id_basis, model.lm_exp_basis], axis=1).astype(np.float64)
         rms = np.sqrt((basis ** 2).sum(0) / NUM_LANDMARKS)
         iod = interocular_distance(model.lm_mean.reshape(-1, 3))
         return cls(np.zeros(basis.shape[1]), rel_std * iod / np.maximum(rms, 1e-12))
@@ -103,12 +103,12 @@ def _rotation_step(omega: np.ndarray) -> np.ndarray:
 
 def fit_landmarks(model: MorphableModel, landmarks2d: np.ndarray, config: FitConfig = FitConfig(),
                   prior: CoefficientPrior | None = None, init: FitResult | None = None) -> FitResult:
-    """Fit shape, expression and pose of `model` to (68, 2) pixel landmarks.
+    """Fit identity, expression and pose of `model` to (68, 2) pixel landmarks.
 
     Without ``init``, starts with a few alternations (closed-form pose, then a linear ridge solve of
     coefficients); with it (e.g. a regressor's coefficients and pose), starts from there. Then
     refines pose and coefficients jointly by Gauss-Newton: alternation alone creeps along the
-    directions where pose and shape trade off (overall size vs scale, asymmetry vs yaw)."""
+    directions where pose and identity trade off (overall size vs scale, asymmetry vs yaw)."""
     target = np.asarray(landmarks2d, np.float64)[:, :2]
     if target.shape != (NUM_LANDMARKS, 2) or not np.all(np.isfinite(target)):
         raise ValueError(f"need {NUM_LANDMARKS} finite 2-D landmarks, got shape {target.shape}")
@@ -119,13 +119,13 @@ def fit_landmarks(model: MorphableModel, landmarks2d: np.ndarray, config: FitCon
     # Work in a y-up frame (the model's camera frame); the pixel pose flips back at the end.
     uv = np.stack([target[:, 0], -target[:, 1]], axis=1)
     mean = model.lm_mean.astype(np.float64).reshape(-1, 3)
-    basis = np.concatenate([model.lm_shape_basis, model.lm_exp_basis], axis=1).astype(np.float64)
-    n_shape, n_coef = model.n_shape, basis.shape[1]
+    basis = np.concatenate([model.lm_id_basis, model.lm_exp_basis], axis=1).astype(np.float64)
+    n_id, n_coef = model.n_id, basis.shape[1]
     basis3 = basis.reshape(NUM_LANDMARKS, 3, n_coef)
     sigma = config.noise * iod
     precision = np.full(n_coef, config.reg) / prior.std ** 2
     if init is not None:
-        coef = np.concatenate([init.shape, init.exp]).astype(np.float64)
+        coef = np.concatenate([init.id_coeffs, init.exp_coeffs]).astype(np.float64)
         R, scale = np.asarray(init.pose.rotation, np.float64), float(init.pose.scale)
         t = init.pose.translation3[:2] * np.array([1.0, -1.0])  # pixel frame -> y-up
     else:
@@ -143,7 +143,7 @@ def fit_landmarks(model: MorphableModel, landmarks2d: np.ndarray, config: FitCon
 
     # Gauss-Newton on (coef, rotation increment, log scale, t); prior rows keep it well posed.
     # Coefficient steps are taken in units of the prior std so the normal equations are well
-    # scaled (raw 3DDFA shape coefficients are ~1e5, a pixel translation ~1).
+    # scaled (raw 3DDFA identity coefficients are ~1e5, a pixel translation ~1).
     unit = prior.std
     sqrt_prec = np.sqrt(precision) * unit
     for _ in range(config.iterations):
@@ -170,7 +170,7 @@ def fit_landmarks(model: MorphableModel, landmarks2d: np.ndarray, config: FitCon
 
     X = mean + basis3 @ coef
     pose = Pose(R, scale, np.array([t[0], -t[1], 0.0]))
-    return FitResult(coef[:n_shape].astype(np.float32), coef[n_shape:].astype(np.float32), pose,
+    return FitResult(coef[:n_id].astype(np.float32), coef[n_id:].astype(np.float32), pose,
                      model.project(X, pose))
 
 
@@ -180,23 +180,23 @@ class LandmarkFitExtractor(FaceExtractor):
 
     name = "fit"
 
-    def __init__(self, detector=DEFAULT_DETECTOR, device: str = "cpu", *, landmarks="dlib",
+    def __init__(self, detector=DEFAULT_DETECTOR, device: str = "cpu", *, landmark_source="dlib",
                  model: MorphableModel | None = None, prior: CoefficientPrior | None = None,
                  reg: float = FitConfig.reg, iterations: int = FitConfig.iterations,
                  with_vertices: bool = False, detect_threads: int = 1):
         super().__init__(make_face_detector(detector, device, threads=detect_threads))
-        self.predictor = make_landmark_source(landmarks, device)
+        self.predictor = make_landmark_source(landmark_source, device)
         self.model = model or MorphableModel.from_tddfa()
         # 3DDFA's basis comes with coefficient statistics; another basis gets an isotropic prior.
         self.prior = prior or (CoefficientPrior.tddfa() if self.model.name == "tddfa_bfm"
                                else CoefficientPrior.isotropic(self.model))
-        self.prior_std = {"id": self.prior.std[:self.model.n_shape], "exp": self.prior.std[self.model.n_shape:]}
+        self.prior_std = {"id": self.prior.std[:self.model.n_id], "exp": self.prior.std[self.model.n_id:]}
         self.config = FitConfig(iterations=iterations, reg=reg)
         self.with_vertices = with_vertices
         self.layout = CoefficientLayout(
-            backend=self.name, n_id=self.model.n_shape, n_exp=self.model.n_exp, n_feature=2 * NUM_LANDMARKS,
+            backend=self.name, n_id=self.model.n_id, n_exp=self.model.n_exp, n_feature=2 * NUM_LANDMARKS,
             model_name=f"landmark_fit_{self.model.name}", model_version=f"reg{reg:g}_it{iterations}",
-            detector=self.detector.version, landmarks=self.predictor.version)
+            detector=self.detector.version, landmark_source=self.predictor.version)
 
     def fit_faces(self, faces: list[DetectedFace]) -> list[ExtractionResult]:
         with self.timings.stage("landmarks"):
@@ -211,7 +211,7 @@ class LandmarkFitExtractor(FaceExtractor):
             fit = fit_landmarks(self.model, detected, self.config, self.prior, init)
         except Exception as exc:  # singular systems, malformed landmarks: this row only
             return ExtractionResult.error(f"landmark fit failed: {type(exc).__name__}: {exc}")
-        if not (np.all(np.isfinite(fit.points)) and np.all(np.isfinite(fit.shape)) and np.all(np.isfinite(fit.exp))):
+        if not (np.all(np.isfinite(fit.points)) and np.all(np.isfinite(fit.id_coeffs)) and np.all(np.isfinite(fit.exp_coeffs))):
             return ExtractionResult.error("landmark fit diverged (non-finite result)")
         detected = np.asarray(detected, np.float32)
         fitted = fit.points[:, :2]
@@ -220,10 +220,10 @@ class LandmarkFitExtractor(FaceExtractor):
         extras = {"basis": self.model.name, "pose": fit.pose, "camera": fit.pose.affine(),
                   "landmarks3d": fit.points}
         if self.with_vertices:
-            extras["vertices"] = self.model.project(self.model.vertices(fit.shape, fit.exp), fit.pose)
+            extras["vertices"] = self.model.project(self.model.vertices(fit.id_coeffs, fit.exp_coeffs), fit.pose)
         return ExtractionResult(
             landmarks=detected, landmarks_fit=fitted.astype(np.float32),
-            id_coeffs=fit.shape, exp_coeffs=fit.exp,
+            id_coeffs=fit.id_coeffs, exp_coeffs=fit.exp_coeffs,
             yaw=yaw, pitch=pitch, roll=roll, scale=float(fit.pose.scale),
             translation=fit.pose.translation3.astype(np.float32),
             feature=residual.astype(np.float32).ravel() if feature is None else feature, extras=extras)
@@ -238,14 +238,14 @@ class TDDFAFitExtractor(LandmarkFitExtractor):
 
     name = "tddfa-fit"
 
-    def __init__(self, detector=DEFAULT_DETECTOR, device: str = "cpu", *, landmarks="dlib",
+    def __init__(self, detector=DEFAULT_DETECTOR, device: str = "cpu", *, landmark_source="dlib",
                  checkpoint: str = "tddfa/mb05_120x120.pth", batch_size: int | None = None,
                  reg: float = FitConfig.reg, iterations: int = FitConfig.iterations,
                  num_threads: int | None = None, with_vertices: bool = False, detect_threads: int = 1):
         from facedist.extractors.tddfa import TDDFARegressor
 
         regressor = TDDFARegressor(device, checkpoint=checkpoint, batch_size=batch_size, num_threads=num_threads)
-        super().__init__(detector, device, landmarks=landmarks, model=regressor.model, reg=reg,
+        super().__init__(detector, device, landmark_source=landmark_source, model=regressor.model, reg=reg,
                          iterations=iterations, with_vertices=with_vertices, detect_threads=detect_threads)
         regressor.timings = self.timings
         self.regressor = regressor
@@ -266,7 +266,7 @@ class TDDFAFitExtractor(LandmarkFitExtractor):
                 if not np.all(np.isfinite(fit.params)):
                     out.append(ExtractionResult.error("regressor produced non-finite parameters"))
                     continue
-                _, shape, exp = self.regressor.camera_and_coeffs(fit.params)
-                init = FitResult(shape, exp, pose_from_affine(fit.camera), fit.points)
+                _, id_coeffs, exp_coeffs = self.regressor.camera_and_coeffs(fit.params)
+                init = FitResult(id_coeffs, exp_coeffs, pose_from_affine(fit.camera), fit.points)
                 out.append(self._fit_one(detected, init=init, feature=fit.feature))
             return out

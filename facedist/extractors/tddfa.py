@@ -106,7 +106,7 @@ def pose_from_affine(A: np.ndarray) -> Pose:
 class TDDFAFit:
     """One face through 3DDFA_V2's passes."""
 
-    params: np.ndarray        # (62,) de-normalised: camera 12, shape 40, expression 10
+    params: np.ndarray        # (62,) de-normalised: camera 12, identity 40, expression 10
     feature: np.ndarray       # pooled regressor feature
     roi_box: np.ndarray       # the final crop's box
     camera: np.ndarray        # (3, 4) pixel affine camera
@@ -159,14 +159,14 @@ class TDDFARegressor:
 
     @staticmethod
     def camera_and_coeffs(param: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Split 62 parameters: camera (3, 4), shape (40,), expression (10,)."""
+        """Split 62 parameters: camera (3, 4), identity (40,), expression (10,)."""
         return param[:12].reshape(3, 4), param[12:52], param[52:62]
 
     def reconstruct(self, param: np.ndarray, roi_box) -> tuple[np.ndarray, np.ndarray]:
         """68 landmarks in pixels (68, 3) and the pixel affine camera for one face."""
-        camera, shape, exp = self.camera_and_coeffs(param)
+        camera, id_coeffs, exp_coeffs = self.camera_and_coeffs(param)
         A = pixel_affine(camera, roi_box)
-        return apply_affine(self.model.landmarks(shape, exp), A), A
+        return apply_affine(self.model.landmarks(id_coeffs, exp_coeffs), A), A
 
     def _crops(self, images: Sequence[np.ndarray], boxes: Sequence[np.ndarray]) -> np.ndarray:
         with self.timings.stage("crop"):
@@ -211,15 +211,15 @@ class TDDFAExtractor(FaceExtractor):
         self.regressor = TDDFARegressor(device, checkpoint=checkpoint, batch_size=batch_size, passes=passes,
                                         num_threads=num_threads, timings=self.timings)
         self.model = self.regressor.model
-        # The 300W-LP statistics the regressor de-normalises with: 12 pose, then shape, then expression.
+        # The 300W-LP statistics the regressor de-normalises with: 12 pose, then identity, then expression.
         std = self.regressor.param_std.astype(np.float64)[12:]
-        self.prior_std = {"id": std[:self.model.n_shape], "exp": std[self.model.n_shape:]}
+        self.prior_std = {"id": std[:self.model.n_id], "exp": std[self.model.n_id:]}
         self.with_vertices = with_vertices
         self.layout = CoefficientLayout(
-            backend="tddfa", n_id=self.model.n_shape, n_exp=self.model.n_exp,
+            backend="tddfa", n_id=self.model.n_id, n_exp=self.model.n_exp,
             n_feature=self.regressor.net.num_features, model_name=f"3ddfa_v2_{self.regressor.path.stem}",
             model_version=assets.sha256_of(self.regressor.path)[:12],
-            detector=self.detector.version, landmarks=f"tddfa-{self.regressor.passes}pass")
+            detector=self.detector.version, landmark_source=f"tddfa-{self.regressor.passes}pass")
 
     def fit_faces(self, faces: list[DetectedFace]) -> list[ExtractionResult]:
         fits = self.regressor.fit([f.image for f in faces], [f.face.box for f in faces])
@@ -229,16 +229,16 @@ class TDDFAExtractor(FaceExtractor):
     def _result(self, fit: TDDFAFit) -> ExtractionResult:
         if not np.all(np.isfinite(fit.params)):
             return ExtractionResult.error("regressor produced non-finite parameters")
-        _, shape, exp = self.regressor.camera_and_coeffs(fit.params)
+        _, id_coeffs, exp_coeffs = self.regressor.camera_and_coeffs(fit.params)
         pose = pose_from_affine(fit.camera)
         yaw, pitch, roll = pose.angles
         # camera: the exact 3x4 pixel camera (previews rebuild the mesh from it and the coefficients)
         extras = {"basis": self.model.name, "pose": pose, "camera": fit.camera, "roi_box": fit.roi_box,
                   "landmarks3d": fit.points}
         if self.with_vertices:
-            extras["vertices"] = apply_affine(self.model.vertices(shape, exp), fit.camera)
+            extras["vertices"] = apply_affine(self.model.vertices(id_coeffs, exp_coeffs), fit.camera)
         return ExtractionResult(
             landmarks=np.asarray(fit.previous, np.float32), landmarks_fit=fit.points[:, :2].astype(np.float32),
-            id_coeffs=shape.astype(np.float32), exp_coeffs=exp.astype(np.float32),
+            id_coeffs=id_coeffs.astype(np.float32), exp_coeffs=exp_coeffs.astype(np.float32),
             yaw=yaw, pitch=pitch, roll=roll, scale=pose.scale,
             translation=pose.translation3.astype(np.float32), feature=fit.feature, extras=extras)

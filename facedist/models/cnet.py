@@ -3,7 +3,7 @@
 Each image of a person gets a positive confidence c_i (one per identity dimension) from what the
 extractor knows about how trustworthy that image is: the regressor's pooled feature, the head pose,
 the detection score and the landmark residual. The person's identity is the confidence-weighted
-mean  alpha = sum_i c_i * alpha_i / sum_i c_i  (``aggregate_identity``).
+mean  α = sum_i c_i * α_i / sum_i c_i  (``aggregate_identity``).
 
 Trained weakly supervised (facedist.training.cnet): no identity labels, only sets of images of the
 same person: leave-one-out landmark reprojection plus half-set identity consistency, with the
@@ -12,10 +12,8 @@ confidences shrunk toward equal weights.
 By default one confidence per image, shared by its identity dims (``per_dimension=False``); the
 paper's per-dimension c_i is ``per_dimension=True``. The classifiers whiten their inputs within
 class, and per-dimension weights that differ between images change the within-person covariance
-that whitening was fitted on. On Yale (nearest class mean after whitening, 3 folds, tddfa / fit
-tables): plain mean 0.903 / 1.000; per-dimension C-Net 0.875 / 0.983 (0.742 on tddfa with the
-whitened consistency term); one weight per image with it 0.925 / 0.991.
-benchmarks/cnet_identity_proxy.py measures it.
+that whitening was fitted on; one weight per image leaves that covariance's directions alone.
+benchmarks/cnet_identity_proxy.py compares the two (docs/results.md has the figures).
 """
 
 from __future__ import annotations
@@ -35,7 +33,7 @@ class CNetConfig:
     hidden: int = 128
     dropout: float = 0.1
     min_confidence: float = 1e-3  # floor, so no image's weight is exactly zero
-    per_dimension: bool = False   # True: one confidence per identity dim (the paper's c_i ⊙ alpha_i)
+    per_dimension: bool = False   # True: one confidence per identity dim (the paper's c_i ⊙ α_i)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -61,16 +59,16 @@ class CNet(nn.Module):
         return confidence if self.config.per_dimension else confidence.expand(*confidence.shape[:-1], self.config.n_id)
 
 
-def aggregate_identity(alpha: torch.Tensor, confidence: torch.Tensor | None = None,
+def aggregate_identity(id_coeffs: torch.Tensor, confidence: torch.Tensor | None = None,
                        mask: torch.Tensor | None = None) -> torch.Tensor:
     """Confidence-weighted mean over the image axis.
 
-    alpha: (..., N, D) identity coefficients of N images; confidence: (..., N, D) or None (plain
+    id_coeffs: (..., N, D) identity coefficients of N images; confidence: (..., N, D) or None (plain
     mean); mask: (..., N) bool/0-1, which images take part (None: all). Returns (..., D)."""
-    weight = torch.ones_like(alpha) if confidence is None else confidence
+    weight = torch.ones_like(id_coeffs) if confidence is None else confidence
     if mask is not None:
         weight = weight * mask.unsqueeze(-1).to(weight.dtype)
-    return (weight * alpha).sum(-2) / weight.sum(-2).clamp_min(1e-8)
+    return (weight * id_coeffs).sum(-2) / weight.sum(-2).clamp_min(1e-8)
 
 
 def confidence_weights(confidence: np.ndarray, width: int) -> np.ndarray:

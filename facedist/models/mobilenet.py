@@ -1,7 +1,7 @@
 """3DDFA_V2's MobileNetV1 regressor (models/mobilenet_v1.py upstream), keys matching its checkpoints.
 
 The published checkpoints (mb05_120x120.pth, mb1_120x120.pth) hold two heads on the 1024*w pooled
-feature: fc_param (62 = 12 pose + 40 shape + 10 expression, normalised) and fc_lm (136 = 68 2-D
+feature: fc_param (62 = 12 pose + 40 identity + 10 expression, normalised) and fc_lm (136 = 68 2-D
 landmarks, an auxiliary head used in training). Both are kept so the checkpoint loads strictly;
 forward returns the 62 parameters.
 """

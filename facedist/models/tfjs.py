@@ -28,8 +28,8 @@ def load_tfjs_weights(manifest: str | Path) -> dict[str, np.ndarray]:
         data = b"".join((manifest.parent / p).read_bytes() for p in group["paths"])
         offset = 0
         for spec in group["weights"]:
-            shape = [int(d) for d in spec["shape"]]
-            count = int(np.prod(shape)) if shape else 1
+            dims = [int(d) for d in spec["shape"]]
+            count = int(np.prod(dims)) if dims else 1
             quant = spec.get("quantization")
             stored = np.dtype(_DTYPES[quant["dtype"] if quant else spec["dtype"]])
             nbytes = count * stored.itemsize
@@ -44,7 +44,7 @@ def load_tfjs_weights(manifest: str | Path) -> dict[str, np.ndarray]:
                 values = values.astype(np.float32)
             if spec["name"] in out:
                 raise ValueError(f"{manifest.name}: tensor {spec['name']} appears twice")
-            out[spec["name"]] = values.reshape(shape).copy()
+            out[spec["name"]] = values.reshape(dims).copy()
         if offset != len(data):
             raise ValueError(f"{manifest.name}: {len(data) - offset} bytes left over after the last "
                              "tensor; the manifest and the .bin do not match")

@@ -95,8 +95,8 @@ def build_app(args: dict[str, Any] | None = None) -> serve.Application:
 
     s = ServeSettings.from_args(args)
     # A combination no backend takes fails here, not in replicas.
-    landmark_source_for(s.backend, s.landmarks)
-    texture_basis_for(s.backend, s.texture, s.texture_basis)
+    landmark_source_for(s.extract.backend, s.extract.landmark_source)
+    texture_basis_for(s.extract.backend, s.extract.texture, s.extract.texture_basis)
     s = s.resolved(_cluster_cpus())
     options = deployment_options(s)
     settings = dataclasses.asdict(s)

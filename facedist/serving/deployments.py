@@ -28,18 +28,13 @@ class FaceExtractor:
     def __init__(self, settings: dict):
         import torch
 
-        from facedist.extractors import make_extractor
-
         s = ServeSettings(**settings)
         # The replica's CPU share, whole CPUs, at least 1: FaceBoxes and the regressor use them.
         torch.set_num_threads(s.extractor_threads)
         self.torch_threads = torch.get_num_threads()
-        self.max_side = s.max_side  # uploads are downscaled on decode to at most this side
-        self.device = resolve_device(s.device)
-        self.extractor = make_extractor(s.backend, detector=s.detector, landmarks=s.landmarks, device=self.device,
-                                        texture=s.texture, texture_basis=s.texture_basis,
-                                        face_embedding=s.face_embedding, face_attributes=s.face_attributes,
-                                        detect_threads=s.extractor_detect_threads)
+        self.max_side = s.extract.max_side  # uploads are downscaled on decode to at most this side
+        self.device = resolve_device(s.extract.device)
+        self.extractor = s.extract.build_extractor(device=self.device, detect_threads=s.extractor_detect_threads)
         self.extract.set_max_batch_size(s.max_batch_size)
         self.extract.set_batch_wait_timeout_s(s.batch_wait_timeout_s)
         self.batch_sizes: Counter[int] = Counter()
@@ -69,9 +64,9 @@ class FaceExtractor:
 
     def _extract_rows(self, items: list[tuple[bytes, bool]]) -> list[dict]:
         from facedist.mesh import result_mesh2d
-        from facedist.pipeline import decode_row, extract_rows
+        from facedist.extraction.rows import decode_row, extract_rows
 
-        # The pipeline's own row functions: a bad upload is its row's error, rows in = rows out.
+        # Extraction's own row functions: a bad upload is its row's error, rows in = rows out.
         decoded = [decode_row({"path": f"upload-{i}", "bytes": upload}, self.max_side)
                    for i, (upload, _) in enumerate(items)]
         finished, results = extract_rows(decoded, self.extractor)
@@ -138,7 +133,7 @@ class FaceRecognizer:
             from facedist.recognition import Recognizer
 
             self.recognizer = Recognizer.from_directory(self.models_uri)
-            check_layouts(self.recognizer.bundles, s.backend)
+            check_layouts(self.recognizer.bundles, s.extract.backend)
             self.versions = {task: bundle_version(b) for task, b in self.recognizer.bundles.items()}
         self.predict.set_max_batch_size(s.predict_max_batch_size)
         self.predict.set_batch_wait_timeout_s(s.predict_batch_wait_timeout_s)

@@ -351,7 +351,7 @@ class FacedistAPI:
         recognizer = await self.recognizer.info.remote() if self.recognizer is not None else None
         return {"api_version": API_VERSION, "extractor": extractor, "recognizer": recognizer,
                 "limits": {"max_image_bytes": self.settings.max_image_bytes,
-                           "max_images": self.settings.max_images, "max_side": self.settings.max_side}}
+                           "max_images": self.settings.max_images, "max_side": self.settings.extract.max_side}}
 
     # exclude_unset: "mesh" is left out entirely unless asked for (every other key is always set).
     @api.post("/v1/extract", response_model=ExtractResponse, response_model_exclude_unset=True, responses=ERROR_RESPONSES,

@@ -41,8 +41,8 @@ class Face(BaseModel):
 
 
 class Coefficients(BaseModel):
-    id: list[float] | None = Field(None, description="identity alpha")
-    exp: list[float] | None = Field(None, description="expression beta")
+    id: list[float] | None = Field(None, description="identity coefficients (id_coeffs)")
+    exp: list[float] | None = Field(None, description="expression coefficients (exp_coeffs)")
     tex: list[float] | None = None
     light: list[float] | None = None
 
@@ -93,7 +93,7 @@ class ImagePrediction(BaseModel):
 
 
 class PredictResponse(BaseModel):
-    identity: dict = Field(description="{top_k: [{label, score}], coefficients: the aggregated alpha, "
+    identity: dict = Field(description="{top_k: [{label, score}], coefficients: the aggregated identity coefficients, "
                                        "aggregation: cnet (confidence-weighted) or mean}")
     gender: dict | None = Field(None, description="{label, probabilities}; null without a gender model")
     images: list[ImagePrediction]

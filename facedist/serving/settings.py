@@ -8,10 +8,10 @@ counts and batch sizes from it (the deployment decorators carry none of their ow
 import dataclasses
 import os
 import typing
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
-from facedist.extractors import DEFAULT_TEXTURE_BASIS
+from facedist.extraction.config import ExtractConfig
 
 API_TOKEN_ENV = "FACEDIST_API_TOKEN"
 MODELS_URI_ENV = "FACEDIST_MODELS_URI"
@@ -23,18 +23,12 @@ class ServeSettings:
     """Everything the app builder takes (serve/config.yaml `args`, `serve run ... key=value`)."""
 
     models_uri: str | None = None     # training output with the recognizer bundles; None: /v1/predict is 503
-    backend: str = "tddfa"            # make_extractor backend; `facedist serve` passes the CLI default (tddfa-fit)
-    detector: str = "faceboxes"       # face detector: faceboxes (one batched forward per batch) or dlib
-    landmarks: str | None = None      # 68-point source for fit/deep3d; None: the backend's own
-    texture: bool = True              # sample face colour on the fitted mesh (texture backends)
-    # tex_coeffs' basis: the shipped one, a .npz URI, or None/"none" (no tex_coeffs)
-    texture_basis: str | None = DEFAULT_TEXTURE_BASIS
-    face_embedding: bool = True       # dlib's face descriptor of each face (ExtractConfig.face_embedding)
-    face_attributes: bool = True      # face-api's expression, age, gender (ExtractConfig.face_attributes)
-    device: str = "auto"              # auto: cuda when the replica got a GPU, else cpu
+    # The extractor and how uploads are decoded (backend, detector, landmark_source, texture, ...,
+    # device, max_side, detect_threads). Given flat (`backend: tddfa`, `serve run ... backend=fit`)
+    # or as one `extract` mapping; fields not given keep serving_extract_config()'s values.
+    extract: ExtractConfig = field(default_factory=lambda: serving_extract_config())
     max_image_bytes: int = 10 * 1024 * 1024
     max_images: int = 16              # per /v1/predict request
-    max_side: int = 1024              # uploads are downscaled on decode to at most this side
     top_k: int = 5
     # Batching: max_batch_size=1 turns batching off (the benchmark's baseline).
     max_batch_size: int = 16
@@ -45,9 +39,6 @@ class ServeSettings:
     predict_batch_wait_timeout_s: float = 0.005
     # Resources and autoscaling of the extractor (the expensive part).
     extractor_num_cpus: float = 1.0
-    # dlib HOG detection threads per extractor replica, shared by a batch's images (dlib
-    # releases the GIL); 0: one per whole CPU of extractor_num_cpus, at least 1.
-    detect_threads: int = 0
     num_gpus: float | None = None     # None: 0.5 per extractor replica when the cluster has GPUs
     min_replicas: int = 1
     # None: as many as the cluster's CPUs hold when the app is built (replicas_that_fit): more
@@ -111,6 +102,8 @@ class ServeSettings:
     replica_retry_backoff_s: float = 0.5   # the wait before the n-th repeat is n times this
 
     def __post_init__(self):
+        if isinstance(self.extract, dict):  # as the deployments get it (dataclasses.asdict)
+            self.extract = ExtractConfig(**self.extract)
         if self.replica_retries < 0 or self.replica_retry_backoff_s < 0:
             raise ValueError(f"replica_retries ({self.replica_retries}) and replica_retry_backoff_s "
                              f"({self.replica_retry_backoff_s}) must be >= 0")
@@ -134,7 +127,12 @@ class ServeSettings:
     def from_args(cls, args: dict[str, Any] | None) -> "ServeSettings":
         """Build from builder args, coercing the strings `serve run key=value` passes."""
         args = dict(args or {})
-        unknown = set(args) - {f.name for f in dataclasses.fields(cls)}
+        if "landmarks" in args:  # the key's name before landmark_source
+            args["landmark_source"] = args.pop("landmarks")
+        extract_types = typing.get_type_hints(ExtractConfig)
+        given = dict(args.pop("extract", None) or {})
+        given.update({k: args.pop(k) for k in list(args) if k in extract_types})
+        unknown = set(args) - {f.name for f in dataclasses.fields(cls)} | set(given) - set(extract_types)
         if unknown:
             raise ValueError(f"unknown serve settings: {', '.join(sorted(unknown))}")
         if not args.get("models_uri") and os.environ.get(MODELS_URI_ENV):
@@ -142,6 +140,8 @@ class ServeSettings:
         values = {f.name: _coerce(args[f.name], f.type, f.name) for f in dataclasses.fields(cls) if f.name in args}
         if values.get("models_uri") == "":
             values["models_uri"] = None
+        values["extract"] = dataclasses.replace(
+            serving_extract_config(), **{k: _coerce(v, extract_types[k], k) for k, v in given.items()})
         return cls(**values)
 
     # -- what the deployments derive from the settings --
@@ -153,7 +153,9 @@ class ServeSettings:
 
     @property
     def extractor_detect_threads(self) -> int:
-        return self.detect_threads or max(1, int(self.extractor_num_cpus))
+        """dlib HOG detection threads per extractor replica, shared by a batch's images (dlib
+        releases the GIL): extract.detect_threads, or 0: one per whole CPU of extractor_num_cpus."""
+        return self.extract.detect_threads or max(1, int(self.extractor_num_cpus))
 
     def replicas_that_fit(self, cluster_cpus: float) -> int:
         """Extractor replicas the cluster's CPUs hold beside one ingress and one recognizer, each
@@ -177,6 +179,13 @@ class ServeSettings:
             accepted = self.max_ongoing_requests * max(1, most)
         return dataclasses.replace(self, max_replicas=max_replicas, ingress_max_accepted_images=accepted,
                                    ingress_max_replicas=min(self.ingress_max_replicas, max(1, most)))
+
+
+def serving_extract_config() -> ExtractConfig:
+    """The server's extraction defaults, where they differ from a batch run's: tddfa (its own
+    landmarks, no dlib predictor per replica), the device chosen per replica, and uploads
+    downscaled to 1024 px (a phone photo need not be decoded at full size to find one face)."""
+    return ExtractConfig(backend="tddfa", device="auto", max_side=1024)
 
 
 DEFAULTS = ServeSettings()  # the decorators' batch defaults; replicas set their own from the app's settings

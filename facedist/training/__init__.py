@@ -21,7 +21,7 @@ def train_in_process(config: TrainConfig, data=None, task=None, on_epoch=None):
     reading config.data; ``task``: a prebuilt task."""
     from facedist.training.data import TRAINING_COLUMNS, load_data
     from facedist.training.engine import fit
-    from facedist.training.registry import make_task
+    from facedist.training.task_registry import make_task
 
     if task is None:
         task = make_task(config, data if data is not None else load_data(config.data, columns=TRAINING_COLUMNS))

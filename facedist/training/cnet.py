@@ -2,20 +2,20 @@
 
 For a set S of images of one person and each j in S, the identity aggregated by C-Net from the
 *other* images, with image j's own expression and camera, must reproduce j's detected landmarks:
-    L_loo = mean_j |P_j( X(agg_{S \\ j}(alpha, c), beta_j) ) - y_j|^2 / iod_j^2
-On real faces this term alone barely moves (~2% below the plain mean) and lets a wide MLP on ~100
-images overfit (confidences spanning 0.002..7 that hurt identity), so two more terms:
+    L_loo = mean_j |P_j( X(agg_{S \\ j}(id_coeffs, c), β_j) ) - y_j|^2 / iod_j^2
+On its own this term hardly separates C-Net from the plain mean on real faces, and lets a wide
+MLP on a few hundred images overfit (extreme confidences that hurt identity), so two more terms:
   - identity consistency (``consistency_ratio``): split each set into two disjoint halves; the
     two C-Net aggregates of one person must be closer to each other than to other people's
     (squared distance ratio relative to the plain mean's ratio). Distances are measured after
-    within-set whitening (the metric the identity classifier sees, data.Standardizer): per-dim
+    within-set whitening (the metric the identity classifier sees, features.Standardizer): per-dim
     standardised distances are dominated by the directions in which one person's images vary
     anyway. It needs only "these images are the same person", and is what makes the aggregate
     better for identity.
   - shrinkage: var(log c) pulls confidences toward equal weights (the plain mean) and
     (mean log c)^2 pins their overall scale (the aggregate is invariant to it).
 All terms are ratios to the plain mean's value on the same batch, so < 1 beats the mean.
-benchmarks/cnet_identity_proxy.py measures the effect on Yale identity (nearest class mean).
+benchmarks/cnet_identity_proxy.py measures the effect on identity (nearest class mean).
 """
 
 from __future__ import annotations
@@ -26,7 +26,8 @@ import numpy as np
 import torch
 
 from facedist.models.cnet import aggregate_identity
-from facedist.training.data import CoefficientData, within_class_whitening
+from facedist.features import within_class_whitening
+from facedist.training.data import CoefficientData
 from facedist.training.geometry import KeypointBasis, fit_affine_cameras, interocular, project
 
 
@@ -34,15 +35,15 @@ from facedist.training.geometry import KeypointBasis, fit_affine_cameras, intero
 class CNetSets:
     """Per-image tensors for C-Net training; group holds a person id per image (int)."""
 
-    alpha: torch.Tensor      # (N, D)
-    beta: torch.Tensor       # (N, E)
+    id_coeffs: torch.Tensor  # (N, D)
+    exp_coeffs: torch.Tensor # (N, E)
     quality: torch.Tensor    # (N, Q) standardised
     cameras: torch.Tensor    # (N, 4, 2)
     detected: torch.Tensor   # (N, 68, 2)
     iod: torch.Tensor        # (N,)
     group: np.ndarray        # (N,) int
-    metric: torch.Tensor     # (D, D) within-set whitening of alpha (identity distances)
-    alpha_true: torch.Tensor | None = None
+    metric: torch.Tensor     # (D, D) within-set whitening of id_coeffs (identity distances)
+    true_id_coeffs: torch.Tensor | None = None
 
     def __len__(self) -> int:
         return len(self.group)
@@ -58,25 +59,25 @@ class CNetSets:
 
 
 def prepare_sets(data: CoefficientData, basis: KeypointBasis, quality_norm, *,
-                 alpha_true: np.ndarray | None = None) -> CNetSets:
+                 true_id_coeffs: np.ndarray | None = None) -> CNetSets:
     """Cameras come from each image's own coefficients fitted to its reprojected landmarks
     (``landmarks_fit``; detected ones where the fit is missing). Images without detected
     landmarks cannot supervise and are dropped."""
     keep = np.isfinite(data.landmarks).all(axis=(1, 2))
-    own = basis.points(data.alpha[keep], data.beta[keep])
+    own = basis.points(data.id_coeffs[keep], data.exp_coeffs[keep])
     target = np.where(np.isfinite(data.landmarks_fit[keep]).all(axis=(1, 2))[:, None, None],
                       data.landmarks_fit[keep], data.landmarks[keep])
     cameras, _ = fit_affine_cameras(own, target)
     detected = data.landmarks[keep]
     _, group = np.unique(data.subject[keep].astype(str), return_inverse=True)
-    alpha = data.alpha[keep]
-    metric = within_class_whitening(alpha, group) if len(alpha) else np.eye(alpha.shape[1], dtype=np.float32)
+    id_coeffs = data.id_coeffs[keep]
+    metric = within_class_whitening(id_coeffs, group) if len(id_coeffs) else np.eye(id_coeffs.shape[1], dtype=np.float32)
     return CNetSets(
-        alpha=torch.as_tensor(alpha), beta=torch.as_tensor(data.beta[keep]),
+        id_coeffs=torch.as_tensor(id_coeffs), exp_coeffs=torch.as_tensor(data.exp_coeffs[keep]),
         quality=torch.as_tensor(quality_norm(data.quality[keep])), cameras=torch.as_tensor(cameras),
         detected=torch.as_tensor(detected), iod=torch.as_tensor(np.maximum(interocular(detected), 1.0)),
         group=group, metric=torch.as_tensor(metric),
-        alpha_true=None if alpha_true is None else torch.as_tensor(alpha_true[keep]))
+        true_id_coeffs=None if true_id_coeffs is None else torch.as_tensor(true_id_coeffs[keep]))
 
 
 def sample_sets(sets: CNetSets, groups: np.ndarray, set_size: int, rng: np.random.Generator
@@ -90,25 +91,25 @@ def sample_sets(sets: CNetSets, groups: np.ndarray, set_size: int, rng: np.rando
         index[row, : len(chosen)] = chosen
         index[row, len(chosen):] = chosen[0]
         mask[row, : len(chosen)] = True
-    device = sets.alpha.device  # where the sets live (the training device)
+    device = sets.id_coeffs.device  # where the sets live (the training device)
     return torch.as_tensor(index, device=device), torch.as_tensor(mask, device=device)
 
 
-def leave_one_out(alpha: torch.Tensor, weight: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """agg_{S \\ j} for every j: (B, S, D) from alpha, weight (B, S, D), mask (B, S)."""
+def leave_one_out(id_coeffs: torch.Tensor, weight: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """agg_{S \\ j} for every j: (B, S, D) from id_coeffs, weight (B, S, D), mask (B, S)."""
     weight = weight * mask.unsqueeze(-1)
-    total = (weight * alpha).sum(1, keepdim=True)
+    total = (weight * id_coeffs).sum(1, keepdim=True)
     norm = weight.sum(1, keepdim=True)
-    return (total - weight * alpha) / (norm - weight).clamp_min(1e-8)
+    return (total - weight * id_coeffs) / (norm - weight).clamp_min(1e-8)
 
 
 def loo_landmark_error(sets: CNetSets, basis_t, index: torch.Tensor, mask: torch.Tensor,
                        confidence: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-image leave-one-out mean squared landmark error / iod^2, (B, S), and which count."""
-    alpha = sets.alpha[index]
-    weight = torch.ones_like(alpha) if confidence is None else confidence
-    loo = leave_one_out(alpha, weight, mask)
-    points = basis_t(loo, sets.beta[index])
+    id_coeffs = sets.id_coeffs[index]
+    weight = torch.ones_like(id_coeffs) if confidence is None else confidence
+    loo = leave_one_out(id_coeffs, weight, mask)
+    points = basis_t(loo, sets.exp_coeffs[index])
     predicted = project(points, sets.cameras[index])
     # Squared error: detector noise then adds a constant instead of drowning the gradient.
     error = (predicted - sets.detected[index]).pow(2).sum(-1).mean(-1) / sets.iod[index] ** 2
@@ -123,15 +124,15 @@ class CNetLossConfig:
     consistency_weight: float = 1.0  # half-set identity consistency (see consistency_ratio)
 
 
-def consistency_ratio(alpha: torch.Tensor, confidence: torch.Tensor, mask: torch.Tensor,
+def consistency_ratio(id_coeffs: torch.Tensor, confidence: torch.Tensor, mask: torch.Tensor,
                       metric: torch.Tensor) -> torch.Tensor:
     """Split every set into two disjoint halves (its even / odd members), aggregate each half and
     return mean squared distance between the halves of the same set divided by the mean over
     halves of different sets (distances after ``metric``, (D, D)). Uses only set membership."""
     half = torch.zeros_like(mask)
     half[:, 1::2] = True   # sample_sets draws members in random order, so this is a random split
-    a = aggregate_identity(alpha, confidence, mask & ~half) @ metric
-    b = aggregate_identity(alpha, confidence, mask & half) @ metric
+    a = aggregate_identity(id_coeffs, confidence, mask & ~half) @ metric
+    b = aggregate_identity(id_coeffs, confidence, mask & half) @ metric
     ok = (mask & ~half).any(1) & (mask & half).any(1)   # sets of one image have no halves
     a, b = a[ok], b[ok]
     dist = torch.cdist(a, b).pow(2)
@@ -155,10 +156,10 @@ def cnet_loss(cnet, sets: CNetSets, basis_t, index, mask, config: CNetLossConfig
     log_c = torch.log(confidence)[mask]
     loss = data_term + config.scale_weight * log_c.mean() ** 2 + config.spread_weight * log_c.var()
     if config.consistency_weight:
-        alpha = sets.alpha[index]
+        id_coeffs = sets.id_coeffs[index]
         with torch.no_grad():
-            base = consistency_ratio(alpha, torch.ones_like(alpha), mask, sets.metric)
-        loss = loss + config.consistency_weight * consistency_ratio(alpha, confidence, mask, sets.metric) / base
+            base = consistency_ratio(id_coeffs, torch.ones_like(id_coeffs), mask, sets.metric)
+        loss = loss + config.consistency_weight * consistency_ratio(id_coeffs, confidence, mask, sets.metric) / base
     return loss, data_term.detach()
 
 
@@ -178,12 +179,12 @@ def evaluate_sets(cnet, sets: CNetSets, basis_t, *, set_size: int = 3, repeats: 
         for name, conf in (("cnet", confidence), ("mean", None)):
             error, valid = loo_landmark_error(sets, basis_t, index, mask, conf)
             sums[f"loo_{name}"] += float((error * valid).sum())
-            if sets.alpha_true is not None:
-                agg = aggregate_identity(sets.alpha[index], conf, mask)
-                truth = sets.alpha_true[index[:, 0]]
+            if sets.true_id_coeffs is not None:
+                agg = aggregate_identity(sets.id_coeffs[index], conf, mask)
+                truth = sets.true_id_coeffs[index[:, 0]]
                 sums[f"truth_{name}"] += float((agg - truth).norm(dim=-1).sum())
         sums["loo_count"] += float(valid.sum())
-        sums["truth_count"] += float(len(groups)) if sets.alpha_true is not None else 0.0
+        sums["truth_count"] += float(len(groups)) if sets.true_id_coeffs is not None else 0.0
     return sums
 
 

@@ -13,7 +13,7 @@ import pyarrow as pa
 
 import pyarrow.compute as pc
 
-from facedist.recognition import Standardizer, quality_matrix, quality_vector, within_class_whitening  # noqa: F401
+from facedist.features import QUALITY_SCALARS, quality_matrix
 from facedist.schema import COLUMNS, INPUT_GROUPS, STATUS_OK, CoefficientLayout, layout_from_schema
 
 @dataclass
@@ -24,9 +24,9 @@ class CoefficientData:
     subject: np.ndarray            # object arrays of str or None
     expression: np.ndarray
     gender: np.ndarray
-    alpha: np.ndarray              # (N, n_id)
-    beta: np.ndarray               # (N, n_exp)
-    quality: np.ndarray            # (N, Q), see quality_vector
+    id_coeffs: np.ndarray          # (N, n_id)
+    exp_coeffs: np.ndarray         # (N, n_exp)
+    quality: np.ndarray            # (N, Q), see features.quality_vector
     landmarks: np.ndarray          # (N, 68, 2) detected; NaN where missing
     landmarks_fit: np.ndarray      # (N, 68, 2); NaN where missing
     box: np.ndarray                # (N, 4); NaN where missing
@@ -35,7 +35,7 @@ class CoefficientData:
     skipped: int = 0               # rows not usable (error / no face / missing coefficients)
     extra: dict = field(default_factory=dict)
     texture: np.ndarray | None = None  # (N, K, 4) uint8 RGBA samples (facedist.texture), if the table has them
-    tex: np.ndarray | None = None      # (N, n_tex) tex_coeffs, if every usable row has them
+    tex_coeffs: np.ndarray | None = None  # (N, n_tex), if every usable row has them
     # Other descriptor groups (schema.INPUT_GROUPS beyond id / exp / tex / feature), by group name,
     # where every usable row has them.
     groups: dict = field(default_factory=dict)
@@ -47,10 +47,10 @@ class CoefficientData:
         index = np.asarray(index)
         take = lambda a: a[index]  # noqa: E731
         return CoefficientData(take(self.path), take(self.subject), take(self.expression), take(self.gender),
-                               take(self.alpha), take(self.beta), take(self.quality), take(self.landmarks),
+                               take(self.id_coeffs), take(self.exp_coeffs), take(self.quality), take(self.landmarks),
                                take(self.landmarks_fit), take(self.box), self.layout, self.n_feature,
                                texture=None if self.texture is None else take(self.texture),
-                               tex=None if self.tex is None else take(self.tex),
+                               tex_coeffs=None if self.tex_coeffs is None else take(self.tex_coeffs),
                                groups={k: take(v) for k, v in self.groups.items()})
 
     def labels(self, column: str) -> np.ndarray:
@@ -58,14 +58,12 @@ class CoefficientData:
 
     def group(self, name: str) -> np.ndarray | None:
         """One descriptor group's (N, D) array, None where the table lacks it."""
-        from facedist.recognition import QUALITY_SCALARS
-
         if name == "id":
-            return self.alpha
+            return self.id_coeffs
         if name == "exp":
-            return self.beta
+            return self.exp_coeffs
         if name == "tex":
-            return self.tex
+            return self.tex_coeffs
         if name == "feature":
             return self.quality[:, len(QUALITY_SCALARS):] if self.n_feature else None
         return self.groups.get(name)
@@ -164,10 +162,10 @@ def table_to_data(table: pa.Table, n_feature: int | None = None) -> CoefficientD
     if layout.n_texture_vertices and "texture" in table.column_names:
         texture = _fixed_rows(table.column("texture"), rows, 4 * layout.n_texture_vertices, np.uint8, 0
                               ).reshape(len(rows), layout.n_texture_vertices, 4)
-    tex = None
+    tex_coeffs = None
     if layout.n_tex and "tex_coeffs" in table.column_names \
             and (_list_lengths(table.column("tex_coeffs"))[rows] == layout.n_tex).all():
-        tex = _fixed_rows(table.column("tex_coeffs"), rows, layout.n_tex)
+        tex_coeffs = _fixed_rows(table.column("tex_coeffs"), rows, layout.n_tex)
     groups = {}
     for name, column in INPUT_GROUPS.items():
         if name in ("id", "exp", "tex", "feature") or column not in table.column_names:
@@ -178,10 +176,11 @@ def table_to_data(table: pa.Table, n_feature: int | None = None) -> CoefficientD
     box = (_fixed_rows(table.column("box"), rows, 4) if "box" in table.column_names
            else np.full((len(rows), 4), np.nan, np.float32))
     return CoefficientData(
-        texture=texture, tex=tex, groups=groups, path=_strings(table, "path", rows),
+        texture=texture, tex_coeffs=tex_coeffs, groups=groups, path=_strings(table, "path", rows),
         subject=_strings(table, "subject", rows), expression=_strings(table, "expression", rows),
         gender=_strings(table, "gender", rows),
-        alpha=_fixed_rows(table.column("id_coeffs"), rows, n_id), beta=_fixed_rows(table.column("exp_coeffs"), rows, n_exp),
+        id_coeffs=_fixed_rows(table.column("id_coeffs"), rows, n_id),
+        exp_coeffs=_fixed_rows(table.column("exp_coeffs"), rows, n_exp),
         quality=quality, landmarks=points("landmarks"), landmarks_fit=points("landmarks_fit"), box=box, layout=layout,
         n_feature=n_feature, skipped=table.num_rows - len(rows))
 

@@ -49,7 +49,7 @@ def _worker_loop(loop_config: dict) -> None:
 
     from facedist.training.data import TRAINING_COLUMNS, load_data
     from facedist.training.engine import fit, load_trainer_state
-    from facedist.training.registry import make_task
+    from facedist.training.task_registry import make_task
 
     os.environ.update(loop_config.pop("_env", {}))
     config = TrainConfig(**loop_config)

@@ -52,8 +52,8 @@ class TrainConfig:
     # combinations (at least 4 per person); None or 0: no bound. Keeps a report on a large table short.
     max_combos_per_epoch: int | None = None
     cnet: str | None = None                     # C-Net bundle dir for identity aggregation
-    # "mean" | "cnet" (needs --cnet). The mean by default: C-Net did not beat it on sets with
-    # degraded photos over 5 seeds (benchmarks/cnet_degraded.py, docs/results/cnet_degraded).
+    # "mean" | "cnet" (needs --cnet). The mean by default; why: docs/results/cnet_degraded
+    # (benchmarks/cnet_degraded.py).
     aggregate: str = "mean"
     input_norm: str = "within_class"            # classifier inputs: "within_class" whitening | "standard"
     # The descriptor groups a classifier reads side by side (schema.INPUT_GROUPS: id, exp, tex,
@@ -132,9 +132,9 @@ def lr_lambda(config: TrainConfig) -> Callable[[int], float]:
 
 
 def make_optimizer(model: torch.nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
-    """AdamW, fused where this torch has it for the model's device (one kernel for all
-    parameters: 10% off a 1-D ResNet-34 step on CPU, where the update of 7M parameters is a fifth
-    of the step)."""
+    """AdamW, fused where this torch has it for the model's device: one kernel for all
+    parameters, since on CPU the update of a 1-D ResNet-34's 7M parameters is a large part of a
+    step."""
     try:
         return torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay, fused=True)
     except (RuntimeError, TypeError):

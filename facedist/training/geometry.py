@@ -2,7 +2,7 @@
 
 C-Net's weak supervision compares landmarks predicted from an *aggregated* identity with each
 image's detected landmarks, so it needs the basis at the 68 keypoints in torch:
-    X(alpha, beta) = u + W_id alpha + W_exp beta          (68, 3), model units
+    X(α, β) = u + W_id α + W_exp β          (68, 3), model units
 and a camera per image. 3DDFA's camera is affine (scaled rotation rows + translation, z dropped,
 then the crop-to-image similarity), so we recover each image's camera in closed form by least
 squares from its *own* coefficients to its reprojected landmarks (``landmarks_fit``): it is
@@ -40,7 +40,7 @@ class KeypointBasis:
         """The 68-keypoint rows of a facedist.morphable.MorphableModel (x, y, z interleaved)."""
         n = model.keypoints.size
         return cls(model.lm_mean.reshape(n, 3).astype(np.float32),
-                   model.lm_shape_basis.reshape(n, 3, -1).astype(np.float32),
+                   model.lm_id_basis.reshape(n, 3, -1).astype(np.float32),
                    model.lm_exp_basis.reshape(n, 3, -1).astype(np.float32))
 
     @classmethod
@@ -50,17 +50,17 @@ class KeypointBasis:
 
         return cls.from_morphable(MorphableModel.from_tddfa())
 
-    def points(self, alpha: np.ndarray, beta: np.ndarray) -> np.ndarray:
+    def points(self, id_coeffs: np.ndarray, exp_coeffs: np.ndarray) -> np.ndarray:
         """(..., n_id), (..., n_exp) -> (..., 68, 3)."""
-        return (self.mean + np.einsum("kcd,...d->...kc", self.w_id, alpha)
-                + np.einsum("kcd,...d->...kc", self.w_exp, beta)).astype(np.float32)
+        return (self.mean + np.einsum("kcd,...d->...kc", self.w_id, id_coeffs)
+                + np.einsum("kcd,...d->...kc", self.w_exp, exp_coeffs)).astype(np.float32)
 
     def torch(self, device: str | torch.device = "cpu") -> "TorchKeypointBasis":
         return TorchKeypointBasis(self, device)
 
 
 class TorchKeypointBasis(torch.nn.Module):
-    """The same basis as buffers (moves with .to(device), differentiable in alpha/beta)."""
+    """The same basis as buffers (moves with .to(device), differentiable in id_coeffs / exp_coeffs)."""
 
     def __init__(self, basis: KeypointBasis, device: str | torch.device = "cpu"):
         super().__init__()
@@ -68,9 +68,9 @@ class TorchKeypointBasis(torch.nn.Module):
         self.register_buffer("w_id", torch.as_tensor(basis.w_id, device=device))
         self.register_buffer("w_exp", torch.as_tensor(basis.w_exp, device=device))
 
-    def forward(self, alpha: torch.Tensor, beta: torch.Tensor) -> torch.Tensor:
-        return (self.mean + torch.einsum("kcd,...d->...kc", self.w_id, alpha)
-                + torch.einsum("kcd,...d->...kc", self.w_exp, beta))
+    def forward(self, id_coeffs: torch.Tensor, exp_coeffs: torch.Tensor) -> torch.Tensor:
+        return (self.mean + torch.einsum("kcd,...d->...kc", self.w_id, id_coeffs)
+                + torch.einsum("kcd,...d->...kc", self.w_exp, exp_coeffs))
 
 
 def homogeneous(points3d: np.ndarray) -> np.ndarray:

@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import fields
 
 from facedist.training.engine import TrainConfig
-from facedist.training.registry import TASKS
+from facedist.training.task_registry import TASKS
 
 TASK_PRESETS: dict[str, dict] = {
     # C-Net: small sets sampled per step; its loss is noisy, so a higher rate and short patience.

@@ -1,7 +1,7 @@
 """Synthetic image sets from the morphable model, with a known identity and view-dependent noise.
 
-Each person has a true identity alpha*; each of their images has its own expression and pose and
-an identity estimate alpha_i = alpha* + noise whose size grows with |yaw| and with a per-image
+Each person has a true identity α*; each of their images has its own expression and pose and
+an identity estimate α_i = α* + noise whose size grows with |yaw| and with a per-image
 "blur" (a hidden quality), differently per dimension, the way a regressor's errors do. The
 extractor-side columns are simulated consistently: detected landmarks come from the *true* face
 (plus pixel noise), ``landmarks_fit`` from the noisy estimate under the same camera, and the
@@ -45,16 +45,16 @@ def _tddfa_prior(n_id: int, n_exp: int) -> tuple[np.ndarray, np.ndarray]:
 
 
 def make_synthetic(config: SyntheticConfig = SyntheticConfig(), basis: KeypointBasis | None = None) -> dict:
-    """Arrays for every image: subject (int), alpha_true, alpha (noisy), beta, yaw/pitch/roll,
+    """Arrays for every image: subject (int), true_id_coeffs, id_coeffs (noisy), exp_coeffs, yaw/pitch/roll,
     det_score, landmarks (detected, 68x2), landmarks_fit, landmark_error, feature, gender."""
     basis = basis or KeypointBasis.tddfa()
     rng = np.random.default_rng(config.seed)
     std_id, std_exp = _tddfa_prior(basis.n_id, basis.n_exp)
     n = config.n_people * config.images_per_person
     subject = np.repeat(np.arange(config.n_people), config.images_per_person)
-    alpha_person = rng.standard_normal((config.n_people, basis.n_id)) * std_id
-    alpha_true = alpha_person[subject]
-    beta = rng.standard_normal((n, basis.n_exp)) * std_exp * 0.7
+    id_person = rng.standard_normal((config.n_people, basis.n_id)) * std_id
+    true_id_coeffs = id_person[subject]
+    exp_coeffs = rng.standard_normal((n, basis.n_exp)) * std_exp * 0.7
     yaw = rng.uniform(-config.max_yaw, config.max_yaw, n)
     pitch = rng.normal(0, 8, n)
     roll = rng.normal(0, 5, n)
@@ -67,14 +67,14 @@ def make_synthetic(config: SyntheticConfig = SyntheticConfig(), basis: KeypointB
     view_gain = np.where(dims % 2 == 1, 1.0, 0.35) * side
     blur_gain = (0.3 + 0.7 * dims / max(basis.n_id - 1, 1)) * blur[:, None]
     sigma = config.noise * (0.08 + view_gain + 1.2 * blur_gain)
-    alpha = alpha_true + rng.standard_normal((n, basis.n_id)) * sigma * std_id
+    id_coeffs = true_id_coeffs + rng.standard_normal((n, basis.n_id)) * sigma * std_id
 
     mean_width = np.ptp(basis.mean[:, 0])
     scale = config.face_width_px / mean_width * rng.uniform(0.8, 1.2, n)
     cams = np.stack([camera_from_pose(yaw[i], pitch[i], roll[i], scale[i], 160 + rng.normal(0, 10),
                                       120 + rng.normal(0, 10)) for i in range(n)])
-    true_pts = np.einsum("nki,nij->nkj", homogeneous(basis.points(alpha_true, beta).astype(np.float64)), cams)
-    fit_pts = np.einsum("nki,nij->nkj", homogeneous(basis.points(alpha, beta).astype(np.float64)), cams)
+    true_pts = np.einsum("nki,nij->nkj", homogeneous(basis.points(true_id_coeffs, exp_coeffs).astype(np.float64)), cams)
+    fit_pts = np.einsum("nki,nij->nkj", homogeneous(basis.points(id_coeffs, exp_coeffs).astype(np.float64)), cams)
     px_noise = config.landmark_noise_px * (1 + 2 * blur)[:, None, None]
     detected = true_pts + rng.standard_normal(true_pts.shape) * px_noise
     iod = interocular(detected)
@@ -86,10 +86,10 @@ def make_synthetic(config: SyntheticConfig = SyntheticConfig(), basis: KeypointB
     feature += 0.3 * rng.standard_normal(feature.shape)
     # Gender as a fixed function of identity (for labelled test tables only).
     gender_axis = rng.standard_normal(basis.n_id)
-    gender = np.where((alpha_person / std_id) @ gender_axis > 0, "male", "female")[subject]
+    gender = np.where((id_person / std_id) @ gender_axis > 0, "male", "female")[subject]
     return {
-        "subject": subject, "alpha_true": alpha_true.astype(np.float32), "alpha": alpha.astype(np.float32),
-        "beta": beta.astype(np.float32), "yaw": yaw.astype(np.float32), "pitch": pitch.astype(np.float32),
+        "subject": subject, "true_id_coeffs": true_id_coeffs.astype(np.float32), "id_coeffs": id_coeffs.astype(np.float32),
+        "exp_coeffs": exp_coeffs.astype(np.float32), "yaw": yaw.astype(np.float32), "pitch": pitch.astype(np.float32),
         "roll": roll.astype(np.float32), "scale": scale.astype(np.float32),
         "det_score": det_score.astype(np.float32), "landmarks": detected.astype(np.float32),
         "landmarks_fit": fit_pts.astype(np.float32), "landmark_error": landmark_error.astype(np.float32),
@@ -102,7 +102,7 @@ def synthetic_table(config: SyntheticConfig = SyntheticConfig(), *, expressions:
                     basis: KeypointBasis | None = None):
     """The synthetic set as a coefficients table (facedist.schema), for end-to-end tests.
 
-    With ``expressions``, each image's expression label is drawn from them and its beta moved
+    With ``expressions``, each image's expression label is drawn from them and its exp_coeffs moved
     along a label-specific direction, so an expression classifier has something to learn."""
     basis = basis or KeypointBasis.tddfa()
     data = make_synthetic(config, basis)
@@ -113,7 +113,7 @@ def synthetic_table(config: SyntheticConfig = SyntheticConfig(), *, expressions:
         _, std_exp = _tddfa_prior(basis.n_id, basis.n_exp)
         codes = rng.integers(0, len(expressions), n)
         directions = rng.standard_normal((len(expressions), basis.n_exp)) * std_exp
-        data["beta"] = (data["beta"] * 0.5 + directions[codes]).astype(np.float32)
+        data["exp_coeffs"] = (data["exp_coeffs"] * 0.5 + directions[codes]).astype(np.float32)
         labels = [expressions[c] for c in codes]
     layout = CoefficientLayout(backend="synthetic", n_id=basis.n_id, n_exp=basis.n_exp,
                                n_feature=config.n_feature, model_name="tddfa_bfm")
@@ -125,8 +125,8 @@ def synthetic_table(config: SyntheticConfig = SyntheticConfig(), *, expressions:
             "gender": str(data["gender"][i]), "width": 320, "height": 240, "num_faces": 1,
             "det_score": float(data["det_score"][i]), "landmarks": data["landmarks"][i].ravel().tolist(),
             "landmarks_fit": data["landmarks_fit"][i].ravel().tolist(),
-            "landmark_error": float(data["landmark_error"][i]), "id_coeffs": data["alpha"][i].tolist(),
-            "exp_coeffs": data["beta"][i].tolist(), "yaw": float(data["yaw"][i]),
+            "landmark_error": float(data["landmark_error"][i]), "id_coeffs": data["id_coeffs"][i].tolist(),
+            "exp_coeffs": data["exp_coeffs"][i].tolist(), "yaw": float(data["yaw"][i]),
             "pitch": float(data["pitch"][i]), "roll": float(data["roll"][i]),
             "scale": float(data["scale"][i]), "feature": data["feature"][i].tolist(), "backend": "synthetic",
         })

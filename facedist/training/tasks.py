@@ -12,7 +12,7 @@
 A classifier's input is a descriptor: the groups of ``config.inputs`` side by side (id, exp,
 tex, feature, ...; schema.INPUT_GROUPS). Its head is the paper's 1-D ResNet (34 for identity and
 gender, 32 for expression), a linear layer or a small MLP (``config.head``). Inputs are whitened
-within class on the training split (``input_norm``, see data.Standardizer), and the whitening,
+within class on the training split (``input_norm``, see features.Standardizer), and the whitening,
 the groups and the head travel in the bundle with the weights.
 """
 
@@ -22,12 +22,11 @@ import numpy as np
 import torch
 from torch.nn import functional as F
 
+from facedist.features import Standardizer
 from facedist.models.cnet import CNetConfig, aggregate_identity, confidence_weights
 from facedist.models.registry import create_model
 from facedist.training.bundle import make_bundle
-from facedist.training.data import (CoefficientData, Standardizer, combos_per_subject, encode_labels,
-                                    group_combinations,
-                                    image_folds)
+from facedist.training.data import CoefficientData, combos_per_subject, encode_labels, group_combinations, image_folds
 from facedist.training.engine import TrainConfig
 
 COEFFICIENT_TASKS = ("identity", "expression", "gender")
@@ -335,16 +334,16 @@ class CNetTask:
 
     monitor = ("loo_error_cnet", "min")
 
-    def __init__(self, config: TrainConfig, data: CoefficientData, basis=None, alpha_true: np.ndarray | None = None,
+    def __init__(self, config: TrainConfig, data: CoefficientData, basis=None, true_id_coeffs: np.ndarray | None = None,
                  split: str = "image", model_overrides: dict | None = None, loss_config=None):
         from facedist.training.cnet import CNetLossConfig, prepare_sets
         from facedist.training.geometry import KeypointBasis
 
         self.config = config
         self.basis = basis or KeypointBasis.tddfa()
-        if self.basis.n_id != data.alpha.shape[1]:
+        if self.basis.n_id != data.id_coeffs.shape[1]:
             raise ValueError(f"the keypoint basis has {self.basis.n_id} identity dims, the table "
-                             f"{data.alpha.shape[1]}: C-Net needs the backend's basis")
+                             f"{data.id_coeffs.shape[1]}: C-Net needs the backend's basis")
         if split == "image":   # the same folds as the identity task: C-Net never sees validation images
             folds = image_folds(data.subject, config.folds, config.seed)
         else:                  # split by person (new people at validation)
@@ -353,13 +352,13 @@ class CNetTask:
             folds = np.array([fold_of[s] for s in data.subject.astype(str)])
         train_idx, val_idx = np.flatnonzero(folds != config.fold), np.flatnonzero(folds == config.fold)
         self.norm = Standardizer.fit(data.quality[train_idx])
-        truth = (lambda idx: None if alpha_true is None else alpha_true[idx])
-        self.train_sets = prepare_sets(data.subset(train_idx), self.basis, self.norm, alpha_true=truth(train_idx))
-        self.val_sets = prepare_sets(data.subset(val_idx), self.basis, self.norm, alpha_true=truth(val_idx))
+        truth = (lambda idx: None if true_id_coeffs is None else true_id_coeffs[idx])
+        self.train_sets = prepare_sets(data.subset(train_idx), self.basis, self.norm, true_id_coeffs=truth(train_idx))
+        self.val_sets = prepare_sets(data.subset(val_idx), self.basis, self.norm, true_id_coeffs=truth(val_idx))
         self.basis_t = self.basis.torch()
         self.device = torch.device("cpu")  # where the sets and basis_t live
         self.layout_json = data.layout.to_json()
-        self.model_config = CNetConfig(input_dim=data.quality.shape[1], n_id=data.alpha.shape[1],
+        self.model_config = CNetConfig(input_dim=data.quality.shape[1], n_id=data.id_coeffs.shape[1],
                                        **(model_overrides or {})).to_dict()
         self.loss_config = loss_config or CNetLossConfig()
         self.n_feature = data.n_feature

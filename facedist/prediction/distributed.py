@@ -1,12 +1,12 @@
-"""`facedist predict` on Ray Data: the thin adapter around facedist.prediction's row functions.
+"""`facedist predict` on Ray Data: the thin adapter around facedist.prediction.rows' row functions.
 
     images?  an input that is not a coefficients table is extracted first, by the extraction job
-             itself (facedist.ray_extract, resumable) into OUT/_coefficients, then predicted
+             itself (facedist.extraction.distributed, resumable) into OUT/_coefficients, then predicted
     groups:  with --group-by, one identity per group: groupby + map_groups over the table (an
              actor pool, models loaded once per actor); one small row per group to the driver
     rows:    read the table's parts (only the columns the models read) -> actor pool (models
              loaded once per actor), batches of rows -> one Parquet part per batch
-    driver:  counts statuses as parts land (progress bar) -> pipeline.summarize writes _summary.json
+    driver:  counts statuses as parts land (progress bar) -> extraction.output.summarize writes _summary.json
 
 Rows in = rows out: every row of the table yields one prediction row (an error row keeps its
 status and message). Rows already in the output (path + content_hash) are skipped, and parts are
@@ -28,12 +28,10 @@ from dataclasses import asdict
 import pyarrow as pa
 
 from facedist import SettingsError, runtime, storage
-from facedist.pipeline import finished_keys, remove_set_aside, set_aside, summarize
-from facedist.prediction import (PredictConfig, check_output_settings, group_identity, needed_columns,
-                                 predict_rows, prediction_settings, rows_from_arrow, table_layout, table_parts,
-                                 table_rows)
+from facedist.extraction.output import finished_keys, remove_set_aside, set_aside, summarize
+from facedist.prediction.rows import PredictConfig, check_output_settings, group_identity, needed_columns, predict_rows, prediction_settings, rows_from_arrow, table_layout, table_parts, table_rows
 from facedist.progress import progress_bar
-from facedist.ray_extract import SKIPPED, RayExtractConfig, part_name, plan_resources, run_ray_extraction
+from facedist.extraction.distributed import RayExtractConfig, SKIPPED, part_name, plan_resources, run_ray_extraction
 from facedist.recognition import Recognizer, check_layouts
 from facedist.schema import STATUS_ERROR, STATUSES, predictions_to_table
 

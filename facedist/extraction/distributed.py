@@ -1,11 +1,11 @@
-"""The extraction job on Ray Data: the thin adapter around facedist.pipeline's row functions.
+"""The extraction job on Ray Data: the thin adapter around facedist.extraction.rows' row functions.
 
 Stages (streamed, so millions of inputs never sit in memory at once):
 
     driver:  list inputs (prefix or manifest) -> records -> ray.data.from_items
     tasks:   read_row + content hash -> mark rows already in the output (resume) -> decode_row
     actors:  extract_rows (models loaded once per actor) -> one Parquet part per batch
-    driver:  count statuses as parts land -> pipeline.summarize writes _summary.json
+    driver:  count statuses as parts land -> output.summarize writes _summary.json
 
 Parts are named after the batch's (path, hash) keys, so a batch that is retried after its actor
 died rewrites the same part instead of adding a second copy: rows in = rows out, exactly.
@@ -29,8 +29,9 @@ import numpy as np
 import pyarrow as pa
 
 from facedist import runtime, storage
-from facedist.pipeline import (PART_PREFIX, ExtractConfig, decode_row, discover_records, extract_rows,
-                               prepare_output, read_row, record_row, remove_set_aside, summarize, write_previews)
+from facedist.extraction.config import ExtractConfig
+from facedist.extraction.output import PART_PREFIX, prepare_output, remove_set_aside, summarize, write_previews
+from facedist.extraction.rows import decode_row, discover_records, extract_rows, read_row, record_row
 from facedist.extractors.base import Extractor
 from facedist.progress import progress_bar
 from facedist.schema import LABEL_COLUMNS, STATUS_ERROR, STATUSES, rows_to_table
@@ -79,7 +80,7 @@ class RayExtractConfig:
 
 def read_decode_batch(batch: pa.Table, *, options: storage.S3Options | None, max_side: int,
                       done: frozenset) -> pa.Table:
-    """pipeline.read_row + decode_row over a block. Rows already in the output (same path and
+    """rows.read_row + decode_row over a block. Rows already in the output (same path and
     content hash) are marked SKIPPED and carry no pixels."""
     before = storage.stats_snapshot()
     columns: dict[str, list] = {name: [] for name in DECODED_SCHEMA.names}

@@ -30,7 +30,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from facedist.training.data import CoefficientData, encode_labels, within_class_whitening
+from facedist.features import within_class_whitening
+from facedist.training.data import CoefficientData, encode_labels
 
 PROBE_DIMS = 80          # identity metric: inputs wider than this are PCA-reduced (on the training rows) first
 PROBE_L2 = 1e-3          # logistic regression's weight decay, on inputs of unit total variance
@@ -117,24 +118,24 @@ def identity_matches(x: np.ndarray, subjects: np.ndarray, train: np.ndarray, gal
 
 def fold_descriptors(data: CoefficientData, train: np.ndarray, pixels: np.ndarray | None) -> dict[str, np.ndarray]:
     """Every descriptor for all rows, scaled by `unit_total_variance` on `train`, with whatever it
-    learns (the texture basis) from `train` alone. A pair ("beta+tau") is its two descriptors side
+    learns (the texture basis) from `train` alone. A pair ("exp+tex") is its two descriptors side
     by side, each scaled alone, so in the probes neither drowns the other by its number of
     dimensions (the identity metric re-standardises and whitens, which undoes that balance)."""
-    from facedist.recognition import QUALITY_SCALARS
+    from facedist.features import QUALITY_SCALARS
 
-    out = {"alpha": unit_total_variance(data.alpha, train), "beta": unit_total_variance(data.beta, train)}
+    out = {"id": unit_total_variance(data.id_coeffs, train), "exp": unit_total_variance(data.exp_coeffs, train)}
     if data.texture is not None:
         from facedist.texture import TextureBasis
 
         basis = TextureBasis.fit(data.texture[train], data.layout.texture.split("+")[0])
-        out["tau_raw"] = basis.project(data.texture).astype(np.float32)  # the trained models' τ input
-        out["tau"] = unit_total_variance(out["tau_raw"], train)
+        out["tex_raw"] = basis.project(data.texture).astype(np.float32)  # the trained models' τ input
+        out["tex"] = unit_total_variance(out["tex_raw"], train)
     if data.n_feature:
         out["feature"] = unit_total_variance(data.quality[:, len(QUALITY_SCALARS):], train)
     for name in ("emb", "expf"):  # the pretrained networks' descriptors, where the table has them
         if data.group(name) is not None:
             out[name] = unit_total_variance(data.group(name), train)
-    for a, b in (("alpha", "tau"), ("beta", "tau"), ("beta", "feature")):
+    for a, b in (("id", "tex"), ("exp", "tex"), ("exp", "feature")):
         if b in out and a in out:
             out[f"{a}+{b}"] = np.hstack([out[a], out[b]])
     if pixels is not None:
@@ -149,9 +150,9 @@ def unit_total_variance(x: np.ndarray, train: np.ndarray) -> np.ndarray:
     return (x - x[train].mean(0)) / (x[train].std(0) + 1e-6) / np.sqrt(x.shape[1])
 
 
-TASK_DESCRIPTORS = {"identity": ("alpha", "tau", "alpha+tau", "feature", "emb", "pixels"),
-                    "gender": ("alpha", "tau", "alpha+tau", "feature", "emb", "pixels"),
-                    "expression": ("beta", "tau", "beta+tau", "feature", "beta+feature", "expf", "pixels")}
+TASK_DESCRIPTORS = {"identity": ("id", "tex", "id+tex", "feature", "emb", "pixels"),
+                    "gender": ("id", "tex", "id+tex", "feature", "emb", "pixels"),
+                    "expression": ("exp", "tex", "exp+tex", "feature", "exp+feature", "expf", "pixels")}
 
 
 # The trained models' candidate inputs per task (schema.INPUT_GROUPS), each with every head;
@@ -214,7 +215,7 @@ def run_seed(data: CoefficientData, seed: int, config: PersonReportConfig, pixel
         desc = fold_descriptors(data, train, pixels)
         probes = np.setdiff1d(test, gallery_rows)
         if config.heads:
-            fold_data = replace(data, tex=desc.get("tau_raw"))  # τ from this fold's basis, as the probes
+            fold_data = replace(data, tex_coeffs=desc.get("tex_raw"))  # τ from this fold's basis, as the probes
             for task, by_row in trained_model_hits(fold_data, train, test, gallery_rows, tasks, config,
                                                    seed).items():
                 for name, (rows, hits) in by_row.items():
@@ -342,9 +343,9 @@ def _summary(values: list[float]) -> dict:
     return {"mean": float(arr.mean()), "std": float(arr.std()), "seeds": [float(v) for v in arr]}
 
 
-DESCRIPTOR_NAMES = {"alpha": "α (identity coefficients)", "beta": "β (expression coefficients)",
-                    "tau": "τ (texture coefficients)", "alpha+tau": "α + τ", "beta+tau": "β + τ",
-                    "feature": "f (the regressor's pooled feature)", "beta+feature": "β + f",
+DESCRIPTOR_NAMES = {"id": "α (identity coefficients)", "exp": "β (expression coefficients)",
+                    "tex": "τ (texture coefficients)", "id+tex": "α + τ", "exp+tex": "β + τ",
+                    "feature": "f (the regressor's pooled feature)", "exp+feature": "β + f",
                     "emb": "e (dlib's face descriptor)", "expf": "x (face-api's expression feature)",
                     "pixels": "pixels: grey 64 px crop, same probe",
                     "resnet34_images": "ResNet-34 on crops, from scratch"}

@@ -12,7 +12,7 @@ import os
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 WORKER_NODES = 2
 WORKER_CPUS = 2
 # A lost node is noticed after health_check_failure_threshold missed checks, period apart (Ray's

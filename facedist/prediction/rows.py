@@ -14,7 +14,7 @@ answers for one person's photos. Here only the table's shape is handled:
   * prediction_settings / check_output_settings: what an output was made with; a resumed run
     refuses to add rows of other models
 
-The Ray Data job around them is facedist.ray_predict.
+The Ray Data job around them is facedist.prediction.distributed.
 """
 
 from __future__ import annotations
@@ -28,8 +28,10 @@ import pyarrow.compute as pc
 import pyarrow.fs as pafs
 
 from facedist import SettingsError, storage
-from facedist.pipeline import ExtractConfig, list_parts
-from facedist.recognition import DEFAULT_TOP_K, QUALITY_COLUMNS, Recognizer, bundle_version
+from facedist.extraction.config import ExtractConfig
+from facedist.extraction.output import list_parts
+from facedist.features import QUALITY_COLUMNS
+from facedist.recognition import DEFAULT_TOP_K, Recognizer, bundle_version
 from facedist.schema import (INPUT_GROUPS, METADATA_LAYOUT_KEY, METADATA_PREDICTIONS_KEY, STATUS_OK,
                              image_outcome)
 
@@ -43,7 +45,7 @@ class PredictConfig:
     actors: int = 2                      # prediction actors (each loads the models once)
     resume: bool = True                  # skip rows already in the output (path + content_hash)
     progress: bool = True
-    # Image inputs: extraction first (facedist.ray_extract, these settings), into this table
+    # Image inputs: extraction first (facedist.extraction.distributed, these settings), into this table
     # (default OUT/_coefficients), then prediction over it.
     extract: ExtractConfig = field(default_factory=ExtractConfig)
     coefficients: str | None = None

@@ -19,12 +19,14 @@ results/
 from __future__ import annotations
 
 import json
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
+from facedist import runtime, storage
 from facedist.training.engine import TrainConfig, fit
 
 
@@ -99,9 +101,11 @@ def run_fold(data, fold: int, config: ReportConfig, crops=None, log=print, seed:
                             **paper(task), **split)
         out[task] = _row(fit(make_classifier_task(cfg, data), cfg))
         log(f"fold {fold} {task} acc={out[task]['accuracy']:.3f}")
-    # The shipped models: each task's preset (its inputs and head), where it differs from the paper's row.
+    # The shipped models: each task's preset (its inputs and head), where it differs from the paper's
+    # row; epochs as the coefficient classifiers' (`--coeff-epochs`; `facedist run --epochs` trains
+    # the shipped bundles with them too, and bundle_checks sets the two side by side).
     for task in ("identity", *tasks):
-        cfg = preset_config(task, labels=expressions if task == "expression" else None,
+        cfg = preset_config(task, epochs=config.coeff_epochs, labels=expressions if task == "expression" else None,
                             inputs=shipped_inputs(task, data.available_inputs()), **split)
         if (cfg.head, task_inputs(cfg)) == ("resnet", DEFAULT_INPUTS[task]):
             continue
@@ -133,10 +137,10 @@ def synthetic_cnet_check(seed: int = 0, epochs: int = 30) -> dict:
 
     table, truth = synthetic_table(SyntheticConfig(n_people=120, images_per_person=10, seed=seed))
     data = table_to_data(table)
-    std_id, _ = _tddfa_prior(data.alpha.shape[1], data.beta.shape[1])
+    std_id, _ = _tddfa_prior(data.id_coeffs.shape[1], data.exp_coeffs.shape[1])
     cfg = TrainConfig(task="cnet", epochs=epochs, lr=3e-3, batch_size=32, set_size=6, steps_per_epoch=10,
                       patience=8, folds=4, fold=0, seed=seed)
-    task = CNetTask(cfg, data, alpha_true=truth["alpha_true"], split="person")
+    task = CNetTask(cfg, data, true_id_coeffs=truth["true_id_coeffs"], split="person")
     result = fit(task, cfg)
     m = result.best_metrics
     scale = float(np.sqrt(np.mean(std_id ** 2)))  # report in units of the mean prior std
@@ -267,4 +271,62 @@ def write_report(config: ReportConfig, log=print, map_folds=None) -> dict:
     (out / "table3_speed.md").write_text(header + "\n".join(table3) + "\n")
     results["seconds"] = time.perf_counter() - started
     (out / "results.json").write_text(json.dumps(results, indent=2))
+    return results
+
+
+# ---- for `facedist run` and `facedist report`: where the report goes, its headline line ------
+
+def report_line(results: dict) -> str:
+    """The report's headline figures on one line (the tables hold the rest)."""
+    s = results["summary"]
+
+    def acc(key: str) -> str:
+        return f"{s[key]['accuracy']['mean']:.3f}" if key in s else "n/a"
+
+    def extra(key: str, name: str) -> str:
+        return f", {name} {acc(key)}" if key in s else ""
+
+    return (f"identity α C-Net {acc('identity_cnet')}, mean {acc('identity_mean')}"
+            f"{extra('identity_shipped', 'shipped')}{extra('image_identity', 'images')}; expression β {acc('expression')}"
+            f"{extra('expression_shipped', 'shipped')}{extra('image_expression', 'images')}"
+            + (f"; gender α {acc('gender')}{extra('gender_shipped', 'shipped')}" if "gender" in s else "")
+            + f" (accuracy, {results['folds']}-fold mean; {results['seconds']:.0f} s)")
+
+
+def report_row(task: str, aggregate: str = "mean") -> str:
+    """The report's row that measures a shipped bundle of ``task``."""
+    return {"identity": f"identity_{aggregate}"}.get(task, task)
+
+
+def bundle_checks(trained: dict, results: dict) -> dict:
+    """Each shipped classifier's validation accuracy next to the range of its report row (the
+    bundle is fold 0 of the report's first seed, trained from the same preset)."""
+    checks = {}
+    for task, summary in trained.items():
+        row = f"{task}_shipped"  # the preset's own row, where it differs from the paper's
+        if row not in results["summary"]:
+            row = report_row(task, summary.get("aggregate", "mean"))
+        accuracy = summary["best"].get("accuracy")
+        if accuracy is None or row not in results["summary"]:
+            continue
+        folds = results["summary"][row]["accuracy"]["folds"]
+        checks[task] = {"bundle": float(accuracy), "row": row, "low": min(folds), "high": max(folds), "n": len(folds)}
+    return checks
+
+
+def write_report_at(out_uri: str, config, log=None, map_folds=None) -> dict:
+    """write_report into out_uri, a local folder or an s3:// prefix (rendered in
+    a temporary folder, then uploaded). config: a ReportConfig; its `out` is replaced. The
+    per-fold lines go to runtime.details() unless log is given. map_folds: write_report's
+    (e.g. workflow.map_on_ray); None runs the folds here, one after another."""
+    from dataclasses import replace
+
+    log = log or runtime.details()
+    if not storage.is_s3(out_uri):
+        return write_report(replace(config, out=out_uri), log=log, map_folds=map_folds)
+    with tempfile.TemporaryDirectory() as local:  # the report renders locally, then goes up
+        results = write_report(replace(config, out=local), log=log, map_folds=map_folds)
+        for path in sorted(Path(local).rglob("*")):
+            if path.is_file():
+                storage.write_bytes(storage.join(out_uri, str(path.relative_to(local))), path.read_bytes())
     return results
