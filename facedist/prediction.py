@@ -31,7 +31,7 @@ from facedist import SettingsError, storage
 from facedist.pipeline import ExtractConfig, list_parts
 from facedist.recognition import DEFAULT_TOP_K, QUALITY_COLUMNS, Recognizer, bundle_version
 from facedist.schema import (INPUT_GROUPS, METADATA_LAYOUT_KEY, METADATA_PREDICTIONS_KEY, STATUS_OK,
-                             image_outcome)
+                             current_names, image_outcome)
 
 
 @dataclass
@@ -162,7 +162,7 @@ def table_layout(parts: list[str], options: storage.S3Options | None = None) -> 
     fs, path = storage.filesystem_for(parts[0], options)
     schema = pq.read_schema(path, filesystem=fs)
     raw = (schema.metadata or {}).get(METADATA_LAYOUT_KEY)
-    return list(schema.names), (json.loads(raw) if raw else None)
+    return current_names(schema), (json.loads(raw) if raw else None)
 
 
 def table_rows(parts: list[str], options: storage.S3Options | None = None) -> int:

@@ -45,7 +45,9 @@ class WorkflowConfig:
 
 
 def _labelled(table, column: str) -> int:
-    """How many distinct values a label column has among ok rows."""
+    """How many distinct values a label column has among ok rows (0 when the table has no such column)."""
+    if column not in table.column_names:
+        return 0
     values = {v for v, s in zip(table.column(column).to_pylist(), table.column("status").to_pylist())
               if v is not None and s == "ok"}
     return len(values)

@@ -194,8 +194,8 @@ def test_extract_response_attributes_are_null_where_the_row_has_none():
 
     row = {"status": "ok", "backend": "tddfa", "num_faces": 1}
     assert extraction_response(row)["attributes"] is None
-    body = extraction_response({**row, "expression_probs": [0.1, 0.0, 0.7, 0.1, 0.0, 0.0, 0.1], "age": 40.0,
-                                "gender_male": 0.25})
+    body = extraction_response({**row, "expression_probs": [0.1, 0.0, 0.7, 0.1, 0.0, 0.0, 0.1], "faceapi_age": 40.0,
+                                "faceapi_gender_male": 0.25})
     assert body["attributes"]["expression"]["label"] == "sad"
     assert body["attributes"]["gender"] == {"label": "female", "probability": 0.75}
     assert ExtractResponse(**body).attributes.age == 40.0

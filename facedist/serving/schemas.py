@@ -115,7 +115,7 @@ def pose_of(row: dict) -> dict:
 
 def attributes_of(row: dict) -> dict | None:
     """face-api's outputs of a row as {expression, age, gender}; None when the row has none."""
-    probs, age, male = row.get("expression_probs"), row.get("age"), row.get("gender_male")
+    probs, age, male = row.get("expression_probs"), row.get("faceapi_age"), row.get("faceapi_gender_male")
     if probs is None and age is None and male is None:
         return None
     expression = None

@@ -39,6 +39,7 @@ class CoefficientData:
     # Other descriptor groups (schema.INPUT_GROUPS beyond id / exp / tex / feature), by group name,
     # where every usable row has them.
     groups: dict = field(default_factory=dict)
+    age: np.ndarray | None = None      # (N,) the age label in years, NaN where unknown (None: no column)
 
     def __len__(self) -> int:
         return len(self.path)
@@ -51,7 +52,8 @@ class CoefficientData:
                                take(self.landmarks_fit), take(self.box), self.layout, self.n_feature,
                                texture=None if self.texture is None else take(self.texture),
                                tex=None if self.tex is None else take(self.tex),
-                               groups={k: take(v) for k, v in self.groups.items()})
+                               groups={k: take(v) for k, v in self.groups.items()},
+                               age=None if self.age is None else take(self.age))
 
     def labels(self, column: str) -> np.ndarray:
         return getattr(self, column)
@@ -183,7 +185,8 @@ def table_to_data(table: pa.Table, n_feature: int | None = None) -> CoefficientD
         gender=_strings(table, "gender", rows),
         alpha=_fixed_rows(table.column("id_coeffs"), rows, n_id), beta=_fixed_rows(table.column("exp_coeffs"), rows, n_exp),
         quality=quality, landmarks=points("landmarks"), landmarks_fit=points("landmarks_fit"), box=box, layout=layout,
-        n_feature=n_feature, skipped=table.num_rows - len(rows))
+        n_feature=n_feature, skipped=table.num_rows - len(rows),
+        age=_scalars(table, "age", rows) if "age" in table.column_names else None)
 
 
 # What a task reads of the table: everything but the sampled texture, which only the person
