@@ -131,13 +131,14 @@ FACE_ATTRIBUTE_COLUMNS = ("expression_feature", "expression_probs", "faceapi_age
 # Descriptor groups: what a task may take as input (`--inputs id,tex`), short name -> the column
 # that holds it. A model bundle records its task's groups, and every consumer (training, the
 # reports, the Recognizer, /v1/predict, `facedist predict`) builds the input from them.
+# fage is one number, face-api's age estimate (the other groups are list columns).
 INPUT_GROUPS = {"id": "id_coeffs", "exp": "exp_coeffs", "tex": "tex_coeffs", "feature": "feature",
-                "emb": "face_embedding", "expf": "expression_feature"}
+                "emb": "face_embedding", "expf": "expression_feature", "fage": "faceapi_age"}
 # What a task reads when neither its preset nor the user names inputs, and what a model bundle
 # written before bundles recorded their inputs was trained on.
-DEFAULT_INPUTS = {"identity": ("id",), "gender": ("id",), "expression": ("exp",)}
+DEFAULT_INPUTS = {"identity": ("id",), "gender": ("id",), "expression": ("exp",), "age": ("id",)}
 # The rendered names (tables and plots only).
-INPUT_GROUP_SYMBOLS = {"id": "α", "exp": "β", "tex": "τ", "feature": "f", "emb": "e", "expf": "x"}
+INPUT_GROUP_SYMBOLS = {"id": "α", "exp": "β", "tex": "τ", "feature": "f", "emb": "e", "expf": "x", "fage": "a"}
 
 
 def parse_inputs(text: str | tuple | list) -> tuple[str, ...]:

@@ -174,6 +174,11 @@ def table_to_data(table: pa.Table, n_feature: int | None = None) -> CoefficientD
     for name, column in INPUT_GROUPS.items():
         if name in ("id", "exp", "tex", "feature") or column not in table.column_names:
             continue
+        if not pa.types.is_list(table.column(column).type):  # one number per row (fage)
+            values = _scalars(table, column, rows)
+            if len(rows) and np.isfinite(values).all():
+                groups[name] = values.astype(np.float32)[:, None]
+            continue
         lengths = _list_lengths(table.column(column))[rows]
         if len(rows) and lengths[0] > 0 and (lengths == lengths[0]).all():
             groups[name] = _fixed_rows(table.column(column), rows, int(lengths[0]))
