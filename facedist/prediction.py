@@ -36,7 +36,7 @@ from facedist.schema import (INPUT_GROUPS, METADATA_LAYOUT_KEY, METADATA_PREDICT
 
 @dataclass
 class PredictConfig:
-    models: str                          # the training output: cnet/, identity/, gender/, expression/ bundles
+    models: str                          # the training output: cnet/, identity/, gender/, expression/, age/ bundles
     top_k: int = DEFAULT_TOP_K           # identity labels ranked per row
     group_by: str | None = None          # a column of the table: its rows with one value are one person
     batch_size: int = 1024               # rows per actor call and per Parquet part
@@ -108,6 +108,8 @@ def predict_rows(recognizer: Recognizer, rows: list[dict], top_k: int = DEFAULT_
             gender = answer.get("gender")
             if gender:
                 entry.update(gender=gender["label"], gender_score=gender["scores"][gender["label"]])
+            if answer.get("age") is not None:
+                entry.update(age=answer["age"], age_mae=answer["age_mae"])
             label = image.get("expression_label")
             if label is not None:
                 entry.update(expression=label, expression_score=image["expression"][label])

@@ -205,7 +205,8 @@ def rows_to_table(rows: list[dict], layout: CoefficientLayout | None = None) -> 
 
 # ---- the predictions table (`facedist predict`) ------------------------------------------------
 
-# One row per input row. Scores are the models' probabilities; identity_top_k ranks the identity
+# One row per input row. Scores are the models' probabilities; age is the age model's estimate and
+# age_mae its expected error; identity_top_k ranks the identity
 # labels (identity is its first); group_* are set with --group-by COLUMN: group is the row's
 # value of COLUMN, group_identity the identity of the group's rows together (as /v1/predict
 # answers for one person's images), the same on every row of the group.
@@ -221,6 +222,8 @@ PREDICTIONS_SCHEMA = pa.schema(
         pa.field("identity_top_k", pa.list_(LABEL_SCORE)),
         pa.field("gender", pa.string()),
         pa.field("gender_score", pa.float64()),
+        pa.field("age", pa.float64()),                  # years (the age model's estimate)
+        pa.field("age_mae", pa.float64()),              # its expected error: its validation MAE, years
         pa.field("expression", pa.string()),
         pa.field("expression_score", pa.float64()),
         pa.field("group", pa.string()),

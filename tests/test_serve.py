@@ -87,7 +87,12 @@ def models_uri(yale_dir, s3_server, extractor, tmp_path_factory):
                             max_combos_per_subject=20),
                 TrainConfig(task="expression", epochs=4, batch_size=32, labels=list(YALE_EXPRESSIONS))):
         train_and_save(cfg, data, str(local / cfg.task))
-    for name in ("cnet", "identity", "expression"):
+    # Yale has no ages: one per person (20 + 3 x its number) wires the age model end to end.
+    from facedist.training.presets import preset_config
+
+    data.age = np.array([20.0 + 3 * int(str(s).removeprefix("subject")) for s in data.subject])
+    train_and_save(preset_config("age", epochs=10, inputs=("id",)), data, str(local / "age"))
+    for name in ("cnet", "identity", "expression", "age"):
         save_model_bundle(torch.load(local / name / "model.pt", weights_only=False), f"{uri}/{name}")
     return uri
 
@@ -325,6 +330,8 @@ def test_predict_identity_expressions_and_confidences(client, yale_dir, extracto
     assert len(scores) == 5 and scores == sorted(scores, reverse=True) and sum(scores) <= 1 + 1e-6
     assert all(entry["label"].startswith("subject") for entry in identity["top_k"])
     assert body["gender"] is None  # Yale has no gender labels: no gender model was trained
+    # The age model's estimate (on the fixture's made-up ages, 23-65) with its validation MAE.
+    assert 0 < body["age"] < 120 and body["age_mae"] > 0
     for image, name in zip(body["images"], PERSON):
         assert image["filename"] == name and image["status"] == "ok"
         probabilities = image["expression"]["probabilities"]
@@ -359,7 +366,7 @@ def test_predict_leaves_out_a_faceless_image_and_rejects_all_faceless(client, ya
 def test_models_lists_recognizer_versions(client):
     recognizer = client.get("/v1/models").json()["recognizer"]
     assert recognizer["models_uri"].startswith("s3://")
-    assert set(recognizer["models"]) == {"cnet", "identity", "expression"}
+    assert set(recognizer["models"]) == {"cnet", "identity", "expression", "age"}
     for task, model in recognizer["models"].items():
         assert len(model["version"]) == 12 and model["trained_on"]["backend"] == "tddfa"
     assert len(recognizer["models"]["identity"]["labels"]) == 15
