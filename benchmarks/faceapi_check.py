@@ -76,7 +76,7 @@ def london_metrics(out: dict, rows: list[dict], probe_seeds: int) -> dict:
     male = np.array([r["gender"] == "male" for r in rows])
     age = np.array([float(r["age"]) if r["age"] not in ("", "NA") else np.nan for r in rows])
     aged = ~np.isnan(age)  # labels.csv has no age for two people
-    pred_age, age = out["age"][aged], age[aged]
+    pred_age, age = out["faceapi_age"][aged], age[aged]
     return {
         "zero_shot_accuracy_neutral_vs_happy": round(float((two == truth).mean()), 4),
         "zero_shot_accuracy_argmax_of_7": round(float((seven == truth).mean()), 4),
@@ -86,7 +86,7 @@ def london_metrics(out: dict, rows: list[dict], probe_seeds: int) -> dict:
                                      if ((seven == e) & (truth == t)).any()} for t in ("neutral", "happy")},
         "auc_happy_minus_neutral_logit": round(auc(logits[:, HAPPY] - logits[:, NEUTRAL], happy), 4),
         "probe_256d_accuracy": round(float(np.concatenate(hits).mean()), 4),
-        "gender_accuracy": round(float(((out["gender_male"] > 0.5) == male).mean()), 4),
+        "gender_accuracy": round(float(((out["faceapi_gender_male"] > 0.5) == male).mean()), 4),
         "age_photos": int(aged.sum()),
         "age_mae": round(float(np.abs(pred_age - age).mean()), 2),
         "age_mean_error": round(float((pred_age - age).mean()), 2),

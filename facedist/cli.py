@@ -116,7 +116,7 @@ def add_extractor_arguments(parser: argparse.ArgumentParser) -> None:
                         help="do not fill face_embedding, dlib's 128-d face descriptor of each face "
                              "(default: fill it)")
     parser.add_argument("--no-face-attributes", action="store_true",
-                        help="do not fill expression_feature, expression_probs, age and gender_male, "
+                        help="do not fill expression_feature, expression_probs, faceapi_age and faceapi_gender_male, "
                              "face-api's expression and age/gender nets on each face (default: fill them)")
 
 

@@ -40,6 +40,7 @@ class ImageRecord:
     expression: str | None = None
     gender: str | None = None
     view: str | None = None
+    age: float | None = None       # years
 
 
 def _basename(path: str) -> str:
@@ -295,12 +296,17 @@ def _resolve(path: str, base: str | None) -> str:
     return str(candidate if candidate.is_absolute() else Path(base) / candidate)
 
 
-def _clean_label(column: str, value) -> str | None:
+def _clean_label(column: str, value) -> str | float | None:
     if value is None:
         return None
     value = str(value).strip()
-    if not value or value.lower() in ("nan", "none", "null"):
+    if not value or value.lower() in ("nan", "none", "null", "na", "n/a"):
         return None
+    if column == "age":
+        try:
+            return float(value)
+        except ValueError:
+            raise ValueError(f"age {value!r} is not a number of years (leave it empty or NA when unknown)") from None
     if column == "gender":
         gender = _GENDER_ALIASES.get(value.lower())
         if gender is None:
@@ -313,7 +319,7 @@ def _clean_label(column: str, value) -> str | None:
 
 def records_from_manifest(table: pa.Table | str, base: str | None = None) -> list[ImageRecord]:
     """Records from a CSV/Parquet manifest (path or table) with a `path` column and optional
-    label columns (subject, expression, gender, view). Relative paths resolve against the
+    label columns (subject, expression, gender, view, age in years). Relative paths resolve against the
     manifest's folder (or `base` for a table)."""
     if not isinstance(table, pa.Table):
         uri = str(table)

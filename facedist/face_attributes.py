@@ -106,8 +106,8 @@ class FaceAttributeNets:
         expression_feature  (N, 256) the expression net's pooled feature (what its fc reads)
         expression_logits   (N, 7)   in FACEAPI_EXPRESSIONS order
         expression_probs    (N, 7)   softmax of the logits (face-api's output)
-        age                 (N,)     years
-        gender_male         (N,)     softmax of the gender head, male entry (face-api's probMale)
+        faceapi_age         (N,)     years
+        faceapi_gender_male (N,)     softmax of the gender head, male entry (face-api's probMale)
 
     version names both nets' weights and the crop (recorded in the coefficients' layout).
     """
@@ -149,8 +149,8 @@ class FaceAttributeNets:
             "expression_feature": np.concatenate(features) if features else np.zeros((0, n_features), np.float32),
             "expression_logits": logits,
             "expression_probs": _softmax(logits),
-            "age": np.concatenate(ages) if ages else np.zeros(0, np.float32),
-            "gender_male": _softmax(gender_logits)[:, GENDERS.index("male")],
+            "faceapi_age": np.concatenate(ages) if ages else np.zeros(0, np.float32),
+            "faceapi_gender_male": _softmax(gender_logits)[:, GENDERS.index("male")],
         }
 
     def predict(self, images: Sequence[np.ndarray], boxes) -> dict[str, np.ndarray]:

@@ -5,11 +5,13 @@
 The per-image features it applies (quality_vector, Standardizer) live in facedist.features, which
 training fits them with; the server needs nothing of facedist.training but the bundle format.
 
-The Recognizer loads <dir>/{cnet,identity,gender,expression}/model.pt (any subset; local or s3://) once and
+The Recognizer loads <dir>/{cnet,identity,gender,expression,age}/model.pt (any subset; local or s3://) once and
 predicts from one person's images given as ExtractionResults or table rows:
     identity    aggregate of the usable images as the identity model was trained (the mean, or
                 C-Net confidences with aggregate=cnet), top-k labels
     gender      from the aggregated identity
+    age         years, from the person's aggregated age descriptor, with the age model's expected
+                error (age_mae: its validation MAE, people unseen in its training)
     expression  per image, class probabilities
     confidence  per image, C-Net's per-dimension confidences (and their mean)
 Images that are not usable (error / no face / no coefficients) keep their slot with an error.
@@ -29,7 +31,7 @@ from facedist.models.cnet import aggregate_identity, confidence_weights
 from facedist.schema import DEFAULT_INPUTS, INPUT_GROUPS, STATUS_OK, inputs_label
 from facedist.training.bundle import BUNDLE_FILE, load_model_bundle
 
-RECOGNIZER_TASKS = ("cnet", "identity", "gender", "expression")
+RECOGNIZER_TASKS = ("cnet", "identity", "gender", "expression", "age")
 # Identity labels ranked per answer, unless the caller asks for another number.
 DEFAULT_TOP_K = 5
 
@@ -46,9 +48,9 @@ def row_descriptor(row: dict, inputs: tuple[str, ...], dims: list[int] | None = 
     parts = []
     for k, name in enumerate(inputs):
         value = row.get(INPUT_GROUPS[name])
-        if value is None or len(value) == 0:
+        if value is None or np.size(value) == 0:
             return f"no {INPUT_GROUPS[name]} (the model reads {inputs_label(inputs)})"
-        value = np.asarray(value, np.float32).ravel()
+        value = np.asarray(value, np.float32).ravel()  # a scalar group (fage) is one value
         width = dims[k] if dims else value.size
         if name == "feature":
             value = np.pad(value[:width], (0, max(0, width - value.size)))
@@ -56,6 +58,12 @@ def row_descriptor(row: dict, inputs: tuple[str, ...], dims: list[int] | None = 
             return f"{INPUT_GROUPS[name]} has {value.size} values, the model was trained on {width}"
         parts.append(value)
     return np.concatenate(parts)
+
+
+def predict_years(bundle: dict, outputs: np.ndarray) -> np.ndarray:
+    """A regressor bundle's (age) outputs (N, 1) in years: its training target's mean + std x output."""
+    extra = bundle.get("extra", {})
+    return extra.get("target_mean", 0.0) + extra.get("target_std", 1.0) * np.asarray(outputs, np.float64)[:, 0]
 
 
 def bundle_logits(bundle: dict, x: np.ndarray, norm: Standardizer | None = None) -> np.ndarray:
@@ -113,8 +121,8 @@ class Recognizer:
         return (np.stack(got) if got else np.zeros((0, 0), np.float32)), have, missing
 
     def predict(self, items: list, top_k: int = DEFAULT_TOP_K) -> dict:
-        """One person's images (ExtractionResults or table rows) -> identity (top-k), gender, and
-        each image's expression. Identity and gender aggregate the person's usable images as the
+        """One person's images (ExtractionResults or table rows) -> identity (top-k), gender, age
+        (years, and age_mae: the age model's expected error) and each image's expression. Identity and gender aggregate the person's usable images as the
         identity model was trained (the mean, or C-Net's confidences); an image a model cannot
         read (an error row, or a group its inputs need missing) keeps its slot with the reason."""
         return self.predict_many([items], top_k)[0]
@@ -133,7 +141,8 @@ class Recognizer:
                 images.append({"index": i, "ok": ok,
                                "error": None if ok else (row.get("message") or row.get("status") or "unusable")})
         usable = [g for g, image in enumerate(images) if image["ok"]]
-        outs: list[dict] = [{"images": [], "n_used": 0, "identity": None, "gender": None} for _ in people]
+        outs: list[dict] = [{"images": [], "n_used": 0, "identity": None, "gender": None, "age": None,
+                             "age_mae": None} for _ in people]
         for g, image in enumerate(images):
             outs[owner[g]]["images"].append(image)
         confidence: dict[int, np.ndarray] = {}
@@ -177,6 +186,22 @@ class Recognizer:
                 ranked = [{"label": labels[j], "score": float(person_probs[j])} for j in order]
                 outs[p][task] = {"top_k": ranked} if task == "identity" else {
                     "label": ranked[0]["label"], "scores": {r["label"]: r["score"] for r in ranked}}
+        if "age" in self.bundles:
+            # Like gender: the person's usable images aggregated, then the regressor (for a linear
+            # head the same as the mean of the images' ages); the expected error is its validation MAE.
+            x, have, missing = self._descriptors("age", rows, usable)
+            for g, why in missing.items():
+                images[g]["error"] = images[g]["error"] or why
+            if have:
+                used.update(have)
+                aggregates = self._aggregate_many(x, have, owner, confidence, use_cnet)
+                order_people = sorted(aggregates)
+                years = predict_years(self.bundles["age"],
+                                      self._run("age", np.stack([aggregates[p] for p in order_people])))
+                mae = self.bundles["age"].get("metrics", {}).get("mae")
+                for p, value in zip(order_people, years):
+                    outs[p]["age"] = float(value)
+                    outs[p]["age_mae"] = None if mae is None else float(mae)
         if "expression" in self.bundles:
             x, have, missing = self._descriptors("expression", rows, usable)
             for g, why in missing.items():

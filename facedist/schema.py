@@ -11,7 +11,9 @@ from dataclasses import asdict, dataclass
 
 import pyarrow as pa
 
-SCHEMA_VERSION = "1"
+# 2: face-api's age and male probability are faceapi_age and faceapi_gender_male; `age` is the
+# labelled age (tables of version 1 read as version 2: see legacy_renames).
+SCHEMA_VERSION = "2"
 
 # Result statuses: every input row gets exactly one.
 STATUS_OK = "ok"
@@ -57,7 +59,7 @@ class CoefficientLayout:
     # weights, chip); "" when the column was not filled.
     face_embedding: str = ""
     # face-api's expression and age/gender nets that filled expression_feature, expression_probs,
-    # age and gender_male (facedist.face_attributes' version: weights, crop); "" when not filled.
+    # faceapi_age and faceapi_gender_male (facedist.face_attributes' version: weights, crop); "" when not filled.
     face_attributes: str = ""
 
     def to_json(self) -> str:
@@ -91,6 +93,7 @@ COEFFICIENTS_SCHEMA = pa.schema(
         pa.field("expression", pa.string()),            # expression *label*
         pa.field("gender", pa.string()),
         pa.field("view", pa.string()),
+        pa.field("age", pa.float32()),                  # age *label*, years (a manifest's age column)
         pa.field("width", pa.int32()),
         pa.field("height", pa.int32()),
         pa.field("num_faces", pa.int32()),
@@ -117,8 +120,8 @@ COEFFICIENTS_SCHEMA = pa.schema(
         # face-api's nets on the detector's box (facedist.face_attributes); null when not computed:
         pa.field("expression_feature", _f32_list),      # 256 numbers: the expression net's pooled feature
         pa.field("expression_probs", _f32_list),        # 7 probabilities in FACEAPI_EXPRESSIONS order
-        pa.field("age", pa.float32()),                  # years (face-api's estimate)
-        pa.field("gender_male", pa.float32()),          # probability that the face is male
+        pa.field("faceapi_age", pa.float32()),          # years (face-api's estimate; the label is `age`)
+        pa.field("faceapi_gender_male", pa.float32()),  # face-api's probability that the face is male
         pa.field("backend", pa.string()),
     ]
 )
@@ -126,18 +129,19 @@ COEFFICIENTS_SCHEMA = pa.schema(
 COLUMNS = tuple(COEFFICIENTS_SCHEMA.names)
 # The columns face-api's nets fill, all or none (CoefficientLayout.face_attributes); the keys of
 # FaceAttributeNets.predict (which also gives expression_logits).
-FACE_ATTRIBUTE_COLUMNS = ("expression_feature", "expression_probs", "age", "gender_male")
+FACE_ATTRIBUTE_COLUMNS = ("expression_feature", "expression_probs", "faceapi_age", "faceapi_gender_male")
 
 # Descriptor groups: what a task may take as input (`--inputs id,tex`), short name -> the column
 # that holds it. A model bundle records its task's groups, and every consumer (training, the
 # reports, the Recognizer, /v1/predict, `facedist predict`) builds the input from them.
+# fage is one number, face-api's age estimate (the other groups are list columns).
 INPUT_GROUPS = {"id": "id_coeffs", "exp": "exp_coeffs", "tex": "tex_coeffs", "feature": "feature",
-                "emb": "face_embedding", "expf": "expression_feature"}
+                "emb": "face_embedding", "expf": "expression_feature", "fage": "faceapi_age"}
 # What a task reads when neither its preset nor the user names inputs, and what a model bundle
 # written before bundles recorded their inputs was trained on.
-DEFAULT_INPUTS = {"identity": ("id",), "gender": ("id",), "expression": ("exp",)}
+DEFAULT_INPUTS = {"identity": ("id",), "gender": ("id",), "expression": ("exp",), "age": ("id",)}
 # The rendered names (tables and plots only).
-INPUT_GROUP_SYMBOLS = {"id": "α", "exp": "β", "tex": "τ", "feature": "f", "emb": "e", "expf": "x"}
+INPUT_GROUP_SYMBOLS = {"id": "α", "exp": "β", "tex": "τ", "feature": "f", "emb": "e", "expf": "x", "fage": "a"}
 
 
 def parse_inputs(text: str | tuple | list) -> tuple[str, ...]:
@@ -154,10 +158,31 @@ def inputs_label(inputs: tuple[str, ...]) -> str:
     return " + ".join(INPUT_GROUP_SYMBOLS.get(n, n) for n in inputs)
 
 
-LABEL_COLUMNS = ("subject", "expression", "gender", "view")
+LABEL_COLUMNS = ("subject", "expression", "gender", "view", "age")
 
 METADATA_LAYOUT_KEY = b"facedist.layout"
 METADATA_SCHEMA_KEY = b"facedist.schema_version"
+
+
+# Columns renamed since a schema version, {version: {old name: new name}}: version 1 held face-api's
+# age estimate in `age` and its male probability in `gender_male`.
+RENAMED_COLUMNS = {"1": {"age": "faceapi_age", "gender_male": "faceapi_gender_male"}}
+
+
+def legacy_renames(schema: pa.Schema) -> dict[str, str]:
+    """{old column: current name} for a Parquet file of an older schema version (empty for a current
+    one). A file without a recorded version counts as version 1 when it has version 1's
+    gender_male column and not its new name."""
+    version = (schema.metadata or {}).get(METADATA_SCHEMA_KEY, b"").decode() or None
+    if version is None:
+        version = "1" if "gender_male" in schema.names and "faceapi_gender_male" not in schema.names else SCHEMA_VERSION
+    return {old: new for old, new in RENAMED_COLUMNS.get(version, {}).items() if old in schema.names}
+
+
+def current_names(schema: pa.Schema) -> list[str]:
+    """A file's column names as this version calls them (legacy_renames applied)."""
+    renames = legacy_renames(schema)
+    return [renames.get(name, name) for name in schema.names]
 
 
 def schema_with_layout(layout: CoefficientLayout) -> pa.Schema:
@@ -175,14 +200,16 @@ def layout_from_schema(schema: pa.Schema) -> CoefficientLayout | None:
 
 def rows_to_table(rows: list[dict], layout: CoefficientLayout | None = None) -> pa.Table:
     """Build a table in the canonical schema; missing columns become null."""
-    schema = schema_with_layout(layout) if layout else COEFFICIENTS_SCHEMA
+    schema = (schema_with_layout(layout) if layout
+              else COEFFICIENTS_SCHEMA.with_metadata({METADATA_SCHEMA_KEY: SCHEMA_VERSION.encode()}))
     columns = {name: [row.get(name) for row in rows] for name in COLUMNS}
     return pa.Table.from_pydict(columns, schema=schema)
 
 
 # ---- the predictions table (`facedist predict`) ------------------------------------------------
 
-# One row per input row. Scores are the models' probabilities; identity_top_k ranks the identity
+# One row per input row. Scores are the models' probabilities; age is the age model's estimate and
+# age_mae its expected error; identity_top_k ranks the identity
 # labels (identity is its first); group_* are set with --group-by COLUMN: group is the row's
 # value of COLUMN, group_identity the identity of the group's rows together (as /v1/predict
 # answers for one person's images), the same on every row of the group.
@@ -198,6 +225,8 @@ PREDICTIONS_SCHEMA = pa.schema(
         pa.field("identity_top_k", pa.list_(LABEL_SCORE)),
         pa.field("gender", pa.string()),
         pa.field("gender_score", pa.float64()),
+        pa.field("age", pa.float64()),                  # years (the age model's estimate)
+        pa.field("age_mae", pa.float64()),              # its expected error: its validation MAE, years
         pa.field("expression", pa.string()),
         pa.field("expression_score", pa.float64()),
         pa.field("group", pa.string()),

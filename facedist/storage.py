@@ -415,11 +415,22 @@ def read_table(uri: str, options: S3Options | None = None, columns: list[str] | 
 
 def _read_parquet(path: str, fs, columns: list[str] | None) -> pa.Table:
     """One file; ``columns`` that the file lacks (a table written before a column existed) are
-    left out rather than failing the read."""
+    left out rather than failing the read. A file of an older schema version reads with the
+    current column names (schema.legacy_renames: version 1's face-api `age` is faceapi_age, and
+    such a file has no labelled `age`)."""
+    from facedist.schema import METADATA_SCHEMA_KEY, SCHEMA_VERSION, legacy_renames
+
+    schema = pq.read_schema(path, filesystem=fs)
+    renames = legacy_renames(schema)
     if columns is not None:
-        present = set(pq.read_schema(path, filesystem=fs).names)
-        columns = [c for c in columns if c in present]
-    return pq.read_table(path, filesystem=fs, columns=columns)
+        source = {renames.get(name, name): name for name in schema.names}  # current name -> file's
+        columns = [source[c] for c in columns if c in source]
+    table = pq.read_table(path, filesystem=fs, columns=columns)
+    if renames:
+        table = table.rename_columns([renames.get(name, name) for name in table.column_names])
+        table = table.replace_schema_metadata({**(table.schema.metadata or {}),
+                                               METADATA_SCHEMA_KEY: SCHEMA_VERSION.encode()})
+    return table
 
 
 def write_table(table: pa.Table, uri: str, options: S3Options | None = None) -> None:

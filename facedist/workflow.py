@@ -41,7 +41,9 @@ class WorkflowConfig:
 
 
 def _labelled(table, column: str) -> int:
-    """How many distinct values a label column has among ok rows."""
+    """How many distinct values a label column has among ok rows (0 when the table has no such column)."""
+    if column not in table.column_names:
+        return 0
     values = {v for v, s in zip(table.column(column).to_pylist(), table.column("status").to_pylist())
               if v is not None and s == "ok"}
     return len(values)
@@ -107,7 +109,9 @@ def run_workflow(config: WorkflowConfig, log=print) -> dict:
              ("identity", "subject", {"cnet": cnet_dir, "epochs": config.epochs,
                                       "inputs": shipped_inputs("identity", groups)}),
              ("expression", "expression", {"epochs": config.epochs, "inputs": shipped_inputs("expression", groups)}),
-             ("gender", "gender", {"cnet": cnet_dir, "epochs": config.epochs, "inputs": shipped_inputs("gender", groups)})]
+             ("gender", "gender", {"cnet": cnet_dir, "epochs": config.epochs, "inputs": shipped_inputs("gender", groups)}),
+             # Age (a regressor, split by person) where the images carry ages (a manifest's age column).
+             ("age", "age", {"epochs": config.epochs, "inputs": shipped_inputs("age", groups)})]
     for task, column, extra in tasks:
         if column is not None and _labelled(table, column) < 2:
             log(f"      {task}: skipped, the images carry fewer than 2 {column} labels")
@@ -135,7 +139,7 @@ def run_workflow(config: WorkflowConfig, log=print) -> dict:
 
     result = {"extraction": summary, "coefficients": coeffs, "models": models, "report": report_dir,
               "trained": {k: {"bundle": v["bundle"], "best": {m: v["best"].get(m) for m in
-                                                               ("epoch", "accuracy", "macro_f1", "loo_error_cnet", "loo_gain_vs_mean")}}
+                                                               ("epoch", "accuracy", "macro_f1", "mae", "loo_error_cnet", "loo_gain_vs_mean")}}
                           for k, v in trained.items()},
               "seconds": round(time.perf_counter() - started, 1)}
     if report_dir:

@@ -6,7 +6,7 @@
 # Parts: quickstart yale_full london_models yale_models london expression_trials yale_person cnet_degraded
 #        detectors extract_single
 #        box_calibration extract_ray default_speed train_speed report_scale serve_load fault_recovery
-#        faceapi_check
+#        faceapi_check london_age
 # (cuda_check needs a GPU and an extracted table: benchmarks/cuda_check.py --table TABLE.)
 # Outputs: docs/results/* (reports) and benchmarks/results/*.json (benchmarks); the work
 # folders (extracted tables, run outputs) go under $WORK (default: /tmp/facedist-figures).
@@ -21,7 +21,7 @@ parts=("$@")
 [ ${#parts[@]} -gt 0 ] || parts=(quickstart yale_full london_models yale_models london expression_trials yale_person
                                cnet_degraded detectors
                                extract_single box_calibration extract_ray default_speed train_speed report_scale
-                               serve_load fault_recovery faceapi_check)
+                               serve_load fault_recovery faceapi_check london_age)
 step() { printf '\n== %s: %s\n' "$1" "$2"; }
 
 extracted() {  # extracted NAME IMAGES: the default extraction of IMAGES into $WORK/NAME (a rerun resumes)
@@ -76,6 +76,10 @@ for part in "${parts[@]}"; do
     serve_load)      "$BIN/python" benchmarks/serve_load.py ;;
     fault_recovery)  "$BIN/python" benchmarks/fault_recovery.py ;;
     faceapi_check)   "$BIN/python" benchmarks/faceapi_check.py --london "$DATA/london" --yale "$DATA/yalefaces" ;;
+    london_age)      # docs/results.md: age on London, split by person (a table of schema 2: it has the age label)
+      step "$part" "scripts/age_by_person.py on London"
+      extracted london_age "$DATA/london/labels.csv"
+      "$BIN/python" scripts/age_by_person.py --data "$WORK/london_age" --out docs/results/london_age ;;
     *) echo "unknown part: $part" >&2; exit 2 ;;
   esac
 done

@@ -160,9 +160,9 @@ def _assert_face_attributes(table):
     probs = np.stack(ok["expression_probs"])
     assert probs.shape == (len(ok), len(FACEAPI_EXPRESSIONS))
     np.testing.assert_allclose(probs.sum(axis=1), 1.0, atol=1e-4)
-    assert ok["age"].between(1, 100).all() and ok["gender_male"].between(0, 1).all()
+    assert ok["faceapi_age"].between(1, 100).all() and ok["faceapi_gender_male"].between(0, 1).all()
     rest = table[table.status != "ok"]
-    assert rest[["expression_feature", "expression_probs", "age", "gender_male"]].isna().all().all()
+    assert rest[["expression_feature", "expression_probs", "faceapi_age", "faceapi_gender_male"]].isna().all().all()
 
 
 def _drop_columns(part, layout_key, columns):
@@ -245,14 +245,14 @@ def test_face_attributes_are_part_of_the_settings_and_old_tables_still_read(tmp_
     assert main(["extract", str(folder), "--out", str(plain), *flags, "--no-face-attributes"]) == 0
     table = _table(plain)
     assert (table.status == "ok").all()
-    assert table[["expression_feature", "expression_probs", "age", "gender_male"]].isna().all().all()
+    assert table[["expression_feature", "expression_probs", "faceapi_age", "faceapi_gender_male"]].isna().all().all()
     assert layout_from_schema(storage.read_table(str(plain)).schema).face_attributes == ""
     capsys.readouterr()
     assert main(["extract", str(folder), "--out", str(plain), *flags]) == 2
     assert "face_attributes" in capsys.readouterr().err
 
     for part in [p for p in storage.list_files(str(plain)) if p.endswith(".parquet")]:
-        _drop_columns(part, "face_attributes", ["expression_feature", "expression_probs", "age", "gender_male"])
+        _drop_columns(part, "face_attributes", ["expression_feature", "expression_probs", "faceapi_age", "faceapi_gender_male"])
     assert "expression_feature" not in storage.read_table(str(plain)).column_names
     old = load_data(str(plain))
     assert len(old) == len(FACES) and old.group("expf") is None

@@ -60,8 +60,8 @@ def test_the_nets_give_face_apis_outputs(reference, face, nets):
     for i, case in enumerate(cases.values()):
         np.testing.assert_allclose(out["expression_feature"][i], case["expression_feature"], atol=1e-3)
         np.testing.assert_allclose(out["expression_probs"][i], case["expression_probs"], atol=5e-5)
-        np.testing.assert_allclose(out["age"][i], case["age"], atol=1e-2)
-        np.testing.assert_allclose(out["gender_male"][i], case["gender_prob_male"], atol=5e-5)
+        np.testing.assert_allclose(out["faceapi_age"][i], case["age"], atol=1e-2)
+        np.testing.assert_allclose(out["faceapi_gender_male"][i], case["gender_prob_male"], atol=5e-5)
     np.testing.assert_allclose(out["expression_probs"].sum(axis=1), 1.0, atol=1e-5)
 
 
@@ -72,7 +72,7 @@ def test_a_batch_gives_each_image_what_it_gets_alone(reference, face, nets):
     for key, value in alone.items():
         np.testing.assert_allclose(together[key][1:2], value, rtol=1e-4, atol=1e-4)
     empty = nets.predict([], np.zeros((0, 4)))
-    assert empty["expression_probs"].shape == (0, 7) and empty["age"].shape == (0,)
+    assert empty["expression_probs"].shape == (0, 7) and empty["faceapi_age"].shape == (0,)
 
 
 def test_box_mode_fills_the_input_where_face_api_pads(reference, face):
@@ -156,17 +156,17 @@ def test_extractor_fills_each_ok_face_from_its_detector_box(nets, yale_dir):
     for i, result in enumerate(results):
         np.testing.assert_allclose(result.expression_feature, expected["expression_feature"][i], atol=1e-5)
         np.testing.assert_allclose(result.expression_probs, expected["expression_probs"][i], atol=1e-6)
-        assert result.age == pytest.approx(float(expected["age"][i]), abs=1e-4)
-        assert result.gender_male == pytest.approx(float(expected["gender_male"][i]), abs=1e-6)
+        assert result.faceapi_age == pytest.approx(float(expected["faceapi_age"][i]), abs=1e-4)
+        assert result.faceapi_gender_male == pytest.approx(float(expected["faceapi_gender_male"][i]), abs=1e-6)
         row = result.to_row()
         assert len(row["expression_feature"]) == 256 and len(row["expression_probs"]) == 7
-        assert isinstance(row["age"], float) and isinstance(row["gender_male"], float)
+        assert isinstance(row["faceapi_age"], float) and isinstance(row["faceapi_gender_male"], float)
 
     extractor.enable_face_attributes(_FailsOnce(nets))
     results = extractor.extract(images)
     assert [r.ok for r in results] == [True, False, True]
     assert "face attributes failed: RuntimeError: scripted failure" in results[1].message
-    assert results[1].box is not None and results[1].expression_probs is None and results[1].age is None
+    assert results[1].box is not None and results[1].expression_probs is None and results[1].faceapi_age is None
     assert results[2].expression_feature.shape == (256,)
 
     plain = make_extractor("tddfa", face_attributes=False, face_embedding=False, texture=False)

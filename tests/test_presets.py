@@ -35,7 +35,7 @@ def test_given_values_win_and_unset_ones_keep_the_preset():
 
 def test_unknown_tasks_and_settings_are_refused():
     with pytest.raises(ValueError, match="unknown task"):
-        preset_config("age")
+        preset_config("height")
     with pytest.raises(TypeError, match="not TrainConfig fields"):
         preset_config("identity", epoch=3)
 

@@ -76,8 +76,8 @@ def test_extract_response_attributes_are_null_where_the_row_has_none():
 
     row = {"status": "ok", "backend": "tddfa", "num_faces": 1}
     assert extraction_response(row)["attributes"] is None
-    body = extraction_response({**row, "expression_probs": [0.1, 0.0, 0.7, 0.1, 0.0, 0.0, 0.1], "age": 40.0,
-                                "gender_male": 0.25})
+    body = extraction_response({**row, "expression_probs": [0.1, 0.0, 0.7, 0.1, 0.0, 0.0, 0.1], "faceapi_age": 40.0,
+                                "faceapi_gender_male": 0.25})
     assert body["attributes"]["expression"]["label"] == "sad"
     assert body["attributes"]["gender"] == {"label": "female", "probability": 0.75}
     assert ExtractResponse(**body).attributes.age == 40.0
@@ -207,6 +207,8 @@ def test_predict_identity_expressions_and_confidences(client, yale_dir, extracto
     assert len(scores) == 5 and scores == sorted(scores, reverse=True) and sum(scores) <= 1 + 1e-6
     assert all(entry["label"].startswith("subject") for entry in identity["top_k"])
     assert body["gender"] is None  # Yale has no gender labels: no gender model was trained
+    # The age model's estimate (on the fixture's made-up ages, 23-65) with its validation MAE.
+    assert 0 < body["age"] < 120 and body["age_mae"] > 0
     for image, name in zip(body["images"], PERSON):
         assert image["filename"] == name and image["status"] == "ok"
         probabilities = image["expression"]["probabilities"]
@@ -241,7 +243,7 @@ def test_predict_leaves_out_a_faceless_image_and_rejects_all_faceless(client, ya
 def test_models_lists_recognizer_versions(client):
     recognizer = client.get("/v1/models").json()["recognizer"]
     assert recognizer["models_uri"].startswith("s3://")
-    assert set(recognizer["models"]) == {"cnet", "identity", "expression"}
+    assert set(recognizer["models"]) == {"cnet", "identity", "expression", "age"}
     for task, model in recognizer["models"].items():
         assert len(model["version"]) == 12 and model["trained_on"]["backend"] == "tddfa"
     assert len(recognizer["models"]["identity"]["labels"]) == 15

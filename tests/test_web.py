@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import io
 import os
+import re
 import shutil
 from pathlib import Path
 
@@ -192,6 +193,8 @@ def test_page_draws_fits_shows_predictions_and_the_bad_file(browser, server, yal
     assert rows.nth(1).locator("td").nth(1).inner_text().startswith("subject")
     assert 0 < float(rows.nth(1).locator("td").nth(2).inner_text()) <= 1
     assert "none" in page.inner_text("#gender")  # no gender model trained on Yale
+    # Age with its expected error (the fixture's age model, on made-up Yale ages).
+    assert re.fullmatch(r"age \d+ ± \d+ years .*", page.inner_text("#age")), page.inner_text("#age")
     expressions = page.locator("#expressions tr")
     assert expressions.count() == 1 + 3
     for name in PERSON:

@@ -35,7 +35,7 @@ class ExtractConfig:
     texture_basis: str | None = DEFAULT_TEXTURE_BASIS
     # Fill face_embedding: dlib's 128-d face descriptor of each ok face (facedist.face_descriptor).
     face_embedding: bool = True
-    # Fill expression_feature, expression_probs, age and gender_male: face-api's nets on each ok
+    # Fill expression_feature, expression_probs, faceapi_age and faceapi_gender_male: face-api's nets on each ok
     # face's detector box (facedist.face_attributes).
     face_attributes: bool = True
 

@@ -34,14 +34,14 @@ from facedist.extraction.output import PART_PREFIX, prepare_output, remove_set_a
 from facedist.extraction.rows import decode_row, discover_records, extract_rows, read_row, record_row
 from facedist.extractors.base import Extractor
 from facedist.progress import progress_bar
-from facedist.schema import LABEL_COLUMNS, STATUS_ERROR, STATUSES, rows_to_table
+from facedist.schema import COEFFICIENTS_SCHEMA, LABEL_COLUMNS, STATUS_ERROR, STATUSES, rows_to_table
 
 # Rows between the read/decode tasks and the extraction actors: decoded pixels travel as raw
 # bytes + shape, which avoids Arrow's variable-shape tensor columns (and their null handling).
 DECODED_SCHEMA = pa.schema(
     [pa.field("path", pa.string()), pa.field("content_hash", pa.string()),
      pa.field("status", pa.string()), pa.field("message", pa.string())]
-    + [pa.field(name, pa.string()) for name in LABEL_COLUMNS]
+    + [COEFFICIENTS_SCHEMA.field(name) for name in LABEL_COLUMNS]
     + [pa.field("pixels", pa.large_binary()), pa.field("height", pa.int32()), pa.field("width", pa.int32()),
        pa.field("storage_stats", pa.string())]
 )

@@ -40,7 +40,7 @@ def make_extractor(backend: str, *, detector=DEFAULT_DETECTOR, landmark_source: 
     DEFAULT_TEXTURE_BASIS or None) also fills tex_coeffs. face_embedding: fill each ok row's
     face_embedding with dlib's face descriptor (facedist.face_descriptor), True or a ready
     FaceDescriptor (shared), False: not. face_attributes: fill each ok row's expression_feature,
-    expression_probs, age and gender_male with face-api's nets on the detector's box
+    expression_probs, faceapi_age and faceapi_gender_male with face-api's nets on the detector's box
     (facedist.face_attributes; every backend), True or ready FaceAttributeNets, False: not."""
     texture_basis = texture_basis_for(backend, texture, texture_basis)
     if isinstance(texture_basis, str):

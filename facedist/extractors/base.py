@@ -51,8 +51,8 @@ class ExtractionResult:
     face_embedding: np.ndarray | None = None   # (128,) L2-normalised (facedist.face_descriptor)
     expression_feature: np.ndarray | None = None  # (256,) face-api's nets (facedist.face_attributes)
     expression_probs: np.ndarray | None = None    # (7,) in FACEAPI_EXPRESSIONS order
-    age: float | None = None                      # years
-    gender_male: float | None = None              # probability
+    faceapi_age: float | None = None              # years (face-api's estimate)
+    faceapi_gender_male: float | None = None      # probability (face-api's)
     extras: dict = field(default_factory=dict)  # backend-specific, not stored (e.g. vertices for previews)
 
     @property
@@ -178,7 +178,7 @@ class FaceExtractor:
         return out
 
     def enable_face_attributes(self, nets) -> None:
-        """Fill each ok face's expression_feature, expression_probs, age and gender_male with
+        """Fill each ok face's expression_feature, expression_probs, faceapi_age and faceapi_gender_male with
         face-api's nets (FaceAttributeNets) on the detector's box; their version is part of the
         layout, so a resumed output never mixes rows with and without them."""
         from dataclasses import replace

@@ -33,12 +33,12 @@ from facedist.extraction.output import list_parts
 from facedist.features import QUALITY_COLUMNS
 from facedist.recognition import DEFAULT_TOP_K, Recognizer, bundle_version
 from facedist.schema import (INPUT_GROUPS, METADATA_LAYOUT_KEY, METADATA_PREDICTIONS_KEY, STATUS_OK,
-                             image_outcome)
+                             current_names, image_outcome)
 
 
 @dataclass
 class PredictConfig:
-    models: str                          # the training output: cnet/, identity/, gender/, expression/ bundles
+    models: str                          # the training output: cnet/, identity/, gender/, expression/, age/ bundles
     top_k: int = DEFAULT_TOP_K           # identity labels ranked per row
     group_by: str | None = None          # a column of the table: its rows with one value are one person
     batch_size: int = 1024               # rows per actor call and per Parquet part
@@ -110,6 +110,8 @@ def predict_rows(recognizer: Recognizer, rows: list[dict], top_k: int = DEFAULT_
             gender = answer.get("gender")
             if gender:
                 entry.update(gender=gender["label"], gender_score=gender["scores"][gender["label"]])
+            if answer.get("age") is not None:
+                entry.update(age=answer["age"], age_mae=answer["age_mae"])
             label = image.get("expression_label")
             if label is not None:
                 entry.update(expression=label, expression_score=image["expression"][label])
@@ -164,7 +166,7 @@ def table_layout(parts: list[str], options: storage.S3Options | None = None) -> 
     fs, path = storage.filesystem_for(parts[0], options)
     schema = pq.read_schema(path, filesystem=fs)
     raw = (schema.metadata or {}).get(METADATA_LAYOUT_KEY)
-    return list(schema.names), (json.loads(raw) if raw else None)
+    return current_names(schema), (json.loads(raw) if raw else None)
 
 
 def table_rows(parts: list[str], options: storage.S3Options | None = None) -> int:

@@ -373,7 +373,7 @@ class FacedistAPI:
 
     @api.post("/v1/predict", response_model=PredictResponse, responses=ERROR_RESPONSES,
               openapi_extra=multipart_doc("images", many=True),
-              summary="Identity (top-k), gender and per-image expressions of one person from 1..K images")
+              summary="Identity (top-k), gender, age and per-image expressions of one person from 1..K images")
     async def predict(self, request: Request) -> dict:
         self._authorize(request)
         async with self._admitted(request) as ticket:

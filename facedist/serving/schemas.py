@@ -96,6 +96,10 @@ class PredictResponse(BaseModel):
     identity: dict = Field(description="{top_k: [{label, score}], coefficients: the aggregated identity coefficients, "
                                        "aggregation: cnet (confidence-weighted) or mean}")
     gender: dict | None = Field(None, description="{label, probabilities}; null without a gender model")
+    age: float | None = Field(None, description="years: the age model's estimate from the person's usable images; "
+                                                "null without an age model")
+    age_mae: float | None = Field(None, description="the age model's expected error in years (its validation "
+                                                    "mean absolute error, on people unseen in training)")
     images: list[ImagePrediction]
     num_images: int
     num_used: int
@@ -115,7 +119,7 @@ def pose_of(row: dict) -> dict:
 
 def attributes_of(row: dict) -> dict | None:
     """face-api's outputs of a row as {expression, age, gender}; None when the row has none."""
-    probs, age, male = row.get("expression_probs"), row.get("age"), row.get("gender_male")
+    probs, age, male = row.get("expression_probs"), row.get("faceapi_age"), row.get("faceapi_gender_male")
     if probs is None and age is None and male is None:
         return None
     expression = None
@@ -204,6 +208,7 @@ def prediction_response(prediction: dict, rows: list[dict], uploads: list[Upload
                      "coefficients": prediction.get("identity_coeffs"),
                      "aggregation": prediction.get("aggregation")},
         "gender": {"label": gender["label"], "probabilities": gender["scores"]} if gender else None,
+        "age": prediction.get("age"), "age_mae": prediction.get("age_mae"),
         "images": images, "num_images": len(rows), "num_used": prediction.get("n_used", 0),
     }
 

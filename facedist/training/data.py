@@ -39,6 +39,7 @@ class CoefficientData:
     # Other descriptor groups (schema.INPUT_GROUPS beyond id / exp / tex / feature), by group name,
     # where every usable row has them.
     groups: dict = field(default_factory=dict)
+    age: np.ndarray | None = None      # (N,) the age label in years, NaN where unknown (None: no column)
 
     def __len__(self) -> int:
         return len(self.path)
@@ -51,7 +52,8 @@ class CoefficientData:
                                take(self.landmarks_fit), take(self.box), self.layout, self.n_feature,
                                texture=None if self.texture is None else take(self.texture),
                                tex_coeffs=None if self.tex_coeffs is None else take(self.tex_coeffs),
-                               groups={k: take(v) for k, v in self.groups.items()})
+                               groups={k: take(v) for k, v in self.groups.items()},
+                               age=None if self.age is None else take(self.age))
 
     def labels(self, column: str) -> np.ndarray:
         return getattr(self, column)
@@ -170,6 +172,11 @@ def table_to_data(table: pa.Table, n_feature: int | None = None) -> CoefficientD
     for name, column in INPUT_GROUPS.items():
         if name in ("id", "exp", "tex", "feature") or column not in table.column_names:
             continue
+        if not pa.types.is_list(table.column(column).type):  # one number per row (fage)
+            values = _scalars(table, column, rows)
+            if len(rows) and np.isfinite(values).all():
+                groups[name] = values.astype(np.float32)[:, None]
+            continue
         lengths = _list_lengths(table.column(column))[rows]
         if len(rows) and lengths[0] > 0 and (lengths == lengths[0]).all():
             groups[name] = _fixed_rows(table.column(column), rows, int(lengths[0]))
@@ -182,7 +189,8 @@ def table_to_data(table: pa.Table, n_feature: int | None = None) -> CoefficientD
         id_coeffs=_fixed_rows(table.column("id_coeffs"), rows, n_id),
         exp_coeffs=_fixed_rows(table.column("exp_coeffs"), rows, n_exp),
         quality=quality, landmarks=points("landmarks"), landmarks_fit=points("landmarks_fit"), box=box, layout=layout,
-        n_feature=n_feature, skipped=table.num_rows - len(rows))
+        n_feature=n_feature, skipped=table.num_rows - len(rows),
+        age=_scalars(table, "age", rows) if "age" in table.column_names else None)
 
 
 # What a task reads of the table: everything but the sampled texture, which only the person

@@ -21,11 +21,13 @@ from facedist.training.engine import TrainConfig
 
 def describe_best(best: dict) -> str:
     """A run's best epoch in words, with the metric keys the task reports: accuracy and macro-F1
-    for classifiers, C-Net's leave-one-out errors (vs the plain mean) for cnet."""
+    for classifiers, the mean absolute error for a regressor (age), C-Net's leave-one-out errors (vs the plain mean) for cnet."""
     if best.get("accuracy") is not None:
         text = f"validation accuracy {best['accuracy']:.3f}"
         if best.get("macro_f1") is not None:
             text += f", macro_f1 {best['macro_f1']:.3f}"
+    elif best.get("mae") is not None:
+        text = f"validation MAE {best['mae']:.2f} years (predicting the mean age: {best.get('mae_baseline', float('nan')):.2f})"
     elif best.get("degenerate"):
         text = ("not validated: no validation person has 2 or more photos, so C-Net's leave-one-out error "
                 "has nothing to predict (the classifiers aggregate by the mean unless --aggregate cnet)")

@@ -25,6 +25,9 @@ TASK_PRESETS: dict[str, dict] = {
                  "max_combos_per_epoch": 1200, "inputs": ("emb", "id", "tex"), "head": "linear"},
     "gender": {"epochs": 40, "batch_size": 32, "patience": 12, "inputs": ("emb",), "head": "linear"},
     "expression": {"epochs": 40, "batch_size": 16, "patience": 12, "inputs": ("exp", "tex", "expf"), "head": "linear"},
+    # Age: a ridge over the inputs that did best on London split by person (scripts/age_by_person.py,
+    # docs/results.md "Age on London, split by person").
+    "age": {"epochs": 40, "batch_size": 64, "patience": 12, "inputs": ("emb", "fage"), "head": "linear"},
     # Validated on the identity preset's combinations of 3 (the same caps).
     "image_identity": {"epochs": 15, "batch_size": 16, "patience": 8, "image_size": 224,
                        "max_combos_per_subject": 40, "max_combos_per_epoch": 1200},
@@ -44,6 +47,13 @@ HEAD_PRESETS: dict[tuple[str, str], dict] = {
     # row (on London and Yale split by person: docs/results.md).
     ("expression", "linear"): {**_LIGHT, "input_norm": "per_group", "l2": 3e-4, "refit": True},
     **{(task, "mlp"): {**_LIGHT, "dropout": 0.2} for task in ("gender", "expression")},
+    # Age: each group at unit total variance (a 1-d face-api age beside a 128-d e), a ridge that
+    # starts at its exact solution (RegressorTask), so a few quiet epochs (no dropout, a low rate),
+    # refitted on every row.
+    ("age", "linear"): {**_LIGHT, "input_norm": "per_group", "l2": 1e-2, "refit": True, "dropout": 0.0,
+                        "lr": 1e-3, "epochs": 20},
+    ("age", "mlp"): {**_LIGHT, "input_norm": "per_group", "dropout": 0.2},
+    ("age", "resnet"): {"input_norm": "standard"},
     # Identity over people seen in few photos: within-person whitening, then cosine; the linear
     # head starts as the nearest class mean and is fine-tuned briefly.
     ("identity", "linear"): {"input_norm": "within_class_cosine", "prototype_init": True, "noise": 0.0,

@@ -8,6 +8,7 @@
 - gender: a classifier on each image's descriptor; split by subject (a person's gender must not
   leak through their identity).
 - expression: a classifier on each image's descriptor; split by image.
+- age: a regressor (years) on each image's descriptor; split by person (RegressorTask).
 
 A classifier's input is a descriptor: the groups of ``config.inputs`` side by side (id, exp,
 tex, feature, ...; schema.INPUT_GROUPS). Its head is the paper's 1-D ResNet (34 for identity and
@@ -29,8 +30,9 @@ from facedist.training.bundle import make_bundle
 from facedist.training.data import CoefficientData, combos_per_subject, encode_labels, group_combinations, image_folds
 from facedist.training.engine import TrainConfig
 
-COEFFICIENT_TASKS = ("identity", "expression", "gender")
-LABEL_COLUMN = {"identity": "subject", "expression": "expression", "gender": "gender",
+COEFFICIENT_TASKS = ("identity", "expression", "gender", "age")
+REGRESSION_TASKS = ("age",)  # a number per image (RegressorTask), not a class
+LABEL_COLUMN = {"identity": "subject", "expression": "expression", "gender": "gender", "age": "age",
                 "image_identity": "subject", "image_expression": "expression"}
 # within_class: standardise, then whiten by the within-class covariance; within_class_cosine: and
 # scale to unit length; standard: standardise only.
@@ -40,7 +42,7 @@ INPUT_NORMS = ("within_class", "within_class_cosine", "standard", "per_group")
 AGGREGATES = ("cnet", "mean")  # how identity combinations are pooled: C-Net confidences or the plain mean
 HEADS = ("resnet", "linear", "mlp")
 # The paper's 1-D ResNet per task; the light heads are one architecture for every task.
-RESNET_ARCH = {"identity": "resnet34_1d", "gender": "resnet34_1d", "expression": "resnet32_1d"}
+RESNET_ARCH = {"identity": "resnet34_1d", "gender": "resnet34_1d", "expression": "resnet32_1d", "age": "resnet34_1d"}
 LIGHT_HEADS = {"linear": "linear_head", "mlp": "mlp_head"}
 
 
@@ -200,7 +202,7 @@ class ClassifierTask:
             batch = index[step * bs:(step + 1) * bs]
             x = self.augment(self.x_train[batch]).to(device)
             y = self.y_train[batch].to(device)
-            loss = F.cross_entropy(model(x), y, label_smoothing=0.05)
+            loss = self.loss(model(x), y)
             if self.config.l2:
                 loss = loss + self.ridge(model)
             optimizer.zero_grad(set_to_none=True)
@@ -209,6 +211,9 @@ class ClassifierTask:
             loss_sum += float(loss.detach()) * len(batch)
             count += len(batch)
         return {"loss": loss_sum, "count": count}
+
+    def loss(self, outputs: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(outputs, y, label_smoothing=0.05)
 
     def predict_logits(self, model, index: torch.Tensor, device) -> torch.Tensor:
         return model(self.x_val[index].to(device)).float().cpu()
@@ -234,6 +239,73 @@ class ClassifierTask:
         return make_bundle(task=self.config.task, model_config={"name": self.model_name, **self.model_config},
                            state_dict=state, labels=self.labels, layout_json=self.layout_json,
                            input_norm=self.norm.to_dict(), metrics=_jsonable(metrics), extra=self.extra)
+
+
+class RegressorTask(ClassifierTask):
+    """A linear (or MLP / 1-D ResNet) regressor of one number per image (age, in years) over
+    fixed input vectors: the classifier's inputs, normalisation, ridge and recipe, with one output
+    and the target standardised on the training rows (years = mean + std x output; the bundle's
+    extra holds target_mean and target_std). The loss is the squared error in those units (with
+    the ridge: ridge regression; a linear head starts at its exact solution); validation reports the mean absolute error in years (mae, the
+    monitored metric), its RMSE, and the MAE of predicting the training rows' mean (mae_baseline)."""
+
+    monitor = ("mae", "min")
+
+    def __init__(self, config: TrainConfig, x_train: np.ndarray, y_train: np.ndarray, x_val: np.ndarray,
+                 y_val: np.ndarray, layout_json: str, arch: str, extra: dict | None = None):
+        if config.input_norm.startswith("within_class") or config.prototype_init:
+            raise ValueError(f"{config.task}: a regressor has no classes to whiten within or start from; "
+                             "use input_norm standard or per_group")
+        super().__init__(config, x_train, np.asarray(y_train, np.float64), x_val, np.asarray(y_val, np.float64),
+                         [], layout_json, arch, extra)
+        self.model_config["num_classes"] = 1
+
+    def _fit_norm(self, x_train, y_train, x_val, y_val) -> None:
+        super()._fit_norm(x_train, y_train, x_val, y_val)
+        self.target_mean = float(np.mean(y_train))
+        self.target_std = float(max(np.std(y_train), 1e-6))
+        self.y_train = torch.as_tensor((y_train - self.target_mean) / self.target_std, dtype=torch.float32)
+        self.y_val = torch.as_tensor(y_val, dtype=torch.float32)   # years
+        self.extra = {**self.extra, "target_mean": self.target_mean, "target_std": self.target_std}
+
+    def loss(self, outputs: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return F.mse_loss(outputs[:, 0], y)
+
+    def build_model(self):
+        model = create_model(self.model_name, **self.model_config)
+        if self.model_name == LIGHT_HEADS["linear"]:
+            self._init_ridge(model)
+        return model
+
+    def _init_ridge(self, model) -> None:
+        """The linear head starts at the exact minimum of what it is trained on (the mean squared
+        error + the ridge penalty, see ridge()) on the normalised training rows, so the epochs
+        refine a solution instead of travelling to one: a few hundred Adam steps of lr 1e-2 from a
+        random start did not always reach a weight near 1 (one input, face-api's age, on London)."""
+        x, y = self.x_train.double(), self.y_train.double()
+        x_mean, y_mean = x.mean(0), y.mean()
+        xc, yc = x - x_mean, y - y_mean
+        width = len(self.group_dims) if self.config.input_norm == "per_group" else self.model_config["input_dim"]
+        gram = xc.T @ xc / len(xc) + self.config.l2 * width * torch.eye(xc.shape[1], dtype=torch.float64)
+        w = torch.linalg.solve(gram, xc.T @ yc / len(xc))
+        with torch.no_grad():
+            model.fc.weight.copy_(w[None].float())
+            model.fc.bias.fill_(float(y_mean - x_mean @ w))
+
+    def evaluate(self, model, rank: int, world: int, device) -> dict:
+        index = _shard(len(self.y_val), rank, world)
+        if len(index) == 0:
+            return {"abs": 0.0, "sq": 0.0, "baseline_abs": 0.0, "count": 0.0}
+        out = torch.cat([self.predict_logits(model, index[i:i + 256], device) for i in range(0, len(index), 256)])
+        years = self.target_mean + self.target_std * out[:, 0].double()
+        y = self.y_val[index].double()
+        return {"abs": float((years - y).abs().sum()), "sq": float(((years - y) ** 2).sum()),
+                "baseline_abs": float((self.target_mean - y).abs().sum()), "count": float(len(index))}
+
+    def summarize(self, sums: dict) -> dict:
+        n = max(sums["count"], 1)
+        return {"mae": sums["abs"] / n, "rmse": (sums["sq"] / n) ** 0.5, "mae_baseline": sums["baseline_abs"] / n,
+                "val_loss": sums["sq"] / n / self.target_std ** 2, "n_val": int(sums["count"])}
 
 
 def _jsonable(metrics: dict) -> dict:
@@ -286,9 +358,48 @@ def classifier_from_split(config: TrainConfig, data: CoefficientData, train_idx:
                           head_model(config.task, config.head), extra)
 
 
+def person_split(subjects: np.ndarray, k: int, seed: int) -> np.ndarray:
+    """Fold index per row, all of a person's rows in one fold: the people, shuffled by ``seed``,
+    dealt round the k folds (the person report's person_folds)."""
+    people = np.array(sorted({str(s) for s in subjects}))
+    np.random.default_rng(seed).shuffle(people)
+    fold_of = {p: i % k for i, p in enumerate(people)}
+    return np.array([fold_of[str(s)] for s in subjects])
+
+
+def regressor_from_split(config: TrainConfig, data: CoefficientData, train_idx: np.ndarray,
+                         val_idx: np.ndarray) -> RegressorTask:
+    """The regressor of config.task (age) trained on rows ``train_idx`` and validated on
+    ``val_idx`` of ``data`` (rows with a label only), with the task's inputs and head."""
+    inputs = task_inputs(config)
+    column = LABEL_COLUMN[config.task]
+    x, y = data.descriptor(inputs), np.asarray(data.labels(column), np.float64)
+    extra = {"label_column": column, "fold": config.fold, "folds": config.folds, "seed": config.seed,
+             "inputs": list(inputs), "input_dims": [int(data.group(g).shape[1]) for g in inputs],
+             "head": config.head, "split": "person", "n_train_images": int(len(train_idx)),
+             "n_val_images": int(len(val_idx))}
+    return RegressorTask(config, x[train_idx], y[train_idx], x[val_idx], y[val_idx], data.layout.to_json(),
+                         head_model(config.task, config.head), extra)
+
+
+def make_regressor_task(config: TrainConfig, data: CoefficientData) -> RegressorTask:
+    """Age: the rows with a label, split by person (a person's age must not leak through their
+    identity); this run validates on fold config.fold."""
+    column = LABEL_COLUMN[config.task]
+    values = data.labels(column)
+    if values is None or not np.isfinite(np.asarray(values, np.float64)).any():
+        raise ValueError(f"no rows with an {column!r} label for task {config.task!r} (a manifest's {column} column)")
+    data = data.subset(np.flatnonzero(np.isfinite(np.asarray(values, np.float64))))
+    folds = person_split(data.subject, config.folds, config.seed)
+    return regressor_from_split(config, data, np.flatnonzero(folds != config.fold),
+                                np.flatnonzero(folds == config.fold))
+
+
 def make_classifier_task(config: TrainConfig, data: CoefficientData,
                          confidences: np.ndarray | None = None) -> ClassifierTask:
     """confidences: per-image C-Net confidences for identity (else loaded from config.cnet)."""
+    if config.task in REGRESSION_TASKS:
+        return make_regressor_task(config, data)
     column = LABEL_COLUMN[config.task]
     values = data.labels(column)
     has_label = np.array([v is not None and (config.labels is None or v in config.labels) for v in values])

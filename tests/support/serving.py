@@ -74,7 +74,12 @@ def models_uri(yale_dir, s3_server, extractor, tmp_path_factory):
                             max_combos_per_subject=20),
                 TrainConfig(task="expression", epochs=4, batch_size=32, labels=list(YALE_EXPRESSIONS))):
         train_and_save(cfg, data, str(local / cfg.task))
-    for name in ("cnet", "identity", "expression"):
+    # Yale has no ages: one per person (20 + 3 x its number) wires the age model end to end.
+    from facedist.training.presets import preset_config
+
+    data.age = np.array([20.0 + 3 * int(str(s).removeprefix("subject")) for s in data.subject])
+    train_and_save(preset_config("age", epochs=10, inputs=("id",)), data, str(local / "age"))
+    for name in ("cnet", "identity", "expression", "age"):
         save_model_bundle(torch.load(local / name / "model.pt", weights_only=False), f"{uri}/{name}")
     return uri
 
