@@ -1,7 +1,7 @@
 """Age on London split by person: the age task's candidate inputs against face-api's own age
 and the mean-age baseline.
 
-For each seed the people are dealt into k folds (facedist.person_report.person_folds); per fold
+For each seed the people are dealt into k folds (facedist.reports.person.person_folds); per fold
 every candidate is trained on the other folds' people through the age task's code (the preset's
 ridge, without the refit, which changes the shipped weights and not what is measured) and scored
 on this fold's people. A seed's MAE pools its folds' photos; each row is the mean ± std over
@@ -26,7 +26,7 @@ CANDIDATES = (("fage",), ("emb",), ("emb", "fage"), ("expf", "fage"), ("id", "te
 
 
 def main(argv=None) -> int:
-    from facedist.person_report import person_folds
+    from facedist.reports.person import person_folds
     from facedist.schema import inputs_label
     from facedist.training.data import TRAINING_COLUMNS, load_data
     from facedist.training.engine import fit

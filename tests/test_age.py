@@ -63,7 +63,7 @@ def test_a_schema_1_table_reads_with_the_new_names_and_no_age_label(tmp_path):
     data = load_data(str(tmp_path / "old"))
     assert data.age is None and data.group("fage")[:, 0] == pytest.approx([r["faceapi_age"] for r in rows])
 
-    from facedist.prediction import table_layout
+    from facedist.prediction.rows import table_layout
 
     names, _ = table_layout([str(tmp_path / "old" / "part-0.parquet")])
     assert "faceapi_age" in names and "age" not in names
@@ -114,7 +114,7 @@ def test_the_age_task_beats_the_mean_age_on_people_it_never_saw(age_bundle):
 
 
 def test_a_prediction_row_and_a_predict_answer_carry_age_and_its_error(age_bundle, tmp_path):
-    from facedist.prediction import predict_rows
+    from facedist.prediction.rows import predict_rows
     from facedist.recognition import Recognizer
     from facedist.schema import predictions_to_table
     from facedist.serving.schemas import PredictResponse, Upload, prediction_response
