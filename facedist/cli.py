@@ -329,8 +329,13 @@ def cmd_serve(args) -> int:
     extract_config_from_args(args)  # fail on a bad combination before Ray starts
     check_input(args.models, "--models")
     settings = {name: getattr(args, name) for name in SERVE_FLAGS if getattr(args, name) is not None}
+    models = args.models or None
     settings.update(gallery_uri=args.gallery, embedding_uri=args.embedding)
-    run_server(args.models or None, address=args.address, host=args.host, port=args.port,
+    if args.gallery:
+        from facedist.gallery.command import serve_uris
+
+        models, settings["embedding_uri"] = serve_uris(models, args.embedding)
+    run_server(models, address=args.address, host=args.host, port=args.port,
                route_prefix=args.route_prefix, backend=args.backend, detector=args.detector,
                landmarks=args.landmarks, texture=not args.no_texture, texture_basis=args.texture_basis,
                face_embedding=not args.no_face_embedding, face_attributes=not args.no_face_attributes,

@@ -223,3 +223,14 @@ def test_the_whitened_embedding_discounts_what_varies_within_a_person_and_round_
     back = EmbeddingModel.load(str(tmp_path / "models"))
     assert back.version == model.version and back.kind == "whitened" and back.threshold == model.threshold
     np.testing.assert_allclose(back.embed(x[:3]), model.embed(x[:3]), atol=1e-6)
+
+
+def test_serve_takes_a_models_folder_holding_only_the_embedding(tmp_path):
+    from facedist.gallery.command import serve_uris
+
+    models = tmp_path / "models"
+    EmbeddingModel(("emb",), [DIM]).save(str(models / "embedding"))
+    assert serve_uris(str(models), None) == (None, str(models / "embedding"))  # no classifier: gallery only
+    (models / "gender").mkdir()
+    (models / "gender" / "model.pt").write_bytes(b"")
+    assert serve_uris(str(models), "elsewhere") == (str(models), "elsewhere")

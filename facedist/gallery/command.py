@@ -184,6 +184,20 @@ def cmd_list(args) -> int:
     return 0
 
 
+def serve_uris(models: str | None, embedding: str | None) -> tuple[str | None, str | None]:
+    """`facedist serve --gallery`: (models for /v1/predict, the embedding bundle). A models folder
+    with no classifier bundle (only embedding/) serves the gallery alone."""
+    from facedist.gallery.embedding import EMBEDDING_TASK
+    from facedist.recognition import RECOGNIZER_TASKS
+    from facedist.training.bundle import BUNDLE_FILE
+
+    if models is None:
+        return None, embedding
+    embedding = embedding or storage.join(models, EMBEDDING_TASK)
+    classifiers = any(storage.exists(storage.join(models, task, BUNDLE_FILE)) for task in RECOGNIZER_TASKS)
+    return (models if classifiers else None), embedding
+
+
 # ---- facedist train --task embedding ------------------------------------------------------------
 
 def train_embedding(args) -> int:
