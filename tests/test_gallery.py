@@ -234,3 +234,19 @@ def test_serve_takes_a_models_folder_holding_only_the_embedding(tmp_path):
     (models / "gender").mkdir()
     (models / "gender" / "model.pt").write_bytes(b"")
     assert serve_uris(str(models), "elsewhere") == (str(models), "elsewhere")
+
+
+def test_the_open_set_threshold_rises_with_the_gallery_and_travels_in_the_bundle(tmp_path):
+    """Against N people a never-enrolled probe meets N impostors: identify's cut-off must sit
+    where one pair in N/0.01 passes, not one in 100."""
+    rng = np.random.default_rng(6)
+    impostor = rng.normal(size=20_000)
+    model = EmbeddingModel(("emb",), [DIM], threshold=threshold_at_far(impostor, 0.01),
+                           impostor_tail=np.sort(impostor)[::-1][:2000].copy(), impostor_pairs=len(impostor))
+    cuts = [model.open_set_threshold(n) for n in (1, 10, 100, 10_000)]
+    assert cuts[0] == model.threshold and cuts == sorted(cuts) and cuts[1] < cuts[2] < cuts[3]
+    assert np.mean(impostor >= cuts[2]) <= 0.01 / 100
+    assert cuts[3] > impostor.max()  # finer than one training pair: above every training impostor
+    model.save(str(tmp_path / "embedding"))
+    back = EmbeddingModel.load(str(tmp_path / "embedding"))
+    assert [back.open_set_threshold(n) for n in (1, 10, 100, 10_000)] == cuts

@@ -29,6 +29,7 @@ TARGET_FAR = 0.01                        # the verification threshold's false-ac
 METRIC_DIMS = 80                         # as the person report's identity metric (person_report.PROBE_DIMS)
 METRIC_FLOOR = 1e-2                      # its whitening floor (person_report.METRIC_FLOOR)
 MAX_IMPOSTOR_PAIRS = 500_000             # impostor pairs scored when choosing a threshold (sampled past this)
+IMPOSTOR_TAIL = 2_000                    # the highest training impostor scores the bundle keeps (open set)
 # What `facedist train --task embedding` ships unless told otherwise: the best measured on people
 # never seen in training (docs/results.md, "Gallery embedding").
 EMBEDDING_PRESET = {"inputs": DESCRIPTOR_INPUTS, "whiten": False}
@@ -55,6 +56,10 @@ class EmbeddingModel:
     far: float = TARGET_FAR                                # the training impostor rate the threshold was set at
     metrics: dict = field(default_factory=dict)
     layout: str = ""                                       # CoefficientLayout JSON of the training table
+    # The highest training impostor scores (descending) out of impostor_pairs: what
+    # open_set_threshold reads the far tail from.
+    impostor_tail: np.ndarray | None = None
+    impostor_pairs: int = 0
 
     @property
     def kind(self) -> str:
@@ -73,6 +78,20 @@ class EmbeddingModel:
             if array is not None:
                 digest.update(np.ascontiguousarray(array, np.float32).tobytes())
         return digest.hexdigest()[:12]
+
+    def open_set_threshold(self, people: int, false_alarm: float | None = None) -> float:
+        """identify's cut-off ("unknown" below it) against ``people`` enrolled people. A probe of
+        someone never enrolled meets ``people`` impostors, and the best of them decides: with each
+        pair's FAR at false_alarm / people, the best passes with probability about false_alarm
+        (the verification threshold alone would raise ~1 - 0.99^people false alarms: 0.53 on
+        London's 81). Read from the training impostor pairs' tail; a rate finer than one of those
+        pairs takes the highest training impostor score. Never below the verification threshold."""
+        if self.impostor_tail is None or not self.impostor_pairs or people <= 1:
+            return self.threshold
+        k = int(np.floor((false_alarm or self.far) / people * self.impostor_pairs))
+        tail = np.asarray(self.impostor_tail, np.float64)
+        cut = float(np.nextafter(tail[min(k, len(tail) - 1)], np.inf))
+        return max(self.threshold, cut)
 
     def embed(self, x: np.ndarray) -> np.ndarray:
         """Descriptors (N, D_in) -> unit embeddings (N, dim)."""
@@ -110,11 +129,14 @@ class EmbeddingModel:
         state = {"threshold": torch.tensor([self.threshold], dtype=torch.float64)}
         if self.projection is not None:
             state.update(mean=torch.as_tensor(self.mean), projection=torch.as_tensor(self.projection))
+        if self.impostor_tail is not None:
+            state["impostor_tail"] = torch.as_tensor(np.asarray(self.impostor_tail, np.float64))
         return make_bundle(task=EMBEDDING_TASK, model_config={"name": "embedding", "kind": self.kind},
                            state_dict=state, labels=[], layout_json=self.layout, input_norm=None,
                            metrics=self.metrics, extra={"inputs": list(self.inputs),
                                                         "input_dims": list(self.input_dims),
                                                         "far": self.far, "kind": self.kind,
+                                                        "impostor_pairs": self.impostor_pairs,
                                                         "version": self.version})
 
     @classmethod
@@ -123,9 +145,11 @@ class EmbeddingModel:
             raise ValueError(f"not an embedding bundle (task {bundle.get('task')!r})")
         state, extra = bundle["state_dict"], bundle.get("extra", {})
         array = lambda name: state[name].numpy().astype(np.float32) if name in state else None  # noqa: E731
+        tail = state["impostor_tail"].numpy() if "impostor_tail" in state else None
         return cls(tuple(extra["inputs"]), list(extra["input_dims"]), array("mean"), array("projection"),
                    float(state["threshold"].numpy()[0]), float(extra.get("far", TARGET_FAR)),
-                   dict(bundle.get("metrics") or {}), bundle.get("layout") or "")
+                   dict(bundle.get("metrics") or {}), bundle.get("layout") or "", tail,
+                   int(extra.get("impostor_pairs", 0)))
 
     def save(self, directory: str) -> str:
         from facedist.training.bundle import save_model_bundle
@@ -219,6 +243,8 @@ def fit_embedding(data, inputs: tuple[str, ...] = DESCRIPTOR_INPUTS, whiten: boo
         model.mean, model.projection = fit_whitening(x, subjects)
     genuine, impostor = pair_scores(model.embed(x), subjects)
     model.threshold = threshold_at_far(impostor, far)
+    model.impostor_tail = np.sort(impostor)[::-1][:IMPOSTOR_TAIL].copy()
+    model.impostor_pairs = int(len(impostor))
     model.metrics = {"train_" + k: v for k, v in rates_at(genuine, impostor, model.threshold).items()}
     model.metrics.update(train_people=int(len(set(subjects))), train_photos=int(len(rows)))
     return model

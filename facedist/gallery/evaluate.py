@@ -15,7 +15,8 @@ people, and scored on this fold's people. Per candidate:
                 scores at or above the threshold, a probe of a never-enrolled one raises a false
                 alarm when its top-1 scores at or above it. The identification rate (DIR) at a
                 1% false-alarm rate (threshold from the never-enrolled probes, pooled over the
-                folds of a seed), and DIR and false alarms at the training threshold.
+                folds of a seed), and DIR and false alarms at the training threshold and at
+                identify's own cut-off (EmbeddingModel.open_set_threshold for the gallery's size).
 
 Mean ± std over seeds; the DET curve pools the held-out pairs of every seed.
 """
@@ -90,7 +91,8 @@ def evaluate_seed(data, seed: int, config: EvaluateConfig, candidates: dict) -> 
                     top = s.argmax(1)
                     correct = subjects[open_gallery[top]] == subjects[rows]
                     a[kind].append(np.stack([s[np.arange(len(rows)), top], correct,
-                                             np.full(len(rows), model.threshold)], 1))
+                                             np.full(len(rows), model.threshold),
+                                             np.full(len(rows), model.open_set_threshold(len(open_gallery)))], 1))
     out = {}
     for name, a in acc.items():
         genuine, impostor = np.concatenate(a["genuine"]), np.concatenate(a["impostor"])
@@ -105,6 +107,9 @@ def evaluate_seed(data, seed: int, config: EvaluateConfig, candidates: dict) -> 
             "dir_at_far": float(np.mean((enrolled[:, 1] == 1) & (enrolled[:, 0] >= alarm_t))),
             "dir_at_threshold": float(np.mean((enrolled[:, 1] == 1) & (enrolled[:, 0] >= enrolled[:, 2]))),
             "false_alarm_at_threshold": float(np.mean(never[:, 0] >= never[:, 2])),
+            "dir_at_open_threshold": float(np.mean((enrolled[:, 1] == 1) & (enrolled[:, 0] >= enrolled[:, 3]))),
+            "false_alarm_at_open_threshold": float(np.mean(never[:, 0] >= never[:, 3])),
+            "open_threshold_mean": float(np.mean(never[:, 3])),
             "pairs": {"genuine": int(len(genuine)), "impostor": int(len(impostor))},
             "open_set_probes": {"enrolled": int(len(enrolled)), "never_enrolled": int(len(never))},
             "_genuine": genuine, "_impostor": impostor,
@@ -150,6 +155,9 @@ ROWS = (("rank1", "rank-1"), ("tar_at_far", "TAR @ FAR 1%"), ("threshold_tar", "
         ("threshold_far", "FAR at the training threshold"), ("dir_at_far", "open-set DIR @ 1% false alarms"),
         ("dir_at_threshold", "DIR at the training threshold"),
         ("false_alarm_at_threshold", "false alarms at the training threshold"),
+        ("dir_at_open_threshold", "DIR at identify's open-set threshold"),
+        ("false_alarm_at_open_threshold", "false alarms at identify's open-set threshold (target 0.01)"),
+        ("open_threshold_mean", "identify's open-set threshold (cosine)"),
         ("threshold_mean", "training threshold (cosine)"))
 
 

@@ -77,12 +77,14 @@ class GalleryIndex:
 def identify(index, model, embeddings: np.ndarray, top_k: int) -> dict:
     """Photos of one person (unit embeddings) -> {"identity", "score", "top_k": [{person, score}]}:
     the probe's aggregate against every enrolled person, "unknown" when the best is below the
-    threshold. The one copy of the decision (CLI, HTTP, `facedist predict --gallery`)."""
+    open-set threshold for this many people (EmbeddingModel.open_set_threshold). The one copy of
+    the decision (CLI, HTTP, `facedist predict --gallery`)."""
     matches = index.top(aggregate(embeddings), top_k) if len(index) else []
     best = matches[0] if matches else None
-    known = best is not None and best.score >= model.threshold
+    threshold = model.open_set_threshold(len(index))
+    known = best is not None and best.score >= threshold
     return {"identity": best.person if known else "unknown", "score": best.score if best else None,
-            "threshold": model.threshold, "n_photos": int(len(embeddings)),
+            "threshold": threshold, "n_photos": int(len(embeddings)),
             "top_k": [{"person": m.person, "score": m.score} for m in matches]}
 
 
@@ -95,14 +97,15 @@ def verify(model, a: np.ndarray, b: np.ndarray) -> dict:
 
 def match_rows(model, index: GalleryIndex, rows: list[dict]) -> list[tuple[str | None, float | None]]:
     """Each extraction row's photo on its own against the gallery: (the top-1 person, or "unknown"
-    below the threshold, and its score); (None, None) for a row with no embedding
+    below the open-set threshold, and its score); (None, None) for a row with no embedding
     (`facedist predict --gallery`)."""
     out: list[tuple[str | None, float | None]] = [(None, None)] * len(rows)
     embeddings, have, _ = model.embed_rows(rows)
     if not have or not len(index):
         return out
     scores, best = index.search(embeddings, 1)
+    threshold = model.open_set_threshold(len(index))
     for slot, i in enumerate(have):
         score = float(scores[slot, 0])
-        out[i] = (index.names[best[slot, 0]] if score >= model.threshold else "unknown", score)
+        out[i] = (index.names[best[slot, 0]] if score >= threshold else "unknown", score)
     return out
