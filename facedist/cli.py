@@ -234,6 +234,9 @@ def add_predict_command(command) -> None:
     pred.add_argument("--group-by", default=None, metavar="COLUMN",
                       help="rows with one value of this table column are one person: adds their identity together "
                            "(group_identity) to each of them")
+    pred.add_argument("--gallery", default=None, metavar="URI",
+                      help="also match each row's photo against this gallery (gallery_identity: the top-1 or "
+                           "'unknown', gallery_score); the embedding is MODELS/embedding")
     pred.add_argument("--batch-size", type=positive_int, default=PredictConfig.batch_size,
                       help="rows per actor call and per Parquet part")
     pred.add_argument("--actors", type=positive_int, default=PredictConfig.actors,
@@ -259,7 +262,7 @@ def cmd_predict(args) -> int:
     extract = extract_config_from_args(args, resume=not args.no_resume)
     config = PredictConfig(models=args.models, top_k=args.top_k, group_by=args.group_by, batch_size=args.batch_size,
                            actors=args.actors, resume=not args.no_resume, extract=extract,
-                           coefficients=args.coefficients, dataset=args.dataset)
+                           coefficients=args.coefficients, dataset=args.dataset, gallery=args.gallery)
     summary = run_ray_prediction(args.input, args.out, config, address=args.address, options=s3_options(args))
     return 0 if not summary["run"]["unaccounted"] else 1
 
@@ -280,7 +283,10 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     from facedist.training.task_registry import TASKS
     from facedist.training.tasks import AGGREGATES, HEADS, INPUT_NORMS
 
-    parser.add_argument("--task", required=True, choices=TASKS, help="what to train")
+    from facedist.gallery.embedding import EMBEDDING_TASK
+
+    parser.add_argument("--task", required=True, choices=(*TASKS, EMBEDDING_TASK),
+                        help="what to train (embedding: the gallery's, facedist.gallery)")
     parser.add_argument("--data", required=True, help="coefficients table (local or s3://)")
     parser.add_argument("--output", required=True, help="checkpoints + final bundle (local or s3://)")
     parser.add_argument("--name", help="run name (default: <task>-fold<k>); reuse it to resume")
@@ -315,6 +321,10 @@ def cmd_train(args) -> int:
 
     check_input(args.data, "--data")
     check_input(args.cnet, "--cnet")
+    if args.task == "embedding":  # facedist.gallery.embedding.EMBEDDING_TASK
+        from facedist.gallery.command import train_embedding
+
+        return train_embedding(args)
 
     values = {k: v for k, v in vars(args).items() if k not in ("func", "command", "address", "json", "verbose", "task")}
     config = preset_config(args.task, **values)
@@ -459,6 +469,10 @@ def add_serve_command(command) -> None:
     srv.add_argument("--host", default="127.0.0.1", help="HTTP host")
     srv.add_argument("--port", type=positive_int, default=8000, help="HTTP port")
     srv.add_argument("--route-prefix", default="/", help="serve the page and the API under this path")
+    srv.add_argument("--gallery", default=None, metavar="URI",
+                     help="serve this gallery (facedist.gallery): /v1/gallery/{person}, /v1/identify, /v1/verify")
+    srv.add_argument("--embedding", default=None, metavar="URI",
+                     help="the gallery's embedding bundle (default: MODELS/embedding)")
     add_extractor_arguments(srv)
     serve_fields = {f.name: f for f in fields(ServeSettings)}
     for name in SERVE_FLAGS:
@@ -479,9 +493,15 @@ def cmd_serve(args) -> int:
     choices = extractor_choices(args)  # fail on a bad combination before Ray starts
     check_input(args.models, "--models")
     settings = {name: getattr(args, name) for name in SERVE_FLAGS if getattr(args, name) is not None}
+    models = args.models or None
+    settings.update(gallery_uri=args.gallery, embedding_uri=args.embedding)
+    if args.gallery:
+        from facedist.gallery.command import serve_uris
+
+        models, settings["embedding_uri"] = serve_uris(models, args.embedding)
     # The extractor flags as flat settings: the server's own extraction defaults (ServeSettings.extract)
     # stay where these flags say nothing.
-    run_server(args.models or None, address=args.address, host=args.host, port=args.port,
+    run_server(models, address=args.address, host=args.host, port=args.port,
                route_prefix=args.route_prefix, **choices, **settings)
     return 0
 
@@ -586,6 +606,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     for add in COMMANDS:
         add(command)
+    # The gallery's own module builds its command (it gets the extractor flags handed in: no cycle).
+    from facedist.gallery.command import add_parser as add_gallery_parser
+
+    add_gallery_parser(sub, add_extractor_arguments, extract_config_from_args, HelpFormatter, [quiet])
     return parser
 
 

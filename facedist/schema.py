@@ -232,6 +232,10 @@ PREDICTIONS_SCHEMA = pa.schema(
         pa.field("group", pa.string()),
         pa.field("group_identity", pa.string()),
         pa.field("group_identity_score", pa.float64()),
+        # With --gallery (facedist.gallery): the row's photo against the enrolled people, the top-1
+        # or "unknown" below the embedding's threshold, and its cosine.
+        pa.field("gallery_identity", pa.string()),
+        pa.field("gallery_score", pa.float64()),
     ]
 )
 PREDICTION_COLUMNS = tuple(PREDICTIONS_SCHEMA.names)

@@ -4,7 +4,7 @@
 # Hours on 2 cores in all; pick parts by name:
 #   scripts/figures.sh [PART ...]      (default: every part, in this order)
 # Parts: quickstart yale_full london_models yale_models london expression_trials yale_person cnet_degraded
-#        detectors extract_single
+#        detectors extract_single embedding gallery_search
 #        box_calibration extract_ray default_speed train_speed report_scale serve_load fault_recovery
 #        faceapi_check london_age
 # (cuda_check needs a GPU and an extracted table: benchmarks/cuda_check.py --table TABLE.)
@@ -19,7 +19,7 @@ BIN=.venv/bin
 mkdir -p "$WORK"
 parts=("$@")
 [ ${#parts[@]} -gt 0 ] || parts=(quickstart yale_full london_models yale_models london expression_trials yale_person
-                               cnet_degraded detectors
+                               cnet_degraded detectors embedding gallery_search
                                extract_single box_calibration extract_ray default_speed train_speed report_scale
                                serve_load fault_recovery faceapi_check london_age)
 step() { printf '\n== %s: %s\n' "$1" "$2"; }
@@ -63,6 +63,13 @@ for part in "${parts[@]}"; do
       extracted yale "$DATA/yalefaces"
       "$BIN/facedist" report --protocol person --gallery normal --data "$WORK/yale" --out docs/results/yale_person \
           --heads '' ;;
+    embedding)   # docs/results.md: the gallery's embedding on people never seen in training
+      step "$part" "scripts/embedding_report.py on London and Yale"
+      extracted london "$DATA/london/labels.csv"
+      extracted yale "$DATA/yalefaces"
+      "$BIN/python" scripts/embedding_report.py --data "$WORK/london" --gallery neutral --out docs/results/embedding/london
+      "$BIN/python" scripts/embedding_report.py --data "$WORK/yale" --gallery normal --out docs/results/embedding/yale ;;
+    gallery_search)  "$BIN/python" benchmarks/gallery_search.py ;;
     cnet_degraded)   "$BIN/python" benchmarks/cnet_degraded.py --seeds 5 ;;
     detectors)       scripts/yale_detectors.sh 0 ;;
     extract_single)  "$BIN/python" benchmarks/extract_single.py ;;

@@ -10,7 +10,7 @@ import pytest
 from facedist import storage
 from facedist.cli import build_parser, main
 
-COMMANDS = ("extract", "predict", "train", "report", "texture", "serve", "run", "models")
+COMMANDS = ("extract", "predict", "train", "report", "texture", "serve", "run", "models", "gallery")
 
 
 def _subparsers(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser]:
@@ -70,7 +70,9 @@ def test_choices_come_from_the_registries():
 
     commands = _subparsers(build_parser())
     choices = {(name, a.dest): tuple(a.choices) for name, c in commands.items() for a in c._actions if a.choices}
-    assert choices[("train", "task")] == tuple(TASKS)
+    from facedist.gallery.embedding import EMBEDDING_TASK
+
+    assert choices[("train", "task")] == (*TASKS, EMBEDDING_TASK)
     assert choices[("train", "input_norm")] == tuple(INPUT_NORMS)
     assert choices[("run", "backend")] == list_backends()
     assert choices[("serve", "detector")] == tuple(DETECTORS)

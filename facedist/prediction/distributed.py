@@ -49,9 +49,11 @@ class PredictActor:
     """Loads the models once; each call predicts one batch of table rows and writes one part."""
 
     def __init__(self, models: str, out_uri: str, options: storage.S3Options | None, run_id: str, settings: dict,
-                 top_k: int, group_by: str | None, groups: dict, done: frozenset, torch_threads: int):
+                 top_k: int, group_by: str | None, groups: dict, done: frozenset, torch_threads: int,
+                 gallery: str | None = None):
         _torch_threads(torch_threads)
         self.recognizer = Recognizer.from_directory(models)
+        self.gallery = _load_gallery(models, gallery, options) if gallery else None
         self.out_uri, self.options, self.run_id, self.settings = out_uri, options, run_id, settings
         self.top_k, self.group_by, self.groups, self.done = top_k, group_by, groups, done
 
@@ -61,7 +63,7 @@ class PredictActor:
         keep = [key not in self.done for key in keys]
         skipped = keep.count(False)
         rows = rows_from_arrow(batch.filter(pa.array(keep, pa.bool_())) if skipped else batch)
-        out = predict_rows(self.recognizer, rows, self.top_k, self.groups, self.group_by)
+        out = predict_rows(self.recognizer, rows, self.top_k, self.groups, self.group_by, self.gallery)
         name = None
         if out:
             name = part_name(self.run_id, out)
@@ -69,6 +71,17 @@ class PredictActor:
                                 self.options)
         return pa.Table.from_pydict({"status": [r["status"] for r in out] + [SKIPPED] * skipped,
                                      "part": [name] * len(out) + [None] * skipped}, schema=RESULT_SCHEMA)
+
+
+def _load_gallery(models: str, gallery: str, options: storage.S3Options | None) -> tuple:
+    """(EmbeddingModel of models/embedding, the gallery's search index), loaded once per actor."""
+    from facedist.gallery.embedding import EmbeddingModel
+    from facedist.gallery.store import Gallery, GalleryReader
+
+    model = EmbeddingModel.load(models)
+    reader = GalleryReader(Gallery(gallery, options), model.version)
+    reader.refresh()
+    return model, reader.loaded.index
 
 
 class GroupActor:
@@ -127,7 +140,18 @@ def run_ray_prediction(inputs: str, out_uri: str, config: PredictConfig, address
     started = time.perf_counter()
     # The models load here first: a missing bundle or a backend mismatch stops before any work.
     recognizer = Recognizer.from_directory(models)
-    settings = prediction_settings(recognizer, models, config.top_k, config.group_by)
+    gallery = storage.absolute(config.gallery)
+    settings = prediction_settings(recognizer, models, config.top_k, config.group_by, gallery)
+    embedding_columns: list[str] = []
+    if gallery:  # the embedding bundle and the gallery's embedding are checked before any work
+        from facedist.gallery.store import GalleryError
+        from facedist.schema import INPUT_GROUPS
+
+        try:
+            embedding = _load_gallery(models, gallery, options)[0]
+        except (FileNotFoundError, GalleryError) as exc:
+            raise SettingsError(str(exc)) from None
+        embedding_columns = [INPUT_GROUPS[g] for g in embedding.inputs]
     parts = table_parts(inputs, options)
     extraction = None
     if parts is None:
@@ -146,6 +170,7 @@ def run_ray_prediction(inputs: str, out_uri: str, config: PredictConfig, address
         raise SettingsError(f"--group-by {config.group_by}: the table has no such column "
                             f"(it has {', '.join(available)})")
     columns = needed_columns(recognizer, available, config.group_by)
+    columns += [c for c in embedding_columns if c in available and c not in columns]
     if config.resume:
         check_output_settings(out_uri, settings, options)
         done, replaced = frozenset(finished_keys(out_uri, options)), None
@@ -189,7 +214,8 @@ def run_ray_prediction(inputs: str, out_uri: str, config: PredictConfig, address
         num_cpus=plan["num_cpus"],
         fn_constructor_kwargs={"models": models, "out_uri": out_uri, "options": options, "run_id": run_id,
                                "settings": settings, "top_k": config.top_k, "group_by": config.group_by,
-                               "groups": groups, "done": done, "torch_threads": plan["torch_threads"]})
+                               "groups": groups, "done": done, "torch_threads": plan["torch_threads"],
+                               "gallery": gallery})
     for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None):
         for status in batch.column("status").to_pylist():
             counts[status if status in counts else STATUS_ERROR] += 1

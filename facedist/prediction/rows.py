@@ -50,6 +50,7 @@ class PredictConfig:
     extract: ExtractConfig = field(default_factory=ExtractConfig)
     coefficients: str | None = None
     dataset: str = "auto"                # how labels are read from image file names
+    gallery: str | None = None           # a gallery (facedist.gallery): each row's gallery_identity / gallery_score
 
 
 # Scalar columns besides the descriptor groups that prediction reads.
@@ -92,13 +93,19 @@ def rows_from_arrow(table: pa.Table) -> list[dict]:
 
 
 def predict_rows(recognizer: Recognizer, rows: list[dict], top_k: int = DEFAULT_TOP_K,
-                 groups: dict | None = None, group_by: str | None = None) -> list[dict]:
+                 groups: dict | None = None, group_by: str | None = None, gallery=None) -> list[dict]:
     """One PREDICTIONS_SCHEMA row per input row, in order: each row on its own through
     Recognizer.predict_many (= Recognizer.predict([row]) per row). ``groups``: {value of the
-    group_by column: (group_identity, group_identity_score)} from group_identity."""
+    group_by column: (group_identity, group_identity_score)} from group_identity. ``gallery``:
+    (EmbeddingModel, GalleryIndex) to match each row's photo against (facedist.gallery)."""
     answers = recognizer.predict_many([[row] for row in rows], top_k)
+    matches = [(None, None)] * len(rows)
+    if gallery is not None:
+        from facedist.gallery.search import match_rows
+
+        matches = match_rows(*gallery, rows)
     out = []
-    for row, answer in zip(rows, answers):
+    for row, answer, (gallery_identity, gallery_score) in zip(rows, answers, matches):
         image = answer["images"][0]
         status, message = image_outcome(row, image)
         entry = {"path": row.get("path"), "content_hash": row.get("content_hash"), "status": status,
@@ -115,6 +122,8 @@ def predict_rows(recognizer: Recognizer, rows: list[dict], top_k: int = DEFAULT_
             label = image.get("expression_label")
             if label is not None:
                 entry.update(expression=label, expression_score=image["expression"][label])
+        if gallery_identity is not None and entry["status"] == STATUS_OK:
+            entry.update(gallery_identity=gallery_identity, gallery_score=gallery_score)
         if group_by:
             key = row.get(group_by)
             entry["group"] = None if key is None else str(key)
@@ -181,11 +190,15 @@ def table_rows(parts: list[str], options: storage.S3Options | None = None) -> in
     return total
 
 
-def prediction_settings(recognizer: Recognizer, models: str, top_k: int, group_by: str | None) -> dict:
+def prediction_settings(recognizer: Recognizer, models: str, top_k: int, group_by: str | None,
+                        gallery: str | None = None) -> dict:
     """What a predictions table is made with: the models (each bundle's weights version), the
-    top-k and the grouping. Stored in every part; a resumed run must match it."""
-    return {"models": models, "versions": {task: bundle_version(b) for task, b in sorted(recognizer.bundles.items())},
-            "top_k": top_k, "group_by": group_by}
+    top-k, the grouping and the gallery, if any. Stored in every part; a resumed run must match it."""
+    versions = {task: bundle_version(b) for task, b in sorted(recognizer.bundles.items())}
+    settings = {"models": models, "versions": versions, "top_k": top_k, "group_by": group_by}
+    if gallery:
+        settings["gallery"] = gallery
+    return settings
 
 
 class PredictionSettingsError(SettingsError):

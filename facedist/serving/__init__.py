@@ -16,6 +16,10 @@ API (also on /docs):
                        (?mesh=true: also the decimated fitted mesh in image pixels)
     POST /v1/predict   multipart field "images" (1..K)   -> identity top-k, gender, expressions
     GET  /v1/health, GET /v1/models
+    with a gallery (gallery_uri; facedist.gallery.service):
+    POST /v1/gallery/{person}  "images" -> enrol;  DELETE /v1/gallery/{person};  GET /v1/gallery
+    POST /v1/identify  "images" of one person -> top-k enrolled, "unknown" below the threshold
+    POST /v1/verify    "a" and "b" -> the same person or not
 """
 
 from facedist.serving.settings import ServeSettings

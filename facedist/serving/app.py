@@ -80,6 +80,11 @@ def deployment_options(s: ServeSettings) -> dict[str, dict[str, Any]]:
             "max_queued_requests": s.recognizer_max_queued_requests, **backpressure, **shutdown,
             **({"num_replicas": 1} if fixed else
                _autoscaling(s.recognizer_max_replicas, s.predict_max_batch_size, s))},
+        # One replica: it holds the whole gallery in memory, and deletes go through one process.
+        "FaceGallery": {
+            "ray_actor_options": {"num_cpus": s.recognizer_num_cpus}, "num_replicas": 1,
+            "max_ongoing_requests": s.recognizer_max_ongoing_requests,
+            "max_queued_requests": s.recognizer_max_queued_requests, **backpressure, **shutdown},
         "FacedistAPI": {
             "ray_actor_options": {"num_cpus": s.ingress_num_cpus},
             "max_ongoing_requests": s.ingress_max_ongoing_requests,
@@ -103,7 +108,12 @@ def build_app(args: dict[str, Any] | None = None) -> serve.Application:
     extractor = FaceExtractor.options(**options["FaceExtractor"]).bind(settings)
     # Always part of the app (so one config.yaml fits both cases); without models it loads nothing.
     recognizer = FaceRecognizer.options(**options["FaceRecognizer"]).bind(settings)
-    return FacedistAPI.options(**options["FacedistAPI"]).bind(extractor, recognizer, settings)
+    gallery = None
+    if s.gallery_uri:
+        from facedist.gallery.service import FaceGallery
+
+        gallery = FaceGallery.options(**options["FaceGallery"]).bind(settings)
+    return FacedistAPI.options(**options["FacedistAPI"]).bind(extractor, recognizer, settings, gallery)
 
 
 def run_server(models_uri: str | None = None, *, address: str | None = None,

@@ -1,6 +1,7 @@
-"""The HTTP ingress: the FastAPI app (page, /v1/health, /v1/models, /v1/extract, /v1/predict)
-behind Ray Serve. With FACEDIST_API_TOKEN set (read when a replica starts), every endpoint but the
-page, /v1/health and the docs needs "Authorization: Bearer <token>"."""
+"""The HTTP ingress: the FastAPI app (page, /v1/health, /v1/models, /v1/extract, /v1/predict; with
+a gallery /v1/gallery/{person}, /v1/identify, /v1/verify) behind Ray Serve. With FACEDIST_API_TOKEN
+set (read when a replica starts), every endpoint but the page, /v1/health and the docs needs
+"Authorization: Bearer <token>"."""
 
 import asyncio
 import collections
@@ -191,10 +192,11 @@ class FacedistAPI:
     extractor (images of concurrent requests land in one batch) and answers a bad upload with
     its own 4xx (what is plainly no image, before any model work)."""
 
-    def __init__(self, extractor, recognizer, settings: dict):
+    def __init__(self, extractor, recognizer, settings: dict, gallery=None):
         self.settings = ServeSettings(**settings)
         self.extractor = extractor
         self.recognizer = recognizer if self.settings.models_uri else None
+        self.gallery = gallery  # facedist.gallery.service.FaceGallery, when serving a gallery
         # Read once, at replica start: rotating the token means restarting the replicas.
         self.token = os.environ.get(API_TOKEN_ENV) or None
         s = self.settings
@@ -234,8 +236,10 @@ class FacedistAPI:
         if not hmac.compare_digest(value.strip().encode(), self.token.encode()):
             raise ApiError(401, "unauthorized", "wrong bearer token")
 
-    async def _read_uploads(self, request: Request, field_name: str, max_count: int) -> list[Upload]:
-        """The files under one multipart field, with every limit checked before any decoding."""
+    async def _read_uploads(self, request: Request, field_name: str, max_count: int,
+                            second_field: str | None = None):
+        """The files under one multipart field (or, with second_field, a pair of lists: one per
+        field), with every limit checked before any decoding."""
         s = self.settings
         content_type = request.headers.get("content-type", "")
         if not content_type.startswith("multipart/form-data"):
@@ -243,7 +247,7 @@ class FacedistAPI:
                            f"expected a multipart/form-data upload with field '{field_name}', "
                            f"got content-type {content_type or 'none'!r}")
         # Reject an oversized body from its declared length before reading it.
-        max_body = s.max_image_bytes * max_count + 64 * 1024
+        max_body = s.max_image_bytes * max_count * (2 if second_field else 1) + 64 * 1024
         length = request.headers.get("content-length")
         if length and length.isdigit() and int(length) > max_body:
             raise ApiError(413, "too_large",
@@ -258,7 +262,8 @@ class FacedistAPI:
                                f"too many files; at most {max_count} image(s) per request") from None
             raise ApiError(400, "bad_multipart", f"could not parse the upload: {detail}") from None
         try:
-            return await self._collect(form, field_name, max_count)
+            first = await self._collect(form, field_name, max_count)
+            return first if second_field is None else (first, await self._collect(form, second_field, max_count))
         finally:
             await form.close()  # spooled temporary files go now, also after a rejection
 
@@ -386,3 +391,60 @@ class FacedistAPI:
                                + "; ".join(f"#{i}: {row.get('message')}" for i, row in enumerate(rows)))
             prediction = await self._call_model(self.recognizer.predict, rows)
             return prediction_response(prediction, rows, uploads)
+
+    # -- the gallery (facedist.gallery): enrol, delete, identify, verify --
+
+    def _need_gallery(self) -> None:
+        if self.gallery is None:
+            raise ApiError(503, "not_configured", "no gallery: start the server with gallery_uri (--gallery)")
+
+    async def _gallery_call(self, method, *args) -> dict:
+        answer = await self._call_model(method, *args)
+        if "error" in answer:
+            error = answer["error"]
+            raise ApiError(error["status"], error["code"], error["message"])
+        return answer
+
+    @api.post("/v1/gallery/{person}", responses=ERROR_RESPONSES, openapi_extra=multipart_doc("images", many=True),
+              summary="Enrol photos of a person into the gallery (no retraining)")
+    async def gallery_enroll(self, request: Request, person: str) -> dict:
+        self._authorize(request)
+        async with self._admitted(request) as ticket:
+            uploads = await self._read_uploads(request, "images", max_count=self.settings.max_images)
+            self._need_gallery()
+            rows = await self._extract(uploads, ticket)
+            return await self._gallery_call(self.gallery.enroll, person, rows, [u.filename for u in uploads])
+
+    @api.delete("/v1/gallery/{person}", responses=ERROR_RESPONSES,
+                summary="Remove every photo of a person from the gallery; says what was removed")
+    async def gallery_delete(self, request: Request, person: str) -> dict:
+        self._authorize(request)
+        self._need_gallery()
+        return await self._gallery_call(self.gallery.delete, person)
+
+    @api.get("/v1/gallery", summary="The gallery: people, photos, the embedding and its threshold")
+    async def gallery_info(self, request: Request) -> dict:
+        self._authorize(request)
+        self._need_gallery()
+        return await self.gallery.info.remote()
+
+    @api.post("/v1/identify", responses=ERROR_RESPONSES, openapi_extra=multipart_doc("images", many=True),
+              summary="Photos of one unknown person -> the best enrolled matches; 'unknown' below the threshold")
+    async def identify(self, request: Request, k: int | None = None) -> dict:
+        self._authorize(request)
+        async with self._admitted(request) as ticket:
+            uploads = await self._read_uploads(request, "images", max_count=self.settings.max_images)
+            self._need_gallery()
+            rows = await self._extract(uploads, ticket)
+            return await self._gallery_call(self.gallery.identify, rows, [u.filename for u in uploads], k)
+
+    @api.post("/v1/verify", responses=ERROR_RESPONSES,
+              summary="Two sets of photos (fields 'a' and 'b') -> the same person or not, and the score")
+    async def verify(self, request: Request) -> dict:
+        self._authorize(request)
+        async with self._admitted(request) as ticket:
+            a, b = await self._read_uploads(request, "a", max_count=self.settings.max_images, second_field="b")
+            self._need_gallery()
+            rows = await self._extract(a + b, ticket)
+            return await self._gallery_call(self.gallery.verify, rows[:len(a)], rows[len(a):],
+                                             [u.filename for u in a], [u.filename for u in b])

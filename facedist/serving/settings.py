@@ -23,6 +23,11 @@ class ServeSettings:
     """Everything the app builder takes (serve/config.yaml `args`, `serve run ... key=value`)."""
 
     models_uri: str | None = None     # training output with the recognizer bundles; None: /v1/predict is 503
+    # The gallery (facedist.gallery, local or s3://) behind /v1/gallery, /v1/identify and /v1/verify;
+    # None: those answer 503. Its embedding bundle: embedding_uri, else models_uri/embedding.
+    gallery_uri: str | None = None
+    embedding_uri: str | None = None
+    gallery_refresh_s: float = 1.0    # a gallery replica lists the parts at most this often (new enrolments)
     # The extractor and how uploads are decoded (backend, detector, landmark_source, texture, ...,
     # device, max_side, detect_threads). Given flat (`backend: tddfa`, `serve run ... backend=fit`)
     # or as one `extract` mapping; fields not given keep serving_extract_config()'s values.
@@ -138,8 +143,9 @@ class ServeSettings:
         if not args.get("models_uri") and os.environ.get(MODELS_URI_ENV):
             args["models_uri"] = os.environ[MODELS_URI_ENV]
         values = {f.name: _coerce(args[f.name], f.type, f.name) for f in dataclasses.fields(cls) if f.name in args}
-        if values.get("models_uri") == "":
-            values["models_uri"] = None
+        for name in ("models_uri", "gallery_uri", "embedding_uri"):
+            if values.get(name) == "":
+                values[name] = None
         values["extract"] = dataclasses.replace(
             serving_extract_config(), **{k: _coerce(v, extract_types[k], k) for k, v in given.items()})
         return cls(**values)
