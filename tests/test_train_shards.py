@@ -144,26 +144,36 @@ def test_too_many_workers_for_the_people_is_an_error(table_dir):
 
 @pytest.mark.parametrize("task, kw", [
     ("expression", {"inputs": ("exp", "feature"), "input_norm": "standard"}),
+    # The expression preset's recipe: groups scaled to unit variance, then a refit on every row.
+    ("expression", {"inputs": ("exp", "feature"), "input_norm": "per_group", "refit": True, "select": "last",
+                    "l2": 3e-4}),
     ("gender", {"inputs": ("id",)}),
     ("identity", {"inputs": ("id", "exp"), "input_norm": "within_class_cosine", "prototype_init": True,
                   "max_combos_per_subject": 12, "lr": 1e-3}),
 ])
 def test_one_shard_trains_the_in_process_model(table_dir, monkeypatch, task, kw):
     monkeypatch.setattr(sharded, "ITEM_ROWS", 40)   # several read tasks per file
+    from facedist.training.data import TRAINING_COLUMNS, load_data
+    from facedist.training.registry import make_task
+
     config = _config(table_dir, task, **kw)
-    torch.manual_seed(0)
-    reference, expected = train_in_process(config)
+    reference = make_task(config, load_data(table_dir, columns=TRAINING_COLUMNS))
     plan, mine = _shard_task(config)
     assert len(plan.items[0]) > 3
-    # The same rows in the same order, the same labels, the same normaliser.
-    assert mine.labels == reference.labels
-    assert torch.equal(mine.y_train, reference.y_train) and torch.equal(mine.y_val, reference.y_val)
-    assert torch.allclose(mine.x_train, reference.x_train, atol=1e-4)
-    assert torch.allclose(mine.x_val, reference.x_val, atol=1e-4)
-    for key, value in reference.norm.to_dict().items():
-        assert np.allclose(mine.norm.to_dict()[key], value, rtol=1e-4, atol=1e-5), key
-    assert mine.extra == reference.extra
-    got = fit(mine, config)
+
+    def same_inputs():
+        # The same rows in the same order, the same labels, the same normaliser.
+        assert mine.labels == reference.labels
+        assert torch.equal(mine.y_train, reference.y_train) and torch.equal(mine.y_val, reference.y_val)
+        assert torch.allclose(mine.x_train, reference.x_train, atol=1e-4)
+        assert torch.allclose(mine.x_val, reference.x_val, atol=1e-4)
+        for key, value in reference.norm.to_dict().items():
+            assert np.allclose(mine.norm.to_dict()[key], value, rtol=1e-4, atol=1e-5), key
+        assert mine.extra == reference.extra
+
+    same_inputs()
+    expected, got = fit(reference, config), fit(mine, config)
+    same_inputs()   # after a refit: every row, normalised again
     assert [h["accuracy"] for h in got.history] == [h["accuracy"] for h in expected.history]
     for name, weight in expected.best_state.items():
         assert torch.allclose(got.best_state[name], weight, atol=1e-4), name

@@ -368,10 +368,12 @@ def _chunks(x: np.ndarray, y: np.ndarray):
         yield x[i:i + CHUNK_ROWS], y[i:i + CHUNK_ROWS]
 
 
-def fit_normaliser(chunks, width: int, n_classes: int, input_norm: str) -> Standardizer:
+def fit_normaliser(chunks, width: int, n_classes: int, input_norm: str,
+                   group_dims: list[int] | None = None) -> Standardizer:
     """Standardizer.fit over every worker's training rows: ``chunks()`` yields this worker's
     (x (rows, width), code) chunks; sums are all-reduced (engine.all_reduce_sums) after each
-    pass, so every worker gets the same normaliser."""
+    pass, so every worker gets the same normaliser. ``group_dims``: the input groups' widths, for
+    input_norm per_group (each group scaled to unit total variance)."""
     total, count = np.zeros(width), 0
     for x, _ in chunks():
         total += np.asarray(x, np.float64).sum(0)
@@ -383,6 +385,9 @@ def fit_normaliser(chunks, width: int, n_classes: int, input_norm: str) -> Stand
     for x, _ in chunks():
         squares += ((np.asarray(x, np.float64) - mean) ** 2).sum(0)
     std = np.sqrt(all_reduce_sums({"s": torch.as_tensor(squares)})["s"].numpy() / n)
+    if input_norm == "per_group":
+        dims = list(group_dims or [width])
+        std = std * np.repeat(np.sqrt(np.asarray(dims, np.float64)), dims)
     norm = Standardizer(mean.astype(np.float32), np.where(std > 1e-6, std, np.inf).astype(np.float32),
                         unit_length=input_norm == "within_class_cosine")
     if not input_norm.startswith("within_class"):
@@ -439,21 +444,41 @@ class ShardClassifierTask(ClassifierTask):
         self.layout_json = meta["layout_json"]
         self.model_name = head_model(config.task, config.head)
         self.extra = dict(meta["extra"])
+        self.group_dims = list(self.extra["input_dims"])
         self.meta = meta
+        self.refitting = False
+        if config.redraw_combos and config.refit:
+            raise ValueError("redraw_combos and refit do not go together")
         self._set_inputs(x_train, y_train, x_val, y_val)
         self.model_config = {"input_dim": int(self.x_train.shape[1]), "num_classes": len(self.labels),
                              "dropout": config.dropout}
-        # Every worker runs as many batches as the one with the most rows (DDP steps together).
-        local = max(len(self.y_train) // config.batch_size, 1)
+        self._count_steps()
+
+    def _count_steps(self) -> None:
+        """Every worker runs as many batches as the one with the most rows (DDP steps together)."""
+        local = max(len(self.y_train) // self.config.batch_size, 1)
         self.steps = int(all_reduce_sums({"s": float(local)}, op="max")["s"])
 
     def _set_inputs(self, x_train, y_train, x_val, y_val) -> None:
+        self._fit_norm(x_train, y_train, x_val, y_val)
+
+    def _fit_norm(self, x_train, y_train, x_val, y_val) -> None:
+        """ClassifierTask._fit_norm from every worker's rows; normalises the arrays in place
+        (a copy is kept for refit's second fit: ClassifierTask.use_all_rows)."""
+        if self.config.refit and not self.refitting:
+            self.raw = (x_train.copy(), y_train, x_val.copy(), y_val)
         self.norm = fit_normaliser(lambda: _chunks(x_train, y_train), x_train.shape[1], len(self.labels),
-                                   self.config.input_norm)
+                                   self.config.input_norm, self.group_dims)
         self.x_train = torch.from_numpy(_normalise_in_place(self.norm, x_train))
         self.y_train = torch.from_numpy(y_train)
         self.x_val = torch.from_numpy(_normalise_in_place(self.norm, x_val))
         self.y_val = torch.from_numpy(y_val)
+
+    def use_all_rows(self) -> None:
+        self.refitting = True
+        super().use_all_rows()
+        self.raw = None
+        self._count_steps()
 
     def _init_prototypes(self, model) -> None:
         """ClassifierTask's prototypes from every worker's class sums."""
