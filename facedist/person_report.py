@@ -56,7 +56,7 @@ class PersonReportConfig:
     model_seeds: int | None = None
     # At most this many rows, whole people drawn with seed 0 (training.data.sample_people; None or
     # 0: every row), so that a 100,000-row table is reported on a sample, and says so.
-    max_rows: int | None = 1500
+    max_rows: int | None = 1000
 
 
 # ------------------------------------------------------------------------------ probes

@@ -51,7 +51,7 @@ class ReportConfig:
     # At most this many rows, whole people drawn by seed (training.data.sample_people; None or 0:
     # every row): the protocol trains 9 models per fold, and on a 1,008-row table takes 7 minutes
     # on 2 cores (docs/benchmarks.md), so a 100,000-row table is reported on a sample, and says so.
-    max_rows: int | None = 1500
+    max_rows: int | None = 1000
 
 
 def _summary(values: list[float]) -> dict:

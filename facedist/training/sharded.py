@@ -223,10 +223,14 @@ def _widths(uri: str, parts, inputs, layout: CoefficientLayout, n_id: int, n_exp
     """Each input group's width: the layout's for id/exp/tex/feature, else the first usable row's."""
     widths = {}
     offset = 0
-    for f, groups in parts:
+    for f, groups in parts:   # the file and row group holding the first usable row
         if first_row < offset + sum(groups):
             break
         offset += sum(groups)
+    group = 0
+    while first_row >= offset + groups[group]:
+        offset += groups[group]
+        group += 1
     for name in inputs:
         if name == "id":
             widths[name] = n_id
@@ -237,7 +241,7 @@ def _widths(uri: str, parts, inputs, layout: CoefficientLayout, n_id: int, n_exp
         elif name == "feature" and layout.n_feature:
             widths[name] = layout.n_feature
         else:
-            table = _read(f, [INPUT_GROUPS[name]])
+            table = _read(f, [INPUT_GROUPS[name]], [group])
             lengths = _lengths(table, INPUT_GROUPS[name])
             widths[name] = int(lengths[first_row - offset])
             if not widths[name]:
