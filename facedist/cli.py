@@ -280,6 +280,7 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
 
     from facedist.training.engine import SELECTS, TrainConfig
     from facedist.training.presets import describe_presets
+    from facedist.training.sharded import INGESTS
     from facedist.training.task_registry import TASKS
     from facedist.training.tasks import AGGREGATES, HEADS, INPUT_NORMS
 
@@ -298,7 +299,7 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
                         help="use GPUs (default: when the cluster has them)")
     parser.add_argument("--labels", nargs="+", help="restrict/order the classes (default: every label in the table)")
     add_address_flag(parser)
-    choices = {"aggregate": AGGREGATES, "input_norm": INPUT_NORMS, "head": HEADS, "select": SELECTS}
+    choices = {"aggregate": AGGREGATES, "input_norm": INPUT_NORMS, "head": HEADS, "select": SELECTS, "ingest": INGESTS}
     types = {"int": int, "float": float, "str": str, "float | None": float, "str | None": str,
              "int | None": non_negative_int, "tuple[str, ...] | None": input_groups, "bool": boolean}
     for f in fields(TrainConfig):
@@ -329,17 +330,19 @@ def cmd_train(args) -> int:
     values = {k: v for k, v in vars(args).items() if k not in ("func", "command", "address", "json", "verbose", "task")}
     config = preset_config(args.task, **values)
     if args.task in DEFAULT_INPUTS:
-        from facedist.schema import INPUT_GROUPS, inputs_label
+        from facedist.schema import inputs_label
         from facedist.training.presets import shipped_inputs
-        from facedist.training.tasks import task_inputs
-        from facedist.workflow import few_photos_note, filled_groups
+        from facedist.training.sharded import scan_groups
+        from facedist.training.tasks import combo_size_for, task_inputs
 
-        table = storage.read_table(args.data, columns=["subject", "status", *INPUT_GROUPS.values()])
-        if args.inputs is None and shipped_inputs(args.task, filled_groups(table)) != task_inputs(config):
+        # File by file: a million-row table's descriptor columns never sit in this process at once.
+        filled, subjects = scan_groups(args.data)
+        if args.inputs is None and shipped_inputs(args.task, filled) != task_inputs(config):
             # The preset's groups this table lacks (extracted without them) are left out, and said.
-            config = preset_config(args.task, **{**values, "inputs": shipped_inputs(args.task, filled_groups(table))})
+            config = preset_config(args.task, **{**values, "inputs": shipped_inputs(args.task, filled)})
             print(f"note: the table lacks some of the preset's inputs; training on {inputs_label(task_inputs(config))}")
-        note = few_photos_note(table, config.folds) if args.task == "identity" else None
+        note = (combo_size_for(subjects, preset_config("identity", folds=config.folds))[1]
+                if args.task == "identity" and len(subjects) else None)
         if note:
             print(f"note: {note}")
     summary = run_training(config, address=args.address)
@@ -386,6 +389,9 @@ def add_report_command(command) -> None:
                      help=f"the image baseline's crop side in pixels (default: the preset's, "
                           f"{preset_value('image_identity', 'image_size')})")
     rep.add_argument("--no-images", action="store_true", help="skip the raw-image baseline")
+    rep.add_argument("--max-rows", type=non_negative_int, default=None, dest="max_rows",
+                     help=f"report on at most this many rows, whole people drawn by seed, with a note saying so "
+                          f"(default: {ReportConfig.max_rows}; 0: every row)")
     rep.add_argument("--no-synthetic", action="store_true", help="skip the synthetic C-Net check")
     rep.set_defaults(func=cmd_report)
 
@@ -408,8 +414,8 @@ def cmd_report(args) -> int:
         from facedist.reports.person import PersonReportConfig, write_person_report
 
         check_input(args.data, "--data")
-        given = {k: getattr(args, k) for k in ("out", "seeds", "gallery", "image_seeds", "heads", "model_seeds")
-                 if getattr(args, k) is not None}
+        given = {k: getattr(args, k) for k in ("out", "seeds", "gallery", "image_seeds", "heads", "model_seeds",
+                                               "max_rows") if getattr(args, k) is not None}
         config = PersonReportConfig(data=args.data, include_images=not args.no_images, **given)
         results = write_person_report(config)
         print(Path(config.out, "table_person.md").read_text())
@@ -421,7 +427,8 @@ def cmd_report(args) -> int:
     config = ReportConfig(data=args.data, folds=args.folds, seed=args.seed, seeds=args.seeds or 1,
                           coeff_epochs=args.coeff_epochs, cnet_epochs=args.cnet_epochs, image_epochs=args.image_epochs,
                           image_size=args.image_size, include_images=not args.no_images,
-                          synthetic=not args.no_synthetic)
+                          synthetic=not args.no_synthetic,
+                          **({"max_rows": args.max_rows} if args.max_rows is not None else {}))
     # The per-fold lines are this command's progress: on the terminal.
     results = write_report_at(args.out, config, log=print)
     for table in ACCURACY_TABLES:  # the same seed prints the same tables

@@ -403,14 +403,23 @@ def read_table(uri: str, options: S3Options | None = None, columns: list[str] | 
     info = fs.get_file_info(path)
     if info.type == pafs.FileType.File:
         return _read_parquet(path, fs, columns)
+    paths = [filesystem_for(f, options)[1] for f in parquet_files(uri, options)]
+    tables = [_read_parquet(p, fs, columns) for p in paths]
+    return pa.concat_tables(tables, promote_options="default")
+
+
+def parquet_files(uri: str, options: S3Options | None = None) -> list[str]:
+    """The Parquet files read_table reads, in its order: the file itself, or the files under a
+    folder/prefix except those under names starting with "_" or "."."""
+    fs, path = filesystem_for(uri, options)
+    if fs.get_file_info(path).type == pafs.FileType.File:
+        return [uri]
     root = uri.rstrip("/") + "/"
     files = [f for f in list_files(uri, options) if f.endswith(".parquet")
              and not any(part.startswith(("_", ".")) for part in f[len(root):].split("/"))]
     if not files:
         raise FileNotFoundError(f"no Parquet files under {uri}")
-    paths = [filesystem_for(f, options)[1] for f in files]
-    tables = [_read_parquet(p, fs, columns) for p in paths]
-    return pa.concat_tables(tables, promote_options="default")
+    return files
 
 
 def _read_parquet(path: str, fs, columns: list[str] | None) -> pa.Table:

@@ -55,6 +55,9 @@ class PersonReportConfig:
     # seed; the others on the first model_seeds seeds (None: all).
     heads: tuple[str, ...] = ("linear", "mlp", "resnet")
     model_seeds: int | None = None
+    # At most this many rows, whole people drawn with seed 0 (training.data.sample_people; None or
+    # 0: every row), so that a 100,000-row table is reported on a sample, and says so.
+    max_rows: int | None = 1000
 
 
 # ------------------------------------------------------------------------------ probes
@@ -352,7 +355,7 @@ DESCRIPTOR_NAMES = {"id": "α (identity coefficients)", "exp": "β (expression c
 
 
 def write_person_report(config: PersonReportConfig, log=print) -> dict:
-    from facedist.training.data import load_data
+    from facedist.training.data import load_data, sample_people
     from facedist.training.image_baseline import load_crops
 
     started = time.perf_counter()
@@ -361,6 +364,9 @@ def write_person_report(config: PersonReportConfig, log=print) -> dict:
     data = load_data(config.data)
     keep = np.flatnonzero([s is not None for s in data.subject])
     data = data.subset(keep[np.isfinite(data.landmarks[keep]).all(axis=(1, 2))])
+    data, note = sample_people(data, config.max_rows)
+    if note:
+        log(f"note: {note}")
     log(f"person protocol on {len(data)} rows, {len(set(data.subject))} people, {config.folds} folds x "
         f"{config.seeds} seeds")
     grey_crops = load_crops(data, PIXEL_SIZE)

@@ -1,7 +1,9 @@
 """Ray Train adapter (thin): runs engine.fit in every worker of a TorchTrainer.
 
-Per worker: read the table (local or s3://), build the task, shard by rank (tasks slice their
-data by rank/world), wrap the model in DDP (ray.train.torch.prepare_model), reduce metrics with
+Per worker: its rows of the table as a Ray Data shard (identity, gender, expression:
+training.sharded plans the split on the driver and each worker reads only its people's rows of
+the task's columns), or the whole table (C-Net, the image baseline, --ingest table: tasks slice
+their data by rank/world); build the task, wrap the model in DDP (ray.train.torch.prepare_model), reduce metrics with
 torch.distributed. Rank 0 writes a checkpoint every epoch (the servable bundle of the best model
 so far + the trainer state) to the run's storage; running again with the same --output and
 --name continues from the latest checkpoint (Ray Train restores the run from its storage).
@@ -54,11 +56,19 @@ def _worker_loop(loop_config: dict) -> None:
     from facedist.training.task_registry import make_task
 
     os.environ.update(loop_config.pop("_env", {}))
+    shards = loop_config.pop("_shards", None)
     config = TrainConfig(**loop_config)
     torch.set_num_threads(max(1, int(round(config.cpus_per_worker))))
     context = ray.train.get_context()
     rank = context.get_world_rank()
-    task = make_task(config, load_data(config.data, columns=TRAINING_COLUMNS))
+    if shards is not None:
+        # This worker's rows only, from its Ray Data shard (training.sharded).
+        from facedist.training.sharded import task_from_shard
+
+        shard = ray.train.get_dataset_shard(f"shard_{rank}")
+        task = task_from_shard(config, shards, shard.iter_batches(batch_size=None, batch_format="numpy"), rank)
+    else:
+        task = make_task(config, load_data(config.data, columns=TRAINING_COLUMNS))
     resume = None
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
@@ -95,6 +105,8 @@ def run_training(config: TrainConfig, address: str | None = None) -> dict:
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
+    from facedist.training.sharded import plan_shards, shard_dataset, uses_shards
+
     if not config.output:
         raise ValueError("run_training needs config.output (local path or s3://)")
     config = dataclasses.replace(config, data=storage.absolute(config.data), output=storage.absolute(config.output),
@@ -106,8 +118,17 @@ def run_training(config: TrainConfig, address: str | None = None) -> dict:
     loop_config = config.to_dict()
     # Also through the loop's config: a cluster started elsewhere did not get this process's environment.
     loop_config["_env"] = runtime.worker_env()
+    datasets, dataset_config = None, None
+    if uses_shards(config):
+        from ray.train import DataConfig
+
+        # The driver plans the split from a few columns; each worker gets a dataset of its rows.
+        plan = plan_shards(config, config.num_workers)
+        loop_config["_shards"] = plan.meta()
+        datasets = {f"shard_{r}": shard_dataset(plan, r) for r in range(config.num_workers)}
+        dataset_config = DataConfig(datasets_to_split=[])   # worker r reads shard_r only
     trainer = TorchTrainer(
-        _worker_loop, train_loop_config=loop_config,
+        _worker_loop, train_loop_config=loop_config, datasets=datasets, dataset_config=dataset_config,
         scaling_config=ScalingConfig(num_workers=config.num_workers, use_gpu=use_gpu,
                                      resources_per_worker=None if use_gpu else {"CPU": config.cpus_per_worker}),
         run_config=RunConfig(name=run_name(config), storage_path=path, storage_filesystem=filesystem,

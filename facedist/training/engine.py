@@ -83,6 +83,13 @@ class TrainConfig:
     # Ray Train: a checkpoint after the last epoch, and between epochs after at most this many
     # seconds of training (a checkpoint per epoch of a light head costs more than its epoch).
     checkpoint_every_s: float = 10.0
+    # How Ray Train workers get the table (training.sharded): "shards" (Ray Data, each worker its
+    # people's rows of the task's columns), "table" (every worker reads the whole table), "auto"
+    # (shards where the task supports them: identity with the mean, gender, expression).
+    ingest: str = "auto"
+    # Identity on shards: new combinations every epoch (from each person's photos) instead of
+    # one draw for the run.
+    redraw_combos: bool = False
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -115,6 +122,15 @@ def all_reduce_sums(sums: dict, op: str = "sum") -> dict:
         dist.all_reduce(tensor, op=dist.ReduceOp.MAX if op == "max" else dist.ReduceOp.SUM)
         out[key] = tensor.cpu() if torch.is_tensor(value) else float(tensor)
     return out
+
+
+def peak_rss_per_rank(rank: int, world_size: int) -> list[float]:
+    """Every rank's peak resident memory so far, MB (getrusage), as a list indexed by rank."""
+    import resource
+
+    mine = torch.zeros(world_size, dtype=torch.float64)
+    mine[rank] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return [round(float(v), 1) for v in all_reduce_sums({"rss": mine})["rss"]]
 
 
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:
@@ -200,10 +216,13 @@ def fit(task, config: TrainConfig, *, wrap_model: Callable = lambda m: m, device
         model.eval()
         with torch.no_grad():
             val_sums = all_reduce_sums(task.evaluate(unwrap(model), rank, world_size, device))
+        epoch_seconds = all_reduce_sums({"seconds": time.perf_counter() - started}, op="max")["seconds"]
         metrics = {"epoch": epoch, "lr": optimizer.param_groups[0]["lr"],
                    "train_loss": train_sums["loss"] / max(train_sums["count"], 1),
                    "train_inputs": int(train_sums["count"]), "train_seconds": slowest,
-                   "seconds_per_input": slowest / max(train_sums["count"], 1), "workers": world_size}
+                   "seconds_per_input": slowest / max(train_sums["count"], 1), "workers": world_size,
+                   "epoch_seconds": epoch_seconds,   # training and validation, the slowest worker
+                   "peak_rss_mb": peak_rss_per_rank(rank, world_size)}
         metrics.update(task.summarize(val_sums))
         value = metrics[monitor]
         improved = value > best_value if mode == "max" else value < best_value

@@ -88,6 +88,22 @@ def confusion_matrix(true: np.ndarray, pred: np.ndarray, n_classes: int) -> np.n
     return matrix
 
 
+# Above this many classes a validation reports per-class counts (true positives, support,
+# predictions) instead of a classes x classes confusion matrix: 10,000 people would make it
+# 800 MB per worker, all-reduced every epoch and kept in the history.
+CONFUSION_MAX_CLASSES = 1000
+
+
+def metrics_from_counts(tp: np.ndarray, support: np.ndarray, predicted: np.ndarray) -> dict:
+    """metrics_from_confusion's accuracy and macro-F1 from per-class counts (no matrix)."""
+    tp, support, predicted = (np.asarray(a, np.float64) for a in (tp, support, predicted))
+    total = support.sum()
+    present = (support + predicted) > 0
+    f1 = np.where(present, 2 * tp / np.maximum(support + predicted, 1e-12), 0.0)
+    return {"accuracy": float(tp.sum() / total) if total else 0.0,
+            "macro_f1": float(f1[present].mean()) if present.any() else 0.0, "n_val": int(total)}
+
+
 def metrics_from_confusion(matrix: np.ndarray) -> dict:
     """accuracy and macro-F1 (over classes present in truth or predictions)."""
     matrix = np.asarray(matrix, np.float64)
@@ -194,10 +210,13 @@ class ClassifierTask:
     def train_epoch(self, model, optimizer, epoch: int, rank: int, world: int, device) -> dict:
         generator = torch.Generator().manual_seed(self.config.seed * 1000 + epoch)
         index = _shard(len(self.y_train), rank, world, generator)
+        # Every rank runs the same number of full batches (DDP all-reduces per step).
+        return self._train_batches(model, optimizer, index, max(len(index) // self.config.batch_size, 1), device)
+
+    def _train_batches(self, model, optimizer, index: torch.Tensor, steps: int, device) -> dict:
+        """``steps`` batches of config.batch_size rows of x_train, in ``index`` order."""
         loss_sum, count = 0.0, 0
         bs = self.config.batch_size
-        # Every rank runs the same number of full batches (DDP all-reduces per step).
-        steps = max(len(index) // bs, 1)
         for step in range(steps):
             batch = index[step * bs:(step + 1) * bs]
             x = self.augment(self.x_train[batch]).to(device)
@@ -219,8 +238,12 @@ class ClassifierTask:
         return model(self.x_val[index].to(device)).float().cpu()
 
     def evaluate(self, model, rank: int, world: int, device) -> dict:
-        index = _shard(len(self.y_val), rank, world)
+        return self._evaluate_rows(model, _shard(len(self.y_val), rank, world), device)
+
+    def _evaluate_rows(self, model, index: torch.Tensor, device) -> dict:
         n = len(self.labels)
+        if n > CONFUSION_MAX_CLASSES:
+            return self._evaluate_counts(model, index, device)
         if len(index) == 0:
             return {"confusion": torch.zeros(n, n, dtype=torch.float64), "val_loss": 0.0}
         logits = torch.cat([self.predict_logits(model, index[i:i + 256], device)
@@ -230,7 +253,27 @@ class ClassifierTask:
         return {"confusion": torch.as_tensor(matrix, dtype=torch.float64),
                 "val_loss": float(F.cross_entropy(logits, y, reduction="sum"))}
 
+    def _evaluate_counts(self, model, index: torch.Tensor, device) -> dict:
+        """evaluate for many classes: batch by batch, per-class counts instead of a matrix."""
+        n = len(self.labels)
+        counts = {k: torch.zeros(n, dtype=torch.float64) for k in ("tp", "support", "predicted")}
+        loss = 0.0
+        for i in range(0, len(index), 256):
+            batch = index[i:i + 256]
+            logits, y = self.predict_logits(model, batch, device), self.y_val[batch]
+            pred = logits.argmax(1)
+            ones = torch.ones(len(batch), dtype=torch.float64)
+            counts["tp"].index_add_(0, y[pred == y], ones[pred == y])
+            counts["support"].index_add_(0, y, ones)
+            counts["predicted"].index_add_(0, pred, ones)
+            loss += float(F.cross_entropy(logits, y, reduction="sum"))
+        return {**counts, "val_loss": loss}
+
     def summarize(self, sums: dict) -> dict:
+        if "confusion" not in sums:
+            out = metrics_from_counts(sums["tp"].numpy(), sums["support"].numpy(), sums["predicted"].numpy())
+            out["val_loss"] = sums["val_loss"] / max(out["n_val"], 1)
+            return out
         out = metrics_from_confusion(sums["confusion"].numpy())
         out["val_loss"] = sums["val_loss"] / max(out["n_val"], 1)
         return out
@@ -345,6 +388,9 @@ def classifier_from_split(config: TrainConfig, data: CoefficientData, train_idx:
     extra = {"label_column": column, "fold": config.fold, "folds": config.folds, "seed": config.seed,
              "inputs": list(inputs), "input_dims": [int(data.group(g).shape[1]) for g in inputs],
              "head": config.head, **(extra or {})}
+    if config.redraw_combos:
+        raise ValueError("redraw_combos draws identity combinations per epoch on Ray Train's shards "
+                         "(run_training with ingest shards); this path draws them once")
     if config.task == "identity":
         x_train, y_train, _ = identity_inputs(x, data.subject, train_idx, config, confidences, config.seed, combo_size)
         x_val, y_val, _ = identity_inputs(x, data.subject, val_idx, config, confidences, config.seed + 1, combo_size)
@@ -395,6 +441,23 @@ def make_regressor_task(config: TrainConfig, data: CoefficientData) -> Regressor
                                 np.flatnonzero(folds == config.fold))
 
 
+def task_folds(config: TrainConfig, subject: np.ndarray, values: np.ndarray) -> np.ndarray:
+    """The fold of every (labelled) row for a classifier task: identity and expression by image,
+    stratified by person or label; gender by person (a person's gender must not leak through
+    their identity), stratified by gender. ``values``: the task's label per row."""
+    if config.task in ("identity", "expression"):
+        return image_folds(values, config.folds, config.seed)
+    if config.task == "gender":
+        # Split by subject: the fold of a subject is the fold of all of its images, stratified by
+        # the gender of the subject's first row.
+        keys, inverse = np.unique(np.asarray(subject).astype(str), return_inverse=True)
+        first = np.full(len(keys), len(inverse), np.int64)
+        np.minimum.at(first, inverse, np.arange(len(inverse)))
+        subject_gender = np.asarray(values, dtype=object)[first]
+        return image_folds(subject_gender, config.folds, config.seed)[inverse]
+    raise ValueError(f"unknown coefficient task {config.task!r}")
+
+
 def make_classifier_task(config: TrainConfig, data: CoefficientData,
                          confidences: np.ndarray | None = None) -> ClassifierTask:
     """confidences: per-image C-Net confidences for identity (else loaded from config.cnet)."""
@@ -410,7 +473,7 @@ def make_classifier_task(config: TrainConfig, data: CoefficientData,
         confidences = confidences[np.flatnonzero(has_label)]
     _, labels = encode_labels(data.labels(column), config.labels)
     if config.task == "identity":
-        folds = image_folds(data.subject, config.folds, config.seed)
+        folds = task_folds(config, data.subject, data.subject)
         train_idx, val_idx = np.flatnonzero(folds != config.fold), np.flatnonzero(folds == config.fold)
         if config.aggregate == "mean":
             confidences = None
@@ -423,17 +486,7 @@ def make_classifier_task(config: TrainConfig, data: CoefficientData,
         combo_size, note = combo_size_for(data.subject, config)
         return classifier_from_split(config, data, train_idx, val_idx, confidences, labels, combo_size,
                                      {"note": note} if note else None)
-    if config.task == "gender":
-        # Split by subject: the fold of a subject is the fold of all of its images.
-        subjects = np.array(sorted(set(data.subject.astype(str))))
-        subject_fold = dict(zip(subjects, image_folds(
-            np.array([data.gender[data.subject.astype(str) == s][0] for s in subjects], dtype=object),
-            config.folds, config.seed)))
-        folds = np.array([subject_fold[s] for s in data.subject.astype(str)])
-    elif config.task == "expression":
-        folds = image_folds(data.expression, config.folds, config.seed)
-    else:
-        raise ValueError(f"unknown coefficient task {config.task!r}")
+    folds = task_folds(config, data.subject, data.labels(column))
     train_idx, val_idx = np.flatnonzero(folds != config.fold), np.flatnonzero(folds == config.fold)
     return classifier_from_split(config, data, train_idx, val_idx, labels=labels)
 
