@@ -191,7 +191,7 @@ def test_two_shards_share_one_normaliser(table_dir):
     x = np.concatenate([p[0] for p in parts])
     y = np.concatenate([p[1] for p in parts])
     whole = sharded.fit_normaliser(lambda: iter([(x, y)]), x.shape[1], len(plan.labels), "within_class")
-    from facedist.training.data import Standardizer
+    from facedist.features import Standardizer
 
     exact = Standardizer.fit(x, y)
     assert np.allclose(whole.whiten, exact.whiten, atol=1e-4) and np.allclose(whole.std, exact.std, rtol=1e-5)

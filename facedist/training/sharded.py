@@ -41,7 +41,8 @@ import torch
 
 from facedist import storage
 from facedist.schema import INPUT_GROUPS, STATUS_OK, CoefficientLayout, layout_from_schema
-from facedist.training.data import Standardizer, combos_per_subject, group_combinations
+from facedist.features import Standardizer
+from facedist.training.data import combos_per_subject, group_combinations
 from facedist.training.engine import TrainConfig, all_reduce_sums
 from facedist.training.tasks import (LABEL_COLUMN, ClassifierTask, combo_size_for, head_model, task_folds,
                                      task_inputs)
@@ -396,7 +397,7 @@ def fit_normaliser(chunks, width: int, n_classes: int, input_norm: str,
                         unit_length=input_norm == "within_class_cosine")
     if not input_norm.startswith("within_class"):
         return norm
-    # Within-class whitening (recognition.within_class_whitening) from class sums and the
+    # Within-class whitening (features.within_class_whitening) from class sums and the
     # pooled scatter around the class means.
     d = len(mean)
     sums, counts = torch.zeros(n_classes, d, dtype=torch.float64), torch.zeros(n_classes, dtype=torch.float64)
