@@ -171,12 +171,9 @@ class Recognizer:
         for task in ("identity", "gender"):
             if task not in self.bundles:
                 continue
-            x, have, missing = self._descriptors(task, rows, usable)
-            for g, why in missing.items():
-                images[g]["error"] = images[g]["error"] or why
+            x, have = self._usable_inputs(task, rows, usable, images, used)
             if not have:
                 continue
-            used.update(have)
             aggregates = self._aggregate_many(x, have, owner, confidence, use_cnet)
             order_people = sorted(aggregates)
             probs = self._softmax(self._run(task, np.stack([aggregates[p] for p in order_people])))
@@ -189,11 +186,8 @@ class Recognizer:
         if "age" in self.bundles:
             # Like gender: the person's usable images aggregated, then the regressor (for a linear
             # head the same as the mean of the images' ages); the expected error is its validation MAE.
-            x, have, missing = self._descriptors("age", rows, usable)
-            for g, why in missing.items():
-                images[g]["error"] = images[g]["error"] or why
+            x, have = self._usable_inputs("age", rows, usable, images, used)
             if have:
-                used.update(have)
                 aggregates = self._aggregate_many(x, have, owner, confidence, use_cnet)
                 order_people = sorted(aggregates)
                 years = predict_years(self.bundles["age"],
@@ -203,11 +197,8 @@ class Recognizer:
                     outs[p]["age"] = float(value)
                     outs[p]["age_mae"] = None if mae is None else float(mae)
         if "expression" in self.bundles:
-            x, have, missing = self._descriptors("expression", rows, usable)
-            for g, why in missing.items():
-                images[g]["error"] = images[g]["error"] or why
+            x, have = self._usable_inputs("expression", rows, usable, images, used)
             if have:
-                used.update(have)
                 probs = self._softmax(self._run("expression", x))
                 labels = self.bundles["expression"]["labels"]
                 for slot, g in enumerate(have):
@@ -217,6 +208,16 @@ class Recognizer:
             images[g]["ok"] = g in used or not (set(self.inputs) - {"cnet"})
             outs[owner[g]]["n_used"] += int(images[g]["ok"])
         return outs
+
+    def _usable_inputs(self, task: str, rows: list[dict], usable: list[int], images: list[dict],
+                       used: set[int]) -> tuple[np.ndarray, list[int]]:
+        """The task's inputs of the usable images that have every group it reads (those images go
+        into ``used``); an image missing a group gets why as its error, unless it has one."""
+        x, have, missing = self._descriptors(task, rows, usable)
+        for g, why in missing.items():
+            images[g]["error"] = images[g]["error"] or why
+        used.update(have)
+        return x, have
 
     @staticmethod
     def _aggregate_many(x: np.ndarray, rows: list[int], owner: list[int], confidence: dict,
