@@ -103,6 +103,16 @@ def _list_column(x: np.ndarray):
     return pa.ListArray.from_arrays(offsets, pa.array(x.astype(np.float32).ravel()))
 
 
+def _rows(path: Path) -> int:
+    """Rows of a complete Parquet file; -1 when missing or unreadable (a write cut short)."""
+    import pyarrow.parquet as pq
+
+    try:
+        return pq.ParquetFile(path).metadata.num_rows
+    except Exception:
+        return -1
+
+
 def make_table(stats: dict, source, rows: int, folder: Path, texture: bool, seed: int = 0) -> dict:
     """people x PHOTOS synthetic rows as Parquet parts under ``folder``."""
     import pyarrow as pa
@@ -115,6 +125,10 @@ def make_table(stats: dict, source, rows: int, folder: Path, texture: bool, seed
     for k, first in enumerate(range(0, people, PART_ROWS // PHOTOS)):
         persons = np.arange(first, min(people, first + PART_ROWS // PHOTOS))
         n = len(persons) * PHOTOS
+        target = folder / f"part-{k:05d}.parquet"
+        if _rows(target) == n:   # written by an earlier run that stopped (later parts draw afresh)
+            written += n
+            continue
         person = np.repeat(persons, PHOTOS)
         photo = np.tile(np.arange(PHOTOS), len(persons))
         male = np.random.default_rng([seed, 2]).random(people)[person] < 0.5
@@ -143,7 +157,7 @@ def make_table(stats: dict, source, rows: int, folder: Path, texture: bool, seed
         if not texture:
             i = part.schema.get_field_index("texture")
             part = part.set_column(i, "texture", pa.nulls(n, part.schema.field("texture").type))
-        pq.write_table(part, folder / f"part-{k:05d}.parquet", compression="zstd")
+        pq.write_table(part, target, compression="zstd")
         written += n
         del part, columns
     size = sum(f.stat().st_size for f in folder.glob("*.parquet"))
@@ -166,7 +180,7 @@ def cmd_make(args) -> dict:
            "real": args.real, "tables": {}}
     for rows in args.rows:
         folder = Path(args.root) / f"rows{rows}"
-        if folder.exists() and any(folder.glob("*.parquet")):
+        if sum(max(_rows(f), 0) for f in folder.glob("*.parquet")) == rows:
             print(f"{folder} exists, kept")
             continue
         info = make_table(stats, source, rows, folder, texture=rows <= args.texture_max)
