@@ -287,7 +287,8 @@ def cmd_train(args) -> dict:
             for workers in args.workers:
                 with tempfile.TemporaryDirectory(dir=args.root) as out:
                     argv = ["train", "--task", task, "--data", uri, "--output", out, "--workers", str(workers),
-                            "--cpus-per-worker", "1", "--epochs", str(args.epochs), "--no-gpu", "--json"]
+                            "--cpus-per-worker", "1", "--epochs", str(args.epochs), "--no-gpu", "--json",
+                            "--ingest", "shards"]
                     m = _child(_TRAIN, json.dumps(argv))
                 history = m["summary"]["history"]
                 epochs = [{"train_seconds": h["train_seconds"], "epoch_seconds": h.get("epoch_seconds"),

@@ -249,7 +249,7 @@ def test_ray_train_on_shards(ray_local, table_dir, tmp_path):
     from facedist.training import load_model_bundle, run_training
 
     config = _config(table_dir, "expression", inputs=("exp", "feature"), input_norm="standard", epochs=2,
-                     use_gpu=False, cpus_per_worker=1.0, output=str(tmp_path / "one"), name="one")
+                     ingest="shards", use_gpu=False, cpus_per_worker=1.0, output=str(tmp_path / "one"), name="one")
     torch.set_num_threads(1)
     _, expected = train_in_process(config)
     one = run_training(config)
@@ -269,3 +269,15 @@ def test_ray_train_on_shards(ray_local, table_dir, tmp_path):
     reference = make_task(identity, load_data(table_dir, columns=TRAINING_COLUMNS))
     assert last["n_val"] == len(reference.y_val)
     assert load_model_bundle(two["bundle"])["labels"] == reference.labels
+
+
+def test_auto_shards_large_tables_only(table_dir, monkeypatch):
+    """ingest auto: Ray Data shards from SHARDS_MIN_ROWS rows (counted from the Parquet footers);
+    a smaller table goes whole to every worker; cnet never shards."""
+    rows = pq.ParquetDataset(table_dir).read(columns=["path"]).num_rows
+    assert not sharded.uses_shards(_config(table_dir, "gender"))
+    assert sharded.uses_shards(_config(table_dir, "gender", ingest="shards"))
+    monkeypatch.setattr(sharded, "SHARDS_MIN_ROWS", rows)
+    assert sharded.uses_shards(_config(table_dir, "gender"))
+    assert not sharded.uses_shards(_config(table_dir, "gender", ingest="table"))
+    assert not sharded.uses_shards(_config(table_dir, "cnet"))

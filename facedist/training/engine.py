@@ -85,7 +85,8 @@ class TrainConfig:
     checkpoint_every_s: float = 10.0
     # How Ray Train workers get the table (training.sharded): "shards" (Ray Data, each worker its
     # people's rows of the task's columns), "table" (every worker reads the whole table), "auto"
-    # (shards where the task supports them: identity with the mean, gender, expression).
+    # (shards where the task supports them, identity with the mean, gender, expression, on tables
+    # of sharded.SHARDS_MIN_ROWS rows or more).
     ingest: str = "auto"
     # Identity on shards: new combinations every epoch (from each person's photos) instead of
     # one draw for the run.

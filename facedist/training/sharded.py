@@ -52,6 +52,9 @@ INGESTS = ("auto", "shards", "table")   # TrainConfig.ingest
 ITEM_ROWS = 65_536    # rows per read task (consecutive row groups of one file)
 CHUNK_ROWS = 8_192    # rows per step of the normaliser's passes
 READ_TASKS = 2        # read tasks in flight per worker's dataset
+# ingest "auto" shards tables of at least this many rows. Below it every worker holding the whole
+# table costs tens of MB, less than starting a Ray Data pipeline per training run.
+SHARDS_MIN_ROWS = 20_000
 
 
 def uses_shards(config: TrainConfig) -> bool:
@@ -62,7 +65,9 @@ def uses_shards(config: TrainConfig) -> bool:
     if config.ingest == "shards" and not supported:
         raise ValueError(f"ingest 'shards' trains {', '.join(SHARDED_TASKS)} (identity with --aggregate mean); "
                          f"{config.task!r} reads the whole table in every worker (--ingest table)")
-    return supported and config.ingest != "table"
+    if config.ingest == "auto" and supported:   # the row count from the Parquet footers alone
+        return sum(sum(groups) for _, groups in _parts(config.data)) >= SHARDS_MIN_ROWS
+    return supported and config.ingest == "shards"
 
 
 # ------------------------------------------------------------------------------ the driver's plan
