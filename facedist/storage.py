@@ -436,9 +436,9 @@ def _read_parquet(path: str, fs, columns: list[str] | None) -> pa.Table:
         columns = [source[c] for c in columns if c in source]
     table = pq.read_table(path, filesystem=fs, columns=columns)
     if renames:
+        metadata = table.schema.metadata or {}   # rename_columns drops it (the layout with it)
         table = table.rename_columns([renames.get(name, name) for name in table.column_names])
-        table = table.replace_schema_metadata({**(table.schema.metadata or {}),
-                                               METADATA_SCHEMA_KEY: SCHEMA_VERSION.encode()})
+        table = table.replace_schema_metadata({**metadata, METADATA_SCHEMA_KEY: SCHEMA_VERSION.encode()})
     return table
 
 

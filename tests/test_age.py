@@ -9,7 +9,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from facedist import storage
-from facedist.schema import (METADATA_SCHEMA_KEY, CoefficientLayout, rows_to_table, schema_with_layout)
+from facedist.schema import (METADATA_SCHEMA_KEY, CoefficientLayout, layout_from_schema, rows_to_table,
+                             schema_with_layout)
 from facedist.training.data import load_data
 
 LAYOUT = CoefficientLayout(backend="tddfa", n_id=8, n_exp=4)
@@ -56,6 +57,7 @@ def test_a_schema_1_table_reads_with_the_new_names_and_no_age_label(tmp_path):
     read = storage.read_table(str(tmp_path / "old"))
     assert "faceapi_age" in read.column_names and "faceapi_gender_male" in read.column_names
     assert "age" not in read.column_names and "gender_male" not in read.column_names
+    assert layout_from_schema(read.schema) == LAYOUT   # the renamed table keeps its layout
     assert read.column("faceapi_age").to_pylist() == pytest.approx([r["faceapi_age"] for r in rows])
     # Asked for by name: the old `age` is face-api's, never the label.
     picked = storage.read_table(str(tmp_path / "old"), columns=["age", "faceapi_age", "subject"])
