@@ -257,7 +257,8 @@ def test_training_checkpoints_through_a_flaky_store(ray_local, s3_server, faults
     storage.write_table(table, data)
     bucket = _bucket(s3_server, "flaky-train")
     config = TrainConfig(task="expression", data=data, output=f"{bucket}/runs", epochs=2, batch_size=16,
-                         num_workers=2, cpus_per_worker=0.5, use_gpu=False, patience=50, name="expr-flaky")
+                         num_workers=2, cpus_per_worker=0.5, use_gpu=False, patience=50, name="expr-flaky",
+                         checkpoint_every_s=0.0)   # a checkpoint every epoch: both go through the flaky store
     summary = run_training(config)
     assert [h["epoch"] for h in summary["history"]] == [0, 1]
     files = storage.list_files(f"{bucket}/runs")

@@ -36,7 +36,9 @@ def london_split(yale_dir):
     if not (root / "labels.csv").is_file():
         pytest.fail(f"London set not found at {root}")
     with open(root / "labels.csv") as fh:
-        labels = [dict(r, path=str(root / r["path"])) for r in csv.DictReader(fh)]
+        # The manifest's age is years (a float label, "NA" unknown), as datasets.py reads it.
+        labels = [dict(r, path=str(root / r["path"]), age=float(r["age"]) if r.get("age") not in (None, "", "NA") else None)
+                  for r in csv.DictReader(fh)]
     subjects = np.array([r["subject"] for r in labels])
     folds = person_folds(subjects, 5, 0)
     test = [r for r, f in zip(labels, folds) if f == 0]
