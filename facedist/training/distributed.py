@@ -4,8 +4,8 @@ Per worker: its rows of the table as a Ray Data shard (identity, gender, express
 training.sharded plans the split on the driver and each worker reads only its people's rows of
 the task's columns), or the whole table (C-Net, the image baseline, --ingest table: tasks slice
 their data by rank/world); build the task, wrap the model in DDP (ray.train.torch.prepare_model), reduce metrics with
-torch.distributed. Rank 0 writes a checkpoint every epoch (the servable bundle of the best model
-so far + the trainer state) to the run's storage; running again with the same --output and
+torch.distributed. Rank 0 writes a checkpoint after the last epoch and every checkpoint_every_s
+of training (the servable bundle of the best model so far + the trainer state) to the run's storage; running again with the same --output and
 --name continues from the latest checkpoint (Ray Train restores the run from its storage).
 At the end the best bundle is copied to <output>/<task>/model.pt with metrics.json beside it.
 """
