@@ -7,10 +7,10 @@ from __future__ import annotations
 
 import csv
 import os
-import socket
 
 import numpy as np
 import pytest
+from support.fixtures import free_port
 
 httpx = pytest.importorskip("httpx")
 
@@ -19,12 +19,6 @@ pytestmark = [pytest.mark.slow, pytest.mark.ray]
 TOKEN = "gallery-token-1"
 APP_NAME = "facedist-gallery-test"
 TRAIN_PEOPLE = 12  # training people whose pairs set the threshold
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -102,7 +96,7 @@ def server(embedding, extract_settings):
     saved = os.environ.get("FACEDIST_API_TOKEN")
     os.environ["FACEDIST_API_TOKEN"] = TOKEN
     runtime.connect(num_cpus=2)
-    port = _free_port()
+    port = free_port()
     try:
         run_server(None, host="127.0.0.1", port=port, name=APP_NAME, blocking=False,
                    gallery_uri=f"{bucket}/gallery", embedding_uri=f"{bucket}/models/embedding",
