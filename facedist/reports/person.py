@@ -163,7 +163,7 @@ TASK_DESCRIPTORS = {"identity": ("id", "tex", "id+tex", "feature", "emb", "pixel
 MODEL_INPUTS = {"identity": (("id",), ("tex",), ("id", "tex"), ("emb",), ("emb", "id", "tex")),
                 "gender": (("id",), ("tex",), ("id", "tex"), ("emb",), ("emb", "tex")),
                 "expression": (("exp",), ("exp", "tex"), ("exp", "feature"), ("expf",), ("exp", "expf"),
-                               ("exp", "tex", "expf"))}
+                               ("exp", "tex", "expf"), ("exp", "tex", "expf", "feature"))}
 # The 1-D ResNets are the slow heads: they run on the coefficients alone (the paper's question) and
 # on the task's shipped inputs; the light heads run on every candidate.
 RESNET_ONLY_ON = "paper and shipped inputs"
