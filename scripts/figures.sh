@@ -41,15 +41,15 @@ for part in "${parts[@]}"; do
       step "$part" "facedist report on the quick start's table, images included"
       "$BIN/facedist" report --data "$WORK/quickstart/coefficients" --out docs/results/yale_full ;;
     london_models)  # docs/results.md: the shipped models, heads and descriptors on unseen people (London)
-      step "$part" "facedist report --protocol person on London: the shipped head, no image baseline"
+      step "$part" "facedist report --protocol person on London: every head (the shipped one on 5 seeds, the others on 1), no image baseline"
       extracted london "$DATA/london/labels.csv"
       "$BIN/facedist" report --protocol person --data "$WORK/london" --out docs/results/london_models \
-          --no-images --heads linear ;;
+          --no-images --heads linear,mlp,resnet --model-seeds 1 ;;
     yale_models)    # docs/results.md: the same on Yale
-      step "$part" "facedist report --protocol person --gallery normal on Yale: the shipped head, no image baseline"
+      step "$part" "facedist report --protocol person --gallery normal on Yale: every head, as London's"
       extracted yale "$DATA/yalefaces"
       "$BIN/facedist" report --protocol person --gallery normal --data "$WORK/yale" --out docs/results/yale_models \
-          --no-images --heads linear ;;
+          --no-images --heads linear,mlp,resnet --model-seeds 1 ;;
     london)      # docs/results.md: London, split by person
       step "$part" "facedist report --protocol person on London"
       extracted london "$DATA/london/labels.csv"

@@ -100,16 +100,26 @@ def _list_lengths(column: pa.ChunkedArray) -> np.ndarray:
 
 
 def _fixed_rows(column: pa.ChunkedArray, rows: np.ndarray, width: int, dtype=np.float32,
-                fill=np.nan) -> np.ndarray:
+                fill=np.nan, out: np.ndarray | None = None) -> np.ndarray:
     """(len(rows), width) from a list column, without a Python object per row; rows whose list
-    is missing or of another length are ``fill``."""
+    is missing or of another length are ``fill``. ``out``: write there (e.g. a column slice of a
+    wider matrix) instead of a new array, so wide groups are copied once."""
     taken = _take(column, rows)
     lengths = _list_lengths(taken)
-    out = np.full((len(rows), width), fill, dtype)
+    out = np.empty((len(rows), width), dtype) if out is None else out
     good = lengths == width
+    if good.all():   # the usual case: chunk by chunk straight into out (no concatenated copy)
+        start = 0
+        for chunk in (taken.chunks if isinstance(taken, pa.ChunkedArray) else [taken]):
+            n = len(chunk)
+            if n:
+                flat = chunk.flatten().to_numpy(zero_copy_only=False)
+                out[start:start + n] = np.asarray(flat, dtype).reshape(n, width)
+            start += n
+        return out
+    out[~good] = fill
     if good.any():
-        picked = taken.filter(pa.array(good)) if not good.all() else taken
-        flat = pc.list_flatten(picked).to_numpy(zero_copy_only=False)
+        flat = pc.list_flatten(taken.filter(pa.array(good))).to_numpy(zero_copy_only=False)
         out[good] = np.asarray(flat, dtype).reshape(-1, width)
     return out
 

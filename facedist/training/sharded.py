@@ -114,6 +114,18 @@ def _read(f: str, columns: list[str], row_groups: list[int] | None = None) -> pa
         return pf.read_row_groups(row_groups, columns=present)
 
 
+def _list_length_at(f: str, column: str, row_group: int, row: int) -> int:
+    """The length of one row's list in ``column`` (0 if null or absent), decoding the row group only
+    up to that row (a whole group of a wide column is tens of MB)."""
+    fs, path = storage.filesystem_for(f)
+    with fs.open_input_file(path) as fh:
+        pf = pq.ParquetFile(fh)
+        if column not in pf.schema_arrow.names:
+            return 0
+        batch = next(pf.iter_batches(batch_size=row + 1, row_groups=[row_group], columns=[column]))
+        return int(_lengths(pa.Table.from_batches([batch]), column)[row])
+
+
 def _lengths(table: pa.Table, name: str) -> np.ndarray:
     if name not in table.column_names:
         return np.zeros(table.num_rows, np.int64)
@@ -247,9 +259,7 @@ def _widths(uri: str, parts, inputs, layout: CoefficientLayout, n_id: int, n_exp
         elif name == "feature" and layout.n_feature:
             widths[name] = layout.n_feature
         else:
-            table = _read(f, [INPUT_GROUPS[name]], [group])
-            lengths = _lengths(table, INPUT_GROUPS[name])
-            widths[name] = int(lengths[first_row - offset])
+            widths[name] = _list_length_at(f, INPUT_GROUPS[name], group, first_row - offset)
             if not widths[name]:
                 raise ValueError(f"the table has no {INPUT_GROUPS[name]} for every usable row, so it cannot give "
                                  f"the {name!r} input")
@@ -306,27 +316,29 @@ def scan_groups(uri: str) -> tuple[tuple[str, ...], np.ndarray]:
 
 # ------------------------------------------------------------------------------ read tasks
 
-def _group_matrix(table: pa.Table, name: str, rows: np.ndarray, width: int) -> np.ndarray:
-    """One input group of ``rows`` as (len(rows), width) float32; the pooled feature is cut or
-    zero-padded to ``width`` (table_to_data's rule), any other group must have it exactly."""
+def _group_matrix(table: pa.Table, name: str, rows: np.ndarray, width: int, out: np.ndarray) -> None:
+    """One input group of ``rows`` into ``out`` (len(rows), width) float32; the pooled feature is
+    cut or zero-padded to ``width`` (table_to_data's rule), any other group must have it exactly."""
     from facedist.training.data import _fixed_rows, _list_lengths, _take
 
     column = INPUT_GROUPS[name]
     if column not in table.column_names:
-        lengths = np.zeros(len(rows), np.int64)
+        taken, lengths = None, np.zeros(len(rows), np.int64)
     else:
-        lengths = _list_lengths(_take(table.column(column), rows))
+        taken = _take(table.column(column), rows)   # once: the reads below take every row of it
+        lengths = _list_lengths(taken)
+    every = np.arange(len(rows))
     if name == "feature":
-        out = np.zeros((len(rows), width), np.float32)
+        out[:] = 0
         for w in np.unique(lengths[lengths > 0]):
             sel = np.flatnonzero(lengths == w)
-            out[sel, :min(int(w), width)] = _fixed_rows(table.column(column), rows[sel], int(w))[:, :width]
-        return out
+            out[sel, :min(int(w), width)] = _fixed_rows(taken, sel, int(w))[:, :width]
+        return
     if (lengths != width).any():
         hint = " (extract with a texture basis: the default for the fit backends)" if name == "tex" else ""
         raise ValueError(f"the table has no {INPUT_GROUPS[name]} for every usable row, so it cannot give the "
                          f"{name!r} input{hint}")
-    return _fixed_rows(table.column(column), rows, width)
+    _fixed_rows(taken, every, width, out=out)
 
 
 def read_item(batch: dict, inputs: tuple[str, ...], widths: dict) -> dict:
@@ -334,7 +346,11 @@ def read_item(batch: dict, inputs: tuple[str, ...], widths: dict) -> dict:
     file, groups = str(batch["file"][0]), json.loads(str(batch["row_groups"][0]))
     rows = np.frombuffer(batch["rows"][0], np.int64)
     table = _read(file, [INPUT_GROUPS[g] for g in inputs], groups)
-    x = np.hstack([_group_matrix(table, g, rows, widths[g]) for g in inputs]).astype(np.float32, copy=False)
+    x = np.empty((len(rows), sum(widths[g] for g in inputs)), np.float32)
+    start = 0
+    for g in inputs:   # each group straight into its columns of x
+        _group_matrix(table, g, rows, widths[g], x[:, start:start + widths[g]])
+        start += widths[g]
     return {"x": x, "pos": np.frombuffer(batch["pos"][0], np.int64), "val": np.frombuffer(batch["val"][0], np.uint8),
             "code": np.frombuffer(batch["code"][0], np.int64)}
 
@@ -364,11 +380,29 @@ def load_shard(batches, meta: dict, rank: int) -> tuple[np.ndarray, np.ndarray, 
     for batch in batches:
         val = np.asarray(batch["val"]).astype(bool)
         pos, x, code = np.asarray(batch["pos"]), np.asarray(batch["x"]), np.asarray(batch["code"])
-        x_train[pos[~val]], y_train[pos[~val]] = x[~val], code[~val]
-        x_val[pos[val]], y_val[pos[val]] = x[val], code[val]
+        for dest, labels, mask in ((x_train, y_train, ~val), (x_val, y_val, val)):
+            _place(dest, labels, pos, x, code, mask)
     if (y_train < 0).any() or (y_val < 0).any():
         raise RuntimeError(f"worker {rank}: the shard is missing rows of its plan")
     return x_train, y_train, x_val, y_val
+
+
+def _place(dest: np.ndarray, labels: np.ndarray, pos: np.ndarray, x: np.ndarray, code: np.ndarray,
+           mask: np.ndarray) -> None:
+    """dest[pos[mask]] = x[mask] (and the codes). A read task's rows of one split have consecutive
+    positions (both are in table order), so the rows go straight into that slice: no gathered copy."""
+    where = pos[mask]
+    if not len(where):
+        return
+    labels[where] = code[mask]
+    lo, hi = int(where[0]), int(where[-1]) + 1
+    if hi - lo == len(where) and (np.diff(where) == 1).all():
+        if mask.all():
+            dest[lo:hi] = x
+        else:
+            np.compress(mask, x, axis=0, out=dest[lo:hi])
+    else:
+        dest[where] = x[mask]
 
 
 # ------------------------------------------------------------------------------ the global normaliser
