@@ -59,22 +59,14 @@ step "ray job submit: extraction"
 "$BIN/ray" job submit --working-dir . -- \
     python jobs/extract.py --input "$IMAGES" --output "$WORK/coefficients" --backend tddfa --actors 2 --no-progress
 
-train() {   # a training job: jobs/train.py for one task
+for task in cnet identity expression; do
+    step "ray job submit: training $task"
+    extra=()
+    [ "$task" = identity ] && extra=(--cnet "$WORK/models/cnet")
     "$BIN/ray" job submit --working-dir . -- \
-        python jobs/train.py --data "$WORK/coefficients" --output "$WORK/models" \
-        --epochs "${E2E_EPOCHS:-8}" --cpus-per-worker 1 --text "$@"
-}
-# Expression needs nothing of the others: its job runs beside C-Net's and identity's, as jobs share
-# a cluster (one CPU each here). Identity aggregates by C-Net, so it waits for C-Net's.
-step "ray job submit: training expression, beside C-Net then identity"
-train --task expression >"$WORK/train_expression.log" 2>&1 &
-expression_job=$!
-step "ray job submit: training cnet"
-train --task cnet
-step "ray job submit: training identity"
-train --task identity --cnet "$WORK/models/cnet"
-wait "$expression_job" || { tail -20 "$WORK/train_expression.log"; echo "the expression job failed"; exit 1; }
-tail -3 "$WORK/train_expression.log"
+        python jobs/train.py --task "$task" --data "$WORK/coefficients" --output "$WORK/models" \
+        --epochs "${E2E_EPOCHS:-8}" --cpus-per-worker 1 --text "${extra[@]}"
+done
 
 step "serve deploy (models from $WORK/models, HTTP :$HTTP_PORT)"
 "$BIN/python" - "$WORK/models" "$HTTP_PORT" "$WORK/serve.yaml" <<'PY'
