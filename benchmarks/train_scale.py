@@ -15,8 +15,9 @@ the texture column is left null (the full schema at 1M rows would be ~13 GB, mos
 Measures, each in a fresh process (peak RSS is per process):
   load   the shard path's loading as one process: the driver's plan (facedist.training.sharded
          plan_shards) + every read task (read_item) into the worker's matrices (load_shard) for
-         gender (face embedding, 128 numbers) and expression (exp + tex + expression feature,
-         346): seconds, rows/s, peak RSS, and RSS beyond the matrices per row. Up to
+         gender (face embedding, 128 numbers), expression (its preset's groups, 858) and the 3DMM
+         coefficients alone (id + exp + tex, 130): seconds, rows/s, peak RSS, and RSS beyond the
+         matrices per row. Up to
          --inmemory-max rows also load_data(TRAINING_COLUMNS), the in-memory path.
   train  `facedist train --task T --workers W --epochs E --cpus-per-worker 1` on a local Ray:
          per-epoch training seconds (the slowest worker) and per 1,000 inputs, the epoch's wall
@@ -201,10 +202,11 @@ from facedist.training import sharded
 from facedist.training.data import TRAINING_COLUMNS, load_data
 from facedist.training.presets import preset_config
 uri, how, task = sys.argv[1], sys.argv[2], sys.argv[3]
+inputs = tuple(sys.argv[4].split(",")) if len(sys.argv) > 4 else None   # None: the preset's
 before = kb()
 t = time.perf_counter()
 if how == "shards":
-    config = preset_config(task, data=uri)
+    config = preset_config(task, data=uri, inputs=inputs)
     plan = sharded.plan_shards(config, 1)
     planned = time.perf_counter() - t
     batch = lambda item: {k: [v] for k, v in item.items()}
@@ -236,10 +238,12 @@ def cmd_load(args) -> dict:
     for rows in args.rows:
         uri = str(Path(args.root) / f"rows{rows}")
         entry = {}
-        for task in ("gender", "expression"):
-            m = _child(_LOAD, uri, "shards", task)
-            entry[f"shards_{task}"] = m
-            print(f"{rows} rows, shards for {task} ({m['width']} numbers): {m['seconds']:.2f} s "
+        # The presets' inputs, and the 3DMM coefficients alone (α + β + τ, the paper's descriptor).
+        for name, task, inputs in (("gender", "gender", ()), ("expression", "expression", ()),
+                                   ("coefficients", "expression", ("id,exp,tex",))):
+            m = _child(_LOAD, uri, "shards", task, *inputs)
+            entry[f"shards_{name}"] = m
+            print(f"{rows} rows, shards for {name} ({m['width']} numbers): {m['seconds']:.2f} s "
                   f"(plan {m['plan_seconds']:.2f}), {m['rows_per_s']:.0f} rows/s, peak RSS {m['peak_rss_mb']:.0f} MB, "
                   f"{m['kb_per_row_beyond_held']:.2f} KB a row beyond the {m['held_mb']:.0f} MB of inputs", flush=True)
         if rows <= args.inmemory_max:
