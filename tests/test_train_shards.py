@@ -174,6 +174,8 @@ def test_one_shard_trains_the_in_process_model(table_dir, monkeypatch, task, kw)
     same_inputs()
     expected, got = fit(reference, config), fit(mine, config)
     same_inputs()   # after a refit: every row, normalised again
+    if config.refit:   # and trained on one view of the worker's buffer, no copy of its inputs
+        assert np.shares_memory(mine.x_train.numpy(), mine.x_val.numpy())
     assert [h["accuracy"] for h in got.history] == [h["accuracy"] for h in expected.history]
     for name, weight in expected.best_state.items():
         assert torch.allclose(got.best_state[name], weight, atol=1e-4), name

@@ -373,10 +373,11 @@ def load_shard(batches, meta: dict, rank: int) -> tuple[np.ndarray, np.ndarray, 
     """(x_train, code_train, x_val, code_val) of worker ``rank`` from its dataset's batches
     (dicts of numpy arrays, any order): rows land at their planned positions, table order."""
     width = sum(meta["widths"][g] for g in meta["inputs"])
-    x_train = np.empty((meta["n_train"][rank], width), np.float32)
-    x_val = np.empty((meta["n_val"][rank], width), np.float32)
-    y_train = np.full(meta["n_train"][rank], -1, np.int64)
-    y_val = np.full(meta["n_val"][rank], -1, np.int64)
+    n_train = meta["n_train"][rank]
+    # One buffer, training rows then validation rows: refit trains on both without a joined copy.
+    x_all = np.empty((n_train + meta["n_val"][rank], width), np.float32)
+    y_all = np.full(len(x_all), -1, np.int64)
+    x_train, x_val, y_train, y_val = x_all[:n_train], x_all[n_train:], y_all[:n_train], y_all[n_train:]
     for batch in batches:
         val = np.asarray(batch["val"]).astype(bool)
         pos, x, code = np.asarray(batch["pos"]), np.asarray(batch["x"]), np.asarray(batch["code"])
@@ -470,6 +471,26 @@ def _normalise_in_place(norm: Standardizer, x: np.ndarray) -> np.ndarray:
     return x
 
 
+# The input norms that are x -> (x - mean) / std alone, which refit can undo in place.
+AFFINE_NORMS = ("standard", "per_group")
+
+
+def _denormalise_in_place(norm: Standardizer, x: np.ndarray) -> np.ndarray:
+    for i in range(0, len(x), CHUNK_ROWS):
+        x[i:i + CHUNK_ROWS] = x[i:i + CHUNK_ROWS] * norm.std + norm.mean
+    return x
+
+
+def _joined(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """a then b: a view when they lie one after the other in one buffer (load_shard's), else a copy."""
+    base = a.base
+    if base is not None and base is b.base and a.flags.c_contiguous and b.flags.c_contiguous \
+            and a.ctypes.data + a.nbytes == b.ctypes.data:
+        start = (a.ctypes.data - base.ctypes.data) // base.strides[0]
+        return base[start:start + len(a) + len(b)]
+    return np.concatenate([a, b])
+
+
 # ------------------------------------------------------------------------------ the task
 
 class ShardClassifierTask(ClassifierTask):
@@ -509,20 +530,32 @@ class ShardClassifierTask(ClassifierTask):
     def _fit_norm(self, x_train, y_train, x_val, y_val) -> None:
         """ClassifierTask._fit_norm from every worker's rows; normalises the arrays in place
         (a copy is kept for refit's second fit: ClassifierTask.use_all_rows)."""
-        if self.config.refit and not self.refitting:
+        if self.config.refit and not self.refitting and self.config.input_norm not in AFFINE_NORMS:
             self.raw = (x_train.copy(), y_train, x_val.copy(), y_val)
         self.norm = fit_normaliser(lambda: _chunks(x_train, y_train), x_train.shape[1], len(self.labels),
                                    self.config.input_norm, self.group_dims)
-        self.x_train = torch.from_numpy(_normalise_in_place(self.norm, x_train))
-        self.y_train = torch.from_numpy(y_train)
-        self.x_val = torch.from_numpy(_normalise_in_place(self.norm, x_val))
-        self.y_val = torch.from_numpy(y_val)
+        # In a refit the validation rows are part of x_train's buffer, normalised with it.
+        within = np.shares_memory(x_val, x_train)
+        self.arrays = (_normalise_in_place(self.norm, x_train), y_train,
+                       x_val if within else _normalise_in_place(self.norm, x_val), y_val)
+        self.x_train, self.y_train, self.x_val, self.y_val = map(torch.from_numpy, self.arrays)
 
     def use_all_rows(self) -> None:
         self.refitting = True
         super().use_all_rows()
         self.raw = None
         self._count_steps()
+
+    def _all_rows(self):
+        """ClassifierTask._all_rows without a copy of the inputs where the norm is affine: the rows
+        are put back to their raw values in place (x * std + mean, equal to float rounding) and
+        trained on as one view of load_shard's buffer."""
+        if self.config.input_norm not in AFFINE_NORMS:
+            return super()._all_rows()
+        x_train, y_train, x_val, y_val = self.arrays   # load_shard's views, normalised in place
+        _denormalise_in_place(self.norm, x_train)
+        _denormalise_in_place(self.norm, x_val)
+        return _joined(x_train, x_val), _joined(y_train, y_val), x_val, y_val
 
     def _init_prototypes(self, model) -> None:
         """ClassifierTask's prototypes from every worker's class sums."""

@@ -164,10 +164,14 @@ class ClassifierTask:
     def use_all_rows(self) -> None:
         """Train on the training and validation rows together from here on (TrainConfig.refit);
         the normalisation is fitted again on all of them, and the bundle says so."""
-        x_train, y_train, x_val, y_val = self.raw
-        self._fit_norm(np.concatenate([x_train, x_val]), np.concatenate([y_train, y_val]), x_val, y_val)
+        self._fit_norm(*self._all_rows())
         self.extra = {**self.extra, "refit": True,
                       "n_train_images": int(self.extra.get("n_train_images", 0) + self.extra.get("n_val_images", 0))}
+
+    def _all_rows(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """(x, y of the training and validation rows together, x_val, y_val), unnormalised."""
+        x_train, y_train, x_val, y_val = self.raw
+        return np.concatenate([x_train, x_val]), np.concatenate([y_train, y_val]), x_val, y_val
 
     def build_model(self):
         model = create_model(self.model_name, **self.model_config)
