@@ -528,8 +528,8 @@ class ShardClassifierTask(ClassifierTask):
         self._fit_norm(x_train, y_train, x_val, y_val)
 
     def _fit_norm(self, x_train, y_train, x_val, y_val) -> None:
-        """ClassifierTask._fit_norm from every worker's rows; normalises the arrays in place
-        (a copy is kept for refit's second fit: ClassifierTask.use_all_rows)."""
+        """ClassifierTask._fit_norm from every worker's rows; normalises the arrays in place. Refit's
+        second fit undoes an affine norm in place (_all_rows); for the others a copy is kept."""
         if self.config.refit and not self.refitting and self.config.input_norm not in AFFINE_NORMS:
             self.raw = (x_train.copy(), y_train, x_val.copy(), y_val)
         self.norm = fit_normaliser(lambda: _chunks(x_train, y_train), x_train.shape[1], len(self.labels),
