@@ -333,7 +333,8 @@ def cmd_train(args) -> int:
         from facedist.schema import inputs_label
         from facedist.training.presets import shipped_inputs
         from facedist.training.sharded import scan_groups
-        from facedist.training.tasks import combo_size_for, task_inputs
+        from facedist.training.tasks import task_inputs
+        from facedist.workflow import few_photos_note
 
         # File by file: a million-row table's descriptor columns never sit in this process at once.
         filled, subjects = scan_groups(args.data)
@@ -341,8 +342,7 @@ def cmd_train(args) -> int:
             # The preset's groups this table lacks (extracted without them) are left out, and said.
             config = preset_config(args.task, **{**values, "inputs": shipped_inputs(args.task, filled)})
             print(f"note: the table lacks some of the preset's inputs; training on {inputs_label(task_inputs(config))}")
-        note = (combo_size_for(subjects, preset_config("identity", folds=config.folds))[1]
-                if args.task == "identity" and len(subjects) else None)
+        note = few_photos_note(subjects, config.folds) if args.task == "identity" else None
         if note:
             print(f"note: {note}")
     summary = run_training(config, address=args.address)

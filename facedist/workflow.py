@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from facedist import runtime, storage
 from facedist.extraction.config import ExtractConfig
 from facedist.extraction.distributed import RayExtractConfig
-from facedist.schema import INPUT_GROUPS, LABEL_COLUMNS
+from facedist.schema import LABEL_COLUMNS
 
 
 @dataclass
@@ -49,25 +49,13 @@ def _labelled(table, column: str) -> int:
     return len(values)
 
 
-def filled_groups(table) -> tuple[str, ...]:
-    """The descriptor groups (schema.INPUT_GROUPS) that every ok row of ``table`` has."""
-    import pyarrow.compute as pc
-
-    ok = pc.equal(table.column("status"), "ok")
-    return tuple(name for name, column in INPUT_GROUPS.items() if column in table.column_names
-                 and pc.sum(ok).as_py() and table.filter(ok).column(column).null_count == 0)
-
-
-def few_photos_note(table, folds: int) -> str | None:
-    """One line when people have too few photos for the identity preset's combinations."""
-    import numpy as np
-
+def few_photos_note(subjects, folds: int) -> str | None:
+    """One line when people have too few photos for the identity preset's combinations
+    (``subjects``: the ok rows', as sharded.scan_groups gives them)."""
     from facedist.training.presets import preset_config
     from facedist.training.tasks import combo_size_for
 
-    ok = [s for s, status in zip(table.column("subject").to_pylist(), table.column("status").to_pylist())
-          if status == "ok" and s is not None]
-    return combo_size_for(np.asarray(ok, dtype=object), preset_config("identity", folds=folds))[1] if ok else None
+    return combo_size_for(subjects, preset_config("identity", folds=folds))[1] if len(subjects) else None
 
 
 def _trained_line(task: str, summary: dict, seconds: float) -> str:
@@ -81,6 +69,7 @@ def run_workflow(config: WorkflowConfig, log=print) -> dict:
     from facedist.reports.image import ReportConfig, bundle_checks, report_line, write_report_at
     from facedist.training import run_training
     from facedist.training.presets import preset_config, shipped_inputs
+    from facedist.training.sharded import scan_groups
 
     started = time.perf_counter()
     runtime.connect(config.address)
@@ -89,8 +78,8 @@ def run_workflow(config: WorkflowConfig, log=print) -> dict:
     log(f"[1/3] extracting {config.images} -> {coeffs}")
     summary = run_ray_extraction(config.images, coeffs, config.extraction, address=config.address)
 
-    table = storage.read_table(coeffs, columns=["status", *LABEL_COLUMNS, *INPUT_GROUPS.values()])
-    groups = filled_groups(table)
+    table = storage.read_table(coeffs, columns=["status", *LABEL_COLUMNS])
+    groups, subjects = scan_groups(coeffs)   # the descriptor columns file by file
     # Extraction is done by now, so the training workers may have the CPUs (torch threads follow).
     cpus = config.cpus_per_worker or max(1.0, float(runtime.training_cpus() // config.workers))
     # The report's first seed and split: each bundle is the report's fold 0 (bundle_checks).
@@ -98,7 +87,7 @@ def run_workflow(config: WorkflowConfig, log=print) -> dict:
                   folds=config.report_folds, seed=ReportConfig.seed)
     trained = {}
     log(f"[2/3] training C-Net and the classifiers on Ray Train -> {models}")
-    note = few_photos_note(table, config.report_folds)
+    note = few_photos_note(subjects, config.report_folds)
     if note:
         log(f"      note: {note}")
     cnet_dir = storage.join(models, "cnet")

@@ -137,11 +137,15 @@ def _strings(table: pa.Table, name: str, rows: np.ndarray) -> np.ndarray:
     shared by its rows (8 bytes a row, not a string per row)."""
     if name not in table.column_names:
         return np.full(len(rows), None, dtype=object)
-    taken = _take(table.column(name), rows)
-    uniq = pc.unique(taken)
+    return shared_strings(_take(table.column(name), rows))
+
+
+def shared_strings(column: pa.ChunkedArray) -> np.ndarray:
+    """A string column as an object array whose distinct values are shared objects (None for null)."""
+    uniq = pc.unique(column)
     values = np.empty(len(uniq) + 1, dtype=object)
     values[:-1] = uniq.to_pylist()   # None where the column has nulls
-    codes = pc.fill_null(pc.index_in(taken, value_set=uniq), len(uniq))
+    codes = pc.fill_null(pc.index_in(column, value_set=uniq), len(uniq))
     return values[np.asarray(codes.to_numpy(zero_copy_only=False), np.int64)]
 
 

@@ -42,7 +42,8 @@ import torch
 from facedist import storage
 from facedist.schema import INPUT_GROUPS, STATUS_OK, CoefficientLayout, layout_from_schema
 from facedist.features import Standardizer
-from facedist.training.data import combos_per_subject, group_combinations
+from facedist.training.data import (_fixed_rows, _list_lengths, _take, combos_per_subject, group_combinations,
+                                    shared_strings)
 from facedist.training.engine import TrainConfig, all_reduce_sums
 from facedist.training.tasks import (LABEL_COLUMN, ClassifierTask, combo_size_for, head_model, task_folds,
                                      task_inputs)
@@ -129,18 +130,12 @@ def _list_length_at(f: str, column: str, row_group: int, row: int) -> int:
 def _lengths(table: pa.Table, name: str) -> np.ndarray:
     if name not in table.column_names:
         return np.zeros(table.num_rows, np.int64)
-    return np.asarray(pc.fill_null(pc.list_value_length(table.column(name)), 0).to_numpy(zero_copy_only=False),
-                      np.int64)
+    return _list_lengths(table.column(name))
 
 
 def _decode(chunks: list[pa.ChunkedArray]) -> np.ndarray:
-    """String columns -> one object array whose distinct values are shared objects."""
-    column = pa.chunked_array([c for part in chunks for c in part.chunks], pa.string())
-    uniq = pc.unique(column)
-    values = np.empty(len(uniq) + 1, dtype=object)
-    values[:-1] = uniq.to_pylist()
-    codes = pc.fill_null(pc.index_in(column, value_set=uniq), len(uniq))
-    return values[np.asarray(codes.to_numpy(zero_copy_only=False), np.int64)]
+    """String columns of several files -> one object array (data.shared_strings)."""
+    return shared_strings(pa.chunked_array([c for part in chunks for c in part.chunks], pa.string()))
 
 
 def _assign_workers(subject: np.ndarray, world: int) -> np.ndarray:
@@ -293,8 +288,8 @@ def _items(parts, rows: np.ndarray, worker, val, pos, code, world: int) -> list[
 
 
 def scan_groups(uri: str) -> tuple[tuple[str, ...], np.ndarray]:
-    """(the descriptor groups every ok row has, the ok rows' subjects): workflow.filled_groups and
-    the subjects few_photos_note counts, read file by file (memory: one file's columns)."""
+    """(the descriptor groups every ok row has, the ok rows' subjects, for workflow.few_photos_note),
+    read file by file (memory: one file's columns)."""
     filled = {name: True for name in INPUT_GROUPS}
     any_ok, subjects = False, []
     for f, _ in _parts(uri):
@@ -319,8 +314,6 @@ def scan_groups(uri: str) -> tuple[tuple[str, ...], np.ndarray]:
 def _group_matrix(table: pa.Table, name: str, rows: np.ndarray, width: int, out: np.ndarray) -> None:
     """One input group of ``rows`` into ``out`` (len(rows), width) float32; the pooled feature is
     cut or zero-padded to ``width`` (table_to_data's rule), any other group must have it exactly."""
-    from facedist.training.data import _fixed_rows, _list_lengths, _take
-
     column = INPUT_GROUPS[name]
     if column not in table.column_names:
         taken, lengths = None, np.zeros(len(rows), np.int64)
