@@ -25,7 +25,9 @@ Overload instead (benchmarks/results/serve_overload.json): the app as `facedist 
 recognition models trained here on Yale, closed-loop clients at 1, 8, 32, 128, 256 on
 /v1/extract and /v1/predict (3 photos of one person a request). Every request ends in a counted
 answer: goodput (2xx/s), the share of 503s, p50/p99 of the 2xx and of the 503 answers, 504s and
-client errors, and the extractor's replica count sampled throughout. A client that gets a 503
+client errors, and the extractor's replica count sampled throughout. Clients join at --spawn-per-s
+(a load tool's spawn rate); the top level runs once more with every client starting at once (the
+herd). "Steady": from 10 s into a level until its last request was sent (no ramp, no drain). A client that gets a 503
 waits its Retry-After (jittered x0.5-1.5) before its next request, as a well-behaved client does
 (--retry immediate: no wait). In the same run, the baseline: the same app with the queues
 unbounded (the settings before bounded queues) at 32 and 256 clients; and a load step on an
@@ -360,14 +362,33 @@ def _ms(values: list[float]) -> dict:
             "p99": round(float(np.percentile(lat, 99)), 1)}
 
 
+def multipart_body(files) -> tuple[bytes, str]:
+    """One multipart/form-data body, encoded once: `files` as httpx takes them (a dict of field ->
+    (name, bytes), or a list of (field, (name, bytes))). The load client then sends bytes, so its
+    own CPU goes to HTTP, not to encoding the same upload again for every request."""
+    boundary = "facedist-load-" + os.urandom(8).hex()
+    parts = []
+    for field, (name, data) in (files.items() if isinstance(files, dict) else files):
+        parts.append(f'--{boundary}\r\nContent-Disposition: form-data; name="{field}"; filename="{name}"\r\n'
+                     f"Content-Type: application/octet-stream\r\n\r\n".encode() + data + b"\r\n")
+    return b"".join(parts) + f"--{boundary}--\r\n".encode(), f"multipart/form-data; boundary={boundary}"
+
+
 async def overload_level(url: str, bodies, concurrency: int, max_requests: int, max_seconds: float,
-                         retry: str, client_timeout_s: float, settle_s: float = 10.0) -> dict:
+                         retry: str, client_timeout_s: float, settle_s: float = 10.0,
+                         spawn_per_s: float | None = None) -> dict:
     """`concurrency` closed-loop clients; every request's outcome is counted: an HTTP status, or
-    the client-side error that ended it (a timeout, a reset connection)."""
+    the client-side error that ended it (a timeout, a reset connection). Clients join at
+    `spawn_per_s` (None: all at once), as a load tool's spawn rate ramps users up.
+
+    The client is aiohttp (its C HTTP parser) with the uploads encoded once: on these 2 cores it
+    shares the CPUs with the server, and httpx's per-request cost took a share that grew with
+    every 503 it had to read."""
     import random
 
-    import httpx
+    import aiohttp
 
+    encoded = [multipart_body(files) for files in bodies]
     by_status: dict[str, list[float]] = {}
     timeline: list[tuple[float, str, float]] = []  # (sent at, outcome, latency), seconds
     errors: dict[str, int] = {}
@@ -376,26 +397,30 @@ async def overload_level(url: str, bodies, concurrency: int, max_requests: int, 
     waited_s = 0.0
     deadline = time.perf_counter() + max_seconds
     rng = random.Random(concurrency)
+    started = time.perf_counter()
 
-    async def client(worker: int, session: httpx.AsyncClient):
+    async def client(worker: int, session: aiohttp.ClientSession):
         nonlocal issued, waited_s
+        if spawn_per_s:
+            await asyncio.sleep(worker / spawn_per_s)
         while issued < max_requests and time.perf_counter() < deadline:
-            files = bodies[(issued + worker) % len(bodies)]
+            body, content_type = encoded[(issued + worker) % len(encoded)]
             issued += 1
             start = time.perf_counter()
             retry_after = None
             try:
-                response = await session.post(url, files=files)
-                outcome = str(response.status_code)
-                retry_after = response.headers.get("retry-after")
-                if response.status_code >= 400:  # which error: the API's code, else Serve's own text
+                async with session.post(url, data=body, headers={"Content-Type": content_type}) as response:
+                    text = await response.read()
+                    outcome = str(response.status)
+                    retry_after = response.headers.get("Retry-After")
+                if response.status >= 400:  # which error: the API's code, else Serve's own text
                     try:
-                        code = response.json()["error"]["code"]
+                        code = json.loads(text)["error"]["code"]
                     except (ValueError, KeyError, TypeError):
                         code = "not-the-api's-json"
                     errors[f"{outcome} {code}"] = errors.get(f"{outcome} {code}", 0) + 1
-                    samples.setdefault(f"{outcome} {code}", response.text[:200])
-            except httpx.HTTPError as exc:
+                    samples.setdefault(f"{outcome} {code}", text[:200].decode(errors="replace"))
+            except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
                 outcome = type(exc).__name__
             by_status.setdefault(outcome, []).append(time.perf_counter() - start)
             timeline.append((start - started, outcome, time.perf_counter() - start))
@@ -404,20 +429,26 @@ async def overload_level(url: str, bodies, concurrency: int, max_requests: int, 
                 waited_s += pause
                 await asyncio.sleep(pause)
 
-    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
-    started = time.perf_counter()
-    async with httpx.AsyncClient(timeout=client_timeout_s, limits=limits) as session:
+    connector = aiohttp.TCPConnector(limit=concurrency, limit_per_host=concurrency)
+    timeout = aiohttp.ClientTimeout(total=client_timeout_s)
+    async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
         started = time.perf_counter()
         await asyncio.gather(*(client(w, session) for w in range(concurrency)))
         wall = time.perf_counter() - started
     counts = {k: len(v) for k, v in sorted(by_status.items())}
-    # After the first `settle_s` (every client starts at once: the burst), the steady state.
-    steady = [(o, t) for sent, o, t in timeline if sent >= settle_s]
+    # The steady state: after the first `settle_s` (the clients joining: the burst) and before the
+    # last request was sent (then the clients stop and the server drains what it holds, longer
+    # the more it holds). Goodput there is the 2xx answers that arrived inside that window over its
+    # length; latencies are those of the requests sent inside it.
+    last_sent = max((sent for sent, _, _ in timeline), default=0.0)
+    steady = [(o, t) for sent, o, t in timeline if settle_s <= sent <= last_sent]
+    window_s = last_sent - settle_s
+    steady_ok = sum(o.startswith("2") and settle_s <= sent + t <= last_sent for sent, o, t in timeline)
     ok = sum(n for k, n in counts.items() if k.startswith("2"))
     answered = sum(n for k, n in counts.items() if k.isdigit())
     return {
         "concurrency": concurrency, "issued": issued, "answered": answered, "outcomes": counts,
-        "error_codes": errors, "error_samples": samples,
+        "spawn_per_s": spawn_per_s, "error_codes": errors, "error_samples": samples,
         "wall_s": round(wall, 2),
         "goodput_per_s": round(ok / wall, 2) if wall else None,
         "share_503": round(counts.get("503", 0) / issued, 3) if issued else None,
@@ -426,9 +457,8 @@ async def overload_level(url: str, bodies, concurrency: int, max_requests: int, 
         "latency_ms_504": _ms(by_status.get("504", [])),
         "client_wait_after_503_s": round(waited_s, 1),
         "steady": {
-            "after_s": settle_s, "requests": len(steady),
-            "goodput_per_s": round(sum(o.startswith("2") for o, _ in steady) / (wall - settle_s), 2)
-            if wall > settle_s else None,
+            "after_s": settle_s, "until_s": round(last_sent, 2), "requests": len(steady),
+            "goodput_per_s": round(steady_ok / window_s, 2) if window_s > 0 else None,
             "latency_ms_2xx": _ms([t for o, t in steady if o.startswith("2")]),
             "latency_ms_503": _ms([t for o, t in steady if o == "503"])},
         "per_second": _per_second(timeline),
@@ -457,7 +487,8 @@ def overload_levels(app_name: str, url: str, bodies, levels, args) -> dict:
             t0 = round(time.perf_counter() - sampler.t0, 1)
             result = asyncio.run(overload_level(url, bodies, concurrency, args.overload_requests * max(1, concurrency // 8)
                                                 if concurrency > 8 else args.overload_requests,
-                                                args.max_seconds, args.retry, args.client_timeout_s))
+                                                args.max_seconds, args.retry, args.client_timeout_s,
+                                                spawn_per_s=args.spawn_per_s))
             result["load_average_before"] = before
             result["load_average_after"] = load_average()
             result["t_start_s"], result["t_end_s"] = t0, round(time.perf_counter() - sampler.t0, 1)
@@ -557,7 +588,8 @@ def overload_main(args) -> dict:
               "machine": {"cpus": os.cpu_count(), "platform": platform.platform(),
                           "python": platform.python_version(), "ray": ray.__version__},
               "load_average_at_start": load_average(),
-              "client": f"closed loop, asyncio httpx on loopback, in this process; after a 503: {args.retry} "
+              "client": f"closed loop, aiohttp on loopback, uploads encoded once, in this process; clients "
+                        f"join at {args.spawn_per_s or 'once'}/s; after a 503: {args.retry} "
                         "(honor: wait Retry-After x0.5-1.5)",
               "limits_per_level": {"max_requests": f"{args.overload_requests} (x c/8 above 8 clients)",
                                    "max_seconds": args.max_seconds, "client_timeout_s": args.client_timeout_s},
@@ -571,6 +603,15 @@ def overload_main(args) -> dict:
         asyncio.run(overload_level(predict_url, predict_bodies, 2, args.warmup, 120, "honor", args.client_timeout_s))
         report["extract"] = overload_levels(app, extract_url, extract_bodies, levels, args)
         report["extract"]["checks"] = overload_checks(report["extract"]["levels"])
+        if args.spawn_per_s:
+            # The same top level with every client sending its first request at once (a herd):
+            # how long the front end takes to turn that burst away.
+            herd = asyncio.run(overload_level(extract_url, extract_bodies, levels[-1],
+                                              args.overload_requests * max(1, levels[-1] // 8), args.max_seconds,
+                                              args.retry, args.client_timeout_s))
+            report["extract"]["herd"] = herd
+            print(f"[herd extract] c={levels[-1]} at once: goodput {herd['goodput_per_s']}/s, 503 p99 "
+                  f"{herd['latency_ms_503']['p99']} ms (steady {herd['steady']['latency_ms_503']['p99']} ms)", flush=True)
         report["predict"] = overload_levels(app, predict_url, predict_bodies, levels, args)
         report["predict"]["checks"] = overload_checks(report["predict"]["levels"])
         serve.delete(app)
@@ -630,6 +671,9 @@ def main(argv=None) -> dict:
     overload.add_argument("--retry", choices=("honor", "immediate"), default="honor",
                           help="after a 503: wait its Retry-After (jittered), or send the next request at once")
     overload.add_argument("--client-timeout-s", type=float, default=120.0)
+    overload.add_argument("--spawn-per-s", type=float, default=32.0,
+                          help="clients join at this rate, a load tool's spawn rate (0: all at once); the "
+                               "top level is also run with all at once (the herd)")
     overload.add_argument("--skip-baseline", action="store_true", help="no unbounded-queue baseline")
     overload.add_argument("--step-clients", type=int, default=64)
     overload.add_argument("--step-load-s", type=float, default=40.0)
