@@ -286,8 +286,10 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
 
     from facedist.gallery.embedding import EMBEDDING_TASK
 
-    parser.add_argument("--task", required=True, choices=(*TASKS, EMBEDDING_TASK),
-                        help="what to train (embedding: the gallery's, facedist.gallery)")
+    # Several tasks train one after another in one process (one job on a cluster, not one each).
+    parser.add_argument("--task", required=True, nargs="+", choices=(*TASKS, EMBEDDING_TASK),
+                        help="what to train (embedding: the gallery's, facedist.gallery); several train in "
+                             "this order, and identity after cnet takes the C-Net just trained (OUTPUT/cnet)")
     parser.add_argument("--data", required=True, help="coefficients table (local or s3://)")
     parser.add_argument("--output", required=True, help="checkpoints + final bundle (local or s3://)")
     parser.add_argument("--name", help="run name (default: <task>-fold<k>); reuse it to resume")
@@ -320,41 +322,57 @@ def cmd_train(args) -> int:
     from facedist.training import run_training
     from facedist.training.presets import preset_config
 
+    tasks = list(dict.fromkeys(args.task))
     check_input(args.data, "--data")
     check_input(args.cnet, "--cnet")
-    if args.task == "embedding":  # facedist.gallery.embedding.EMBEDDING_TASK
+    if tasks == ["embedding"]:  # facedist.gallery.embedding.EMBEDDING_TASK
         from facedist.gallery.command import train_embedding
 
         return train_embedding(args)
+    if len(tasks) > 1 and ("embedding" in tasks or args.name or args.labels):
+        raise SettingsError("several --task values train the classifiers one after another: without embedding "
+                            "(a command of its own), --name or --labels (both belong to one task)")
 
     values = {k: v for k, v in vars(args).items() if k not in ("func", "command", "address", "json", "verbose", "task")}
-    config = preset_config(args.task, **values)
-    if args.task in DEFAULT_INPUTS:
-        from facedist.schema import inputs_label
-        from facedist.training.presets import shipped_inputs
-        from facedist.training.sharded import scan_groups
-        from facedist.training.tasks import task_inputs
-        from facedist.workflow import few_photos_note
+    scanned = None
+    configs = []
+    # Every task's settings are checked before the first one trains.
+    for task in tasks:
+        task_values = dict(values)
+        if task == "identity" and args.cnet is None and "cnet" in tasks[:tasks.index(task)]:
+            task_values["cnet"] = storage.join(storage.absolute(args.output), "cnet")
+        config = preset_config(task, **task_values)
+        if task in DEFAULT_INPUTS:
+            from facedist.schema import inputs_label
+            from facedist.training.presets import shipped_inputs
+            from facedist.training.sharded import scan_groups
+            from facedist.training.tasks import task_inputs
+            from facedist.workflow import few_photos_note
 
-        # File by file: a million-row table's descriptor columns never sit in this process at once.
-        filled, subjects = scan_groups(args.data)
-        if args.inputs is None and shipped_inputs(args.task, filled) != task_inputs(config):
-            # The preset's groups this table lacks (extracted without them) are left out, and said.
-            config = preset_config(args.task, **{**values, "inputs": shipped_inputs(args.task, filled)})
-            print(f"note: the table lacks some of the preset's inputs; training on {inputs_label(task_inputs(config))}")
-        note = few_photos_note(subjects, config.folds) if args.task == "identity" else None
-        if note:
-            print(f"note: {note}")
-    summary = run_training(config, address=args.address)
-    best = summary["best"]
-    if args.json:
-        summary["history"] = [{k: v for k, v in h.items() if k != "confusion"} for h in summary["history"]]
-        print(json.dumps(summary, indent=2, default=str))
-    else:
-        from facedist.training.distributed import describe_best
+            # File by file: a million-row table's descriptor columns never sit in this process at once.
+            filled, subjects = scanned = scanned or scan_groups(args.data)
+            if args.inputs is None and shipped_inputs(task, filled) != task_inputs(config):
+                # The preset's groups this table lacks (extracted without them) are left out, and said.
+                config = preset_config(task, **{**task_values, "inputs": shipped_inputs(task, filled)})
+                print(f"note: {task}: the table lacks some of the preset's inputs; training on "
+                      f"{inputs_label(task_inputs(config))}")
+            note = few_photos_note(subjects, config.folds) if task == "identity" else None
+            if note:
+                print(f"note: {note}")
+        configs.append(config)
+    summaries = []
+    for config in configs:
+        summary = run_training(config, address=args.address)
+        if args.json:
+            summary["history"] = [{k: v for k, v in h.items() if k != "confusion"} for h in summary["history"]]
+        else:
+            from facedist.training.distributed import describe_best
 
-        print(f"trained {summary['task']} ({summary['workers']} workers): {describe_best(best)}; "
-              f"model bundle at {summary['bundle']}")
+            print(f"trained {summary['task']} ({summary['workers']} workers): {describe_best(summary['best'])}; "
+                  f"model bundle at {summary['bundle']}", flush=True)
+        summaries.append(summary)
+    if args.json:  # one task: its summary; several: the list of them
+        print(json.dumps(summaries[0] if len(summaries) == 1 else summaries, indent=2, default=str))
     return 0
 
 

@@ -2,6 +2,7 @@
 
     python jobs/train.py --task cnet --data s3://bucket/coeffs --output s3://bucket/train --workers 2
     python jobs/train.py --task identity --data ... --output ... --cnet s3://bucket/train/cnet
+    python jobs/train.py --task cnet identity expression --data ... --output ...   # in turn, one job
 
 Same --output and --name again: continues from the latest checkpoint. Prints a JSON summary.
 """

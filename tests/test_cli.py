@@ -49,6 +49,8 @@ def test_flags_parse_to_the_types_the_settings_take():
     train = parser.parse_args(["train", "--task", "identity", "--data", "x", "--output", "y",
                                "--max-combos-per-epoch", "100", "--patience", "3"])
     assert train.max_combos_per_epoch == 100 and train.patience == 3
+    several = parser.parse_args(["train", "--task", "cnet", "identity", "expression", "--data", "x", "--output", "y"])
+    assert several.task == ["cnet", "identity", "expression"]
     assert parser.parse_args(["serve", "--replica-retries", "0"]).replica_retries == 0  # 0: off
 
 
@@ -96,6 +98,8 @@ def test_a_bad_flag_value_is_a_usage_error(argv, capsys):
 @pytest.mark.parametrize("argv", [
     ["run", "--images", "{tmp}/missing", "--out", "{tmp}/out"],
     ["train", "--task", "expression", "--data", "{tmp}/missing", "--output", "{tmp}/out"],
+    # One run name cannot name several runs.
+    ["train", "--task", "cnet", "identity", "--name", "x", "--data", "{tmp}", "--output", "{tmp}/out"],
     ["report", "--data", "{tmp}/missing", "--out", "{tmp}/report"],
     ["serve", "--models", "{tmp}/missing"],
     ["predict", "{tmp}/missing", "--models", "{tmp}", "--out", "{tmp}/out"],
