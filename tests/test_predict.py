@@ -181,11 +181,18 @@ def test_predict_table_rows_groups_and_resume(local_ray, table, models, tmp_path
         assert row["group_identity"] == expected["label"]
         np.testing.assert_allclose(row["group_identity_score"], expected["score"], atol=1e-5)
 
-    # Resume: nothing new, the parts untouched.
+    # Resume: nothing new, the parts untouched, and no actor started for it.
+    def actors_started() -> int:  # the prediction's actors Ray has started so far, live or dead
+        return sum(any(name in actor["ActorClassName"] for name in ("PredictActor", "GroupActor"))
+                   for actor in local_ray._private.state.actors().values())
+
     before = {p: Path(p).stat().st_mtime_ns for p in list_parts(str(out))}
+    started = actors_started()
+    assert started >= 2                                      # the first run's group and row pools
     again = run_ray_prediction(str(table), str(out), config)
     assert again["run"]["written"] == 0 and again["run"]["skipped"] == 21 and again["rows"] == 21
     assert {p: Path(p).stat().st_mtime_ns for p in list_parts(str(out))} == before
+    assert actors_started() == started
     # Other settings are refused before any work; --no-resume replaces the rows.
     with pytest.raises(PredictionSettingsError, match="top_k"):
         run_ray_prediction(str(table), str(out), PredictConfig(models=models, top_k=2, group_by="subject",

@@ -177,6 +177,9 @@ def run_ray_prediction(inputs: str, out_uri: str, config: PredictConfig, address
     else:
         done, replaced = frozenset(), set_aside(out_uri, options)
     total = table_rows(parts, options)
+    # A rerun with every row already written has nothing to send out: no actor pool starts (their
+    # start, models loaded in each, is most of a small rerun's time).
+    left = not (done and len(done) >= total and _all_done(parts, available, done, options))
 
     ray = runtime.connect(address)
     plan = plan_resources(RayExtractConfig(actors=config.actors, actor_num_gpus=0), ray.cluster_resources())
@@ -186,7 +189,7 @@ def run_ray_prediction(inputs: str, out_uri: str, config: PredictConfig, address
     actors = ray.data.ActorPoolStrategy(size=max(1, config.actors))
     groups: dict = {}
     group_seconds = 0.0
-    if config.group_by:
+    if config.group_by and left:
         group_started = time.perf_counter()
         # As many shuffle partitions as actors: Ray's default (200) would wait on aggregators a
         # small cluster has no CPUs for beside the actors.
@@ -209,14 +212,15 @@ def run_ray_prediction(inputs: str, out_uri: str, config: PredictConfig, address
     counts = {s: 0 for s in (*STATUSES, SKIPPED)}
     written_parts: set[str] = set()
     rows_started = time.perf_counter()
-    ds = _read(ray, parts, columns, options).map_batches(
+    counts[SKIPPED] = 0 if left else total
+    ds = None if not left else _read(ray, parts, columns, options).map_batches(
         PredictActor, batch_format="pyarrow", batch_size=max(1, config.batch_size), compute=actors,
         num_cpus=plan["num_cpus"],
         fn_constructor_kwargs={"models": models, "out_uri": out_uri, "options": options, "run_id": run_id,
                                "settings": settings, "top_k": config.top_k, "group_by": config.group_by,
                                "groups": groups, "done": done, "torch_threads": plan["torch_threads"],
                                "gallery": gallery})
-    for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None):
+    for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None) if ds is not None else ():
         for status in batch.column("status").to_pylist():
             counts[status if status in counts else STATUS_ERROR] += 1
         written_parts.update(p for p in batch.column("part").to_pylist() if p)
@@ -243,6 +247,17 @@ def run_ray_prediction(inputs: str, out_uri: str, config: PredictConfig, address
     summary = summarize(out_uri, options, predictions=settings, run=run)
     print(one_line_summary(summary, out_uri), file=sys.stderr, flush=True)
     return summary
+
+
+def _all_done(parts: list[str], available: list[str], done: frozenset, options: storage.S3Options | None) -> bool:
+    """Whether every row of the table (its path + content_hash, as PredictActor keys it) is in done."""
+    columns = ["path"] + (["content_hash"] if "content_hash" in available else [])
+    for part in parts:
+        table = storage.read_table(part, options, columns=columns)
+        hashes = table.column("content_hash").to_pylist() if "content_hash" in columns else [None] * table.num_rows
+        if not all(key in done for key in zip(table.column("path").to_pylist(), hashes)):
+            return False
+    return True
 
 
 def _check_backend(recognizer: Recognizer, backend: str) -> None:
