@@ -217,9 +217,14 @@ def test_an_interrupted_run_resumes_where_it_stopped(ray_local, tmp_path, yale_d
     import signal
     import time
 
+    # 48 Yale photos: 24 batches of 2, so the job is still running when its first part lands.
+    images = tmp_path / "images"
+    images.mkdir()
+    for path in sorted(p for p in yale_dir.iterdir() if p.name.startswith("subject"))[:48]:
+        os.link(path, images / path.name)
     out = tmp_path / "out"
     job = subprocess.Popen(
-        [sys.executable, str(REPO / "jobs" / "extract.py"), "--input", str(yale_dir), "--output", str(out), "--backend", "tddfa",
+        [sys.executable, str(REPO / "jobs" / "extract.py"), "--input", str(images), "--output", str(out), "--backend", "tddfa",
          "--address", ray_local.get_runtime_context().gcs_address, "--actors", "1", "--batch-size", "2",
          "--no-progress"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
@@ -236,11 +241,11 @@ def test_an_interrupted_run_resumes_where_it_stopped(ray_local, tmp_path, yale_d
     assert job.returncode != 0
     time.sleep(1.0)  # the interrupted driver's actors are being torn down; let any last part land
     first = _read_output(str(out))
-    total = len(storage.list_files(str(yale_dir)))
+    total = len(storage.list_files(str(images)))
     assert 0 < first.num_rows < total
     assert not (out / SUMMARY_NAME).exists()
 
-    summary = run_ray_extraction(str(yale_dir), str(out), _config(actors=2, batch_size=8))
+    summary = run_ray_extraction(str(images), str(out), _config(actors=2, batch_size=8))
     assert summary["run"]["skipped"] == first.num_rows
     assert summary["run"]["written"] == total - first.num_rows
     table = _read_output(str(out))
@@ -248,7 +253,7 @@ def test_an_interrupted_run_resumes_where_it_stopped(ray_local, tmp_path, yale_d
     assert len(paths) == len(set(paths)) == total           # no image twice, none missing
     assert summary["rows"] == total and summary["counts"]["error"] == 0
 
-    again = run_ray_extraction(str(yale_dir), str(out), _config(actors=1, batch_size=8))
+    again = run_ray_extraction(str(images), str(out), _config(actors=1, batch_size=8))
     assert again["run"]["written"] == 0 and again["run"]["skipped"] == total
 
 
