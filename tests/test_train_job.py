@@ -65,12 +65,14 @@ def test_reads_and_writes_s3(local_ray, table_file, s3_bucket):
     assert "loo_error_cnet" in bundle["metrics"]
 
 
-def test_job_cli_runs(table_file, tmp_path):
-    """The job script itself (its own local Ray), one worker, then its JSON summary."""
+def test_job_cli_runs(local_ray, table_file, tmp_path):
+    """The job script itself, a driver joining the running cluster (as under `ray job submit`), one
+    worker, then its JSON summary."""
     out = tmp_path / "cli"
     proc = subprocess.run(
         [sys.executable, "jobs/train.py", "--task", "gender", "--data", table_file, "--output", str(out),
-         "--epochs", "1", "--batch-size", "16", "--cpus-per-worker", "1"],
+         "--epochs", "1", "--batch-size", "16", "--cpus-per-worker", "1",
+         "--address", local_ray.get_runtime_context().gcs_address],
         capture_output=True, text=True, timeout=300, env={k: v for k, v in __import__("os").environ.items() if k != "RAY_ADDRESS"})
     assert proc.returncode == 0, proc.stderr[-3000:]
     summary = json.loads(proc.stdout[proc.stdout.index("{"):])
