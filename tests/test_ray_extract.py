@@ -61,10 +61,10 @@ def test_resource_plan_leaves_room_for_decoding_and_uses_gpus():
     assert big == {"num_cpus": 1.0, "num_gpus": 1.0, "device": "cuda", "torch_threads": 1}
 
 
-# ---- the command line job (its own local Ray; runs before the shared cluster below starts) -------
+# ---- the command line job (a driver joining the shared local Ray, as under `ray job submit`) -------
 
 @pytest.mark.ray
-def test_job_script_extracts_a_manifest_with_labels(tmp_path, yale_dir):
+def test_job_script_extracts_a_manifest_with_labels(local_ray, tmp_path, yale_dir):
     images = tmp_path / "images"
     images.mkdir()
     lines = ["path,subject,gender,expression"]
@@ -77,7 +77,8 @@ def test_job_script_extracts_a_manifest_with_labels(tmp_path, yale_dir):
     env.pop("RAY_ADDRESS")
     proc = subprocess.run(
         [sys.executable, str(REPO / "jobs" / "extract.py"), "--input", str(tmp_path / "manifest.csv"),
-         "--output", str(out), "--backend", "tddfa", "--actors", "1", "--batch-size", "2", "--no-progress"],
+         "--output", str(out), "--backend", "tddfa", "--actors", "1", "--batch-size", "2", "--no-progress",
+         "--address", local_ray.get_runtime_context().gcs_address],
         capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "facedist extract: 4 rows" in proc.stderr
