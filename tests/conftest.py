@@ -31,4 +31,13 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if item.get_closest_marker("ray") is not None:
             item.add_marker(pytest.mark.slow)
-    items.sort(key=lambda item: item.get_closest_marker("ray") is not None)
+    # The modules that serve tests/support/serving.py's app (test_serve.py, test_web.py) run last,
+    # together: one app (a session fixture, on its own Ray) serves both, and no later test finds
+    # that Ray in its way.
+    serving = {item.module for item in items if _serves(item)}
+    items.sort(key=lambda item: (item.get_closest_marker("ray") is not None, item.module in serving))
+
+
+def _serves(item) -> bool:
+    definitions = getattr(item, "_fixtureinfo", None) and item._fixtureinfo.name2fixturedefs.get("server")
+    return bool(definitions) and definitions[-1].func.__module__ == "support.serving"

@@ -1,7 +1,7 @@
 """The served app the HTTP tests (test_serve.py) and the page tests (test_web.py) share: small
 real bundles trained once per session on real Yale coefficients and put on the moto S3 server,
-and per module a local Ray Serve app on them (a module's Ray is its own: the replicas must
-inherit the token), a client with the token, a photo."""
+a local Ray Serve app on them, once per session (on a Ray of its own: the replicas must inherit
+the token), per module a client with the token, a photo."""
 
 from __future__ import annotations
 
@@ -84,9 +84,11 @@ def models_uri(yale_dir, s3_server, extractor, tmp_path_factory):
     return uri
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def server(models_uri):
-    """Serve the app on 127.0.0.1:<free port>; yields (base_url, settings)."""
+    """Serve the app on 127.0.0.1:<free port>; yields (base_url, settings). Once a session: the
+    modules that use it run last, one after the other (tests/conftest.py), and each cleans up the
+    apps it adds beside it."""
     import ray
     from ray import serve
 
