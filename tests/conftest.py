@@ -13,11 +13,6 @@ SHARED = Path(os.environ.get("FACEDIST_SHARED", REPO.parent / "shared"))
 
 # Tests read the development assets beside the checkout unless the caller chose a model dir.
 os.environ.setdefault("FACEDIST_MODEL_DIR", str(SHARED / "models"))
-# Ray Train's controller looks at its workers every 2 s (Ray's default), so a run ends up to 2 s
-# after its last epoch and each restart waits as long: 2-3 s of every test's Train run here. Every
-# Ray the tests start (they inherit this environment) polls every 0.25 s; a poll not answered in
-# time is only waited on longer (a worker is declared lost after 10 minutes, as before).
-os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.25")
 
 from support.fixtures import s3_bucket, s3_server, yale_dir  # noqa: E402  (tests/ is on sys.path)
 from support.ray import local_ray  # noqa: E402
