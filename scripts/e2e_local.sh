@@ -60,9 +60,11 @@ step "ray job submit: extraction"
     python jobs/extract.py --input "$IMAGES" --output "$WORK/coefficients" --backend tddfa --actors 2 --no-progress
 
 # One job trains them in turn (identity takes the C-Net trained just before it): one driver's start,
-# not three.
+# not three. A submitted job's runtime env rules (facedist.runtime): it carries the poll interval
+# facedist's own Ray Train runs use (Ray's default, 2 s, would pace every report).
 step "ray job submit: training cnet, identity, expression"
-"$BIN/ray" job submit --working-dir . -- \
+"$BIN/ray" job submit --working-dir . \
+    --runtime-env-json '{"env_vars": {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.2"}}' -- \
     python jobs/train.py --task cnet identity expression --data "$WORK/coefficients" --output "$WORK/models" \
     --epochs "${E2E_EPOCHS:-8}" --cpus-per-worker 1 --text
 
