@@ -182,6 +182,59 @@ def test_admission_counts_images_and_turns_away_past_its_limit():
     assert admission.held == 2
 
 
+def test_admission_lets_a_request_in_only_when_the_images_requests_bring_fit():
+    """Requests of 3 photos: once the running mean knows it, a newcomer is turned away on arrival
+    (before its upload is read) when 3 more would not fit, not after its upload is parsed; an idle
+    ingress still takes one."""
+    from facedist.serving.errors import ApiError
+    from facedist.serving.ingress import Admission
+
+    admission = Admission(limit=4, min_retry_after_s=1, max_retry_after_s=30, clock=lambda: 0.0)
+    admission.admit()
+    admission.admit()  # two held: with one image a request (the start), a third fits
+    assert admission.held == 2
+    admission.release(1, images=1)
+    admission.release(1, images=1)
+    for _ in range(40):  # requests of three photos, one after the other
+        admission.admit()
+        admission.take(2)
+        admission.release(3, images=3)
+    assert round(admission.images_per_request) == 3
+    admission.admit()
+    admission.take(1)  # 2 held: 3 more do not fit
+    with pytest.raises(ApiError) as full:
+        admission.admit()
+    assert full.value.code == "overloaded" and admission.held == 2
+    admission.release(2, images=3)
+    tiny = Admission(limit=2, min_retry_after_s=1, max_retry_after_s=30, clock=lambda: 0.0)
+    tiny.images_per_request = 16.0  # more than the limit: an idle ingress still lets one in
+    tiny.admit()
+    assert tiny.held == 1
+
+
+def test_requests_turned_away_after_admission_do_not_count_as_work_done():
+    from facedist.serving.errors import ApiError
+    from facedist.serving.ingress import Admission
+
+    def retry_after(turned_away_count: int, served: bool) -> int:
+        admission = Admission(limit=2, min_retry_after_s=1, max_retry_after_s=30, clock=lambda: 100.0)
+        for _ in range(turned_away_count):
+            admission.admit()
+            admission.release(1, served=served)
+        admission.take(2)
+        for _ in range(8):  # 8 clients already told to wait
+            with pytest.raises(ApiError):
+                admission.take(1)
+        with pytest.raises(ApiError) as exc:
+            admission.take(1)
+        return exc.value.retry_after_s
+
+    # 40 served in the window: 8 a second, the 9th waiting client comes back after 2 s; the same
+    # 40 turned away after admission are no work done (0.4 a second assumed: 23 s).
+    assert retry_after(40, served=True) == 2
+    assert retry_after(40, served=False) == 23
+
+
 def test_retry_after_spreads_the_turned_away_over_the_rate_of_work_done():
     from facedist.serving.errors import ApiError
     from facedist.serving.ingress import Admission

@@ -116,7 +116,10 @@ def request_budget(request: Request, default_s: float) -> float:
 class Admission:
     """The ingress's limit on the work it has accepted, counted in images, so a request of many
     photos weighs what it costs: a request takes one slot when it arrives (before its upload is
-    read) and one more per further image once the upload is parsed (before any model work).
+    read) and one more per further image once the upload is parsed (before any model work). It
+    is let in on arrival only if the images a request has brought lately (a running mean) fit:
+    otherwise requests of several photos would be let in, have their uploads parsed, and then be
+    turned away for their further images, the dearest way to say no.
 
     Past `limit` a request is turned away: 503 "overloaded" with a Retry-After that hands each
     turned-away client its own later second, like appointments: the clients already told to wait
@@ -127,13 +130,23 @@ class Admission:
     keep the front end saturated and every 503 slow."""
 
     RATE_WINDOW_S = 5.0
+    IMAGES_MEAN_WEIGHT = 0.1  # of the latest request in the running mean of images per request
 
     def __init__(self, limit: int, min_retry_after_s: int, max_retry_after_s: int, clock=time.monotonic):
         self.limit, self.min_retry_after_s, self.max_retry_after_s = limit, min_retry_after_s, max_retry_after_s
         self.held = 0
+        self.images_per_request = 1.0
         self.clock = clock
         self._waiting: collections.deque[float] = collections.deque()   # when each told client returns
-        self._finished: collections.deque[float] = collections.deque()  # when requests finished
+        self._finished: collections.deque[float] = collections.deque()  # when served requests finished
+
+    def admit(self) -> None:
+        """A request arrives: hold its first slot if the images requests bring (the running mean,
+        at most the limit, so an idle ingress takes anything) fit, or raise the 503."""
+        expected = min(self.limit, max(1, round(self.images_per_request)))
+        if self.held + expected > self.limit:
+            raise self.turn_away(f"{self.held} of {self.limit} image slots in use")
+        self.held += 1
 
     def take(self, slots: int) -> None:
         """Hold `slots` more, or raise the 503 (holding nothing more)."""
@@ -145,10 +158,13 @@ class Admission:
         """The 503 overloaded for one client, with its Retry-After."""
         return overloaded(why, self._retry_after())
 
-    def release(self, slots: int) -> None:
-        """A request ended: its slots come back, and it counts toward the rate of work done."""
+    def release(self, slots: int, images: int = 1, served: bool = True) -> None:
+        """A request ended: its slots come back, its image count joins the running mean, and if it
+        was served (not turned away after it was let in) it counts toward the rate of work done."""
         self.held -= slots
-        self._finished.append(self.clock())
+        self.images_per_request += self.IMAGES_MEAN_WEIGHT * (images - self.images_per_request)
+        if served:
+            self._finished.append(self.clock())
 
     def _retry_after(self) -> int:
         now = self.clock()
@@ -171,10 +187,11 @@ class Ticket:
     """One admitted request: the slots it holds and its deadline."""
 
     def __init__(self, admission: Admission, deadline: asyncio.Timeout):
-        self.admission, self.deadline, self.slots = admission, deadline, 1
+        self.admission, self.deadline, self.slots, self.images = admission, deadline, 1, 1
 
     def hold_images(self, count: int) -> None:
         """The parsed upload has `count` images: hold a slot for each (one is held already)."""
+        self.images = count
         if count > self.slots:
             self.admission.take(count - self.slots)
             self.slots = count
@@ -209,9 +226,10 @@ class FacedistAPI:
     async def _admitted(self, request: Request):
         """Admit a model request (Admission: or 503 overloaded at once), then bound it by its
         deadline: past it, 504 deadline_exceeded, and its model calls are cancelled."""
-        self.admission.take(1)
+        self.admission.admit()
         budget = request_budget(request, self.settings.request_timeout_s)
         ticket = None
+        served = True
         try:
             async with asyncio.timeout(budget) as scope:
                 ticket = Ticket(self.admission, scope)
@@ -221,8 +239,14 @@ class FacedistAPI:
                            f"no answer within {budget:g} s (request_timeout_s, or the client's "
                            f"{TIMEOUT_HEADER} header); its queued model work was dropped",
                            retry_after_s=self.settings.retry_after_s) from None
+        except ApiError as exc:
+            served = exc.code != "overloaded"  # turned away for its further images or a full model queue
+            raise
         finally:
-            self.admission.release(ticket.slots if ticket is not None else 1)
+            if ticket is None:
+                self.admission.release(1)
+            else:
+                self.admission.release(ticket.slots, images=ticket.images, served=served)
 
     # -- checks shared by the endpoints --
 
