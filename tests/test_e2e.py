@@ -22,7 +22,7 @@ def test_e2e_local_cluster(tmp_path, yale_dir):
     work = tmp_path / "work"
     proc = subprocess.run(["bash", str(REPO / "scripts" / "e2e_local.sh"), str(images), str(work)],
                           cwd=REPO, capture_output=True, text=True, timeout=900,
-                          env={**__import__("os").environ, "E2E_EPOCHS": "4"})
+                          env={**__import__("os").environ, "E2E_EPOCHS": "2"})
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     assert "e2e passed" in proc.stdout
     summary = json.loads((work / "coefficients" / "_summary.json").read_text())

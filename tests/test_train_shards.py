@@ -234,18 +234,9 @@ def test_many_classes_count_instead_of_a_matrix(table_dir, monkeypatch):
 
 # ------------------------------------------------------------------------------ on Ray
 
-@pytest.fixture(scope="module")
-def ray_local():
-    from facedist import runtime
-
-    ray = runtime.connect(num_cpus=2)
-    yield
-    ray.shutdown()
-
-
 @pytest.mark.ray
 @pytest.mark.slow
-def test_ray_train_on_shards(ray_local, table_dir, tmp_path):
+def test_ray_train_on_shards(local_ray, table_dir, tmp_path):
     """run_training reads Ray Data shards: one worker trains the in-process model; two workers,
     each holding a CPU of the two (the read tasks must still run), validate on every row."""
     from facedist.training import load_model_bundle, run_training
