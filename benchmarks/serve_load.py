@@ -666,7 +666,7 @@ def main(argv=None) -> dict:
                           help="the overload test instead (bounded queues; see the docstring)")
     overload.add_argument("--overload-out", type=Path,
                           default=REPO / "benchmarks" / "results" / "serve_overload.json")
-    overload.add_argument("--overload-requests", type=int, default=400,
+    overload.add_argument("--overload-requests", type=int, default=1000,
                           help="request cap per level (x c/8 above 8 clients); --max-seconds caps its time")
     overload.add_argument("--retry", choices=("honor", "immediate"), default="honor",
                           help="after a 503: wait its Retry-After (jittered), or send the next request at once")
