@@ -58,9 +58,7 @@ class PredictActor:
         self.top_k, self.group_by, self.groups, self.done = top_k, group_by, groups, done
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        keys = zip(batch.column("path").to_pylist(), batch.column("content_hash").to_pylist()
-                   if "content_hash" in batch.column_names else [None] * batch.num_rows)
-        keep = [key not in self.done for key in keys]
+        keep = [key not in self.done for key in _row_keys(batch)]
         skipped = keep.count(False)
         rows = rows_from_arrow(batch.filter(pa.array(keep, pa.bool_())) if skipped else batch)
         out = predict_rows(self.recognizer, rows, self.top_k, self.groups, self.group_by, self.gallery)
@@ -249,15 +247,19 @@ def run_ray_prediction(inputs: str, out_uri: str, config: PredictConfig, address
     return summary
 
 
+def _row_keys(table: pa.Table):
+    """(path, content_hash) of each row, the key a resumed run skips by (content_hash None where
+    the table has none)."""
+    hashes = (table.column("content_hash").to_pylist() if "content_hash" in table.column_names
+              else [None] * table.num_rows)
+    return zip(table.column("path").to_pylist(), hashes)
+
+
 def _all_done(parts: list[str], available: list[str], done: frozenset, options: storage.S3Options | None) -> bool:
-    """Whether every row of the table (its path + content_hash, as PredictActor keys it) is in done."""
+    """Whether every row of the table (_row_keys, as PredictActor skips by) is in done."""
     columns = ["path"] + (["content_hash"] if "content_hash" in available else [])
-    for part in parts:
-        table = storage.read_table(part, options, columns=columns)
-        hashes = table.column("content_hash").to_pylist() if "content_hash" in columns else [None] * table.num_rows
-        if not all(key in done for key in zip(table.column("path").to_pylist(), hashes)):
-            return False
-    return True
+    return all(all(key in done for key in _row_keys(storage.read_table(part, options, columns=columns)))
+               for part in parts)
 
 
 def _check_backend(recognizer: Recognizer, backend: str) -> None:

@@ -143,16 +143,17 @@ class Admission:
     def admit(self) -> None:
         """A request arrives: hold its first slot if the images requests bring (the running mean,
         at most the limit, so an idle ingress takes anything) fit, or raise the 503."""
-        expected = min(self.limit, max(1, round(self.images_per_request)))
-        if self.held + expected > self.limit:
-            raise self.turn_away(f"{self.held} of {self.limit} image slots in use")
+        self._check_room(min(self.limit, max(1, round(self.images_per_request))))
         self.held += 1
 
     def take(self, slots: int) -> None:
         """Hold `slots` more, or raise the 503 (holding nothing more)."""
+        self._check_room(slots)
+        self.held += slots
+
+    def _check_room(self, slots: int) -> None:
         if self.held + slots > self.limit:
             raise self.turn_away(f"{self.held} of {self.limit} image slots in use")
-        self.held += slots
 
     def turn_away(self, why: str) -> ApiError:
         """The 503 overloaded for one client, with its Retry-After."""
