@@ -17,7 +17,8 @@ export PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}"   # workers import facedist
 free_port() { "$BIN/python" -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 GCS_PORT=$(free_port); DASH_PORT=$(free_port); HTTP_PORT=$(free_port)
 # Every port of its own, so another Ray on this machine (a notebook, a test) cannot collide.
-PORT_FLAGS=(--dashboard-agent-listen-port "$(free_port)" --dashboard-agent-grpc-port "$(free_port)"
+AGENT_PORT=$(free_port)
+PORT_FLAGS=(--dashboard-agent-listen-port "$AGENT_PORT" --dashboard-agent-grpc-port "$(free_port)"
             --runtime-env-agent-port "$(free_port)" --metrics-export-port "$(free_port)"
             --ray-client-server-port "$(free_port)" --node-manager-port "$(free_port)"
             --object-manager-port "$(free_port)")
@@ -31,14 +32,22 @@ export RAY_AUTH_MODE=token
 # Ray's unix sockets live under its temp dir and must stay under 107 bytes: keep it short.
 RAY_TMP="$(mktemp -d /tmp/fdray.XXXXXX)"
 
-# Stop only this cluster (`ray stop` would stop every Ray on the machine): its processes carry
-# its own temp dir on their command lines.
+# Stop only this cluster (`ray stop` would stop every Ray on the machine): the processes that
+# carry its own temp dir or GCS port on their command lines, and everything they started. The
+# raylet's children (dashboard agent, workers, actors) rename themselves ("ray::DashboardAgent"),
+# and an agent left without its raylet spins a core for about a minute.
+descendants() { local p; for p in "$@"; do echo "$p"; descendants $(pgrep -P "$p"); done; }
 stop_cluster() {
-    "$BIN/serve" shutdown -a "$RAY_ADDRESS" -y >/dev/null 2>&1 || true
-    pkill -TERM -f -- "$RAY_TMP" || true
-    for _ in $(seq 1 30); do pgrep -f -- "$RAY_TMP" >/dev/null || break; sleep 0.1; done   # up to 3 s
-    pkill -KILL -f -- "$RAY_TMP" || true
-    rm -rf "$RAY_TMP"
+    local pids alive
+    pids=$(descendants $(pgrep -f -- "$RAY_TMP|:$GCS_PORT( |$)") | sort -u)
+    kill -TERM $pids 2>/dev/null || true
+    for _ in $(seq 1 30); do   # up to 3 s
+        alive=$(for p in $pids; do if kill -0 "$p" 2>/dev/null; then echo "$p"; fi; done)
+        [ -n "$alive" ] || break
+        sleep 0.1
+    done
+    kill -KILL $alive 2>/dev/null || true
+    rm -rf "$RAY_TMP" || true
 }
 trap stop_cluster EXIT
 
@@ -47,13 +56,14 @@ step "ray start --head (GCS :$GCS_PORT, dashboard :$DASH_PORT)"
     --num-cpus "${E2E_CPUS:-2}" --temp-dir "$RAY_TMP" "${PORT_FLAGS[@]}" --disable-usage-stats \
     >"$WORK/ray_start.log" 2>&1 || { tail -5 "$WORK/ray_start.log"; exit 1; }
 
-# The dashboard and its job agent come up a little after the head: wait until a trivial job runs.
-ready=0
-for _ in $(seq 1 120); do
-    if "$BIN/ray" job submit -- python -c "pass" >"$WORK/agent_wait.log" 2>&1; then ready=1; break; fi
-    sleep 1
+# The dashboard agent, which runs submitted jobs, comes up a little after the head: wait until
+# its HTTP port answers (any status: with token auth on, an unauthenticated probe gets a 401).
+for _ in $(seq 1 600); do
+    [ "$(curl -s -o /dev/null -w '%{http_code}' "http://127.0.0.1:$AGENT_PORT/")" != 000 ] && break
+    sleep 0.2
 done
-[ "$ready" = 1 ] || { tail -5 "$WORK/agent_wait.log"; echo "the Ray job agent never came up"; exit 1; }
+[ "$(curl -s -o /dev/null -w '%{http_code}' "http://127.0.0.1:$AGENT_PORT/")" != 000 ] \
+    || { echo "the Ray dashboard agent never came up"; exit 1; }
 
 step "ray job submit: extraction"
 "$BIN/ray" job submit --working-dir . -- \
