@@ -206,6 +206,33 @@ def training_cpus() -> float:
     return min(largest, ray.available_resources().get("CPU", 0.0))
 
 
+def local_cluster_lost() -> bool:
+    """Whether a process of the local Ray that connect() started has exited. A SIGTERM sent to the
+    whole process group (systemd's default, `kill -TERM -PGID`, `timeout`) reaches Ray's own
+    processes too (they block SIGINT, not SIGTERM): the dashboard and log monitor go at once, the
+    GCS and raylet within seconds. Then nothing graceful can be done: a call that needs the GCS
+    retries it for a minute before the process is killed."""
+    if not _started_here:
+        return False
+    import ray
+
+    node = ray._private.worker._global_node
+    return node is not None and bool(node.dead_processes())
+
+
+def abandon_local_cluster() -> None:
+    """Kill what is left of a local Ray that lost its processes (local_cluster_lost), at once:
+    ray.shutdown() would wait on its GCS. The caller then exits with os._exit (Ray's exit hook
+    would call ray.shutdown())."""
+    import ray
+
+    global _started_here
+    node = ray._private.worker._global_node
+    if node is not None:
+        node.kill_all_processes(check_alive=False, allow_graceful=False)
+    _started_here = False
+
+
 def disconnect() -> None:
     """Leave the Ray that connect() joined or started (a local cluster stops with it); Ray
     initialised by someone else (a test, a job's driver) is left alone."""

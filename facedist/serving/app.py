@@ -140,8 +140,10 @@ def run_server(models_uri: str | None = None, *, address: str | None = None,
     if blocking:
         signum = wait_for_stop_signal()
         started = time.monotonic()
-        stop_server(name)
+        abandoned = stop_server(name)
         print(f"facedist: {signal.Signals(signum).name}: stopped in {time.monotonic() - started:.1f} s", flush=True)
+        if abandoned:
+            os._exit(0)
     return handle
 
 
@@ -182,16 +184,36 @@ def wait_for_stop_signal() -> int:
     return received[0]
 
 
-def stop_server(name: str) -> None:
+def stop_server(name: str) -> bool:
     """Stop serving app `name`: Serve stops routing new requests to it, each replica finishes the
     requests it holds for at most shutdown_timeout_s (Serve's graceful shutdown) and stops; then
     a local Ray started by connect() shuts down, Serve's controller and proxies with it. On a
     cluster joined with --address only this app goes (other apps and Serve itself stay).
     Not serve.shutdown(): its call to the controller is retried when the controller exits, and
-    Ray prints that retry as an error line."""
+    Ray prints that retry as an error line.
+
+    Returns True when the signal also stopped the local Ray's own processes
+    (runtime.local_cluster_lost): the graceful part is then cut short (it would wait on a GCS that
+    is gone), what is left of Ray is killed, and the caller must leave with os._exit."""
     from facedist import runtime
 
-    try:
-        serve.delete(name)
-    finally:
-        runtime.disconnect()
+    failed: list[BaseException] = []
+    done = threading.Event()
+
+    def graceful() -> None:
+        try:
+            serve.delete(name)
+        except BaseException as exc:  # re-raised below, in the caller's thread
+            failed.append(exc)
+        finally:
+            done.set()
+
+    threading.Thread(target=graceful, name="facedist-stop", daemon=True).start()
+    while not done.wait(0.1):
+        if runtime.local_cluster_lost():
+            runtime.abandon_local_cluster()
+            return True
+    runtime.disconnect()
+    if failed:
+        raise failed[0]
+    return False
