@@ -18,6 +18,7 @@ import pytest
 from facedist import storage
 from facedist.extraction.config import ExtractConfig
 from facedist.extraction.output import SUMMARY_NAME, list_parts
+from support.faces import GEOMETRY_ONLY, GEOMETRY_ONLY_FLAGS
 from support.faultproxy import FaultProxy  # tests/ is on the path (tests/conftest.py)
 from support.ray import fresh_ray
 
@@ -133,7 +134,8 @@ def _wait_until_idle(ray, timeout: float = 120.0) -> None:
 def _extract_config(**kw):
     from facedist.extraction.distributed import RayExtractConfig
 
-    return RayExtractConfig(extract=ExtractConfig(backend="tddfa", batch_size=4), progress=False, **kw)
+    return RayExtractConfig(extract=ExtractConfig(backend="tddfa", batch_size=4, **GEOMETRY_ONLY), progress=False,
+                            **kw)
 
 
 @pytest.mark.ray
@@ -189,7 +191,7 @@ def test_a_part_cut_off_before_its_commit_is_not_taken_as_done(s3_server, proxy,
     out = f"{source}/coeffs"
     proxy.hold("POST", r"/coeffs/part-[^?]*\?uploadId=", skip=1)
     cmd = [sys.executable, "-m", "facedist.cli", "extract", f"{source}/raw/", "--out", out, "--backend", "tddfa",
-           "--batch-size", "4"]
+           "--batch-size", "4", *GEOMETRY_ONLY_FLAGS]
     writer = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=REPO)
     try:
         assert proxy.held.wait(240), "the writer never reached its second commit:\n" + writer.stdout.read()[-3000:]
@@ -208,7 +210,8 @@ def test_a_part_cut_off_before_its_commit_is_not_taken_as_done(s3_server, proxy,
     from facedist.extraction.local import run_extraction
     from facedist.extraction.rows import discover_records
 
-    summary = run_extraction(discover_records(f"{source}/raw/"), out, ExtractConfig(backend="tddfa", batch_size=4))
+    summary = run_extraction(discover_records(f"{source}/raw/"), out,
+                             ExtractConfig(backend="tddfa", batch_size=4, **GEOMETRY_ONLY))
     assert summary["run"]["skipped"] == 4 and summary["run"]["written"] == 8
     assert sorted(_output_paths(s3_server, out)) == sorted(inputs)
 
@@ -230,7 +233,8 @@ def test_local_part_cut_off_before_its_rename_is_not_taken_as_done(tmp_path, yal
         "        if len(renames) == 2: os.kill(os.getpid(), signal.SIGKILL)\n"
         "    return real(src, dst)\n"
         "os.replace = replace\n"
-        "run_extraction(discover_records(sys.argv[2:]), sys.argv[1], ExtractConfig(backend='tddfa', batch_size=4))\n")
+        "run_extraction(discover_records(sys.argv[2:]), sys.argv[1],\n"
+        f"               ExtractConfig(backend='tddfa', batch_size=4, **{GEOMETRY_ONLY}))\n")
     proc = subprocess.run([sys.executable, "-c", script, str(out), *images], capture_output=True, text=True,
                           timeout=300, cwd=REPO)
     assert proc.returncode == -signal.SIGKILL, proc.stderr[-3000:]
@@ -240,7 +244,8 @@ def test_local_part_cut_off_before_its_rename_is_not_taken_as_done(tmp_path, yal
     from facedist.extraction.local import run_extraction
     from facedist.extraction.rows import discover_records
 
-    summary = run_extraction(discover_records(images), str(out), ExtractConfig(backend="tddfa", batch_size=4))
+    summary = run_extraction(discover_records(images), str(out),
+                             ExtractConfig(backend="tddfa", batch_size=4, **GEOMETRY_ONLY))
     assert summary["run"]["skipped"] == 4 and summary["run"]["written"] == 4 and summary["rows"] == 8
 
 

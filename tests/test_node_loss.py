@@ -16,6 +16,7 @@ import pytest
 from facedist import storage
 from facedist.extraction.config import ExtractConfig
 from facedist.extraction.output import list_parts
+from support.faces import GEOMETRY_ONLY
 from support.multinode import MultiNodeCluster, wait_until  # tests/ is on the path (tests/conftest.py)
 from support.ray import fresh_ray
 
@@ -64,7 +65,7 @@ def clean_coefficients(yale_dir) -> dict[str, tuple[list, list]]:
     from facedist.images import decode_image
     from facedist.extraction.rows import extract_rows
 
-    config = ExtractConfig(backend="tddfa")
+    config = ExtractConfig(backend="tddfa", **GEOMETRY_ONLY)
     names = sorted(p.name for p in yale_dir.iterdir() if p.name.startswith("subject"))[:DISTINCT]
     rows = [{"path": n, "image": decode_image((yale_dir / n).read_bytes())} for n in names]
     finished, _ = extract_rows(rows, config.build_extractor())
@@ -84,7 +85,7 @@ def test_extraction_finishes_on_the_nodes_left_after_one_is_lost(full_cluster, c
 
     paths, source = copies
     out = str(tmp_path / "out")
-    config = RayExtractConfig(extract=ExtractConfig(backend="tddfa", batch_size=16), actors=2,
+    config = RayExtractConfig(extract=ExtractConfig(backend="tddfa", batch_size=16, **GEOMETRY_ONLY), actors=2,
                               actor_num_cpus=0.5, progress=False)
     result: dict = {}
     job = threading.Thread(target=lambda: result.update(summary=run_ray_extraction(paths, out, config)))
@@ -192,7 +193,7 @@ def test_serving_survives_losing_a_node_with_an_extractor_replica(full_cluster, 
     # One HTTP proxy, on the head: the worker nodes share this machine's ports.
     serve.start(proxy_location="HeadOnly", http_options={"host": "127.0.0.1", "port": port})
     run_server(None, host="127.0.0.1", port=port, name="facedist-node-loss", blocking=False,
-               num_replicas=2, max_replicas_per_node=1, extractor_num_cpus=0.5, max_batch_size=4,
+               num_replicas=2, max_replicas_per_node=1, extractor_num_cpus=0.5, max_batch_size=4, **GEOMETRY_ONLY,
                # FACEDIST_TEST_REPLICA_RETRIES=0 shows what the repeats save: 503s, and a
                # failed "next requests succeed" when the router still picks the lost replica.
                replica_retries=int(os.environ.get("FACEDIST_TEST_REPLICA_RETRIES", "3")))

@@ -21,6 +21,7 @@ from facedist import storage
 from facedist.extraction.config import ExtractConfig
 from facedist.extraction.output import SUMMARY_NAME, list_parts
 from facedist.extraction.distributed import RayExtractConfig, part_name, plan_resources, run_ray_extraction
+from support.faces import GEOMETRY_ONLY, GEOMETRY_ONLY_FLAGS
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -31,7 +32,7 @@ YALE_OK = [f"subject{n:02d}.{cond}" for n in (1, 2, 3, 4, 5, 6) for cond in ("no
 def _config(**kw) -> RayExtractConfig:
     batch = kw.pop("batch_size", 4)
     extract = {k: kw.pop(k) for k in ("detector", "resume") if k in kw}
-    return RayExtractConfig(extract=ExtractConfig(backend="tddfa", batch_size=batch, **extract),
+    return RayExtractConfig(extract=ExtractConfig(backend="tddfa", batch_size=batch, **GEOMETRY_ONLY, **extract),
                             progress=False, **kw)
 
 
@@ -77,8 +78,8 @@ def test_job_script_extracts_a_manifest_with_labels(local_ray, tmp_path, yale_di
     env.pop("RAY_ADDRESS")
     proc = subprocess.run(
         [sys.executable, str(REPO / "jobs" / "extract.py"), "--input", str(tmp_path / "manifest.csv"),
-         "--output", str(out), "--backend", "tddfa", "--actors", "1", "--batch-size", "2", "--no-progress",
-         "--address", local_ray.get_runtime_context().gcs_address],
+         "--output", str(out), "--backend", "tddfa", *GEOMETRY_ONLY_FLAGS, "--actors", "1", "--batch-size", "2",
+         "--no-progress", "--address", local_ray.get_runtime_context().gcs_address],
         capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "facedist extract: 4 rows" in proc.stderr
@@ -225,9 +226,10 @@ def test_an_interrupted_run_resumes_where_it_stopped(ray_local, tmp_path, yale_d
         os.link(path, images / path.name)
     out = tmp_path / "out"
     job = subprocess.Popen(
-        [sys.executable, str(REPO / "jobs" / "extract.py"), "--input", str(images), "--output", str(out), "--backend", "tddfa",
-         "--address", ray_local.get_runtime_context().gcs_address, "--actors", "1", "--batch-size", "2",
-         "--no-progress"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        [sys.executable, str(REPO / "jobs" / "extract.py"), "--input", str(images), "--output", str(out),
+         "--backend", "tddfa", *GEOMETRY_ONLY_FLAGS, "--address", ray_local.get_runtime_context().gcs_address,
+         "--actors", "1", "--batch-size", "2", "--no-progress"],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         deadline = time.monotonic() + 240
         while not list_parts(str(out)) and job.poll() is None and time.monotonic() < deadline:
