@@ -27,8 +27,9 @@ def test_e2e_local_cluster(tmp_path, yale_dir):
     assert "e2e passed" in proc.stdout
     summary = json.loads((work / "coefficients" / "_summary.json").read_text())
     assert summary["rows"] == len(list(images.iterdir()))
-    for task in ("cnet", "identity", "expression"):
+    for task in ("cnet", "identity", "expression"):   # jobs/train.py, one job for the three
         assert (work / "models" / task / "model.pt").is_file()
+        assert f"trained {task} (1 workers)" in proc.stdout
     predict = json.loads((work / "predict.json").read_text())
     assert predict["identity"]["top_k"][0]["label"].startswith("subject")
     assert len(predict["images"]) == 3
