@@ -212,6 +212,26 @@ def test_admission_lets_a_request_in_only_when_the_images_requests_bring_fit():
     assert tiny.held == 1
 
 
+def test_a_request_past_the_extractor_keeps_one_slot_until_it_ends():
+    """Requests of 3 photos fill a limit of 6; once one's images are extracted (it waits on the
+    recognizer), all but one of its slots go back and the next request's images fit."""
+    from facedist.serving.errors import ApiError
+    from facedist.serving.ingress import Admission, Ticket
+
+    admission = Admission(limit=6, min_retry_after_s=1, max_retry_after_s=30, clock=lambda: 0.0)
+    first, second = Ticket(admission, deadline=None), Ticket(admission, deadline=None)  # no deadline used here
+    admission.take(2)  # the two requests' first slots (admit)
+    first.hold_images(3)
+    second.hold_images(3)
+    with pytest.raises(ApiError):
+        admission.take(3)
+    first.images_extracted()
+    assert (first.slots, admission.held) == (1, 4)
+    admission.take(2)  # a third request's images now fit beside the first's last slot
+    admission.release(first.slots, images=first.images)
+    assert admission.held == 5
+
+
 def test_requests_turned_away_after_admission_do_not_count_as_work_done():
     from facedist.serving.errors import ApiError
     from facedist.serving.ingress import Admission

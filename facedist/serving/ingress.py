@@ -116,7 +116,8 @@ def request_budget(request: Request, default_s: float) -> float:
 class Admission:
     """The ingress's limit on the work it has accepted, counted in images, so a request of many
     photos weighs what it costs: a request takes one slot when it arrives (before its upload is
-    read) and one more per further image once the upload is parsed (before any model work). It
+    read) and one more per further image once the upload is parsed (before any model work); all
+    but one go back once its images are extracted (Ticket.images_extracted). It
     is let in on arrival only if the images a request has brought lately (a running mean) fit:
     otherwise requests of several photos would be let in, have their uploads parsed, and then be
     turned away for their further images, the dearest way to say no.
@@ -159,6 +160,10 @@ class Admission:
         """The 503 overloaded for one client, with its Retry-After."""
         return overloaded(why, self._retry_after())
 
+    def give_back(self, slots: int) -> None:
+        """Slots a request no longer needs before it ends (Ticket.images_extracted)."""
+        self.held -= slots
+
     def release(self, slots: int, images: int = 1, served: bool = True) -> None:
         """A request ended: its slots come back, its image count joins the running mean, and if it
         was served (not turned away after it was let in) it counts toward the rate of work done."""
@@ -196,6 +201,14 @@ class Ticket:
         if count > self.slots:
             self.admission.take(count - self.slots)
             self.slots = count
+
+    def images_extracted(self) -> None:
+        """The images are through the extractor, the work the slots stand for: all but one slot go
+        back now, so requests waiting on the (much lighter) recognizer do not keep the next
+        requests' images from the extractor. The last slot is held until the request ends."""
+        if self.slots > 1:
+            self.admission.give_back(self.slots - 1)
+            self.slots = 1
 
     def seconds_left(self) -> float:
         return max(0.0, self.deadline.when() - asyncio.get_running_loop().time())
@@ -349,6 +362,7 @@ class FacedistAPI:
         deadline = time.time() + ticket.seconds_left()
         rows = await gather_or_cancel(self._call_model(self.extractor.extract, (u.data, mesh, deadline))
                                       for u in uploads)
+        ticket.images_extracted()
         if any(row.get("deadline_exceeded") for row in rows):
             raise asyncio.TimeoutError  # answered 504 by _admitted, like the ingress's own timeout
         for upload, row in zip(uploads, rows):
