@@ -14,14 +14,19 @@ BIN="$REPO/.venv/bin"
 export PATH="$BIN:$PATH"   # job entrypoints run `python`: the one facedist is installed in
 export FACEDIST_MODEL_DIR="${FACEDIST_MODEL_DIR:-$(realpath ../shared/models)}"
 export PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}"   # workers import facedist from the repo
-free_port() { "$BIN/python" -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
-GCS_PORT=$(free_port); DASH_PORT=$(free_port); HTTP_PORT=$(free_port)
-# Every port of its own, so another Ray on this machine (a notebook, a test) cannot collide.
-AGENT_PORT=$(free_port)
-PORT_FLAGS=(--dashboard-agent-listen-port "$AGENT_PORT" --dashboard-agent-grpc-port "$(free_port)"
-            --runtime-env-agent-port "$(free_port)" --metrics-export-port "$(free_port)"
-            --ray-client-server-port "$(free_port)" --node-manager-port "$(free_port)"
-            --object-manager-port "$(free_port)")
+# Every port of its own, so another Ray on this machine (a notebook, a test) cannot collide; all
+# bound at once, so no two of them are the same (ports asked for one at a time can repeat).
+read -r GCS_PORT DASH_PORT HTTP_PORT AGENT_PORT AGENT_GRPC_PORT ENV_AGENT_PORT METRICS_PORT CLIENT_PORT \
+    NODE_PORT OBJECT_PORT < <("$BIN/python" -c '
+import socket
+sockets = [socket.socket() for _ in range(10)]
+for s in sockets:
+    s.bind(("127.0.0.1", 0))
+print(*(s.getsockname()[1] for s in sockets))')
+PORT_FLAGS=(--dashboard-agent-listen-port "$AGENT_PORT" --dashboard-agent-grpc-port "$AGENT_GRPC_PORT"
+            --runtime-env-agent-port "$ENV_AGENT_PORT" --metrics-export-port "$METRICS_PORT"
+            --ray-client-server-port "$CLIENT_PORT" --node-manager-port "$NODE_PORT"
+            --object-manager-port "$OBJECT_PORT")
 export RAY_ADDRESS="http://127.0.0.1:$DASH_PORT"
 step() { printf '\n== %s (%ss)\n' "$*" "$SECONDS"; }   # seconds since the start
 
