@@ -165,9 +165,11 @@ def details() -> Callable[[str], None]:
 
 
 def connect(address: str | None = None, *, num_cpus: float | None = None, ship_package: bool = False,
-            **init_kwargs: Any):
+            keep: bool = False, **init_kwargs: Any):
     """Ray, connected: to `address`, to RAY_ADDRESS, or to a local cluster started here. A no-op
-    when Ray is already initialised (a test's cluster, a job's driver). Returns the ray module."""
+    when Ray is already initialised (a test's cluster, a job's driver). Returns the ray module.
+    keep: disconnect() leaves it running, as a Ray initialised by someone else (a process that
+    runs many commands in turn, such as a test session)."""
     import ray
 
     if ray.is_initialized():
@@ -193,7 +195,7 @@ def connect(address: str | None = None, *, num_cpus: float | None = None, ship_p
     # running on this machine (/tmp/ray/ray_current_cluster), and then refuses num_cpus.
     ray.init(address="local" if local else target, **kwargs)
     global _started_here
-    _started_here = True
+    _started_here = not keep
     return ray
 
 

@@ -50,7 +50,7 @@ def _run(capsys, *argv) -> tuple[int, str]:
     return code, capsys.readouterr().out
 
 
-def test_embedding_bundle_bulk_enrol_predict_delete_and_one_person(table, yale_dir, tmp_path, capsys):
+def test_embedding_bundle_bulk_enrol_predict_delete_and_one_person(local_ray, table, yale_dir, tmp_path, capsys):
     from facedist.gallery.embedding import EmbeddingModel
     from facedist.training import TrainConfig, train_and_save
     from facedist.training.data import load_data

@@ -11,6 +11,7 @@ import os
 import numpy as np
 import pytest
 from support.fixtures import free_port
+from support.ray import fresh_ray
 
 httpx = pytest.importorskip("httpx")
 
@@ -95,6 +96,7 @@ def server(embedding, extract_settings):
     _, bucket = embedding
     saved = os.environ.get("FACEDIST_API_TOKEN")
     os.environ["FACEDIST_API_TOKEN"] = TOKEN
+    fresh_ray()  # the replicas must inherit the token: a Ray started before it was set would not pass it on
     runtime.connect(num_cpus=2)
     port = free_port()
     try:

@@ -79,18 +79,18 @@ def test_a_local_ray_answers_the_state_api_ray_train_polls(local_ray):
     from ray.util.state import list_actors
 
     ray_module = local_ray
-    try:
-        @ray_module.remote(num_cpus=0)
-        class Probe:
-            def ping(self) -> int:
-                return 1
 
-        probe = Probe.remote()
-        assert ray_module.get(probe.ping.remote()) == 1
-        # This cluster's address: without it the state API takes the newest session on the
-        # machine, which may be another test's cluster.
-        actors = list_actors(address=ray_module.get_runtime_context().gcs_address, timeout=30)
-        assert any(a.class_name.endswith("Probe") and a.state == "ALIVE" for a in actors), actors
-    finally:
-        runtime.disconnect()  # a Ray connect() started stops with the command (the next user restarts it)
-    assert not ray_module.is_initialized()
+    @ray_module.remote(num_cpus=0)
+    class Probe:
+        def ping(self) -> int:
+            return 1
+
+    probe = Probe.remote()
+    assert ray_module.get(probe.ping.remote()) == 1
+    # This cluster's address: without it the state API takes the newest session on the
+    # machine, which may be another test's cluster.
+    actors = list_actors(address=ray_module.get_runtime_context().gcs_address, timeout=30)
+    assert any(a.class_name.endswith("Probe") and a.state == "ALIVE" for a in actors), actors
+    ray_module.kill(probe)
+    runtime.disconnect()  # what a command does at its end: a Ray connected with keep=True runs on
+    assert ray_module.is_initialized()

@@ -1,6 +1,7 @@
 """The local Ray the Ray tests share: started on first use (2 CPUs, as every command starts it,
 after the S3 server so that its workers inherit the AWS_* settings, as users' would) and kept for
-the next test, so each module does not pay for its own start. A test that needs a Ray of its own
+the next test (the commands tests run in-process join it and leave it running), so each module
+does not pay for its own start. A test that needs a Ray of its own
 (other environment variables for the workers, a multi-node cluster) shuts it down first
 (fresh_ray); the next user starts it again."""
 
@@ -16,7 +17,8 @@ def local_ray(s3_server):
     from facedist import runtime
 
     if not ray.is_initialized():
-        runtime.connect(num_cpus=2)
+        # keep: the commands a test runs in-process (facedist.cli.main) leave it running.
+        runtime.connect(num_cpus=2, keep=True)
     return ray
 
 
