@@ -1,18 +1,19 @@
 """`facedist serve` stops on SIGINT and on SIGTERM: exit 0, one line saying so, no error lines.
 
-Each test starts the real command (a local Ray, the app, real HTTP), has one photo extracted,
-then sends the signal: SIGINT to the whole process group, as Ctrl-C in a terminal does (Ray's
-own processes get it too, and block it), SIGTERM to the process alone, as `docker stop` and
-Kubernetes do, and SIGTERM to the whole group, as systemd does by default (Ray's processes die of
-it, so the graceful part is cut short). The wait for
-the exit is bounded generously (a hang fails; how fast it stops on this machine is printed, and
-benchmarks/ does not time it: the machine decides that)."""
+One real command per case (a local Ray each, the app, real HTTP), the three started together so
+their start-ups overlap; each test has one photo extracted by its own, then sends the signal:
+SIGINT to the whole process group, as Ctrl-C in a terminal does (Ray's own processes get it too,
+and block it), SIGTERM to the process alone, as `docker stop` and Kubernetes do, and SIGTERM to
+the whole group, as systemd does by default (Ray's processes die of it, so the graceful part is
+cut short). The wait for the exit is bounded generously (a hang fails; how fast it stops on this
+machine is printed, and benchmarks/ does not time it: the machine decides that)."""
 
 from __future__ import annotations
 
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -21,7 +22,6 @@ from pathlib import Path
 import pytest
 
 from support.faces import GEOMETRY_ONLY_FLAGS
-from support.fixtures import free_port
 
 httpx = pytest.importorskip("httpx")
 
@@ -29,37 +29,56 @@ REPO = Path(__file__).resolve().parents[1]
 pytestmark = [pytest.mark.slow, pytest.mark.ray]
 
 
+CASES = {"SIGINT-to-the-group": (signal.SIGINT, True), "SIGTERM-to-the-process": (signal.SIGTERM, False),
+         "SIGTERM-to-the-group": (signal.SIGTERM, True)}
 
-@pytest.mark.parametrize("signum, to_group", [(signal.SIGINT, True), (signal.SIGTERM, False), (signal.SIGTERM, True)],
-                         ids=["SIGINT-to-the-group", "SIGTERM-to-the-process", "SIGTERM-to-the-group"])
-def test_facedist_serve_stops_on_a_signal(signum, to_group, yale_dir, tmp_path):
-    port = free_port()
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
-           "FACEDIST_RAY_LOG": str(tmp_path / "ray.log")}
-    env.pop("FACEDIST_API_TOKEN", None)
-    env.pop("RAY_ADDRESS", None)
-    command = [sys.executable, "-m", "facedist.cli", "serve", "--port", str(port), "--num-replicas", "1",
-               "--extractor-num-cpus", "0.5", *GEOMETRY_ONLY_FLAGS]
-    # Its own session: the group signal reaches it and Ray's processes, not pytest.
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
-                               start_new_session=True, cwd=tmp_path)
+
+@pytest.fixture(scope="module")
+def servers(tmp_path_factory):
+    """One `facedist serve` per case, all started at once (their start-ups overlap): {case: (process, port)}."""
+    sockets = [socket.socket() for _ in CASES]
+    for sock in sockets:  # bound together: no two cases get the same port
+        sock.bind(("127.0.0.1", 0))
+    ports = [sock.getsockname()[1] for sock in sockets]
+    for sock in sockets:
+        sock.close()
+    started = {}
     try:
-        first = process.stdout.readline()  # "facedist serving on ..." once the app is up
-        assert "serving on" in first, first + process.stderr.read()
-        answer = httpx.post(f"http://127.0.0.1:{port}/v1/extract", timeout=120,
-                            files={"image": ("subject01.normal", (yale_dir / "subject01.normal").read_bytes())})
-        assert answer.status_code == 200, answer.text
-        sent = time.monotonic()
-        if to_group:
-            os.killpg(process.pid, signum)
-        else:
-            process.send_signal(signum)
-        out, err = process.communicate(timeout=60)
-        print(f"{signal.Signals(signum).name}: exited {process.returncode} after {time.monotonic() - sent:.1f} s")
+        for case, port in zip(CASES, ports):
+            folder = tmp_path_factory.mktemp(case)
+            env = {**os.environ, "FACEDIST_RAY_LOG": str(folder / "ray.log"),
+                   "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
+            env.pop("FACEDIST_API_TOKEN", None)
+            env.pop("RAY_ADDRESS", None)
+            command = [sys.executable, "-m", "facedist.cli", "serve", "--port", str(port), "--num-replicas", "1",
+                       "--extractor-num-cpus", "0.5", *GEOMETRY_ONLY_FLAGS]
+            # Its own session: the group signal reaches it and Ray's processes, not pytest.
+            started[case] = (subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                              env=env, start_new_session=True, cwd=folder), port)
+        yield started
     finally:
-        if process.poll() is None:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait()
+        for process, _ in started.values():
+            if process.poll() is None:
+                os.killpg(process.pid, signal.SIGKILL)
+                process.wait()
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_facedist_serve_stops_on_a_signal(case, servers, yale_dir):
+    signum, to_group = CASES[case]
+    process, port = servers[case]
+    first = process.stdout.readline()  # "facedist serving on ..." once the app is up
+    assert "serving on" in first, first + process.stderr.read()
+    answer = httpx.post(f"http://127.0.0.1:{port}/v1/extract", timeout=120,
+                        files={"image": ("subject01.normal", (yale_dir / "subject01.normal").read_bytes())})
+    assert answer.status_code == 200, answer.text
+    sent = time.monotonic()
+    if to_group:
+        os.killpg(process.pid, signum)
+    else:
+        process.send_signal(signum)
+    out, err = process.communicate(timeout=60)
+    print(f"{case}: exited {process.returncode} after {time.monotonic() - sent:.1f} s")
     assert process.returncode == 0, (out, err)
     lines = [line for line in out.splitlines() if line.strip()]
     assert len(lines) == 1 and re.fullmatch(rf"facedist: {signal.Signals(signum).name}: stopped in [\d.]+ s", lines[0]), out
