@@ -117,7 +117,7 @@ def test_facedist_serve_from_the_wheel_answers_health(venv, tmp_path):
                     break
             except httpx.HTTPError:
                 pass
-            time.sleep(2)
+            time.sleep(0.25)
         assert health is not None and health.status_code == 200, log.read_text()[-3000:]
         body = health.json()
         assert body["status"] == "ok" and body["extractor"] == DEFAULT_BACKEND
