@@ -45,7 +45,7 @@ _RAY_LOGGERS = ("ray", "ray.data", "ray.train", "ray.tune", "ray.serve")
 _JOB_CONFIG_ENV = "RAY_JOB_CONFIG_JSON_ENV_VAR"
 
 _quiet_configured = False
-_started_here = False  # connect() initialised Ray in this process: disconnect() shuts it down
+_started_here = False  # connect() initialised Ray in this process without keep: disconnect() shuts it down
 _file_handler: logging.Handler | None = None
 
 

@@ -13,7 +13,6 @@ from __future__ import annotations
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -22,6 +21,7 @@ from pathlib import Path
 import pytest
 
 from support.faces import GEOMETRY_ONLY_FLAGS
+from support.fixtures import free_ports
 
 httpx = pytest.importorskip("httpx")
 
@@ -36,12 +36,7 @@ CASES = {"SIGINT-to-the-group": (signal.SIGINT, True), "SIGTERM-to-the-process":
 @pytest.fixture(scope="module")
 def servers(tmp_path_factory):
     """One `facedist serve` per case, all started at once (their start-ups overlap): {case: (process, port)}."""
-    sockets = [socket.socket() for _ in CASES]
-    for sock in sockets:  # bound together: no two cases get the same port
-        sock.bind(("127.0.0.1", 0))
-    ports = [sock.getsockname()[1] for sock in sockets]
-    for sock in sockets:
-        sock.close()
+    ports = free_ports(len(CASES))
     started = {}
     try:
         for case, port in zip(CASES, ports):

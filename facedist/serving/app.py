@@ -9,6 +9,7 @@ here from one ServeSettings; serve/config.yaml passes only `args`.
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import logging
 import os
@@ -197,23 +198,13 @@ def stop_server(name: str) -> bool:
     is gone), what is left of Ray is killed, and the caller must leave with os._exit."""
     from facedist import runtime
 
-    failed: list[BaseException] = []
-    done = threading.Event()
-
-    def graceful() -> None:
-        try:
-            serve.delete(name)
-        except BaseException as exc:  # re-raised below, in the caller's thread
-            failed.append(exc)
-        finally:
-            done.set()
-
-    threading.Thread(target=graceful, name="facedist-stop", daemon=True).start()
-    while not done.wait(0.1):
+    pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="facedist-stop")
+    deleted = pool.submit(serve.delete, name)
+    pool.shutdown(wait=False)
+    while not concurrent.futures.wait([deleted], timeout=0.1).done:
         if runtime.local_cluster_lost():
             runtime.abandon_local_cluster()
             return True
     runtime.disconnect()
-    if failed:
-        raise failed[0]
+    deleted.result()  # what serve.delete raised, if anything
     return False

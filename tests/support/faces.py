@@ -32,4 +32,4 @@ def two_faces(yale_dir) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 # serving), not of the face features: 3DDFA_V2's geometry without the texture, dlib descriptor and
 # face-api nets, about a third of the CPU an image and a tenth of the start-up.
 GEOMETRY_ONLY = dict(texture=False, face_embedding=False, face_attributes=False)
-GEOMETRY_ONLY_FLAGS = ["--no-texture", "--no-face-embedding", "--no-face-attributes"]
+GEOMETRY_ONLY_FLAGS = [f"--no-{name.replace('_', '-')}" for name in GEOMETRY_ONLY]  # the CLI's flags for them

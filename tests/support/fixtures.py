@@ -13,11 +13,22 @@ REPO = Path(__file__).resolve().parents[2]
 SHARED = Path(os.environ.get("FACEDIST_SHARED", REPO.parent / "shared"))
 
 
+def free_ports(count: int) -> list[int]:
+    """`count` different TCP ports free on 127.0.0.1 now (bound together: ports asked for one at a
+    time can repeat)."""
+    sockets = [socket.socket() for _ in range(count)]
+    try:
+        for sock in sockets:
+            sock.bind(("127.0.0.1", 0))
+        return [sock.getsockname()[1] for sock in sockets]
+    finally:
+        for sock in sockets:
+            sock.close()
+
+
 def free_port() -> int:
     """A TCP port free on 127.0.0.1 now."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+    return free_ports(1)[0]
 
 
 @pytest.fixture(scope="session")
