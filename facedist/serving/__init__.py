@@ -3,7 +3,8 @@
   * settings     ServeSettings, the one source of every deployment option
   * schemas      request/response shapes (OpenAPI) and row -> JSON
   * errors       ApiError and the one error body
-  * deployments  FaceExtractor (one extractor per replica, @serve.batch; it decodes the uploads,
+  * batching     Batcher: concurrent calls grouped greedily into one model call
+  * deployments  FaceExtractor (one extractor per replica, batched; it decodes the uploads,
                  so an undecodable one never reaches a model; GPU when present) and
                  FaceRecognizer (C-Net aggregation + identity/gender/expression classifiers from
                  the training job's bundles, local or s3://)

@@ -17,7 +17,8 @@ import numpy as np
 from ray import serve
 
 from facedist.recognition import bundle_version, check_layouts
-from facedist.serving.settings import DEFAULTS, ServeSettings, resolve_device
+from facedist.serving.batching import Batcher
+from facedist.serving.settings import ServeSettings, resolve_device
 
 
 @serve.deployment(name="FaceExtractor")
@@ -35,19 +36,20 @@ class FaceExtractor:
         self.max_side = s.extract.max_side  # uploads are downscaled on decode to at most this side
         self.device = resolve_device(s.extract.device)
         self.extractor = s.extract.build_extractor(device=self.device, detect_threads=s.extractor_detect_threads)
-        self.extract.set_max_batch_size(s.max_batch_size)
-        self.extract.set_batch_wait_timeout_s(s.batch_wait_timeout_s)
+        self.batcher = Batcher(self._extract_batch, s.max_batch_size, s.batch_wait_timeout_s)
         self.batch_sizes: Counter[int] = Counter()
         self.dropped = 0  # images whose request's deadline passed before their batch ran
         self.started = time.time()
 
-    @serve.batch(max_batch_size=DEFAULTS.max_batch_size, batch_wait_timeout_s=DEFAULTS.batch_wait_timeout_s)
-    async def extract(self, items: list[tuple]) -> list[dict]:
-        """Per image (encoded upload, with_mesh, deadline); a coefficients row per image out. An
-        upload that does not decode comes back as an error row marked decode_error; one whose
-        deadline (wall-clock time.time(), or None) passed while it queued is not extracted and
-        comes back marked deadline_exceeded. with_mesh adds the decimated fitted mesh in pixels
-        (mesh2d)."""
+    async def extract(self, item: tuple) -> dict:
+        """One image (encoded upload, with_mesh, deadline) -> its coefficients row, extracted in a
+        batch with the images of concurrent calls. An upload that does not decode comes back as
+        an error row marked decode_error; one whose deadline (wall-clock time.time(), or None)
+        passed while it queued is not extracted and comes back marked deadline_exceeded.
+        with_mesh adds the decimated fitted mesh in pixels (mesh2d)."""
+        return await self.batcher.submit(item)
+
+    async def _extract_batch(self, items: list[tuple]) -> list[dict]:
         now = time.time()
         live = [i for i, item in enumerate(items) if len(item) < 3 or item[2] is None or item[2] > now]
         rows: list[dict] = [{"status": "error", "deadline_exceeded": True,
@@ -97,7 +99,7 @@ class FaceExtractor:
             "name": getattr(self.extractor, "name", None),
             "device": self.device,
             "layout": dataclasses.asdict(layout) if layout is not None else None,
-            "max_batch_size": self.extract._get_max_batch_size(),
+            "max_batch_size": self.batcher.max_batch_size,
             "detector": getattr(getattr(self.extractor, "detector", None), "name", None),
             "detect_threads": getattr(getattr(self.extractor, "detector", None), "threads", 1),
             "torch_threads": self.torch_threads,
@@ -124,7 +126,11 @@ class FaceRecognizer:
     """C-Net aggregation + classifiers from the training job's bundles, loaded once per replica."""
 
     def __init__(self, settings: dict):
+        import torch
+
         s = ServeSettings(**settings)
+        # The models are tiny: more threads only add their hand-offs (and it runs on a share of a CPU).
+        torch.set_num_threads(max(1, round(s.recognizer_num_cpus)))
         self.models_uri = s.models_uri or None
         self.top_k = s.top_k
         self.recognizer = None
@@ -135,18 +141,15 @@ class FaceRecognizer:
             self.recognizer = Recognizer.from_directory(self.models_uri)
             check_layouts(self.recognizer.bundles, s.extract.backend)
             self.versions = {task: bundle_version(b) for task, b in self.recognizer.bundles.items()}
-        self.predict.set_max_batch_size(s.predict_max_batch_size)
-        self.predict.set_batch_wait_timeout_s(s.predict_batch_wait_timeout_s)
+        self.batcher = Batcher(self._predict_batch, s.predict_max_batch_size, s.predict_batch_wait_timeout_s)
 
-    @serve.batch(max_batch_size=DEFAULTS.predict_max_batch_size,
-                 batch_wait_timeout_s=DEFAULTS.predict_batch_wait_timeout_s)
-    async def predict(self, people: list[list[dict]]) -> list[dict]:
-        """people: for each request, the extraction rows of one person's images."""
-        return await asyncio.to_thread(self._predict_people, people)
+    async def predict(self, rows: list[dict]) -> dict:
+        """One person's extraction rows -> the prediction, in a batch with concurrent calls' people."""
+        return await self.batcher.submit(rows)
 
-    def _predict_people(self, people: list[list[dict]]) -> list[dict]:
-        # The bundles' models are tiny; a batch saves the per-request thread and RPC hops.
-        return [self.recognizer.predict(rows, top_k=self.top_k) for rows in people]
+    async def _predict_batch(self, people: list[list[dict]]) -> list[dict]:
+        # One model call per task for the whole batch: several times cheaper per person than one each.
+        return await asyncio.to_thread(self.recognizer.predict_many, people, self.top_k)
 
     def info(self) -> dict | None:
         if self.recognizer is None:

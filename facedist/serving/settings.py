@@ -37,8 +37,9 @@ class ServeSettings:
     top_k: int = 5
     # Batching: max_batch_size=1 turns batching off (the benchmark's baseline).
     max_batch_size: int = 16
-    # How long a batch waits to fill after its first image: longer batches cost the detector and
-    # the regressor less per image (benchmarks/serve_load.py), for that much latency at low load.
+    # How long a batch that starts on an idle replica waits to fill (under load a batch takes what
+    # queued while the last one ran: facedist.serving.batching): larger batches cost the detector
+    # and the regressor less per image (benchmarks/serve_load.py), for that much latency at low load.
     batch_wait_timeout_s: float = 0.05
     predict_max_batch_size: int = 8
     predict_batch_wait_timeout_s: float = 0.005
@@ -192,9 +193,6 @@ def serving_extract_config() -> ExtractConfig:
     landmarks, no dlib predictor per replica), the device chosen per replica, and uploads
     downscaled to 1024 px (a phone photo need not be decoded at full size to find one face)."""
     return ExtractConfig(backend="tddfa", device="auto", max_side=1024)
-
-
-DEFAULTS = ServeSettings()  # the decorators' batch defaults; replicas set their own from the app's settings
 
 
 def _coerce(value: Any, annotation: Any, name: str) -> Any:
