@@ -10,7 +10,7 @@ with like on the same machine:
      ceiling: an endpoint that parses the upload and answers without a model, behind the same
      proxy and client (what Serve itself costs here; no model endpoint can beat it)
   1. for each detector (faceboxes, dlib), one extractor replica with the same settings:
-     batched (max_batch_size=16) and unbatched (max_batch_size=1) at concurrency 1, 8, 32
+     batched (the serve settings' max_batch_size) and unbatched (max_batch_size=1) at concurrency 1, 8, 32
   2. autoscaling (min 1, max 2 replicas, short delays, the first detector): load at concurrency
      32, then idle; the extractor's replica count is sampled from serve.status() throughout.
 Each level is bounded by a request count and a time limit. Clients are asyncio httpx
@@ -643,11 +643,13 @@ def overload_main(args) -> dict:
 
 
 def main(argv=None) -> dict:
+    from facedist.serving.settings import ServeSettings
+
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", type=Path, default=REPO.parent / "shared" / "data" / "yalefaces")
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "serve_load.json")
     parser.add_argument("--levels", default="1,8,32")
-    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--batch-size", type=int, default=ServeSettings.max_batch_size)
     parser.add_argument("--requests-per-client", type=int, default=10)
     parser.add_argument("--min-requests", type=int, default=16)
     parser.add_argument("--max-seconds", type=float, default=60.0, help="time limit per level")

@@ -35,8 +35,11 @@ class ServeSettings:
     max_image_bytes: int = 10 * 1024 * 1024
     max_images: int = 16              # per /v1/predict request
     top_k: int = 5
-    # Batching: max_batch_size=1 turns batching off (the benchmark's baseline).
-    max_batch_size: int = 16
+    # Batching: max_batch_size=1 turns batching off (the benchmark's baseline). A batch's answers
+    # reach the ingress together, and it handles them one after another: at 16 a 503 that came
+    # in meanwhile waited past 100 ms (p99) under overload; 8 kept it near 60 ms for a few percent
+    # of throughput (benchmarks/serve_load.py --overload).
+    max_batch_size: int = 8
     # How long a batch that starts on an idle replica waits to fill (under load a batch takes what
     # queued while the last one ran: facedist.serving.batching): larger batches cost the detector
     # and the regressor less per image (benchmarks/serve_load.py), for that much latency at low load.
@@ -45,6 +48,11 @@ class ServeSettings:
     predict_batch_wait_timeout_s: float = 0.005
     # Resources and autoscaling of the extractor (the expensive part).
     extractor_num_cpus: float = 1.0
+    # The extractor replica at the lowest CPU priority (nice 19): where it shares a node's cores
+    # with the HTTP proxy and the ingress, their short steps (admitting, answering, a 503) go
+    # first and the long batches take what is left, so an overloaded server's 503s do not wait
+    # behind a batch (benchmarks/serve_load.py --overload).
+    extractor_low_priority: bool = True
     num_gpus: float | None = None     # None: 0.5 per extractor replica when the cluster has GPUs
     min_replicas: int = 1
     # None: as many as the cluster's CPUs hold when the app is built (replicas_that_fit): more
