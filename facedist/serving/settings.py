@@ -36,9 +36,9 @@ class ServeSettings:
     max_images: int = 16              # per /v1/predict request
     top_k: int = 5
     # Batching: max_batch_size=1 turns batching off (the benchmark's baseline). A batch's answers
-    # reach the ingress together, and it handles them one after another: at 16 a 503 that came
-    # in meanwhile waited past 100 ms (p99) under overload; 8 kept it near 60 ms for a few percent
-    # of throughput (benchmarks/serve_load.py --overload).
+    # reach the ingress together, and it handles them one after another: a 503 that comes in
+    # meanwhile waits behind them. At 256 clients the 503 p99 was about half as long at 8 as at 16
+    # (59-68 ms against 111-117, alternating in one run) for a few percent of throughput.
     max_batch_size: int = 8
     # How long a batch that starts on an idle replica waits to fill (under load a batch takes what
     # queued while the last one ran: facedist.serving.batching): larger batches cost the detector
