@@ -1,8 +1,8 @@
 """Greedy request batching for a replica: concurrent calls grouped into one model call.
 
-Not @serve.batch: since Ray 2.47 (max_concurrent_batches) it closes a batch every
-batch_wait_timeout_s whether or not the previous one has finished, and the closed batches queue
-behind the running one. Under load a replica then runs many small batches (the calls that arrived
+Not @serve.batch: in the Ray this project runs (2.60; since it gained max_concurrent_batches) it
+closes a batch every batch_wait_timeout_s whether or not the previous one has finished, and the
+closed batches queue behind the running one. Under load a replica then runs many small batches (the calls that arrived
 within one timeout: 3 to 6 images where 16 were waiting) and loses what batching saves. Here the
 next batch is taken when the running one ends, from everything waiting by then (up to
 max_batch_size); only a batch that starts on an idle replica waits up to batch_wait_timeout_s to
