@@ -25,13 +25,19 @@ REPO = Path(__file__).resolve().parents[1]
 VERSION, DIM = "synthetic01", 32
 
 # A writer process: enrols people NAME-0 .. NAME-(N-1), PHOTOS photos each, one part per person.
+# With GATE it says "ready" once imported and waits for a line on stdin before its first
+# enrolment, so that two writers started together enrol at the same time (their start-up, about
+# a second of imports, varies more than a short run of enrolments lasts).
 WRITER = textwrap.dedent("""
     import sys
     import numpy as np
     from facedist.gallery.store import Gallery
-    uri, name, n, photos = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
+    uri, name, n, photos, gate = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), sys.argv[5] == "1"
     gallery = Gallery(uri)
     rng = np.random.default_rng(abs(hash(name)) % 2**32)
+    if gate:
+        print("ready", flush=True)
+        sys.stdin.readline()
     for i in range(n):
         gallery.enroll(f"{name}-{i}", rng.normal(size=(photos, DIM)).astype(np.float32),
                        [f"{name}-{i}-{k}.jpg" for k in range(photos)], "VERSION", "descriptor")
@@ -39,10 +45,10 @@ WRITER = textwrap.dedent("""
 """).replace("DIM", str(DIM)).replace("VERSION", VERSION)
 
 
-def _writer(uri: str, name: str, n: int, photos: int = 2) -> subprocess.Popen:
+def _writer(uri: str, name: str, n: int, photos: int = 2, gate: bool = False) -> subprocess.Popen:
     env = {**os.environ, "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    return subprocess.Popen([sys.executable, "-c", WRITER, uri, name, str(n), str(photos)], env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen([sys.executable, "-c", WRITER, uri, name, str(n), str(photos), "1" if gate else "0"],
+                            env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
 @pytest.fixture(params=["local", "s3"])
@@ -79,13 +85,19 @@ def _every_file_rows(uri: str) -> list[tuple[str, list[str], np.ndarray]]:
 
 
 def test_two_processes_enrolling_at_once_lose_neither(gallery_uri):
-    writers = [_writer(gallery_uri, name, 200) for name in ("a", "b")]
+    n = 60
+    writers = [_writer(gallery_uri, name, n, gate=True) for name in ("a", "b")]
+    for w in writers:
+        assert w.stdout.readline().strip() == "ready", w.stderr.read()
+    for w in writers:  # both start enrolling now
+        w.stdin.write("go\n")
+        w.stdin.flush()
     for w in writers:
         _, err = w.communicate(timeout=600)
         assert w.returncode == 0, err
     loaded = Gallery(gallery_uri).load()
-    assert len(loaded.photos) == 400
-    assert set(loaded.photos) == {f"{n}-{i}" for n in "ab" for i in range(200)}
+    assert len(loaded.photos) == 2 * n
+    assert set(loaded.photos) == {f"{name}-{i}" for name in "ab" for i in range(n)}
     assert set(loaded.photos.values()) == {2}
 
 
