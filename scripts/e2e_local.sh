@@ -63,12 +63,9 @@ step "ray start --head (GCS :$GCS_PORT, dashboard :$DASH_PORT)"
 
 # The dashboard agent, which runs submitted jobs, comes up a little after the head: wait until
 # its HTTP port answers (any status: with token auth on, an unauthenticated probe gets a 401).
-for _ in $(seq 1 600); do
-    [ "$(curl -s -o /dev/null -w '%{http_code}' "http://127.0.0.1:$AGENT_PORT/")" != 000 ] && break
-    sleep 0.2
-done
-[ "$(curl -s -o /dev/null -w '%{http_code}' "http://127.0.0.1:$AGENT_PORT/")" != 000 ] \
-    || { echo "the Ray dashboard agent never came up"; exit 1; }
+agent_up() { [ "$(curl -s -o /dev/null -w '%{http_code}' "http://127.0.0.1:$AGENT_PORT/")" != 000 ]; }
+for _ in $(seq 1 600); do agent_up && break; sleep 0.2; done
+agent_up || { echo "the Ray dashboard agent never came up"; exit 1; }
 
 step "ray job submit: extraction"
 "$BIN/ray" job submit --working-dir . -- \

@@ -1,8 +1,8 @@
 """The model deployments: a batched coefficient extractor and a batched recognizer.
 
-Their resources, replica counts and batch sizes are set by the app builder (facedist.serving.app)
-from ServeSettings; the decorators here carry only the names. Each replica gets the app's
-settings as a dict and builds its models once, in __init__.
+Their resources and replica counts are set by the app builder (facedist.serving.app) from
+ServeSettings; the decorators here carry only the names. Each replica gets the app's settings as
+a dict and builds its models and its batcher (facedist.serving.batching) once, in __init__.
 """
 
 from __future__ import annotations
